@@ -1,0 +1,78 @@
+"""ClientApp: a silo trains and evaluates the global model on its own data."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fgl_client.silo import Silo, load_silo
+from fgl_core.config import RunConfig
+from fgl_core.console import configure_logging
+from fgl_core.models import Classifier, build_model, state_dict_float32
+from fgl_core.training import TrainSettings, evaluate_model, pick_device, train_model
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]:
+    configure_logging()
+    cfg = RunConfig.from_flower(context.run_config)
+    silo = load_silo(cfg, context.node_config)
+    model = build_model(cfg.model, silo.num_classes, silo.image_size)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, silo, model
+
+
+def _silo_record(silo: Silo) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "partition-id": silo.partition_id,
+            "num-train": len(silo.train),
+            "num-test": len(silo.test),
+            "label-histogram": silo.train.label_histogram(silo.num_classes),
+        }
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, silo, model = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    seed = cfg.seed * 1_000_003 + (silo.partition_id + 1) * 1009 + server_round
+    settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed)
+    stats = train_model(
+        model,
+        silo.train,
+        settings,
+        pick_device(cfg.device),
+        desc=f"{silo.name} round {server_round}",
+    )
+    metrics = MetricRecord(
+        {
+            "train-loss": float(stats.loss),
+            "samples-per-second": float(stats.samples_per_second),
+            "num-examples": int(stats.num_examples),
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state_dict_float32(model)),
+            "metrics": metrics,
+            "silo": _silo_record(silo),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, silo, model = _setup(msg, context)
+    stats = evaluate_model(model, silo.test, pick_device(cfg.device))
+    metrics = MetricRecord(
+        {
+            "eval-loss": float(stats.loss),
+            "eval-accuracy": float(stats.accuracy),
+            "num-examples": int(stats.num_examples),
+        }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,55 @@
+"""A silo's own data: its partition of a shared dataset (simulation) or a node-local dataset."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fgl_core.config import RunConfig
+from fgl_core.datasets import ImageSet, load_dataset
+from fgl_core.partition import silo_data
+
+
+@dataclass(frozen=True)
+class Silo:
+    name: str
+    partition_id: int  # -1 for a node-local dataset
+    train: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
+    """Read the node config: `data-path`, or `partition-id` and `num-partitions`."""
+    data_path = str(node_config.get("data-path", "") or "")
+    if data_path:
+        return _node_local_silo(cfg, data_path)
+    try:
+        partition_id = int(node_config["partition-id"])  # type: ignore[call-overload]
+        num_partitions = int(node_config["num-partitions"])  # type: ignore[call-overload]
+    except KeyError:
+        raise ValueError(
+            "node config needs either 'data-path' (a node-local dataset) or 'partition-id' and "
+            f"'num-partitions'; got {dict(node_config)}"
+        ) from None
+    return _partition_silo(cfg, partition_id, num_partitions)
+
+
+@functools.lru_cache(maxsize=4)  # a simulation actor serves many silos; a deployed process one
+def _partition_silo(cfg: RunConfig, partition_id: int, num_partitions: int) -> Silo:
+    data = load_dataset(cfg)
+    train, test = silo_data(cfg, data, partition_id, num_partitions)
+    name = f"partition {partition_id}/{num_partitions}"
+    return Silo(name, partition_id, train, test, data.class_names, data.image_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _node_local_silo(cfg: RunConfig, data_path: str) -> Silo:
+    data = load_dataset(cfg, source=data_path)
+    return Silo(data_path, -1, data.train, data.test, data.class_names, data.image_size)

@@ -1,0 +1,105 @@
+"""The run config: one pydantic model of the flat kebab-case keys Flower passes around.
+
+Both apps and the launcher validate through `RunConfig.from_flower`, so a bad key or value
+fails before any data is loaded, with one message that names every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names each bad key and value."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Every setting of a run. Field names are snake_case here and kebab-case on the wire."""
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # What to run
+    strategy: Literal["fedavg", "centralized"] = "fedavg"
+
+    # Data
+    dataset: str = Field("digits", min_length=1)
+    class_names: str = ""  # comma-separated; overrides the names a dataset carries
+    image_size: int = Field(0, ge=0, le=1024)  # 0 = native size (ImageFolder: 64)
+    train_subset: int = Field(0, ge=0)  # 0 = all; else a stratified subset of train
+    eval_subset: int = Field(0, ge=0)  # 0 = all; else caps the val and test splits
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    partition: Literal["iid", "dirichlet", "domain"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0.0)
+    min_partition_size: int = Field(10, ge=1)
+
+    # Model and local training
+    model: Literal["cnn", "resnet18", "resnet34"] = "cnn"
+    model_weights: str = ""  # optional local state-dict file for the initial model
+    num_server_rounds: int = Field(10, ge=0)
+    local_epochs: int = Field(5, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    batch_size: int = Field(32, ge=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    augment: Literal["none", "crop", "crop-flip"] = "crop"
+
+    # Federation
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_nodes: int = Field(2, ge=1)
+    round_timeout: float = Field(3600.0, gt=0.0)
+
+    # Housekeeping
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    output_dir: str = Field("outputs", min_length=1)
+    cache_dir: str = Field(".cache/fgl", min_length=1)  # downloads and built models
+    run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], where: str = "run config") -> RunConfig:
+        """Validate Flower's flat run config; raise `ConfigError` naming every bad key."""
+        known = {_kebab(name) for name in cls.model_fields}
+        problems = []
+        for key in run_config:
+            if key not in known:
+                hint = difflib.get_close_matches(key, sorted(known), n=1)
+                problems.append(
+                    f"unknown key {key!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; known keys: {', '.join(sorted(known))}"
+                )
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems))
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as err:
+            for e in err.errors():
+                key = ".".join(str(part) for part in e["loc"])
+                problems.append(f"{key!r} = {e.get('input')!r}: {e['msg']}")
+            raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat kebab-case mapping Flower's run config holds."""
+        return self.model_dump(by_alias=True)
+
+    @property
+    def class_name_list(self) -> list[str]:
+        return [name.strip() for name in self.class_names.split(",") if name.strip()]
+
+    def default_run_name(self, stamp: str) -> str:
+        dataset = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.dataset).stem)
+        return f"{self.strategy}-{dataset}-{self.partition}-{stamp}"

@@ -1,0 +1,22 @@
+"""Central evaluation on the server: validation for model selection, test only to report."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fgl_core.datasets import DatasetSplits
+from fgl_core.training import evaluate_model
+
+
+def evaluate_on_server(
+    model: nn.Module, data: DatasetSplits, device: torch.device
+) -> dict[str, float]:
+    val = evaluate_model(model, data.val, device)
+    test = evaluate_model(model, data.test, device)
+    return {
+        "val-accuracy": val.accuracy,
+        "val-loss": val.loss,
+        "test-accuracy": test.accuracy,
+        "test-loss": test.loss,
+    }

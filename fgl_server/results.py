@@ -1,0 +1,127 @@
+"""What a run leaves in `outputs/<run-name>/`: results.json, model.pt and accuracy.png.
+
+results.json is rewritten after every round, so a run that dies keeps what it had done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fgl_core.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunRecorder:
+    def __init__(self, cfg: RunConfig) -> None:
+        name = cfg.run_name or cfg.default_run_name(time.strftime("%Y%m%d-%H%M%S"))
+        self.dir = Path(cfg.output_dir).expanduser() / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {
+            "run-name": name,
+            "config": cfg.to_flower(),
+            "host": platform.node(),
+            "started-at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "phase-seconds": {},
+            "rounds": [],
+        }
+        log.info("results go to %s", self.dir)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = self.results["phase-seconds"].get(name, 0.0)
+            self.results["phase-seconds"][name] = seconds + time.perf_counter() - start
+
+    def set(self, key: str, value: Any) -> None:
+        self.results[key] = value
+        self.write_json()
+
+    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+        rounds = [r for r in self.results["rounds"] if r["round"] != server_round]
+        row = {"round": server_round, **metrics}
+        self.results["rounds"] = sorted([*rounds, row], key=lambda r: r["round"])
+        self.write_json()
+
+    def merge_round_metrics(self, per_round: dict[int, dict[str, float]], prefix: str) -> None:
+        """Add metrics (e.g. the silos' aggregated evaluation) to the rows of their rounds."""
+        for row in self.results["rounds"]:
+            for key, value in per_round.get(row["round"], {}).items():
+                row[f"{prefix}{key}"] = value
+        self.write_json()
+
+    def summarize(self) -> dict[str, Any]:
+        """Final and best-by-validation accuracy (the test split only reports)."""
+        rounds = self.results["rounds"]
+        if not rounds:
+            return {}
+        best = max(rounds, key=lambda r: (r.get("val-accuracy", 0.0), -r["round"]))
+        summary = {
+            "final-test-accuracy": rounds[-1].get("test-accuracy"),
+            "best-val-round": best["round"],
+            "test-accuracy-at-best-val": best.get("test-accuracy"),
+        }
+        self.results["summary"] = summary
+        return summary
+
+    def write_json(self) -> None:
+        tmp = self.dir / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=2, default=_jsonable))
+        tmp.replace(self.dir / "results.json")
+
+    def finish(self, model: nn.Module) -> Path:
+        self.summarize()
+        self.results["finished-at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.write_json()
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, self.dir / "model.pt")
+        plot_accuracy(self.results["rounds"], self.dir / "accuracy.png", self.results["run-name"])
+        log.info("wrote results.json, model.pt and accuracy.png to %s", self.dir)
+        return self.dir
+
+
+def plot_accuracy(rounds: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (
+        ("test-accuracy", "test (server)"),
+        ("val-accuracy", "validation (server)"),
+        ("silo-eval-accuracy", "silos' local test (mean)"),
+    ):
+        points = [(r["round"], r[key]) for r in rounds if key in r]
+        if points:
+            rounds_x, values = zip(*points, strict=True)
+            ax.plot(rounds_x, values, marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
