@@ -27,6 +27,8 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from fgl_core.config import ConfigError, RunConfig
+from fgl_core.datasets import DatasetError, load_dataset
+from fgl_core.partition import PartitionError, partition_dataset
 
 CONNECTION = "fgl-local"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +109,8 @@ def launch_simulation(
 ) -> int:
     cfg, values = resolve_run_config(app, overrides)
     values["min-nodes"] = num_silos
+    if cfg.strategy != "centralized":  # the simulated silos share this machine's data: check it now
+        partition_dataset(cfg, load_dataset(cfg), num_silos)
     run_dir = Path(values["output-dir"]) / values["run-name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -137,6 +141,8 @@ def launch_simulation(
             start_new_session=True,
         )
         stack.callback(stop_process, link)
+        launch_record = {"superlink-pid": link.pid, "port": port, "num-silos": num_silos}
+        (run_dir / "launch.json").write_text(json.dumps(launch_record, indent=2))
         wait_for_port(port, link, 60, link_log)
 
         submitted = flwr(
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return launch_simulation(
             args.app.resolve(), args.simulation, args.run_config, args.timeout, args.quiet
         )
-    except ConfigError as err:
+    except (ConfigError, DatasetError, PartitionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -177,16 +177,20 @@ def _load_npz(path: Path) -> tuple[dict[str, ImageSet], list[str]]:
                 f"dataset file {str(path)!r} lacks {sorted(missing)} (it holds {sorted(keys)}); "
                 "the MedMNIST layout is train_/val_/test_ + images/labels"
             )
-        splits = {}
-        for split in ("train", "val", "test"):
-            if f"{split}_images" in keys and f"{split}_labels" in keys:
-                where = f"{path}:{split}"
-                images = _to_rgb(archive[f"{split}_images"], where)
-                labels = _to_labels(archive[f"{split}_labels"], len(images), where)
-                splits[split] = ImageSet(images, labels)
-        names = []
-        if "classes" in keys:
-            names = [str(name) for name in archive["classes"].tolist()]
+        try:
+            arrays = {key: archive[key] for key in keys}
+        except ValueError as err:  # object arrays: np.load refuses to unpickle them
+            raise DatasetError(
+                f"dataset file {str(path)!r} is not a readable .npz: {err}"
+            ) from None
+    splits = {}
+    for split in ("train", "val", "test"):
+        if f"{split}_images" in arrays and f"{split}_labels" in arrays:
+            where = f"{path}:{split}"
+            images = _to_rgb(arrays[f"{split}_images"], where)
+            labels = _to_labels(arrays[f"{split}_labels"], len(images), where)
+            splits[split] = ImageSet(images, labels)
+    names = [str(name) for name in arrays["classes"].tolist()] if "classes" in arrays else []
     return splits, names
 
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real datasets beside the checkout, and small derived files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    path = DATASETS / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the tests use the real datasets in ../shared/datasets/ "
+            "(see that folder's README)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def blood_npz() -> Path:
+    return shared_dataset("bloodmnist_28.npz")
+
+
+@pytest.fixture(scope="session")
+def breast_npz() -> Path:
+    return shared_dataset("breastmnist_28.npz")
+
+
+@pytest.fixture(scope="session")
+def retina_npz() -> Path:
+    return shared_dataset("retinamnist_28.npz")
+
+
+@pytest.fixture(scope="session")
+def blood_labels(blood_npz: Path) -> np.ndarray:
+    with np.load(blood_npz, allow_pickle=False) as archive:
+        return archive["train_labels"][:, 0].astype(np.int64)

@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgl_core.config import RunConfig
+from fgl_core.datasets import DatasetError, load_dataset
+from fgl_core.partition import PartitionError, partition_dataset
+
+
+def load(**overrides):
+    return load_dataset(RunConfig.from_flower(overrides))
+
+
+def test_bloodmnist_npz_loads_with_its_class_names_and_splits(blood_npz):
+    data = load(dataset=str(blood_npz))
+    assert data.class_names[0] == "basophil" and data.num_classes == 8
+    assert (len(data.train), len(data.val), len(data.test)) == (11965, 1708, 3419)
+    assert data.train.images.shape[1:] == (28, 28, 3) and data.train.images.dtype == np.uint8
+    assert data.train.labels.dtype == np.int64 and data.train.labels.max() == 7
+
+
+def test_grayscale_npz_becomes_rgb_and_takes_medmnist_names(breast_npz):
+    data = load(dataset=str(breast_npz))
+    assert data.train.images.shape[-1] == 3
+    assert np.array_equal(data.train.images[..., 0], data.train.images[..., 2])
+    assert data.class_names == ["malignant", "normal or benign"]
+
+
+def test_config_class_names_override_and_must_cover_labels(retina_npz):
+    assert load(dataset=str(retina_npz)).class_names[4] == "diabetic retinopathy grade 4"
+    names = "g0,g1,g2,g3,g4"
+    assert load(dataset=str(retina_npz), **{"class-names": names}).class_names[1] == "g1"
+    with pytest.raises(DatasetError, match="labels go up to 4"):
+        load(dataset=str(retina_npz), **{"class-names": "a,b"})
+
+
+def test_digits_carves_a_validation_split_and_subsets_are_stratified():
+    data = load(**{"train-subset": 300, "eval-subset": 100})
+    assert data.image_size == 8 and data.num_classes == 10
+    assert len(data.train) == 300 and len(data.test) == 100 and len(data.val) == 100
+    assert np.bincount(data.train.labels, minlength=10).min() >= 25
+
+
+def test_image_size_resizes_once_at_load(blood_npz):
+    data = load(dataset=str(blood_npz), **{"image-size": 32, "train-subset": 50, "eval-subset": 20})
+    assert data.train.images.shape[1:] == (32, 32, 3) and data.test.images.shape[1:] == (32, 32, 3)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "blood.npz"
+    with pytest.raises(DatasetError, match="does not exist") as err:
+        load(dataset=str(missing))
+    assert str(missing) in str(err.value)
+
+
+def test_unknown_source_says_what_is_accepted():
+    with pytest.raises(DatasetError, match="Expected 'digits'"):
+        load(dataset="no-such-thing")
+
+
+def test_npz_without_the_medmnist_keys_lists_what_it_has(tmp_path):
+    path = tmp_path / "odd.npz"
+    np.savez(path, x=np.zeros((2, 4, 4), np.uint8), y=np.zeros(2))
+    with pytest.raises(DatasetError, match=r"lacks .*train_images.*it holds \['x', 'y'\]"):
+        load(dataset=str(path))
+
+
+def test_npz_holding_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "pickled.npz"
+    objects = np.array([{"a": 1}, None], dtype=object)
+    np.savez(
+        path, train_images=objects, train_labels=objects, test_images=objects, test_labels=objects
+    )
+    with pytest.raises(DatasetError, match="not a readable"):
+        load(dataset=str(path))
+
+
+def test_bad_images_and_labels_are_named(tmp_path):
+    path = tmp_path / "bad.npz"
+    images = np.zeros((4, 5, 5), np.uint8)
+    np.savez(
+        path,
+        train_images=images,
+        train_labels=np.zeros(3, np.int64),
+        test_images=images,
+        test_labels=np.zeros(4, np.int64),
+    )
+    with pytest.raises(DatasetError, match=r"bad.npz:train: 3 labels for 4 images"):
+        load(dataset=str(path))
+    np.savez(
+        path,
+        train_images=images.astype(np.float32) + 0.5,
+        train_labels=np.zeros(4),
+        test_images=images,
+        test_labels=np.zeros(4),
+    )
+    with pytest.raises(DatasetError, match="expected uint8"):
+        load(dataset=str(path))
+
+
+def test_medmnist_name_offline_points_to_a_local_file():
+    with pytest.raises(DatasetError, match=r"pass a local file instead.*bloodmnist_28\.npz"):
+        load(dataset="bloodmnist")
+
+
+def write_tree(root, domains, classes, per_class=3, size=12):
+    rng = np.random.default_rng(0)
+    for domain in domains:
+        for split in ("train", "test"):
+            for name in classes:
+                folder = root / domain / split / name
+                folder.mkdir(parents=True)
+                for i in range(per_class):
+                    pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_image_folder_with_domains_partitions_one_domain_per_silo(tmp_path):
+    write_tree(tmp_path, ["sketch", "photo"], ["red_fox", "cat"])
+    (tmp_path / "photo" / "train" / "cat" / "broken.png").write_bytes(b"not an image")
+    cfg = RunConfig.from_flower({"dataset": str(tmp_path), "partition": "domain", "image-size": 16})
+    data = load_dataset(cfg)
+    assert data.class_names == ["cat", "red fox"]
+    assert data.domain_names == ["photo", "sketch"]
+    assert data.train.images.shape[1:] == (16, 16, 3)
+    assert len(data.train) + len(data.val) == 12  # the unreadable file is skipped
+    train, test = partition_dataset(cfg, data, 2)
+    assert set(data.train.domains[train[0]]) == {0} and set(data.test.domains[test[1]]) == {1}
+    with pytest.raises(PartitionError, match="2 domains and 3 silos"):
+        partition_dataset(cfg, data, 3)
+
+
+def test_domain_partition_needs_a_domain_level(tmp_path):
+    write_tree(tmp_path, [""], ["a", "b"])
+    cfg = RunConfig.from_flower({"dataset": str(tmp_path), "partition": "domain"})
+    with pytest.raises(PartitionError, match="needs a dataset with a domain level"):
+        partition_dataset(cfg, load_dataset(cfg), 2)

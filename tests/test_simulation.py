@@ -1,0 +1,118 @@
+"""End to end: the launcher starts its own SuperLink, runs a Flower simulation, stops it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fgl_core.config import RunConfig
+from fgl_core.datasets import load_dataset
+from fgl_core.models import build_model
+from fgl_core.training import pick_device
+from fgl_server.centralized import run_centralized
+from fgl_server.results import RunRecorder
+from tests.conftest import ROOT
+
+LAUNCHER = ROOT / "deploy" / "launch.py"
+
+
+def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(LAUNCHER), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def process_group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_three_silo_fedavg_simulation_end_to_end(blood_npz, tmp_path):
+    overrides = (
+        f'dataset="{blood_npz}" train-subset=3000 eval-subset=600 num-server-rounds=2 '
+        f'local-epochs=3 augment="crop-flip" run-name="fedavg-e2e" output-dir="{tmp_path}"'
+    )
+    proc = launch(["--simulation", "3", "--quiet", "--run-config", overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "finished:completed" in proc.stdout
+    run_dir = tmp_path / "fedavg-e2e"
+    results = json.loads((run_dir / "results.json").read_text())
+
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[-1]["test-accuracy"] > 0.3 > rounds[0]["test-accuracy"]  # chance is 1/8
+    assert "silo-eval-accuracy" in rounds[1] and "silo-train-loss" in rounds[2]
+    assert results["summary"]["best-val-round"] in (1, 2)
+    assert results["config"]["min-nodes"] == 3 and results["phase-seconds"]["rounds"] > 0
+
+    # three silos, each trained and evaluated in both rounds; bytes match the model's size
+    traffic = results["traffic"]
+    model = build_model("cnn", 8, 28)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    train = [e for e in traffic["exchanges"] if e["message-type"] == "train"]
+    assert len(train) == 6 and len({e["node-id"] for e in train}) == 3
+    assert not traffic["failed"]
+    for e in train:
+        assert model_bytes <= e["bytes-sent"] < model_bytes + 2048
+        assert model_bytes <= e["bytes-received"] < model_bytes + 4096
+        assert e["metrics"]["num-examples"] > 0
+    silos = traffic["silos"].values()
+    assert sorted(s["partition-id"] for s in silos) == [0, 1, 2]
+    assert sum(sum(s["label-histogram"]) for s in silos) == 3000
+
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    assert state.keys() == model.state_dict().keys()
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert (run_dir / "accuracy.png").stat().st_size > 10_000
+
+    # nothing the launcher started is left running
+    pid = json.loads((run_dir / "launch.json").read_text())["superlink-pid"]
+    assert process_group_members(pid) == []
+
+
+def test_launcher_refuses_a_bad_config_before_starting_anything(tmp_path):
+    proc = launch(["--simulation", "2", "--run-config", "alpha=-1 partiton='iid'"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown key 'partiton'" in proc.stderr and "did you mean 'partition'" in proc.stderr
+    proc = launch(["--simulation", "2", "--run-config", "alpha=-1"], cwd=tmp_path)
+    assert proc.returncode == 2 and "'alpha' = -1" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_launcher_refuses_a_missing_dataset_file(tmp_path):
+    missing = tmp_path / "blood.npz"
+    proc = launch(["--simulation", "2", "--run-config", f'dataset="{missing}"'], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"{missing}" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_centralized_baseline_trains_on_the_union_and_writes_results(blood_npz, tmp_path):
+    cfg = RunConfig.from_flower(
+        {
+            "strategy": "centralized", "dataset": str(blood_npz), "train-subset": 2000,
+            "eval-subset": 500, "num-server-rounds": 2, "local-epochs": 2,
+            "output-dir": str(tmp_path), "run-name": "central",
+        }
+    )
+    data = load_dataset(cfg)
+    recorder = RunRecorder(cfg)
+    model = run_centralized(cfg, data, recorder, pick_device("cpu"))
+    recorder.finish(model)
+    results = json.loads((tmp_path / "central" / "results.json").read_text())
+    accuracies = [r["test-accuracy"] for r in results["rounds"]]
+    majority = np.bincount(data.test.labels).max() / len(data.test)
+    assert len(accuracies) == 3 and accuracies[-1] > majority + 0.2
+    assert results["phase-seconds"]["train"] > 0
+    assert os.path.exists(tmp_path / "central" / "model.pt")
