@@ -51,6 +51,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "train-loss": float(stats.loss),
             "samples-per-second": float(stats.samples_per_second),
+            "train-seconds": float(stats.seconds),
             "num-examples": int(stats.num_examples),
         }
     )

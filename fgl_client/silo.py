@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fgl_core.config import RunConfig
-from fgl_core.datasets import ImageSet, load_dataset
+from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
 from fgl_core.partition import silo_data
 
 
@@ -41,9 +41,14 @@ def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
     return _partition_silo(cfg, partition_id, num_partitions)
 
 
-@functools.lru_cache(maxsize=4)  # a simulation actor serves many silos; a deployed process one
+@functools.lru_cache(maxsize=2)  # a simulation actor serves many silos from one shared dataset
+def _shared_dataset(cfg: RunConfig) -> DatasetSplits:
+    return load_dataset(cfg)
+
+
+@functools.lru_cache(maxsize=8)
 def _partition_silo(cfg: RunConfig, partition_id: int, num_partitions: int) -> Silo:
-    data = load_dataset(cfg)
+    data = _shared_dataset(cfg)
     train, test = silo_data(cfg, data, partition_id, num_partitions)
     name = f"partition {partition_id}/{num_partitions}"
     return Silo(name, partition_id, train, test, data.class_names, data.image_size)

@@ -27,6 +27,7 @@ class RunRecorder:
         name = cfg.run_name or cfg.default_run_name(time.strftime("%Y%m%d-%H%M%S"))
         self.dir = Path(cfg.output_dir).expanduser() / name
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._start = time.perf_counter()
         self.results: dict[str, Any] = {
             "run-name": name,
             "config": cfg.to_flower(),
@@ -52,7 +53,8 @@ class RunRecorder:
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         rounds = [r for r in self.results["rounds"] if r["round"] != server_round]
-        row = {"round": server_round, **metrics}
+        # when the round ended, from the recorder's start: differences give per-round wall time
+        row = {"round": server_round, "end-seconds": time.perf_counter() - self._start, **metrics}
         self.results["rounds"] = sorted([*rounds, row], key=lambda r: r["round"])
         self.write_json()
 

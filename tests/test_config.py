@@ -55,3 +55,9 @@ def test_round_trip_through_flower_keys():
     assert cfg.num_server_rounds == 3
     assert cfg.class_name_list == ["a", "b", "c"]
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in RunConfig().to_flower() if f"`{key}`" not in readme]
+    assert missing == []

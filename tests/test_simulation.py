@@ -23,7 +23,10 @@ LAUNCHER = ROOT / "deploy" / "launch.py"
 def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(LAUNCHER), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -101,9 +104,14 @@ def test_launcher_refuses_a_missing_dataset_file(tmp_path):
 def test_centralized_baseline_trains_on_the_union_and_writes_results(blood_npz, tmp_path):
     cfg = RunConfig.from_flower(
         {
-            "strategy": "centralized", "dataset": str(blood_npz), "train-subset": 2000,
-            "eval-subset": 500, "num-server-rounds": 2, "local-epochs": 2,
-            "output-dir": str(tmp_path), "run-name": "central",
+            "strategy": "centralized",
+            "dataset": str(blood_npz),
+            "train-subset": 2000,
+            "eval-subset": 500,
+            "num-server-rounds": 2,
+            "local-epochs": 2,
+            "output-dir": str(tmp_path),
+            "run-name": "central",
         }
     )
     data = load_dataset(cfg)
