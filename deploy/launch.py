@@ -53,20 +53,43 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float, log_file: P
     raise TimeoutError(f"the SuperLink did not open port {port} within {timeout:.0f} s")
 
 
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process we started, and its process group (ServerApp, Ray workers)."""
-    if proc.poll() is None:
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (Linux /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> list[int]:
+    """Stop a process we started and every process below it; return the PIDs stopped.
+
+    The tree is taken before anything is signalled: the SuperLink starts its SuperExec in a
+    session of its own, and Ray's workers would be re-parented once their parent is gone.
+    """
+    tree = process_tree(proc.pid) if proc.poll() is None else [proc.pid]
+    signal_all(tree, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    time.sleep(0.5)
+    signal_all(tree, signal.SIGKILL)
+    proc.wait()
+    return tree
 
 
 def resolve_run_config(app: Path, overrides: list[str]) -> tuple[RunConfig, dict]:
@@ -118,6 +141,7 @@ def launch_simulation(
         port = free_port()
         env = {
             **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink spawns SuperExec
             "FLWR_HOME": str(home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
@@ -140,9 +164,15 @@ def launch_simulation(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        stack.callback(stop_process, link)
         launch_record = {"superlink-pid": link.pid, "port": port, "num-silos": num_silos}
-        (run_dir / "launch.json").write_text(json.dumps(launch_record, indent=2))
+        launch_file = run_dir / "launch.json"
+        launch_file.write_text(json.dumps(launch_record, indent=2))
+
+        def stop_superlink() -> None:
+            launch_record["stopped-pids"] = stop_process(link)
+            launch_file.write_text(json.dumps(launch_record, indent=2))
+
+        stack.callback(stop_superlink)
         wait_for_port(port, link, 60, link_log)
 
         submitted = flwr(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
 from fgl_core.partition import silo_data
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,21 @@ def _partition_silo(cfg: RunConfig, partition_id: int, num_partitions: int) -> S
     data = _shared_dataset(cfg)
     train, test = silo_data(cfg, data, partition_id, num_partitions)
     name = f"partition {partition_id}/{num_partitions}"
-    return Silo(name, partition_id, train, test, data.class_names, data.image_size)
+    return _described(Silo(name, partition_id, train, test, data.class_names, data.image_size))
 
 
 @functools.lru_cache(maxsize=2)
 def _node_local_silo(cfg: RunConfig, data_path: str) -> Silo:
     data = load_dataset(cfg, source=data_path)
-    return Silo(data_path, -1, data.train, data.test, data.class_names, data.image_size)
+    return _described(Silo(data_path, -1, data.train, data.test, data.class_names, data.image_size))
+
+
+def _described(silo: Silo) -> Silo:
+    log.info(
+        "%s: %d train / %d test images, train label histogram %s",
+        silo.name,
+        len(silo.train),
+        len(silo.test),
+        silo.train.label_histogram(silo.num_classes),
+    )
+    return silo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -27,6 +28,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)  # fails here, before any data is loaded
+    random.seed(cfg.seed)  # Flower's node sampling draws from the global `random`
     recorder = RunRecorder(cfg)
     device = pick_device(cfg.device)
     with recorder.phase("load-data"):
@@ -65,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=1,
-        min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
+        min_evaluate_nodes=1,
         min_available_nodes=cfg.min_nodes,
     )
     ledger = MessageLedger(grid)
