@@ -5,10 +5,12 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fgl_client.embedding import embed_silo
 from fgl_client.silo import Silo, load_silo
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
+from fgl_core.payload import REQUEST_RECORD, EmbedRequest
 from fgl_core.training import TrainSettings, evaluate_model, pick_device, train_model
 
 app = ClientApp()
@@ -32,6 +34,17 @@ def _silo_record(silo: Silo) -> ConfigRecord:
             "label-histogram": silo.train.label_histogram(silo.num_classes),
         }
     )
+
+
+@app.query("embed")
+def embed(msg: Message, context: Context) -> Message:
+    """Round 0: answer the server's embed request with the silo's embedding payload."""
+    configure_logging()
+    cfg = RunConfig.from_flower(context.run_config)
+    request = EmbedRequest.from_record(msg.content[REQUEST_RECORD])
+    silo = load_silo(cfg, context.node_config)
+    payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)))
+    return Message(content=payload.to_records(), reply_to=msg)
 
 
 @app.train()

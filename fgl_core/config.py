@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fgl_core.prompt_templates import (
+    CLASS_FIELDS,
+    INSTANCE_FIELDS,
+    INSTANCE_TEMPLATE,
+    PAPER_TEMPLATE,
+    check_template,
+)
 
 
 class ConfigError(ValueError):
@@ -56,6 +64,15 @@ class RunConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     augment: Literal["none", "crop", "crop-flip"] = "crop"
 
+    # FGL round 0: what the silos send (see fgl_core.payload)
+    generator: str = Field("offline-tiny", min_length=1)  # hub id, local dir or offline-tiny
+    captioner: str = Field("offline-tiny", min_length=1)
+    prompt_mode: Literal["class", "instance"] = "class"
+    prompt_template: str = ""  # "" = the paper's template for the prompt mode
+    prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
+    max_captions_per_class: int = Field(20, ge=1)
+    caption_batch_size: int = Field(16, ge=1)
+
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
@@ -68,6 +85,18 @@ class RunConfig(BaseModel):
     output_dir: str = Field("outputs", min_length=1)
     cache_dir: str = Field(".cache/fgl", min_length=1)  # downloads and built models
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+
+    @model_validator(mode="after")
+    def _template_fits_mode(self) -> RunConfig:
+        allowed = CLASS_FIELDS if self.prompt_mode == "class" else INSTANCE_FIELDS
+        check_template(self.effective_prompt_template, allowed)
+        return self
+
+    @property
+    def effective_prompt_template(self) -> str:
+        if self.prompt_template:
+            return self.prompt_template
+        return PAPER_TEMPLATE if self.prompt_mode == "class" else INSTANCE_TEMPLATE
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], where: str = "run config") -> RunConfig:
@@ -88,8 +117,11 @@ class RunConfig(BaseModel):
             return cls.model_validate(dict(run_config))
         except ValidationError as err:
             for e in err.errors():
-                key = ".".join(str(part) for part in e["loc"])
-                problems.append(f"{key!r} = {e.get('input')!r}: {e['msg']}")
+                if e["loc"]:
+                    key = ".".join(str(part) for part in e["loc"])
+                    problems.append(f"{key!r} = {e.get('input')!r}: {e['msg']}")
+                else:  # a check across keys (e.g. the prompt template against the mode)
+                    problems.append(e["msg"].removeprefix("Value error, "))
             raise ConfigError(f"{where}: " + "; ".join(problems)) from None
 
     def to_flower(self) -> dict[str, Any]:

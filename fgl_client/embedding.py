@@ -1,0 +1,92 @@
+"""The silo's round-0 answer: prompts about its data, encoded with the generator's encoder."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fgl_client.captioning import Captioner
+from fgl_client.prompts import class_prompts, instance_prompt
+from fgl_client.silo import Silo
+from fgl_client.text_encoding import TextEncoder, TransformersTextEncoder
+from fgl_core.payload import PROBE_PROMPT, EmbeddingPayload, EmbedRequest
+from fgl_core.pretrained import resolve_model_ref
+from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=2)  # one load per process; a deployed silo's process serves one run
+def text_encoder(generator: str, cache_dir: str, device: str) -> TextEncoder:
+    return TransformersTextEncoder(generator, cache_dir, torch.device(device))
+
+
+@functools.lru_cache(maxsize=2)
+def captioner(ref: str, cache_dir: str, device: str) -> Captioner:
+    return Captioner(resolve_model_ref(ref, "captioner", cache_dir), torch.device(device))
+
+
+def pick_images_to_caption(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Up to `per_class` images of each class, drawn with `seed`, in index order."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
+
+
+def build_payload(
+    request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
+) -> EmbeddingPayload:
+    """Class level: one embedding per class present. Instance level: one per captioned image."""
+    histogram = silo.train.label_histogram(silo.num_classes)
+    failed = 0
+    if request.prompt_mode == "class":
+        prompts, labels = class_prompts(
+            silo.class_names, histogram, request.template, request.style
+        )
+    else:
+        check_template(request.template, INSTANCE_FIELDS)
+        chosen = pick_images_to_caption(
+            silo.train.labels, request.max_captions_per_class, request.seed
+        )
+        captions = captioner_fn().caption(
+            [silo.train.images[i] for i in chosen],
+            request.caption_batch_size,
+            f"{silo.name} captions",
+        )
+        failed = len(captions.failed)
+        labels = [int(silo.train.labels[chosen[k]]) for k in captions.kept]
+        prompts = [
+            instance_prompt(silo.class_names[label], text, request.template, request.style)
+            for label, text in zip(labels, captions.texts, strict=True)
+        ]
+    embeds = encoder.encode(prompts)
+    probe = encoder.encode([PROBE_PROMPT])[0]
+    log.info(
+        "%s: %d %s-level embeddings of width %d (%d captions failed)",
+        silo.name,
+        len(prompts),
+        request.prompt_mode,
+        encoder.width,
+        failed,
+    )
+    return EmbeddingPayload(
+        embeds=embeds.to(torch.float16).numpy(),
+        labels=np.asarray(labels, np.int64),
+        weights=np.ones(len(labels), np.int64),
+        probe=probe.to(torch.float16).numpy(),
+        label_histogram=histogram,
+        captions_failed=failed,
+    )
+
+
+def embed_silo(
+    request: EmbedRequest, silo: Silo, cache_dir: str | Path, device: str
+) -> EmbeddingPayload:
+    encoder = text_encoder(request.generator, str(cache_dir), device)
+    return build_payload(
+        request, silo, encoder, lambda: captioner(request.captioner, str(cache_dir), device)
+    )

@@ -1,0 +1,230 @@
+"""Small randomly initialised stand-ins for the hub models, built by project code.
+
+No machine here reaches a model hub, so offline runs and tests use models of the very same
+classes as the real ones (a Stable Diffusion pipeline with UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel and a CLIP tokenizer with the real CLIP BPE vocabulary that open_clip ships; a
+BLIP captioner), saved with `save_pretrained` into the cache directory and loaded back through
+the same `from_pretrained` path as a hub id. Random weights draw noise: their images and
+captions mean nothing, only the plumbing does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+OFFLINE_TINY = "offline-tiny"
+MARKER = "fgl-offline-model.json"
+BUILD_VERSION = 1  # bump when a builder changes, so cached copies are rebuilt
+TINY_TEXT_WIDTH = 32  # the tiny generator's text width = its UNet's cross-attention width
+
+# CLIP's BPE: 256 byte tokens, their 256 word-final forms, 48,894 merges, 2 specials = 49,408.
+CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 49408
+
+# Stable Diffusion 2.1-base's scheduler, as published with the model.
+SD21_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def write_clip_tokenizer_files(directory: Path) -> tuple[Path, Path]:
+    """Write CLIP's vocab.json and merges.txt from the BPE file inside the open_clip package."""
+    import open_clip
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(bpe) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : CLIP_NUM_MERGES + 1]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols]
+    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"{bpe} gave {len(vocab)} tokens; CLIP has {CLIP_VOCAB_SIZE}")
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def clip_tokenizer(directory: Path):  # -> CLIPTokenizer
+    """SD 2.x's tokenizer: CLIP BPE, 77 tokens, padded with "!" (id 0)."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_clip_tokenizer_files(directory)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="!", model_max_length=77)
+
+
+def tiny_clip_text_config(width: int = TINY_TEXT_WIDTH, layers: int = 2):  # -> CLIPTextConfig
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=width,
+        bos_token_id=0,  # SD 2.x's published config keeps these legacy ids
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
+    """A Stable Diffusion 2.x-shaped pipeline with random weights; 16 px images by default."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer(Path(scratch))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(tiny_clip_text_config())
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        cross_attention_dim=TINY_TEXT_WIDTH,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD21_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
+    """A BLIP captioner (BlipForConditionalGeneration + BlipProcessor) with random weights.
+
+    Its WordPiece vocabulary is the first whole words of CLIP's BPE vocabulary, so its
+    (random) captions are made of real words.
+    """
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file, _ = write_clip_tokenizer_files(Path(scratch))
+        clip_vocab = json.loads(vocab_file.read_text())
+    words = [t[:-4] for t in clip_vocab if t.endswith("</w>") and t[:-4].isalpha()][:2000]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    wordpiece = directory / "vocab.txt"
+    wordpiece.write_text("\n".join(specials + sorted(set(words))) + "\n")
+    tokenizer = BertTokenizer(str(wordpiece), do_lower_case=True, bos_token="[DEC]")
+    vocab_size = len(tokenizer)
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "encoder_hidden_size": 32,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    )
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    model.save_pretrained(directory)
+    return directory
+
+
+def offline_model_dir(cache_dir: Path, kind: str, seed: int = 0) -> Path:
+    """Build the stand-in once into the cache; later calls (and other processes) reuse it."""
+    builders = {"generator": build_tiny_generator, "captioner": build_tiny_captioner}
+    target = Path(cache_dir) / f"{OFFLINE_TINY}-{kind}-v{BUILD_VERSION}-seed{seed}"
+    if (target / MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        builders[kind](scratch, seed)
+        (scratch / MARKER).write_text(json.dumps({"kind": kind, "seed": seed}))
+        try:
+            scratch.rename(target)  # atomic: a concurrent builder either wins or finds it done
+        except OSError:
+            if not (target / MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target

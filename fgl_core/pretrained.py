@@ -1,0 +1,68 @@
+"""Load hub models by reference: a hub id, a local `save_pretrained` directory, or
+`offline-tiny` (the random stand-ins that `fgl_core.offline_models` builds into the cache).
+
+Every failure says which of three things went wrong: the reference is offline (not cached and
+the hub cannot be reached), missing (no such directory or model), or malformed (a directory
+that does not hold what `from_pretrained` needs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fgl_core.offline_models import OFFLINE_TINY, offline_model_dir
+
+T = TypeVar("T")
+
+
+class ModelRefError(RuntimeError):
+    """A model reference that cannot be loaded; the message says why and what to do."""
+
+
+def resolve_model_ref(ref: str, kind: str, cache_dir: str | Path) -> str:
+    """`offline-tiny` -> the built stand-in's directory (built once); anything else unchanged."""
+    if ref == OFFLINE_TINY:
+        return str(offline_model_dir(Path(cache_dir), kind))
+    return ref
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or os.sep in ref.replace("/", "")
+
+
+def load_component(cls: type[T], ref: str, subfolder: str | None, what: str, **kwargs: Any) -> T:
+    """`cls.from_pretrained(ref, subfolder=...)` with errors that say offline/missing/malformed."""
+    sub = {"subfolder": subfolder} if subfolder else {}
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        try:
+            return cls.from_pretrained(str(path), **sub, **kwargs)  # type: ignore[attr-defined]
+        except Exception as err:
+            raise ModelRefError(
+                f"{what} {ref!r} is a local directory, but {subfolder or 'the model'} could not be "
+                f"loaded from it: malformed or incomplete ({type(err).__name__}: {err})"
+            ) from None
+    if _looks_like_path(ref):
+        raise ModelRefError(f"{what} {ref!r}: no such directory (missing)")
+    try:  # a hub id already in the local cache loads without the network
+        return cls.from_pretrained(ref, **sub, local_files_only=True, **kwargs)  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    advice = (
+        "pass a local directory in save_pretrained layout (downloaded on a connected machine), "
+        f"or {OFFLINE_TINY!r} for the random stand-ins"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelRefError(
+            f"{what} {ref!r} is a hub id that is not in the local cache, and HF_HUB_OFFLINE is "
+            f"set (offline); {advice}"
+        )
+    try:
+        return cls.from_pretrained(ref, **sub, **kwargs)  # type: ignore[attr-defined]
+    except Exception as err:
+        raise ModelRefError(
+            f"{what} {ref!r} could not be loaded from the model hub: offline, or no such model "
+            f"({type(err).__name__}: {err}); {advice}"
+        ) from None
