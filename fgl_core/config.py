@@ -39,7 +39,7 @@ class RunConfig(BaseModel):
     )
 
     # What to run
-    strategy: Literal["fedavg", "centralized"] = "fedavg"
+    strategy: Literal["fedavg", "centralized", "fgl"] = "fedavg"
 
     # Data
     dataset: str = Field("digits", min_length=1)
@@ -72,6 +72,24 @@ class RunConfig(BaseModel):
     prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
     max_captions_per_class: int = Field(20, ge=1)
     caption_batch_size: int = Field(16, ge=1)
+
+    # FGL server: synthesis and one-shot training (defaults follow the paper)
+    images_per_class: int = Field(100, ge=1)
+    synthesis_plan: Literal["balanced", "proportional"] = "balanced"
+    scheduler: Literal["default", "pndm", "ddim", "dpm-solver", "euler", "euler-ancestral"] = (
+        "default"
+    )
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(2.0, ge=0.0)
+    negative_prompt: str = "low quality, low resolution"
+    synthesis_batch_size: int = Field(8, ge=1)
+    synthesis_resolution: int = Field(0, ge=0, le=2048)  # 0 = the generator's native size
+    synthesis_shard_size: int = Field(64, ge=1)
+    oneshot_epochs: int = Field(120, ge=0)
+    server_finetune_epochs: int = Field(0, ge=0)  # after each FedAvg aggregation; 0 = off
+    embed_timeout: float = Field(600.0, gt=0.0)
+    max_embeddings_per_silo: int = Field(10_000, ge=1)
+    probe_tolerance: float = Field(0.02, gt=0.0)
 
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)

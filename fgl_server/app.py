@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 import random
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.datasets import load_dataset
-from fgl_core.models import build_model, state_dict_float32
+from fgl_core.models import build_model
 from fgl_core.training import pick_device
 from fgl_server.centralized import run_centralized
-from fgl_server.evaluation import evaluate_on_server
+from fgl_server.fgl_run import run_fgl
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder
+from fgl_server.rounds import run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -45,47 +46,18 @@ def main(grid: Grid, context: Context) -> None:
 
     if cfg.strategy == "centralized":
         model = run_centralized(cfg, data, recorder, device)
-        recorder.finish(model)
-        return
-
-    model = build_model(cfg.model, data.num_classes, data.image_size, cfg.model_weights, cfg.seed)
-
-    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate_on_server(model, data, device)
-        recorder.log_round(server_round, metrics)
-        log.info(
-            "round %d/%d: test accuracy %.4f (val %.4f)",
-            server_round,
-            cfg.num_server_rounds,
-            metrics["test-accuracy"],
-            metrics["val-accuracy"],
+    elif cfg.strategy == "fgl":
+        model = run_fgl(grid, cfg, data, recorder, device)
+    else:
+        model = build_model(
+            cfg.model, data.num_classes, data.image_size, cfg.model_weights, cfg.seed
         )
-        return MetricRecord(metrics)
-
-    strategy = FedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=cfg.min_nodes,
-    )
-    ledger = MessageLedger(grid)
-    with recorder.phase("rounds"):
-        result = strategy.start(
-            grid=ledger,
-            initial_arrays=ArrayRecord(state_dict_float32(model)),
-            num_rounds=cfg.num_server_rounds,
-            timeout=cfg.round_timeout,
-            evaluate_fn=central_evaluation,
+        strategy = FedAvg(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=cfg.min_nodes,
         )
-    recorder.merge_round_metrics(
-        {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}, prefix="silo-"
-    )
-    recorder.merge_round_metrics(
-        {r: dict(m) for r, m in result.train_metrics_clientapp.items()}, prefix="silo-"
-    )
-    recorder.set("traffic", ledger.to_json())
-    if len(result.arrays):
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+        model = run_rounds(strategy, MessageLedger(grid), model, cfg, data, recorder, device)
     recorder.finish(model)

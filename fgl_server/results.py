@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fgl_core.config import RunConfig
+from fgl_core.datasets import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,30 @@ def plot_accuracy(rounds: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_samples(data: ImageSet, class_names: list[str], path: Path, per_class: int = 8) -> None:
+    """A row per class of the first `per_class` synthetic images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted(set(data.labels.tolist()))
+    fig, axes = plt.subplots(
+        len(classes), per_class, figsize=(per_class * 0.9, len(classes) * 0.9 + 0.3), squeeze=False
+    )
+    for row, c in enumerate(classes):
+        members = np.flatnonzero(data.labels == c)[:per_class]
+        for col in range(per_class):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(members):
+                ax.imshow(data.images[members[col]])
+        axes[row][0].set_title(class_names[c][:24], fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

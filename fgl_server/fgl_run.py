@@ -1,0 +1,189 @@
+"""An FGL run on the server: embed -> validate -> synthesize -> one-shot -> FedAvg rounds.
+
+Each phase is timed into results.json, which is rewritten as the run goes, so a run that stops
+keeps what it had done (and the synthetic store keeps its finished shards for the rerun).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+from fgl_core.config import RunConfig
+from fgl_core.datasets import DatasetSplits
+from fgl_core.models import build_model, state_dict_float32
+from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, PayloadError
+from fgl_core.training import TrainSettings, train_model
+from fgl_server.evaluation import evaluate_on_server
+from fgl_server.ledger import MessageLedger
+from fgl_server.results import RunRecorder, plot_samples
+from fgl_server.rounds import run_rounds
+from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
+from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
+from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+from strategies.fgl import EMBED_MESSAGE_TYPE, FGL
+
+log = logging.getLogger(__name__)
+
+
+def synthesis_settings(cfg: RunConfig, image_size: int) -> SynthesisSettings:
+    return SynthesisSettings(
+        generator=cfg.generator,
+        scheduler=cfg.scheduler,
+        steps=cfg.steps,
+        guidance=cfg.guidance,
+        negative_prompt=cfg.negative_prompt,
+        resolution=cfg.synthesis_resolution,
+        train_resolution=image_size,
+    )
+
+
+def store_manifest(
+    engine: SynthesisEngine, prompts: list[Prompt], jobs: list[ImageJob], batch_size: int
+) -> dict:
+    s = engine.settings
+    return {
+        "generator": s.generator,
+        "scheduler": s.scheduler,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "negative-prompt": s.negative_prompt,
+        "resolution": engine.resolution,
+        "train-resolution": s.train_resolution,
+        "device": engine.device.type,
+        "dtype": str(engine.dtype),
+        "batch-size": batch_size,  # batch composition can change the last bits on a GPU
+        "prompt-digests": [prompts[job.prompt].digest for job in jobs],
+        "seeds": [job.seed for job in jobs],
+        "labels": [job.label for job in jobs],
+    }
+
+
+def validated_payloads(
+    replies: dict[int, object], limits: PayloadLimits
+) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
+    payloads, rejected = {}, {}
+    for node_id, content in replies.items():
+        node = f"node {node_id}"
+        try:
+            payload = EmbeddingPayload.from_records(content)  # type: ignore[arg-type]
+            validate_payload(node, payload, limits)
+        except (PayloadError, PayloadRejected) as err:
+            reason = str(err) if str(err).startswith(node) else f"{node}: {err}"
+            rejected[node] = reason
+            log.warning("rejected %s", reason)
+            continue
+        payloads[node] = payload
+    return payloads, rejected
+
+
+def run_fgl(
+    grid: Grid, cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
+) -> nn.Module:
+    ledger = MessageLedger(grid)
+    strategy = FGL(
+        finetune_fn=None,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=cfg.min_nodes,
+    )
+
+    # round 0: every silo sends its embeddings once; each reply is checked at the boundary
+    engine = SynthesisEngine(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)
+    limits = PayloadLimits(
+        width=engine.width,
+        num_classes=data.num_classes,
+        probe=engine.probe,
+        max_rows=cfg.max_embeddings_per_silo,
+        probe_tolerance=cfg.probe_tolerance,
+    )
+    request = EmbedRequest.from_config(cfg).to_record()
+    with recorder.phase("embed"):
+        round0 = strategy.collect_embeddings(ledger, request, REQUEST_RECORD, cfg.embed_timeout)
+    payloads, rejected = validated_payloads(round0.replies, limits)
+    rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
+    received = {
+        f"node {e.node_id}": e.bytes_received
+        for e in ledger.exchanges
+        if e.message_type == EMBED_MESSAGE_TYPE
+    }
+    recorder.set(
+        "embedding",
+        {
+            "nodes-asked": len(round0.asked),
+            "nodes-accepted": sorted(payloads),
+            "rejected": rejected,
+            "bytes-per-node": received,
+            "embeddings-per-node": {n: len(p.labels) for n, p in payloads.items()},
+        },
+    )
+    if not payloads:
+        raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
+
+    # synthesis: deduplicate, plan, make the images (resuming a finished plan's shards)
+    prompts, histogram = merge_payloads(payloads, data.num_classes)
+    jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed)
+    store = SyntheticStore(
+        Path(cfg.cache_dir) / "synthetic",
+        store_manifest(engine, prompts, jobs, cfg.synthesis_batch_size),
+        cfg.synthesis_shard_size,
+    )
+    with recorder.phase("synthesize"):
+        stats = synthesize_into_store(engine, prompts, jobs, store, cfg.synthesis_batch_size)
+    synthetic = store.load()
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    recorder.set(
+        "synthesis",
+        {
+            **stats,
+            "prompts": len(prompts),
+            "merged-label-histogram": histogram,
+            "images-per-class": np.bincount(synthetic.labels, minlength=data.num_classes).tolist(),
+            "store": str(store.dir),
+        },
+    )
+    plot_samples(synthetic, data.class_names, recorder.dir / "synthetic_samples.png")
+
+    # one-shot: train the global model on the synthetic set alone
+    model = build_model(cfg.model, data.num_classes, data.image_size, cfg.model_weights, cfg.seed)
+    with recorder.phase("one-shot"):
+        settings = TrainSettings.from_config(cfg, cfg.oneshot_epochs, seed=cfg.seed)
+        if cfg.oneshot_epochs:
+            train_model(model, synthetic, settings, device, desc="one-shot")
+    oneshot = evaluate_on_server(model, data, device)
+    recorder.set("one-shot", oneshot)
+    log.info(
+        "one-shot: test accuracy %.4f (val %.4f)", oneshot["test-accuracy"], oneshot["val-accuracy"]
+    )
+    if cfg.num_server_rounds == 0:
+        recorder.log_round(0, oneshot)
+        recorder.set("traffic", ledger.to_json())
+        return model
+
+    # FedAvg rounds on the silos' real data, optionally fine-tuned on the synthetic set
+    if cfg.server_finetune_epochs:
+
+        def finetune(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            settings = TrainSettings.from_config(
+                cfg, cfg.server_finetune_epochs, seed=cfg.seed * 7919 + server_round
+            )
+            with recorder.phase("server-finetune"):
+                train_model(
+                    model, synthetic, settings, device, desc=f"fine-tune round {server_round}"
+                )
+            return ArrayRecord(state_dict_float32(model))
+
+        strategy.finetune_fn = finetune
+    return run_rounds(strategy, ledger, model, cfg, data, recorder, device)

@@ -1,0 +1,59 @@
+"""Federated rounds with central evaluation, shared by FedAvg and FGL's rounds after one-shot."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fgl_core.config import RunConfig
+from fgl_core.datasets import DatasetSplits
+from fgl_core.models import state_dict_float32
+from fgl_server.evaluation import evaluate_on_server
+from fgl_server.ledger import MessageLedger
+from fgl_server.results import RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+def run_rounds(
+    strategy: FedAvg,
+    ledger: MessageLedger,
+    model: nn.Module,
+    cfg: RunConfig,
+    data: DatasetSplits,
+    recorder: RunRecorder,
+    device: torch.device,
+) -> nn.Module:
+    """Run `num-server-rounds` rounds from `model`, evaluating centrally after each."""
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate_on_server(model, data, device)
+        recorder.log_round(server_round, metrics)
+        log.info(
+            "round %d/%d: test accuracy %.4f (val %.4f)",
+            server_round,
+            cfg.num_server_rounds,
+            metrics["test-accuracy"],
+            metrics["val-accuracy"],
+        )
+        return MetricRecord(metrics)
+
+    with recorder.phase("rounds"):
+        result = strategy.start(
+            grid=ledger,
+            initial_arrays=ArrayRecord(state_dict_float32(model)),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            evaluate_fn=central_evaluation,
+        )
+    for per_round in (result.evaluate_metrics_clientapp, result.train_metrics_clientapp):
+        recorder.merge_round_metrics({r: dict(m) for r, m in per_round.items()}, prefix="silo-")
+    recorder.set("traffic", ledger.to_json())
+    if len(result.arrays):
+        model.load_state_dict(result.arrays.to_torch_state_dict())
+    return model

