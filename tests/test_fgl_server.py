@@ -1,0 +1,306 @@
+"""The server's FGL side: validation, planning, the synthesis engine and store, a whole run."""
+
+import json
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fgl_client.app import app as client_app
+from fgl_client.embedding import build_payload, text_encoder
+from fgl_client.silo import load_silo
+from fgl_core.config import RunConfig
+from fgl_core.datasets import load_dataset
+from fgl_core.payload import EmbeddingPayload, EmbedRequest
+from fgl_server.fgl_run import run_fgl
+from fgl_server.results import RunRecorder
+from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis_plan import merge_payloads, plan_images
+from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
+from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+from tests.test_simulation import launch
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("fgl-cache"))
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir) -> SynthesisEngine:
+    settings = SynthesisSettings(generator="offline-tiny", steps=3, train_resolution=28)
+    return SynthesisEngine(settings, cache_dir, CPU)
+
+
+def fgl_config(blood_npz, cache_dir, **overrides) -> RunConfig:
+    values = {
+        "strategy": "fgl",
+        "dataset": str(blood_npz),
+        "train-subset": 900,
+        "eval-subset": 300,
+        "cache-dir": cache_dir,
+        "images-per-class": 6,
+        "steps": 3,
+        "oneshot-epochs": 2,
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "synthesis-shard-size": 16,
+        "min-nodes": 3,
+    }
+    return RunConfig.from_flower({**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def payloads(blood_npz, cache_dir) -> dict[str, EmbeddingPayload]:
+    cfg = fgl_config(blood_npz, cache_dir)
+    encoder = text_encoder("offline-tiny", cache_dir, "cpu")
+    return {
+        f"node {i}": build_payload(
+            EmbedRequest.from_config(cfg),
+            load_silo(cfg, {"partition-id": i, "num-partitions": 3}),
+            encoder,
+        )
+        for i in range(3)
+    }
+
+
+def limits(engine, **overrides) -> PayloadLimits:
+    return PayloadLimits(
+        **{"width": engine.width, "num_classes": 8, "probe": engine.probe, **overrides}
+    )
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def altered(payload: EmbeddingPayload, **changes) -> EmbeddingPayload:
+    return EmbeddingPayload(**{**payload.__dict__, **changes})
+
+
+def test_a_good_payload_passes(engine, payloads):
+    for node, payload in payloads.items():
+        validate_payload(node, payload, limits(engine))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            lambda p: {"embeds": np.zeros((len(p.labels), 77, 16), np.float16)},
+            r"shape \(\d+, 77, 16\); the generator needs \(N, 77, 32\)",
+        ),
+        (
+            lambda p: {"embeds": p.embeds.astype(np.float32)},
+            "dtype float32; the wire format is float16",
+        ),
+        (
+            lambda p: {
+                "embeds": np.where(np.arange(77)[None, :, None] == 5, np.float16(np.nan), p.embeds)
+            },
+            r"\d+ embeddings with NaN",
+        ),
+        (lambda p: {"labels": p.labels + 8}, r"labels in \[\d+, \d+\]; the task has classes 0..7"),
+        (lambda p: {"embeds": p.embeds[:, :50]}, r"shape \(\d+, 50, 32\)"),
+        (lambda p: {"weights": p.weights[:-1]}, "labels .* and weights"),
+    ],
+    ids=["wrong-width", "wrong-dtype", "nan", "label-out-of-range", "sequence-length", "weights"],
+)
+def test_malformed_payloads_are_rejected_with_their_reason(engine, payloads, change, reason):
+    payload = payloads["node 0"]
+    with pytest.raises(PayloadRejected, match=f"^node 0: .*{reason}"):
+        validate_payload("node 0", altered(payload, **change(payload)), limits(engine))
+
+
+def test_too_many_rows_and_too_many_bytes_are_rejected(engine, payloads):
+    payload = payloads["node 1"]
+    with pytest.raises(PayloadRejected, match="at most 3 are accepted"):
+        validate_payload("node 1", payload, limits(engine, max_rows=3))
+    with pytest.raises(PayloadRejected, match="at most 1000 are accepted"):
+        validate_payload("node 1", payload, limits(engine, max_bytes=1000))
+
+
+def test_a_different_encoder_fails_the_probe_check(engine, payloads, tmp_path):
+    other = SynthesisEngine(SynthesisSettings(generator="offline-tiny", steps=1), tmp_path, CPU)
+    assert np.array_equal(other.probe, engine.probe)  # same seed, same function: passes
+    from diffusers import StableDiffusionPipeline
+
+    from fgl_core.offline_models import offline_model_dir
+
+    stranger = StableDiffusionPipeline.from_pretrained(
+        offline_model_dir(tmp_path / "seed1", "generator", seed=1)
+    )
+    with torch.no_grad():
+        probe, _ = stranger.encode_prompt(["a photo of a cat"], CPU, 1, False)
+    payload = altered(payloads["node 2"], probe=probe[0].to(torch.float16).numpy())
+    with pytest.raises(PayloadRejected, match="text encoder differs from the generator's"):
+        validate_payload("node 2", payload, limits(engine))
+    # float16 rounding of the right encoder stays far inside the tolerance
+    validate_payload(
+        "node 2", altered(payloads["node 2"], probe=engine.probe.astype(np.float16)), limits(engine)
+    )
+
+
+# --- planning -----------------------------------------------------------------------------
+
+
+def test_identical_class_prompts_are_synthesized_once_and_planned_per_class(payloads):
+    prompts, histogram = merge_payloads(payloads, 8)
+    total = sum(len(p.labels) for p in payloads.values())
+    assert len(prompts) == len({p.label for p in prompts}) < total  # one prompt per class
+    assert histogram == np.sum([p.label_histogram for p in payloads.values()], axis=0).tolist()
+    jobs = plan_images(prompts, histogram, 5, "balanced", run_seed=0)
+    assert np.bincount([j.label for j in jobs]).tolist() == [5] * 8
+    assert [j.index for j in jobs] == list(range(len(jobs)))
+    assert len({j.seed for j in jobs}) == len(jobs)
+    assert [j.seed for j in plan_images(prompts, histogram, 5, "balanced", 0)] == [
+        j.seed for j in jobs
+    ]
+    proportional = plan_images(prompts, histogram, 5, "proportional", run_seed=0)
+    counts = np.bincount([j.label for j in proportional], minlength=8)
+    assert counts.sum() == 40 and counts.argmax() == int(np.argmax(histogram))
+
+
+# --- engine and store ---------------------------------------------------------------------
+
+
+def test_any_image_can_be_regenerated_alone(engine, payloads):
+    prompts, histogram = merge_payloads(payloads, 8)
+    jobs = plan_images(prompts, histogram, 1, "balanced", run_seed=3)[:4]
+    embeds = np.stack([prompts[j.prompt].embedding for j in jobs])
+    batch = engine.generate(embeds, [j.seed for j in jobs])
+    alone = engine.generate(embeds[2:3], [jobs[2].seed])
+    assert batch.shape == (4, 28, 28, 3) and batch.dtype == np.uint8
+    assert np.abs(alone[0].astype(int) - batch[2].astype(int)).max() <= 1
+    assert not np.array_equal(batch[0], batch[1])
+
+
+def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, payloads, tmp_path):
+    prompts, histogram = merge_payloads(payloads, 8)
+    jobs = plan_images(prompts, histogram, 5, "balanced", run_seed=0)  # 40 images, 5 shards
+    manifest = {"labels": [j.label for j in jobs], "seeds": [j.seed for j in jobs]}
+
+    whole = SyntheticStore(tmp_path / "a", manifest, shard_size=8)
+    synthesize_into_store(engine, prompts, jobs, whole, batch_size=4)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Crash
+
+    resumed = SyntheticStore(tmp_path / "b", manifest, shard_size=8)
+    with pytest.raises(Crash):
+        synthesize_into_store(engine, prompts, jobs, resumed, 4, on_shard=crash_after_two)
+    finished = {s: resumed.shard_path(s).stat().st_mtime_ns for s in (0, 1)}
+    assert [resumed.is_done(s) for s in range(5)] == [True, True, False, False, False]
+    made = []
+    stats = synthesize_into_store(engine, prompts, jobs, resumed, 4, on_shard=made.append)
+    assert made == [2, 3, 4] and stats["reused"] == 16 and stats["made"] == 24
+    assert {s: resumed.shard_path(s).stat().st_mtime_ns for s in (0, 1)} == finished
+    for s in range(5):
+        assert whole.shard_path(s).read_bytes() == resumed.shard_path(s).read_bytes()
+    data = resumed.load()
+    assert len(data) == 40 and data.labels.tolist() == manifest["labels"]
+
+
+# --- a whole run, in process, with one misbehaving silo ------------------------------------
+
+
+class LoopbackGrid(Grid):
+    """Delivers each message to the real ClientApp in this process; `tamper` may alter replies."""
+
+    def __init__(self, contexts: dict[int, Context], tamper: Callable[[Message], Message]) -> None:
+        self.contexts, self.tamper = contexts, tamper
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self.tamper(client_app(m, self.contexts[m.metadata.dst_node_id])) for m in messages]
+
+
+def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
+    blood_npz, cache_dir, tmp_path, monkeypatch
+):
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)
+    cfg = fgl_config(blood_npz, cache_dir, **{"output-dir": str(tmp_path), "run-name": "loop"})
+    contexts = {
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={"partition-id": i, "num-partitions": 3},
+            state=RecordDict(),
+            run_config=cfg.to_flower(),
+        )
+        for i, node in enumerate((101, 102, 103))
+    }
+
+    def nan_from_102(reply: Message) -> Message:
+        if reply.metadata.message_type == "query.embed" and reply.metadata.src_node_id == 102:
+            embeds = reply.content["embedding"]["embeds"].numpy().copy()
+            embeds[0, 3, 0] = np.nan
+            reply.content["embedding"]["embeds"] = Array(embeds)
+        return reply
+
+    recorder = RunRecorder(cfg)
+    model = run_fgl(LoopbackGrid(contexts, nan_from_102), cfg, load_dataset(cfg), recorder, CPU)
+    recorder.finish(model)
+    results = json.loads((tmp_path / "loop" / "results.json").read_text())
+    assert sorted(results["embedding"]["nodes-accepted"]) == ["node 101", "node 103"]
+    assert "NaN" in results["embedding"]["rejected"]["node 102"]
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+
+
+# --- a whole run through Flower --------------------------------------------------------------
+
+
+def test_three_silo_fgl_simulation_end_to_end(blood_npz, tmp_path):
+    overrides = (
+        f'strategy="fgl" dataset="{blood_npz}" train-subset=1500 eval-subset=400 '
+        "images-per-class=12 steps=3 oneshot-epochs=2 num-server-rounds=2 local-epochs=1 "
+        'server-finetune-epochs=1 synthesis-shard-size=32 run-name="fgl-e2e" '
+        f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
+    )
+    proc = launch(["--simulation", "3", "--quiet", "--run-config", overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "fgl-e2e"
+    results = json.loads((run_dir / "results.json").read_text())
+
+    embedding = results["embedding"]
+    assert embedding["nodes-asked"] == 3 and len(embedding["nodes-accepted"]) == 3
+    assert embedding["rejected"] == {}
+    assert all(b > 0 for b in embedding["bytes-per-node"].values())
+    synthesis = results["synthesis"]
+    assert synthesis["images"] == synthesis["made"] == 8 * 12
+    assert synthesis["images-per-class"] == [12] * 8 and synthesis["images-per-second"] > 0
+    for phase in ("embed", "synthesize", "one-shot", "rounds", "server-finetune"):
+        assert results["phase-seconds"][phase] > 0, phase
+    assert 0 <= results["one-shot"]["test-accuracy"] <= 1
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert results["rounds"][-1]["test-accuracy"] > 0.2  # real data rounds beat chance (1/8)
+    assert (run_dir / "synthetic_samples.png").stat().st_size > 5_000
+    assert (run_dir / "model.pt").is_file() and (run_dir / "accuracy.png").is_file()
