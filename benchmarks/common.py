@@ -47,9 +47,9 @@ def launch(num_silos: int, overrides: str, run_name: str) -> tuple[float, dict]:
     return wall, json.loads((OUT / run_name / "results.json").read_text())
 
 
-def write(name: str, record: dict) -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
+def write(name: str, record: dict, out: Path = OUT) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **record}, indent=2))
     print(json.dumps(record, indent=2))
     print(f"wrote {path}")

@@ -209,6 +209,76 @@ def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+# Stable Diffusion 2.1-base's components as published (constructor arguments that differ from
+# the library defaults): 865,910,724 + 83,653,863 + 340,387,840 parameters.
+SD21_UNET = {
+    "sample_size": 64,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+}
+SD21_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+    "force_upcast": True,
+}
+SD21_TEXT_WIDTH, SD21_TEXT_LAYERS = 1024, 23
+# arithmetic per 512 px image with guidance (two UNet passes a step), from the reference sheet
+SD21_UNET_GUIDED_STEP_TFLOP = 1.6
+SD21_VAE_DECODE_TFLOP = 2.5
+
+
+def sd21_components() -> tuple:
+    """SD 2.1-base's (UNet, VAE, text encoder) with random weights; build them under
+    `torch.device("meta")` to count parameters without allocating them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = {
+        **tiny_clip_text_config().to_dict(),
+        "hidden_size": SD21_TEXT_WIDTH,
+        "intermediate_size": 4 * SD21_TEXT_WIDTH,
+        "num_hidden_layers": SD21_TEXT_LAYERS,
+        "num_attention_heads": 16,
+        "projection_dim": 512,
+    }
+    return (
+        UNet2DConditionModel(**SD21_UNET),
+        AutoencoderKL(**SD21_VAE),
+        CLIPTextModel(CLIPTextConfig(**text)),
+    )
+
+
+def sd21_base_random(seed: int = 0):  # -> StableDiffusionPipeline
+    """The full SD 2.1-base architecture with random weights, in memory, for speed benchmarks:
+    the same parameters and arithmetic as the real model, none of its knowledge."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer(Path(scratch))
+    torch.manual_seed(seed)
+    unet, vae, text_encoder = sd21_components()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD21_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def offline_model_dir(cache_dir: Path, kind: str, seed: int = 0) -> Path:
     """Build the stand-in once into the cache; later calls (and other processes) reuse it."""
     builders = {"generator": build_tiny_generator, "captioner": build_tiny_captioner}

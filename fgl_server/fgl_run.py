@@ -98,7 +98,7 @@ def run_fgl(
     )
 
     # round 0: every silo sends its embeddings once; each reply is checked at the boundary
-    engine = SynthesisEngine(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)
+    engine = SynthesisEngine.load(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)
     limits = PayloadLimits(
         width=engine.width,
         num_classes=data.num_classes,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,24 +43,24 @@ class SynthesisSettings:
     train_resolution: int = 28  # images are stored at the classifier's input size
 
 
-class SynthesisEngine:
-    def __init__(self, settings: SynthesisSettings, cache_dir: str | Path, device: torch.device):
-        from diffusers import StableDiffusionPipeline
+def pipeline_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
 
+
+class SynthesisEngine:
+    """Wraps a loaded `StableDiffusionPipeline`; `SynthesisEngine.load` loads one by reference."""
+
+    def __init__(self, pipe: Any, settings: SynthesisSettings, device: torch.device) -> None:
         self.settings = settings
         self.device = device
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        ref = resolve_model_ref(settings.generator, "generator", cache_dir)
-        pipe = load_component(
-            StableDiffusionPipeline, ref, None, "generator", torch_dtype=self.dtype
-        )
+        self.dtype = pipeline_dtype(device)
         if settings.scheduler != "default":
             import diffusers
 
             scheduler_class = getattr(diffusers, SCHEDULERS[settings.scheduler])
             pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(device)
+        self.pipe = pipe.to(device, self.dtype)
         self.width = int(pipe.unet.config.cross_attention_dim)
         self.resolution = settings.resolution or int(
             pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -67,6 +68,18 @@ class SynthesisEngine:
         # the server encodes the negative prompt and the probe with the generator's own encoder
         self.negative = self.encode([settings.negative_prompt])
         self.probe = self.encode([PROBE_PROMPT])[0].float().cpu().numpy()
+
+    @classmethod
+    def load(
+        cls, settings: SynthesisSettings, cache_dir: str | Path, device: torch.device
+    ) -> SynthesisEngine:
+        """The generator by reference: a hub id, a local directory or `offline-tiny`."""
+        from diffusers import StableDiffusionPipeline
+
+        ref = resolve_model_ref(settings.generator, "generator", cache_dir)
+        dtype = pipeline_dtype(device)
+        pipe = load_component(StableDiffusionPipeline, ref, None, "generator", torch_dtype=dtype)
+        return cls(pipe, settings, device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:

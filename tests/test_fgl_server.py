@@ -35,7 +35,7 @@ def cache_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def engine(cache_dir) -> SynthesisEngine:
     settings = SynthesisSettings(generator="offline-tiny", steps=3, train_resolution=28)
-    return SynthesisEngine(settings, cache_dir, CPU)
+    return SynthesisEngine.load(settings, cache_dir, CPU)
 
 
 def fgl_config(blood_npz, cache_dir, **overrides) -> RunConfig:
@@ -126,7 +126,9 @@ def test_too_many_rows_and_too_many_bytes_are_rejected(engine, payloads):
 
 
 def test_a_different_encoder_fails_the_probe_check(engine, payloads, tmp_path):
-    other = SynthesisEngine(SynthesisSettings(generator="offline-tiny", steps=1), tmp_path, CPU)
+    other = SynthesisEngine.load(
+        SynthesisSettings(generator="offline-tiny", steps=1), tmp_path, CPU
+    )
     assert np.array_equal(other.probe, engine.probe)  # same seed, same function: passes
     from diffusers import StableDiffusionPipeline
 

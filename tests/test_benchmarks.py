@@ -1,0 +1,46 @@
+"""The benchmarks run (CI has no GPU: the synthesis one runs with the tiny generator here)."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from fgl_core.offline_models import sd21_components
+from tests.conftest import ROOT
+
+
+def test_sd21_architecture_in_code_rebuilds_the_published_parameter_counts():
+    with torch.device("meta"):  # counts without allocating 5 GB
+        unet, vae, text_encoder = sd21_components()
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text_encoder)]
+    assert counts == [865_910_724, 83_653_863, 340_387_840]
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 1024
+
+
+def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "synthesis.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--batch-sizes",
+            "1",
+            "3",
+            "--images",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "synthesis_tiny.json").read_text())
+    assert [(r["steps"], r["batch-size"]) for r in record["rows"]] == [(2, 1), (2, 3)]
+    assert all(r["images-per-second"] > 0 for r in record["rows"])
