@@ -10,7 +10,7 @@ from fgl_client.silo import Silo, load_silo
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
-from fgl_core.payload import REQUEST_RECORD, EmbedRequest
+from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, EmbedRequest
 from fgl_core.training import TrainSettings, evaluate_model, pick_device, train_model
 
 app = ClientApp()
@@ -72,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(state_dict_float32(model)),
             "metrics": metrics,
-            "silo": _silo_record(silo),
+            SILO_RECORD: _silo_record(silo),
         }
     )
     return Message(content=content, reply_to=msg)

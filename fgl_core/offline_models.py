@@ -105,16 +105,9 @@ def tiny_clip_text_config(width: int = TINY_TEXT_WIDTH, layers: int = 2):  # -> 
 
 def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
     """A Stable Diffusion 2.x-shaped pipeline with random weights; 16 px images by default."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = clip_tokenizer(Path(scratch))
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(tiny_clip_text_config())
     unet = UNet2DConditionModel(
@@ -140,7 +133,17 @@ def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
         norm_num_groups=32,
         sample_size=16,
     )
-    pipe = StableDiffusionPipeline(
+    assemble_pipeline(unet, vae, text_encoder).save_pretrained(directory)
+    return directory
+
+
+def assemble_pipeline(unet, vae, text_encoder):  # type: ignore[no-untyped-def]
+    """A StableDiffusionPipeline from its parts, with SD 2.x's tokenizer and scheduler."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer(Path(scratch))
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -150,8 +153,6 @@ def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(directory)
-    return directory
 
 
 def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
@@ -261,22 +262,8 @@ def sd21_components() -> tuple:
 def sd21_base_random(seed: int = 0):  # -> StableDiffusionPipeline
     """The full SD 2.1-base architecture with random weights, in memory, for speed benchmarks:
     the same parameters and arithmetic as the real model, none of its knowledge."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = clip_tokenizer(Path(scratch))
     torch.manual_seed(seed)
-    unet, vae, text_encoder = sd21_components()
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**SD21_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(*sd21_components())
 
 
 def offline_model_dir(cache_dir: Path, kind: str, seed: int = 0) -> Path:

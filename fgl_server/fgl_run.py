@@ -11,14 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import build_model, state_dict_float32
-from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, PayloadError
+from fgl_core.payload import (
+    EMBED_MESSAGE_TYPE,
+    REQUEST_RECORD,
+    EmbeddingPayload,
+    EmbedRequest,
+    PayloadError,
+)
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import MessageLedger
@@ -28,7 +34,7 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from strategies.fgl import EMBED_MESSAGE_TYPE, FGL
+from strategies.fgl import FGL
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +73,13 @@ def store_manifest(
 
 
 def validated_payloads(
-    replies: dict[int, object], limits: PayloadLimits
+    replies: dict[int, RecordDict], limits: PayloadLimits
 ) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
     payloads, rejected = {}, {}
     for node_id, content in replies.items():
         node = f"node {node_id}"
         try:
-            payload = EmbeddingPayload.from_records(content)  # type: ignore[arg-type]
+            payload = EmbeddingPayload.from_records(content)
             validate_payload(node, payload, limits)
         except (PayloadError, PayloadRejected) as err:
             reason = str(err) if str(err).startswith(node) else f"{node}: {err}"

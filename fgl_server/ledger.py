@@ -14,7 +14,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
-SILO_RECORD = "silo"  # the ConfigRecord in which a silo describes its data
+from fgl_core.payload import SILO_RECORD  # the ConfigRecord in which a silo describes its data
 
 
 def payload_bytes(content: RecordDict) -> int:

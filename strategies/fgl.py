@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-EMBED_MESSAGE_TYPE = "query.embed"
+from fgl_core.payload import EMBED_MESSAGE_TYPE
 
 
 @dataclass
