@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import copy
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fgl_client.embedding import embed_silo
+from fgl_client.objectives import fedprox_loss, moon_loss
 from fgl_client.silo import Silo, load_silo
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
 from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, EmbedRequest
-from fgl_core.training import TrainSettings, evaluate_model, pick_device, train_model
+from fgl_core.training import (
+    LossFn,
+    TrainSettings,
+    cross_entropy,
+    evaluate_model,
+    pick_device,
+    train_model,
+)
 
 app = ClientApp()
+MOON_PREVIOUS = "moon-previous-model"
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]:
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
     silo = load_silo(cfg, context.node_config)
-    model = build_model(cfg.model, silo.num_classes, silo.image_size)
+    model = build_model(
+        cfg.model, silo.num_classes, silo.image_size, projection_dim=cfg.projection_dim
+    )
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return cfg, silo, model
 
@@ -47,25 +60,51 @@ def embed(msg: Message, context: Context) -> Message:
     return Message(content=payload.to_records(), reply_to=msg)
 
 
+def _local_objective(
+    config: ConfigRecord, model: Classifier, state: RecordDict
+) -> tuple[LossFn, dict[str, float]]:
+    """Cross-entropy, or the term the strategy asked for in the train config."""
+    if "proximal-mu" in config:
+        return fedprox_loss(model, float(config["proximal-mu"])), {}  # type: ignore[arg-type]
+    if "moon-mu" in config:
+        previous = copy.deepcopy(model)  # round 1: no previous model yet, so the global one
+        if MOON_PREVIOUS in state:
+            previous.load_state_dict(state[MOON_PREVIOUS].to_torch_state_dict())
+        loss = moon_loss(
+            model,
+            previous,
+            float(config["moon-mu"]),
+            float(config["moon-temperature"]),  # type: ignore[arg-type]
+        )
+        return loss, {"moon-has-previous": float(MOON_PREVIOUS in state)}
+    return cross_entropy, {}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, silo, model = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + (silo.partition_id + 1) * 1009 + server_round
     settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed)
+    loss_fn, objective_metrics = _local_objective(config, model, context.state)
     stats = train_model(
         model,
         silo.train,
         settings,
         pick_device(cfg.device),
         desc=f"{silo.name} round {server_round}",
+        loss_fn=loss_fn,
     )
+    if "moon-mu" in config:  # kept by the node between rounds, across fresh ClientApp processes
+        context.state[MOON_PREVIOUS] = ArrayRecord(state_dict_float32(model))
     metrics = MetricRecord(
         {
             "train-loss": float(stats.loss),
             "samples-per-second": float(stats.samples_per_second),
             "train-seconds": float(stats.seconds),
             "num-examples": int(stats.num_examples),
+            **objective_metrics,
         }
     )
     content = RecordDict(

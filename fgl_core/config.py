@@ -39,7 +39,7 @@ class RunConfig(BaseModel):
     )
 
     # What to run
-    strategy: Literal["fedavg", "centralized", "fgl"] = "fedavg"
+    strategy: Literal["fedavg", "fedopt", "fedprox", "moon", "centralized", "fgl"] = "fedavg"
 
     # Data
     dataset: str = Field("digits", min_length=1)
@@ -90,6 +90,16 @@ class RunConfig(BaseModel):
     embed_timeout: float = Field(600.0, gt=0.0)
     max_embeddings_per_silo: int = Field(10_000, ge=1)
     probe_tolerance: float = Field(0.02, gt=0.0)
+
+    # Baselines: FedOpt (Flower's FedAdam), FedProx, MOON
+    server_lr: float = Field(0.03, gt=0.0)  # FedAdam's eta
+    server_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    server_beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    server_tau: float = Field(1e-3, gt=0.0)  # FedAdam's adaptivity
+    proximal_mu: float = Field(0.01, ge=0.0)
+    moon_mu: float = Field(1.0, ge=0.0)
+    moon_temperature: float = Field(0.5, gt=0.0)
+    moon_projection_dim: int = Field(256, ge=1)
 
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
@@ -145,6 +155,11 @@ class RunConfig(BaseModel):
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case mapping Flower's run config holds."""
         return self.model_dump(by_alias=True)
+
+    @property
+    def projection_dim(self) -> int:
+        """MOON's model carries a projection head; the others do not."""
+        return self.moon_projection_dim if self.strategy == "moon" else 0
 
     @property
     def class_name_list(self) -> list[str]:

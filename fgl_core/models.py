@@ -1,7 +1,8 @@
 """The classifiers: torchvision ResNet-18/34 (small-image stem up to 64 px) and a small CNN.
 
-Every model is a `Classifier`: a `backbone` that maps images to a feature vector and a linear
-`head`. Strategies that need the representation (MOON) use `features`; everyone else calls it.
+Every model is a `Classifier`: a `backbone` that maps images to a feature vector, an optional
+projection head (MOON's two-layer MLP), and a linear `head` on the representation. Strategies
+that need the representation (MOON) call `represent`; everyone else calls the model.
 """
 
 from __future__ import annotations
@@ -12,20 +13,33 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
+from fgl_core.config import RunConfig
+
 SMALL_STEM_MAX_SIZE = 64
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, num_classes: int, projection_dim: int = 0
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.projection = (
+            nn.Sequential(
+                nn.Linear(feature_dim, feature_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(feature_dim, projection_dim),
+            )
+            if projection_dim
+            else nn.Identity()
+        )
+        self.head = nn.Linear(projection_dim or feature_dim, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+    def represent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.represent(x))
 
 
 def small_cnn() -> tuple[nn.Module, int]:
@@ -57,7 +71,12 @@ def resnet_backbone(depth: int, image_size: int) -> tuple[nn.Module, int]:
 
 
 def build_model(
-    name: str, num_classes: int, image_size: int, weights: str = "", seed: int = 0
+    name: str,
+    num_classes: int,
+    image_size: int,
+    weights: str = "",
+    seed: int = 0,
+    projection_dim: int = 0,
 ) -> Classifier:
     """A fresh model; `seed` fixes its initialisation, `weights` loads a local state dict."""
     with torch.random.fork_rng(devices=[]):
@@ -68,10 +87,17 @@ def build_model(
             backbone, dim = resnet_backbone(int(name.removeprefix("resnet")), image_size)
         else:
             raise ValueError(f"model {name!r} is not one of 'cnn', 'resnet18', 'resnet34'")
-        model = Classifier(backbone, dim, num_classes)
+        model = Classifier(backbone, dim, num_classes, projection_dim)
     if weights:
         load_weights(model, Path(weights))
     return model
+
+
+def build_model_for(cfg: RunConfig, num_classes: int, image_size: int) -> Classifier:
+    """The run's model: its architecture, initial weights, seed and (MOON) projection head."""
+    return build_model(
+        cfg.model, num_classes, image_size, cfg.model_weights, cfg.seed, cfg.projection_dim
+    )
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -87,8 +113,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def state_dict_float32(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the state dict; floating tensors as float32 (FedAvg sums in their dtype)."""
-    return {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-        for k, v in model.state_dict().items()
-    }
+    """A CPU copy of the state dict with every tensor as float32, for transport.
+
+    Aggregators (FedAvg, FedAdam) do arithmetic in the arrays' own dtype, so integer buffers
+    such as BatchNorm's `num_batches_tracked` travel as float32 too; `load_state_dict` casts
+    them back into the model's own dtypes.
+    """
+    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}

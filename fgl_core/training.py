@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,13 @@ from fgl_core.datasets import ImageSet
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 512
+
+# (model, augmented batch, labels) -> scalar loss; FedProx and MOON add their terms here
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ def train_model(
     settings: TrainSettings,
     device: torch.device,
     desc: str = "train",
+    loss_fn: LossFn = cross_entropy,
 ) -> TrainStats:
     """SGD with momentum over `data` for `settings.epochs` epochs; the model is updated in place."""
     model.to(device)
@@ -148,7 +157,7 @@ def train_model(
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                loss = F.cross_entropy(model(x), labels[idx])
+                loss = loss_fn(model, x, labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

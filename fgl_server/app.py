@@ -7,18 +7,17 @@ import random
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.datasets import load_dataset
-from fgl_core.models import build_model
+from fgl_core.models import build_model_for
 from fgl_core.training import pick_device
 from fgl_server.centralized import run_centralized
 from fgl_server.fgl_run import run_fgl
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder
-from fgl_server.rounds import run_rounds
+from fgl_server.rounds import baseline_strategy, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     elif cfg.strategy == "fgl":
         model = run_fgl(grid, cfg, data, recorder, device)
     else:
-        model = build_model(
-            cfg.model, data.num_classes, data.image_size, cfg.model_weights, cfg.seed
-        )
-        strategy = FedAvg(
-            fraction_train=cfg.fraction_train,
-            fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=cfg.min_nodes,
-        )
+        model = build_model_for(cfg, data.num_classes, data.image_size)
+        strategy = baseline_strategy(cfg)
         model = run_rounds(strategy, MessageLedger(grid), model, cfg, data, recorder, device)
     recorder.finish(model)

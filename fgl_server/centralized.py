@@ -13,7 +13,7 @@ from torch import nn
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
-from fgl_core.models import build_model
+from fgl_core.models import build_model_for
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.results import RunRecorder
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def run_centralized(
     cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
 ) -> nn.Module:
-    model = build_model(cfg.model, data.num_classes, data.image_size, cfg.model_weights, cfg.seed)
+    model = build_model_for(cfg, data.num_classes, data.image_size)
     recorder.log_round(0, evaluate_on_server(model, data, device))
     for rnd in range(1, cfg.num_server_rounds + 1):
         settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed=cfg.seed * 1000 + rnd)

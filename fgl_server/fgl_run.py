@@ -17,7 +17,7 @@ from torch import nn
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
-from fgl_core.models import build_model, state_dict_float32
+from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
     EMBED_MESSAGE_TYPE,
     REQUEST_RECORD,
@@ -29,7 +29,7 @@ from fgl_core.training import TrainSettings, train_model
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder, plot_samples
-from fgl_server.rounds import run_rounds
+from fgl_server.rounds import federation_kwargs, run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
@@ -94,14 +94,7 @@ def run_fgl(
     grid: Grid, cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
 ) -> nn.Module:
     ledger = MessageLedger(grid)
-    strategy = FGL(
-        finetune_fn=None,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=cfg.min_nodes,
-    )
+    strategy = FGL(finetune_fn=None, **federation_kwargs(cfg))
 
     # round 0: every silo sends its embeddings once; each reply is checked at the boundary
     engine = SynthesisEngine.load(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)
@@ -162,7 +155,7 @@ def run_fgl(
     plot_samples(synthetic, data.class_names, recorder.dir / "synthetic_samples.png")
 
     # one-shot: train the global model on the synthetic set alone
-    model = build_model(cfg.model, data.num_classes, data.image_size, cfg.model_weights, cfg.seed)
+    model = build_model_for(cfg, data.num_classes, data.image_size)
     with recorder.phase("one-shot"):
         settings = TrainSettings.from_config(cfg, cfg.oneshot_epochs, seed=cfg.seed)
         if cfg.oneshot_epochs:

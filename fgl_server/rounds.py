@@ -6,7 +6,7 @@ import logging
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from torch import nn
 
 from fgl_core.config import RunConfig
@@ -15,8 +15,39 @@ from fgl_core.models import state_dict_float32
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder
+from strategies.moon import MOON
 
 log = logging.getLogger(__name__)
+
+
+def federation_kwargs(cfg: RunConfig) -> dict:
+    """Sampling settings every strategy shares."""
+    return {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": cfg.min_nodes,
+    }
+
+
+def baseline_strategy(cfg: RunConfig) -> FedAvg:
+    """FedAvg, FedOpt (Flower's FedAdam), FedProx (Flower's) or MOON (ours)."""
+    common = federation_kwargs(cfg)
+    if cfg.strategy == "fedopt":
+        return FedAdam(
+            **common,
+            eta=cfg.server_lr,
+            eta_l=cfg.lr,
+            beta_1=cfg.server_beta1,
+            beta_2=cfg.server_beta2,
+            tau=cfg.server_tau,
+        )
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "moon":
+        return MOON(mu=cfg.moon_mu, temperature=cfg.moon_temperature, **common)
+    return FedAvg(**common)
 
 
 def run_rounds(
