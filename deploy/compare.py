@@ -1,0 +1,285 @@
+"""Paper-style comparison: a YAML grid of datasets x partitions x methods x silos x seeds.
+
+Every cell runs as its own Flower simulation (deploy/launch.py). A cell that fails is marked
+failed with its reason and the others go on; a rerun skips cells that already finished.
+
+    python deploy/compare.py grid.yaml
+
+grid.yaml (every key but `datasets` and `methods` optional):
+
+    output: outputs/comparison
+    datasets: ["../shared/datasets/bloodmnist_28.npz"]
+    partitions: [{alpha: 0.01}, {alpha: 0.5}, iid]
+    methods: [fedavg, fedopt, fedprox, moon, centralized, fgl]
+    silos: [5]
+    seeds: [0, 1, 2]
+    run-config: {train-subset: 3000, num-server-rounds: 5}     # for every cell
+    method-config: {fgl: {images-per-class: 50}}               # per method
+    timeout: 3600                                              # seconds per cell
+
+Writes comparison.csv (a row per cell), comparison.md (rows datasets, columns methods and
+partitions, mean ± std of the final test accuracy over seeds, as in the paper) and
+comparison.png (accuracy against round and against bytes communicated, a line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from launch import PROJECT_ROOT, launch_simulation
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fgl_core.config import ConfigError
+from fgl_core.datasets import DatasetError
+from fgl_core.partition import PartitionError
+
+
+class Grid(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    output: str = "outputs/comparison"
+    datasets: list[str] = Field(min_length=1)
+    partitions: list[str | dict[str, Any]] = Field(default_factory=lambda: ["iid"])
+    methods: list[str] = Field(min_length=1)
+    silos: list[int] = Field(default_factory=lambda: [5])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    run_config: dict[str, Any] = Field(default_factory=dict, alias="run-config")
+    method_config: dict[str, dict[str, Any]] = Field(default_factory=dict, alias="method-config")
+    timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    partition: str  # label: "iid" or "alpha=0.5"
+    partition_config: tuple[tuple[str, Any], ...]
+    method: str
+    silos: int
+    seed: int
+
+    @property
+    def run_name(self) -> str:
+        stem = Path(self.dataset).stem
+        slug = f"{stem}-{self.partition}-{self.method}-n{self.silos}-s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9._-]", "_", slug)
+
+
+def partition_of(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if entry == "iid" or entry == {"partition": "iid"}:
+        return "iid", {"partition": "iid"}
+    if isinstance(entry, dict) and "alpha" in entry:
+        return f"alpha={entry['alpha']}", {"partition": "dirichlet", **entry}
+    if isinstance(entry, dict) and entry.get("partition") == "domain":
+        return "domain", dict(entry)
+    raise ValueError(f"partition {entry!r}: expected 'iid', {{alpha: A}} or {{partition: domain}}")
+
+
+def cells(grid: Grid) -> list[Cell]:
+    out = []
+    for dataset in grid.datasets:
+        for entry in grid.partitions:
+            label, config = partition_of(entry)
+            for method in grid.methods:
+                for silos in grid.silos:
+                    for seed in grid.seeds:
+                        out.append(Cell(dataset, label, tuple(config.items()), method, silos, seed))
+    return out
+
+
+def overrides(grid: Grid, cell: Cell, output: Path) -> str:
+    values = {
+        **grid.run_config,
+        **grid.method_config.get(cell.method, {}),
+        **dict(cell.partition_config),
+        "dataset": str(Path(cell.dataset).expanduser().resolve())
+        if Path(cell.dataset).expanduser().exists()
+        else cell.dataset,
+        "strategy": cell.method,
+        "seed": cell.seed,
+        "run-name": cell.run_name,
+        "output-dir": str(output),
+    }
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def failure_reason(run_dir: Path) -> str:
+    log = run_dir / "run.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["the run did not finish (no log)"])[-1].strip()[:500]
+
+
+def run_cell(grid: Grid, cell: Cell, output: Path) -> dict[str, Any]:
+    run_dir = output / cell.run_name
+    row: dict[str, Any] = {
+        "dataset": Path(cell.dataset).stem,
+        "partition": cell.partition,
+        "method": cell.method,
+        "silos": cell.silos,
+        "seed": cell.seed,
+        "run-dir": str(run_dir),
+    }
+    results_file = run_dir / "results.json"
+    done = results_file.exists() and "finished-at" in json.loads(results_file.read_text())
+    if not done:
+        print(f"== {cell.run_name}", flush=True)
+        try:
+            code = launch_simulation(
+                PROJECT_ROOT, cell.silos, [overrides(grid, cell, output)], grid.timeout, quiet=True
+            )
+        except (ConfigError, DatasetError, PartitionError) as err:  # refused before starting
+            return {**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
+        except Exception as err:  # a broken cell must not stop the grid
+            traceback.print_exc()
+            return {**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
+        if code != 0:
+            return {**row, "status": "failed", "reason": failure_reason(run_dir)}
+    results = json.loads(results_file.read_text())
+    rounds = results["rounds"]
+    traffic = results.get("traffic", {}).get("bytes-per-node", {}).values()
+    return {
+        **row,
+        "status": "reused" if done else "done",
+        "final-test-accuracy": rounds[-1]["test-accuracy"],
+        "test-accuracy-at-best-val": results["summary"]["test-accuracy-at-best-val"],
+        "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
+        "bytes": sum(n["bytes-sent"] + n["bytes-received"] for n in traffic),
+        "rounds": len(rounds) - 1,
+        "reason": "",
+    }
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    fields = [
+        "dataset",
+        "partition",
+        "method",
+        "silos",
+        "seed",
+        "status",
+        "final-test-accuracy",
+        "test-accuracy-at-best-val",
+        "one-shot-test-accuracy",
+        "bytes",
+        "rounds",
+        "reason",
+        "run-dir",
+    ]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
+    partitions = [partition_of(p)[0] for p in grid.partitions]
+    columns = [(m, p) for m in grid.methods for p in partitions]
+    lines = [
+        "Final test accuracy (%), mean ± std over seeds; `failed` = a cell that did not finish.",
+        "",
+        "| dataset | silos | " + " | ".join(f"{m} {p}" for m, p in columns) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for dataset in grid.datasets:
+        for silos in grid.silos:
+            cells_text = []
+            for method, partition in columns:
+                mine = [
+                    r
+                    for r in rows
+                    if r["dataset"] == Path(dataset).stem
+                    and r["silos"] == silos
+                    and r["method"] == method
+                    and r["partition"] == partition
+                ]
+                accs = [100 * r["final-test-accuracy"] for r in mine if "final-test-accuracy" in r]
+                if len(accs) < len(mine):
+                    cells_text.append("failed")
+                elif accs:
+                    cells_text.append(f"{np.mean(accs):.2f} ± {np.std(accs):.2f}")
+                else:
+                    cells_text.append("-")
+            lines.append(f"| {Path(dataset).stem} | {silos} | " + " | ".join(cells_text) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Failed cells:", ""]
+        lines += [f"- {Path(r['run-dir']).name}: {r['reason']}" for r in failed]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    partitions = [partition_of(p)[0] for p in grid.partitions]
+    fig, axes = plt.subplots(len(partitions), 2, figsize=(10, 3.2 * len(partitions)), squeeze=False)
+    first = Path(grid.datasets[0]).stem
+    for i, partition in enumerate(partitions):
+        for r in rows:
+            if (r["dataset"], r["partition"], r["seed"], r["silos"]) != (
+                first,
+                partition,
+                grid.seeds[0],
+                grid.silos[0],
+            ) or r["status"] == "failed":
+                continue
+            results = json.loads((Path(r["run-dir"]) / "results.json").read_text())
+            acc = {row["round"]: row["test-accuracy"] for row in results["rounds"]}
+            axes[i][0].plot(list(acc), list(acc.values()), marker="o", label=r["method"])
+            per_round: dict[int, int] = {}
+            for e in results.get("traffic", {}).get("exchanges", []):
+                per_round[e["round"]] = (
+                    per_round.get(e["round"], 0) + e["bytes-sent"] + e["bytes-received"]
+                )
+            if per_round:
+                spent = np.cumsum([per_round.get(k, 0) for k in sorted(acc)]) / 1e6
+                axes[i][1].plot(spent, list(acc.values()), marker="o", label=r["method"])
+        axes[i][0].set(title=f"{first}, {partition}", xlabel="round", ylabel="test accuracy")
+        axes[i][1].set(
+            title=f"{first}, {partition}", xlabel="MB communicated", ylabel="test accuracy"
+        )
+        for ax in axes[i]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("grid", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        grid = Grid.model_validate(yaml.safe_load(args.grid.read_text()))
+        all_cells = cells(grid)
+    except (OSError, yaml.YAMLError, ValidationError, ValueError) as err:
+        print(f"error: grid {args.grid}: {err}", file=sys.stderr)
+        return 2
+    output = Path(grid.output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    rows = [run_cell(grid, cell, output) for cell in all_cells]
+    write_csv(rows, output / "comparison.csv")
+    write_markdown(grid, rows, output / "comparison.md")
+    write_plot(grid, rows, output / "comparison.png")
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"{len(rows)} cells, {failed} failed; see {output}/comparison.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
