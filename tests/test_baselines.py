@@ -142,3 +142,17 @@ def test_each_baseline_improves_over_its_start_in_two_rounds(blood_npz, tmp_path
     labels = load_dataset(cfg).test.labels
     majority = np.bincount(labels).max() / len(labels)  # what "always the commonest class" scores
     assert rounds[-1]["test-accuracy"] > max(rounds[0]["test-accuracy"] + 0.05, majority)
+
+
+def test_fgl_handles_fifty_silos_with_client_sampling(tmp_path):
+    overrides = (
+        'strategy="fgl" partition="iid" min-partition-size=1 num-server-rounds=1 local-epochs=1 '
+        "fraction-train=0.2 fraction-evaluate=0.2 images-per-class=5 steps=2 oneshot-epochs=1 "
+        f'run-name="fifty" output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
+    )
+    proc = launch(["--simulation", "50", "--quiet", "--run-config", overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "fifty" / "results.json").read_text())
+    assert len(results["embedding"]["nodes-accepted"]) == 50
+    train = [e for e in results["traffic"]["exchanges"] if e["message-type"] == "train"]
+    assert len(train) == 10 and not results["traffic"]["failed"]
