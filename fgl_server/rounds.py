@@ -6,7 +6,7 @@ import logging
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx
 from torch import nn
 
 from fgl_core.config import RunConfig
@@ -15,6 +15,7 @@ from fgl_core.models import state_dict_float32
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder
+from strategies.fedopt import FedAdamFloat32
 from strategies.moon import MOON
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def baseline_strategy(cfg: RunConfig) -> FedAvg:
     """FedAvg, FedOpt (Flower's FedAdam), FedProx (Flower's) or MOON (ours)."""
     common = federation_kwargs(cfg)
     if cfg.strategy == "fedopt":
-        return FedAdam(
+        return FedAdamFloat32(
             **common,
             eta=cfg.server_lr,
             eta_l=cfg.lr,

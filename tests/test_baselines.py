@@ -156,3 +156,36 @@ def test_fgl_handles_fifty_silos_with_client_sampling(tmp_path):
     assert len(results["embedding"]["nodes-accepted"]) == 50
     train = [e for e in results["traffic"]["exchanges"] if e["message-type"] == "train"]
     assert len(train) == 10 and not results["traffic"]["failed"]
+
+
+def test_fedopt_keeps_the_global_model_float32(monkeypatch):
+    from flwr.app import MetricRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fgl_server.rounds import baseline_strategy
+    from tests.test_fgl_server import LoopbackGrid
+
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)
+    strategy = baseline_strategy(RunConfig.from_flower({"strategy": "fedopt"}))
+    model = build_model("cnn", 8, 28)
+    arrays = ArrayRecord(state_dict_float32(model))
+    grid = LoopbackGrid({1: None, 2: None}, tamper=lambda m: m)
+    instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = []
+    for i, instruction in enumerate(instructions):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * (i + 1))
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(state_dict_float32(model)),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        )
+        replies.append(Message(content, reply_to=instruction))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert {a.dtype for a in aggregated.values()} == {"float32"}
+    assert sum(len(a.data) for a in aggregated.values()) == sum(
+        len(a.data) for a in arrays.values()
+    )
