@@ -40,3 +40,12 @@ def retina_npz() -> Path:
 def blood_labels(blood_npz: Path) -> np.ndarray:
     with np.load(blood_npz, allow_pickle=False) as archive:
         return archive["train_labels"][:, 0].astype(np.int64)
+
+
+@pytest.fixture
+def task_identity(monkeypatch) -> None:
+    """Messages built outside a Flower runtime need the identity the runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)

@@ -82,13 +82,10 @@ print("HAS_PREVIOUS", reply.content["metrics"]["moon-has-previous"])
 """
 
 
-def test_moon_previous_model_survives_a_fresh_clientapp_process(blood_npz, tmp_path, monkeypatch):
+def test_moon_previous_model_survives_a_fresh_clientapp_process(blood_npz, tmp_path, task_identity):
     """Each deployed message runs in a new process; the node hands it the context it kept."""
     from flwr.common.serde import message_to_proto
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
     cfg = RunConfig.from_flower(
         {
             "strategy": "moon",
@@ -158,15 +155,12 @@ def test_fgl_handles_fifty_silos_with_client_sampling(tmp_path):
     assert len(train) == 10 and not results["traffic"]["failed"]
 
 
-def test_fedopt_keeps_the_global_model_float32(monkeypatch):
+def test_fedopt_keeps_the_global_model_float32(task_identity):
     from flwr.app import MetricRecord
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fgl_server.rounds import baseline_strategy
     from tests.test_fgl_server import LoopbackGrid
 
-    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
     strategy = baseline_strategy(RunConfig.from_flower({"strategy": "fedopt"}))
     model = build_model("cnn", 8, 28)
     arrays = ArrayRecord(state_dict_float32(model))

@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from fgl_client.app import app
 from fgl_client.captioning import Captioner
@@ -194,9 +193,7 @@ def test_unreadable_images_are_skipped_counted_and_reported(cache_dir, blood_npz
     assert result.kept.tolist() == [0, 1, 3, 4] and len(result.texts) == 4
 
 
-def test_embed_handler_answers_a_query_embed_message(blood_npz, cache_dir, monkeypatch):
-    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
+def test_embed_handler_answers_a_query_embed_message(blood_npz, cache_dir, task_identity):
     cfg = config(blood_npz, cache_dir)
     request = RecordDict({REQUEST_RECORD: EmbedRequest.from_config(cfg).to_record()})
     message = Message(request, dst_node_id=7, message_type="query.embed")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.app import Array, Context, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fgl_client.app import app as client_app
 from fgl_client.embedding import build_payload, text_encoder
@@ -245,10 +244,8 @@ class LoopbackGrid(Grid):
 
 
 def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
-    blood_npz, cache_dir, tmp_path, monkeypatch
+    blood_npz, cache_dir, tmp_path, task_identity
 ):
-    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
     cfg = fgl_config(blood_npz, cache_dir, **{"output-dir": str(tmp_path), "run-name": "loop"})
     contexts = {
         node: Context(
