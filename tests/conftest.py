@@ -42,6 +42,19 @@ def blood_labels(blood_npz: Path) -> np.ndarray:
         return archive["train_labels"][:, 0].astype(np.int64)
 
 
+def silo_context(run_config: dict, node_id: int, partition_id: int, num_partitions: int):
+    """The Context a SuperNode hands its ClientApp for one simulated silo."""
+    from flwr.app import Context, RecordDict
+
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=run_config,
+    )
+
+
 @pytest.fixture
 def task_identity(monkeypatch) -> None:
     """Messages built outside a Flower runtime need the identity the runtime would set."""

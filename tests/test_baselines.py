@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.serde import context_to_proto
 
 from fgl_client.objectives import fedprox_loss, moon_contrastive, moon_loss
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.models import build_model, state_dict_float32
-from tests.conftest import ROOT
+from tests.conftest import ROOT, silo_context
 from tests.test_simulation import launch
 
 
@@ -99,13 +99,7 @@ def test_moon_previous_model_survives_a_fresh_clientapp_process(blood_npz, tmp_p
     config = ConfigRecord({"server-round": 1, "moon-mu": 1.0, "moon-temperature": 0.5})
     content = RecordDict({"arrays": ArrayRecord(state_dict_float32(model)), "config": config})
     message = Message(content, dst_node_id=5, message_type="train")
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config=cfg.to_flower(),
-    )
+    context = silo_context(cfg.to_flower(), 5, 0, 2)
     context_file, message_file = tmp_path / "context.pb", tmp_path / "message.pb"
     context_file.write_bytes(context_to_proto(context).SerializeToString())
     message_file.write_bytes(message_to_proto(message).SerializeToString())

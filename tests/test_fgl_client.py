@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fgl_client.app import app
@@ -28,6 +28,7 @@ from fgl_core.payload import (
     PayloadError,
 )
 from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
+from tests.conftest import silo_context
 
 CPU = torch.device("cpu")
 
@@ -197,13 +198,7 @@ def test_embed_handler_answers_a_query_embed_message(blood_npz, cache_dir, task_
     cfg = config(blood_npz, cache_dir)
     request = RecordDict({REQUEST_RECORD: EmbedRequest.from_config(cfg).to_record()})
     message = Message(request, dst_node_id=7, message_type="query.embed")
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 2},
-        state=RecordDict(),
-        run_config=cfg.to_flower(),
-    )
+    context = silo_context(cfg.to_flower(), 7, 0, 2)
     reply = app(message, context)
     payload = EmbeddingPayload.from_records(reply.content)
     assert len(payload.labels) == sum(1 for n in payload.label_histogram if n > 0)

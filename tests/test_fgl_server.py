@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Array, Context, Message
 from flwr.serverapp import Grid
 
 from fgl_client.app import app as client_app
@@ -21,6 +21,7 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+from tests.conftest import silo_context
 from tests.test_simulation import launch
 
 CPU = torch.device("cpu")
@@ -248,14 +249,7 @@ def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
 ):
     cfg = fgl_config(blood_npz, cache_dir, **{"output-dir": str(tmp_path), "run-name": "loop"})
     contexts = {
-        node: Context(
-            run_id=1,
-            node_id=node,
-            node_config={"partition-id": i, "num-partitions": 3},
-            state=RecordDict(),
-            run_config=cfg.to_flower(),
-        )
-        for i, node in enumerate((101, 102, 103))
+        node: silo_context(cfg.to_flower(), node, i, 3) for i, node in enumerate((101, 102, 103))
     }
 
     def nan_from_102(reply: Message) -> Message:
