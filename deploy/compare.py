@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fgl_core.config import ConfigError
 from fgl_core.datasets import DatasetError
 from fgl_core.partition import PartitionError
+from fgl_server.results import headless_pyplot
 
 
 class Grid(BaseModel):
@@ -218,10 +219,7 @@ def write_markdown(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_plot(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     partitions = [partition_of(p)[0] for p in grid.partitions]
     fig, axes = plt.subplots(len(partitions), 2, figsize=(10, 3.2 * len(partitions)), squeeze=False)

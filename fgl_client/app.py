@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -67,16 +65,15 @@ def _local_objective(
     if "proximal-mu" in config:
         return fedprox_loss(model, float(config["proximal-mu"])), {}  # type: ignore[arg-type]
     if "moon-mu" in config:
-        previous = copy.deepcopy(model)  # round 1: no previous model yet, so the global one
-        if MOON_PREVIOUS in state:
-            previous.load_state_dict(state[MOON_PREVIOUS].to_torch_state_dict())
+        has_previous = MOON_PREVIOUS in state
+        previous = state[MOON_PREVIOUS].to_torch_state_dict() if has_previous else None
         loss = moon_loss(
             model,
             previous,
-            float(config["moon-mu"]),
+            float(config["moon-mu"]),  # type: ignore[arg-type]
             float(config["moon-temperature"]),  # type: ignore[arg-type]
         )
-        return loss, {"moon-has-previous": float(MOON_PREVIOUS in state)}
+        return loss, {"moon-has-previous": float(has_previous)}
     return cross_entropy, {}
 
 

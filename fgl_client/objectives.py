@@ -48,9 +48,15 @@ def moon_contrastive(
 
 
 def moon_loss(
-    global_model: Classifier, previous_model: Classifier, mu: float, temperature: float
+    global_model: Classifier,
+    previous_state: dict[str, torch.Tensor] | None,
+    mu: float,
+    temperature: float,
 ) -> LossFn:
-    global_model, previous_model = frozen_copy(global_model), frozen_copy(previous_model)
+    """`previous_state`: the silo's last local model; None in its first round (then the global)."""
+    global_model, previous_model = frozen_copy(global_model), frozen_copy(global_model)
+    if previous_state is not None:
+        previous_model.load_state_dict(previous_state)
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = model.represent(x)  # type: ignore[operator]

@@ -96,11 +96,18 @@ class RunRecorder:
         return self.dir
 
 
-def plot_accuracy(rounds: list[dict], path: Path, title: str) -> None:
+def headless_pyplot():  # -> the matplotlib.pyplot module
+    """pyplot on the Agg backend: runs and writes PNGs on machines without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(rounds: list[dict], path: Path, title: str) -> None:
+    plt = headless_pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (
@@ -125,10 +132,7 @@ def plot_accuracy(rounds: list[dict], path: Path, title: str) -> None:
 
 def plot_samples(data: ImageSet, class_names: list[str], path: Path, per_class: int = 8) -> None:
     """A row per class of the first `per_class` synthetic images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     classes = sorted(set(data.labels.tolist()))
     fig, axes = plt.subplots(

@@ -41,7 +41,7 @@ def test_moon_contrastive_term_is_nonzero_and_changes_the_gradients():
     assert term.item() > 0.01
     plain = gradients(model, F.cross_entropy(model(x), y))
     with_moon = gradients(
-        model, moon_loss(global_model, previous, mu=1.0, temperature=0.5)(model, x, y)
+        model, moon_loss(global_model, previous.state_dict(), mu=1.0, temperature=0.5)(model, x, y)
     )
     assert not torch.allclose(plain, with_moon)
     # pulled towards the global representation, away from the previous one
