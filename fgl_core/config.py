@@ -104,7 +104,8 @@ class RunConfig(BaseModel):
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    min_nodes: int = Field(2, ge=1)
+    min_nodes: int = Field(2, ge=1)  # waited for once, before the first round
+    connect_timeout: float = Field(600.0, gt=0.0)
     round_timeout: float = Field(3600.0, gt=0.0)
 
     # Housekeeping

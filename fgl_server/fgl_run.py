@@ -94,7 +94,9 @@ def run_fgl(
     grid: Grid, cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
 ) -> nn.Module:
     ledger = MessageLedger(grid)
-    strategy = FGL(finetune_fn=None, **federation_kwargs(cfg))
+    strategy = FGL(
+        min_nodes=cfg.min_nodes, node_wait_timeout=cfg.connect_timeout, **federation_kwargs(cfg)
+    )
 
     # round 0: every silo sends its embeddings once; each reply is checked at the boundary
     engine = SynthesisEngine.load(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)

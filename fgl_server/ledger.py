@@ -15,6 +15,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from fgl_core.payload import SILO_RECORD  # the ConfigRecord in which a silo describes its data
+from strategies.nodes import replying_node, sent_ids
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -91,8 +92,9 @@ class MessageLedger(Grid):
             pending[entry.node_id] = entry
             self.exchanges.append(entry)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        sent = sent_ids(messages)
         for reply in replies:
-            entry = pending.pop(reply.metadata.src_node_id, None)
+            entry = pending.pop(replying_node(reply, sent), None)
             if entry is None:
                 continue
             if reply.has_error():
@@ -121,5 +123,21 @@ class MessageLedger(Grid):
             "exchanges": [e.to_json() for e in self.exchanges],
             "bytes-per-node": totals,
             "failed": [e.to_json() for e in self.exchanges if e.error],
+            "failed-nodes": self.failed_nodes(),
             "silos": {str(k): v for k, v in self.silos.items()},
         }
+
+    def failed_nodes(self) -> dict[str, dict]:
+        """Per node that failed at least once: the rounds it failed in and its first reason.
+
+        A silo that went away shows up here with Flower's "Node Unavailable" error (the
+        SuperLink reports it once the node misses its heartbeats); a silo whose ClientApp
+        raised shows up with the exception's message.
+        """
+        nodes: dict[str, dict] = {}
+        for e in self.exchanges:
+            if e.error:
+                node = nodes.setdefault(str(e.node_id), {"rounds": [], "first-error": e.error})
+                if e.round not in node["rounds"]:
+                    node["rounds"].append(e.round)
+        return nodes

@@ -17,18 +17,24 @@ from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder
 from strategies.fedopt import FedAdamFloat32
 from strategies.moon import MOON
+from strategies.nodes import wait_for_nodes
 
 log = logging.getLogger(__name__)
 
 
 def federation_kwargs(cfg: RunConfig) -> dict:
-    """Sampling settings every strategy shares."""
+    """Sampling settings every strategy shares.
+
+    `min-nodes` is waited for once, before the first round (`wait_for_nodes`); Flower's own
+    `min_available_nodes` would wait forever in every later round for a silo that went away,
+    so each round goes on with the nodes still connected.
+    """
     return {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
-        "min_available_nodes": cfg.min_nodes,
+        "min_available_nodes": 1,
     }
 
 
@@ -65,6 +71,7 @@ def run_rounds(
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate_on_server(model, data, device)
+        recorder.set("traffic", ledger.to_json())  # so far: a run that dies keeps its ledger
         recorder.log_round(server_round, metrics)
         log.info(
             "round %d/%d: test accuracy %.4f (val %.4f)",
@@ -76,6 +83,7 @@ def run_rounds(
         return MetricRecord(metrics)
 
     with recorder.phase("rounds"):
+        wait_for_nodes(ledger, cfg.min_nodes, cfg.connect_timeout)
         result = strategy.start(
             grid=ledger,
             initial_arrays=ArrayRecord(state_dict_float32(model)),

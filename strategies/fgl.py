@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -13,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fgl_core.payload import EMBED_MESSAGE_TYPE
+from strategies.nodes import replying_node, sent_ids, wait_for_nodes
 
 
 @dataclass
@@ -35,8 +35,10 @@ class FGL(FedAvg):
         the arrays to continue with (FGL: a few epochs on the synthetic set). None = off.
     embed_attempts : int (default: 2)
         How often the embed request is sent to nodes that have not answered yet.
+    min_nodes : int (default: 2)
+        Nodes to wait for before round 0; later rounds go on with those still connected.
     node_wait_timeout : float (default: 300.0)
-        Seconds to wait for `min_available_nodes` nodes to connect before round 0.
+        Seconds to wait for `min_nodes` nodes to connect before round 0.
     **fedavg_kwargs
         Passed to `FedAvg` (fraction_train, min_available_nodes, weighted_by_key, ...).
     """
@@ -45,12 +47,14 @@ class FGL(FedAvg):
         self,
         finetune_fn: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
         embed_attempts: int = 2,
+        min_nodes: int = 2,
         node_wait_timeout: float = 300.0,
         **fedavg_kwargs: object,
     ) -> None:
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.finetune_fn = finetune_fn
         self.embed_attempts = embed_attempts
+        self.min_nodes = min_nodes
         self.node_wait_timeout = node_wait_timeout
 
     def summary(self) -> None:
@@ -62,23 +66,11 @@ class FGL(FedAvg):
             "on" if self.finetune_fn else "off",
         )
 
-    def wait_for_nodes(self, grid: Grid) -> list[int]:
-        """In simulation `get_node_ids()` can be empty at first: wait, with a timeout."""
-        deadline = time.monotonic() + self.node_wait_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(nodes)} of {self.min_available_nodes} nodes connected within "
-                    f"{self.node_wait_timeout:.0f} s"
-                )
-            time.sleep(0.5)
-        return nodes
-
     def collect_embeddings(
         self, grid: Grid, request: ConfigRecord, request_key: str, timeout: float
     ) -> EmbeddingRound:
         """Send `query.embed` to every node; ask again those that did not answer."""
-        result = EmbeddingRound(asked=self.wait_for_nodes(grid))
+        result = EmbeddingRound(asked=wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout))
         pending = list(result.asked)
         for attempt in range(1, self.embed_attempts + 1):
             messages = [
@@ -89,10 +81,12 @@ class FGL(FedAvg):
                 )
                 for node in pending
             ]
-            for reply in grid.send_and_receive(messages, timeout=timeout):
-                node = reply.metadata.src_node_id
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            sent = sent_ids(messages)
+            for reply in replies:
+                node = replying_node(reply, sent)
                 if reply.has_error():
-                    result.failures[node] = f"the node's ClientApp failed: {reply.error.reason}"
+                    result.failures[node] = f"error reply: {reply.error.reason}"
                 else:
                     result.replies[node] = reply.content
                     result.failures.pop(node, None)
