@@ -29,10 +29,15 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
     silo = load_silo(cfg, context.node_config)
-    model = build_model(
-        cfg.model, silo.num_classes, silo.image_size, projection_dim=cfg.projection_dim
-    )
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    state = msg.content["arrays"].to_torch_state_dict()
+    num_classes = int(state["head.weight"].shape[0])  # the federation's, not only this silo's
+    if silo.num_classes > num_classes:
+        raise ValueError(
+            f"silo {silo.name!r} has {silo.num_classes} classes ({silo.class_names}) but the "
+            f"global model has {num_classes}: a silo's labels must be the federation's"
+        )
+    model = build_model(cfg.model, num_classes, silo.image_size, projection_dim=cfg.projection_dim)
+    model.load_state_dict(state)
     return cfg, silo, model
 
 
@@ -82,7 +87,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, silo, model = _setup(msg, context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
-    seed = cfg.seed * 1_000_003 + (silo.partition_id + 1) * 1009 + server_round
+    silo_salt = silo.partition_id if silo.partition_id >= 0 else context.node_id % 1_000_003
+    seed = cfg.seed * 1_000_003 + (silo_salt + 1) * 1009 + server_round
     settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed)
     loss_fn, objective_metrics = _local_objective(config, model, context.state)
     stats = train_model(
