@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
+LAUNCHER = ROOT / "deploy" / "launch.py"
 
 
 def shared_dataset(name: str) -> Path:
@@ -62,3 +65,22 @@ def task_identity(monkeypatch) -> None:
 
     for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, field, value)
+
+
+def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run deploy/launch.py as a user would."""
+    return subprocess.run(
+        [sys.executable, str(LAUNCHER), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

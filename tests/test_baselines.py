@@ -15,8 +15,7 @@ from fgl_client.objectives import fedprox_loss, moon_contrastive, moon_loss
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.models import build_model, state_dict_float32
-from tests.conftest import ROOT, silo_context
-from tests.test_simulation import launch
+from tests.conftest import ROOT, launch, silo_context
 
 
 def batch(seed=0):

@@ -21,8 +21,7 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from tests.conftest import silo_context
-from tests.test_simulation import launch
+from tests.conftest import launch, silo_context
 
 CPU = torch.device("cpu")
 

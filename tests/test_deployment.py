@@ -1,0 +1,204 @@
+"""Real processes on loopback: one SuperLink and its SuperNodes, insecure and with TLS + auth.
+
+Every test checks that nothing it started is left running, pass or fail: the launcher's
+launch.json lists every PID it saw, and the in-process federation stops in a `with` block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import LAUNCHER, ROOT, is_running, launch
+
+sys.path.insert(0, str(ROOT / "deploy"))
+from certs import make_node_key
+from launch import LocalFederation, Topology
+from quickstart import RUNS
+
+
+def assert_nothing_left(run_dir: Path) -> None:
+    launched = json.loads((run_dir / "launch.json").read_text())
+    pids = [launched["superlink"]["pid"], *(n["pid"] for n in launched["supernodes"])]
+    assert set(pids) <= set(launched["stopped-pids"])
+    assert [pid for pid in launched["stopped-pids"] if is_running(pid)] == []
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls-and-auth"])
+def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
+    overrides = (
+        f'{RUNS["fgl"]} num-server-rounds=2 run-name="deployed" '
+        f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
+    )
+    args = ["--supernodes", "3", "--quiet", "--run-config", overrides]
+    proc = launch([*args, "--tls"] if tls else args, cwd=tmp_path, timeout=900)
+    run_dir = tmp_path / "deployed"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "finished:completed" in proc.stdout
+    assert_nothing_left(run_dir)
+
+    launched = json.loads((run_dir / "launch.json").read_text())
+    assert launched["run"]["status"] == "finished:completed"
+    link_args = launched["superlink"]["args"]
+    node_args = [n["args"] for n in launched["supernodes"]]
+    assert "--simulation" not in link_args
+    assert [n["node-config"] for n in launched["supernodes"]] == [
+        f"partition-id={i} num-partitions=3" for i in range(3)
+    ]
+    if tls:
+        assert "--insecure" not in link_args and "--enable-supernode-auth" in link_args
+        for args in node_args:
+            assert "--insecure" not in args
+            assert "--root-certificates" in args and "--auth-supernode-private-key" in args
+    else:
+        assert "--insecure" in link_args and all("--insecure" in a for a in node_args)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["embedding"]["nodes-accepted"]) == 3 and not results["embedding"]["rejected"]
+    assert results["synthesis"]["images"] == 30 * 10  # the quickstart's 30 per digit
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert results["rounds"][-1]["test-accuracy"] > 0.3  # digits: real rounds learn (chance 0.1)
+    traffic = results["traffic"]
+    assert not traffic["failed"] and len(traffic["silos"]) == 3
+    # Flower's own count of bytes on the wire covers at least the payloads the ledger saw
+    payload = sum(n["bytes-sent"] + n["bytes-received"] for n in traffic["bytes-per-node"].values())
+    assert launched["run"]["network-traffic"]["total-bytes"] >= payload
+
+
+def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tmp_path):
+    overrides = (
+        'strategy="fedavg" num-server-rounds=3 local-epochs=1 round-timeout=180.0 '
+        f'run-name="killed" output-dir="{tmp_path}"'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), "--supernodes", "3", "--quiet", "--run-config", overrides],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run_dir = tmp_path / "killed"
+    try:
+
+        def rounds_done() -> int:
+            try:
+                return len(json.loads((run_dir / "results.json").read_text())["rounds"])
+            except (OSError, ValueError, KeyError):
+                return 0
+
+        wait_for(lambda: rounds_done() >= 2, 300, "round 1")  # round 0 + round 1
+        victim = json.loads((run_dir / "launch.json").read_text())["supernodes"][2]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # a failed wait: SIGTERM makes the launcher stop its processes
+            proc.terminate()
+            proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "SuperNode 2 exited" in output
+    assert_nothing_left(run_dir)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
+    traffic = results["traffic"]
+    partition_of = {node: s["partition-id"] for node, s in traffic["silos"].items()}
+    missing = traffic["failed-nodes"]
+    assert [partition_of[node] for node in missing] == [2]
+    (record,) = missing.values()
+    assert "Node Unavailable" in record["first-error"] and record["rounds"][0] == 2
+    last_train = [
+        e for e in traffic["exchanges"] if e["round"] == 3 and e["message-type"] == "train"
+    ]
+    assert len(last_train) == 2 and not any(e["error"] for e in last_train)
+
+
+def silo_file(path: Path, source: Path, classes: list[int], per_class: int, names: list[str]):
+    """A node-local MedMNIST-layout file with some classes of `source` and its own names."""
+    with np.load(source, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    out = {"classes": np.array(names)}
+    for split, count in (("train", per_class), ("val", 5), ("test", 10)):
+        labels = arrays[f"{split}_labels"][:, 0]
+        keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in classes])
+        out[f"{split}_images"] = arrays[f"{split}_images"][keep]
+        out[f"{split}_labels"] = arrays[f"{split}_labels"][keep]
+    np.savez(path, **out)
+    return np.bincount(out["train_labels"][:, 0], minlength=len(names)).tolist()
+
+
+def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(blood_npz, tmp_path):
+    names = [f"blood cell type {c}" for c in range(8)]
+    histograms = [
+        silo_file(tmp_path / "silo-a.npz", blood_npz, [0, 1, 2, 3], 60, names),
+        silo_file(tmp_path / "silo-b.npz", blood_npz, [4, 5, 6, 7], 40, names),
+    ]
+    missing = tmp_path / "nowhere" / "silo-c.npz"
+    overrides = (
+        f'strategy="fedavg" dataset="{blood_npz}" eval-subset=400 num-server-rounds=1 '
+        f'local-epochs=1 run-name="node-local" output-dir="{tmp_path}"'
+    )
+    args = ["--quiet", "--run-config", overrides]
+    for path in (tmp_path / "silo-a.npz", tmp_path / "silo-b.npz", missing):
+        args += ["--node-data", str(path)]
+    proc = launch(args, cwd=tmp_path)
+    run_dir = tmp_path / "node-local"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SuperNode 2 will fail every message: dataset file '{missing}' does not exist" in (
+        proc.stderr
+    )
+    assert_nothing_left(run_dir)
+
+    traffic = json.loads((run_dir / "results.json").read_text())["traffic"]
+    silos = sorted(traffic["silos"].values(), key=lambda s: -s["num-train"])
+    assert [s["num-train"] for s in silos] == [240, 160]  # each trained on its own file alone
+    assert [s["label-histogram"] for s in silos] == histograms
+    assert all(s["partition-id"] == -1 for s in silos)
+    (failed,) = traffic["failed-nodes"].values()
+    assert str(missing) in failed["first-error"] and "does not exist" in failed["first-error"]
+    assert failed["rounds"] == [1]
+
+
+def test_tls_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path):
+    with LocalFederation(tmp_path, Topology.partitions(1, tls=True)) as federation:
+        federation.start_superlink()
+        certs = federation.certs
+        context = ssl.create_default_context(cafile=str(certs.ca))  # verifies name and chain
+        address = ("127.0.0.1", federation.port)
+        with (
+            socket.create_connection(address, timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with (
+            socket.create_connection(address, timeout=10) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),  # not any CA's certificate: ours
+        ):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+        federation.start_supernodes()  # node 0: its key registered
+        federation.wait_for_supernodes()
+        make_node_key(tmp_path / "stranger", tmp_path / "stranger.pub")
+        stranger = federation.start_supernode(
+            1, {"partition-id": 0, "num-partitions": 1}, tmp_path / "stranger"
+        )
+        assert stranger.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "supernode-1.log").read_text()
+        assert federation.online_nodes() == 1
+    assert_nothing_left(tmp_path)
