@@ -84,3 +84,17 @@ def is_running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def silo_file(path: Path, source: Path, classes: list[int], per_class: int, names: list[str]):
+    """A node-local MedMNIST-layout file with some classes of `source` and its own names."""
+    with np.load(source, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    out = {"classes": np.array(names)}
+    for split, count in (("train", per_class), ("val", 5), ("test", 10)):
+        labels = arrays[f"{split}_labels"][:, 0]
+        keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in classes])
+        out[f"{split}_images"] = arrays[f"{split}_images"][keep]
+        out[f"{split}_labels"] = arrays[f"{split}_labels"][keep]
+    np.savez(path, **out)
+    return np.bincount(out["train_labels"][:, 0], minlength=len(names)).tolist()

@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.conftest import LAUNCHER, ROOT, is_running, launch
+from tests.conftest import LAUNCHER, ROOT, is_running, launch, silo_file
 
 sys.path.insert(0, str(ROOT / "deploy"))
 from certs import make_node_key
@@ -127,20 +126,6 @@ def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tm
         e for e in traffic["exchanges"] if e["round"] == 3 and e["message-type"] == "train"
     ]
     assert len(last_train) == 2 and not any(e["error"] for e in last_train)
-
-
-def silo_file(path: Path, source: Path, classes: list[int], per_class: int, names: list[str]):
-    """A node-local MedMNIST-layout file with some classes of `source` and its own names."""
-    with np.load(source, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    out = {"classes": np.array(names)}
-    for split, count in (("train", per_class), ("val", 5), ("test", 10)):
-        labels = arrays[f"{split}_labels"][:, 0]
-        keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in classes])
-        out[f"{split}_images"] = arrays[f"{split}_images"][keep]
-        out[f"{split}_labels"] = arrays[f"{split}_labels"][keep]
-    np.savez(path, **out)
-    return np.bincount(out["train_labels"][:, 0], minlength=len(names)).tolist()
 
 
 def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(blood_npz, tmp_path):

@@ -28,7 +28,7 @@ from fgl_core.payload import (
     PayloadError,
 )
 from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
-from tests.conftest import silo_context
+from tests.conftest import silo_context, silo_file
 
 CPU = torch.device("cpu")
 
@@ -168,6 +168,19 @@ def test_class_level_gives_one_embedding_per_local_class(blood_npz, cache_dir):
     assert np.array_equal(
         payload.probe, encoder.encode([PROBE_PROMPT])[0].to(torch.float16).numpy()
     )
+
+
+def test_a_node_local_dataset_brings_its_own_class_names(blood_npz, cache_dir, tmp_path):
+    names = [f"our cell type {c}" for c in range(8)]  # not the MedMNIST names of blood_npz
+    silo_file(tmp_path / "ours.npz", blood_npz, [1, 5], 20, names)
+    cfg = config(blood_npz, cache_dir)
+    silo = load_silo(cfg, {"data-path": str(tmp_path / "ours.npz")})
+    assert silo.class_names == names and len(silo.train) == 40
+    encoder = text_encoder("offline-tiny", cache_dir, "cpu")
+    payload = build_payload(EmbedRequest.from_config(cfg), silo, encoder)
+    assert payload.labels.tolist() == [1, 5]
+    expected = encoder.encode([f"{names[c]}, real world images, high resolution" for c in (1, 5)])
+    assert np.array_equal(payload.embeds, expected.to(torch.float16).numpy())
 
 
 def test_instance_level_gives_one_embedding_per_captioned_image(blood_npz, cache_dir):
