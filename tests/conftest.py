@@ -68,14 +68,22 @@ def task_identity(monkeypatch) -> None:
 
 
 def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run deploy/launch.py as a user would."""
-    return subprocess.run(
-        [sys.executable, str(LAUNCHER), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run deploy/launch.py as a user would.
+
+    On a timeout the launcher gets SIGTERM, not SIGKILL (what `subprocess.run` sends), so that
+    it stops the SuperLink and SuperNodes it started before the test fails.
+    """
+    command = [sys.executable, str(LAUNCHER), *args]
+    with subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            out, err = proc.communicate(timeout=120)
+            raise AssertionError(f"the launcher ran past {timeout} s:\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def is_running(pid: int) -> bool:
