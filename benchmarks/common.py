@@ -25,15 +25,20 @@ def machine() -> dict:
     }
 
 
-def launch(num_silos: int, overrides: str, run_name: str) -> tuple[float, dict]:
-    """Run the launcher; return its wall time and the run's results.json."""
+def launch(
+    num_silos: int, overrides: str, run_name: str, runtime: list[str] | None = None
+) -> tuple[float, dict]:
+    """Run the launcher; return its wall time and the run's results.json.
+
+    `runtime` picks the launcher's mode (default: `--simulation num_silos`), for example
+    `["--supernodes", "3", "--tls"]`.
+    """
     start = time.perf_counter()
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "deploy" / "launch.py"),
-            "--simulation",
-            str(num_silos),
+            *(runtime or ["--simulation", str(num_silos)]),
             "--quiet",
             "--run-config",
             f'{overrides} run-name="{run_name}" output-dir="{OUT}"',

@@ -1,0 +1,114 @@
+"""A real loopback deployment beside the same run in simulation: wall time and bytes per phase.
+
+The run is the quickstart's FGL run (digits, offline tiny generator, small CNN) with 3 silos:
+simulated (one SuperLink in simulation mode) and deployed (a SuperLink and 3 SuperNodes on
+loopback, each message in a fresh ClientApp process; `--tls` adds TLS and SuperNode auth).
+Each runtime runs twice: with `--rounds` FedAvg rounds, and with none (the embedding round,
+synthesis and one-shot alone). Per phase it reports:
+
+- wall seconds (results.json's phase timer);
+- payload bytes, as the server's ledger counts them (array data plus records);
+- bytes on the wire, as the SuperLink counts its Fleet API traffic for a run (`flwr ls`): the
+  run without rounds gives the embedding round, the difference between the two runs the FedAvg
+  rounds. Flower counts none in simulation (null there). Messages travel as content-addressed
+  objects and a SuperNode pushes only those the SuperLink lacks, so an embedding that several
+  silos send (the same class prompt) crosses the wire once: the wire can be below the payload.
+
+The synthetic set comes from the store when an earlier run made the same one (the phase then
+takes no time); synthesis runs on the server alone and is the same in both runtimes.
+
+    python benchmarks/deployment.py [--rounds 3] [--tls]   # -> outputs/benchmarks/deployment.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import OUT, ROOT, launch, write
+
+sys.path.insert(0, str(ROOT / "deploy"))
+from quickstart import RUNS
+
+SILOS = 3
+
+
+def wire_bytes(run_name: str) -> dict[str, int] | None:
+    """The SuperLink's count of its Fleet API traffic; None where it counts none (simulation)."""
+    traffic = json.loads((OUT / run_name / "launch.json").read_text())["run"]["network-traffic"]
+    counted = {"in": int(traffic["inbound-bytes"]), "out": int(traffic["outbound-bytes"])}
+    return counted if any(counted.values()) else None
+
+
+def payload_bytes(results: dict, rounds: bool) -> dict[str, int]:
+    """Ledger bytes of the embedding round (rounds=False) or of the FedAvg rounds."""
+    exchanges = [
+        e for e in results["traffic"]["exchanges"] if (e["message-type"] != "query.embed") == rounds
+    ]
+    return {
+        "up": sum(e["bytes-received"] for e in exchanges),
+        "down": sum(e["bytes-sent"] for e in exchanges),
+    }
+
+
+def measure(runtime: list[str], label: str, rounds: int) -> dict:
+    base = f"{RUNS['fgl']} seed=0"
+    full_name, embed_name = f"bench-deploy-{label}-r{rounds}", f"bench-deploy-{label}-r0"
+    wall_full, full = launch(SILOS, f"{base} num-server-rounds={rounds}", full_name, runtime)
+    wall_embed, _ = launch(SILOS, f"{base} num-server-rounds=0", embed_name, runtime)
+    wire_full, wire_embed = wire_bytes(full_name), wire_bytes(embed_name)
+    phases = full["phase-seconds"]
+    return {
+        "runtime": label,
+        "launcher-wall-seconds": round(wall_full, 1),
+        "launcher-wall-seconds-without-rounds": round(wall_embed, 1),
+        "phase-seconds": {k: round(v, 2) for k, v in phases.items()},
+        "embedding-round": {
+            "seconds": round(phases["embed"], 2),
+            "payload-bytes": payload_bytes(full, rounds=False),
+            "wire-bytes": wire_embed,
+        },
+        "fedavg-rounds": {
+            "rounds": rounds,
+            "seconds": round(phases["rounds"], 2),
+            "payload-bytes": payload_bytes(full, rounds=True),
+            "wire-bytes": (
+                {k: wire_full[k] - wire_embed[k] for k in wire_full}
+                if wire_full and wire_embed
+                else None
+            ),
+        },
+        "final-test-accuracy": full["rounds"][-1]["test-accuracy"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tls", action="store_true", help="deploy with TLS and SuperNode auth")
+    args = parser.parse_args()
+    deployed = ["--supernodes", str(SILOS), *(["--tls"] if args.tls else [])]
+    rows = [
+        measure(["--simulation", str(SILOS)], "simulation", args.rounds),
+        measure(deployed, "deployment-tls" if args.tls else "deployment", args.rounds),
+    ]
+    sim, dep = rows
+    ratios = {
+        "launcher-wall": dep["launcher-wall-seconds"] / sim["launcher-wall-seconds"],
+        "embedding-round-seconds": dep["embedding-round"]["seconds"]
+        / sim["embedding-round"]["seconds"],
+        "fedavg-rounds-seconds": dep["fedavg-rounds"]["seconds"] / sim["fedavg-rounds"]["seconds"],
+    }
+    write(
+        "deployment",
+        {
+            "silos": SILOS,
+            "rows": rows,
+            "deployment-over-simulation": {k: round(v, 2) for k, v in ratios.items()},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
