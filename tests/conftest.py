@@ -106,3 +106,23 @@ def silo_file(path: Path, source: Path, classes: list[int], per_class: int, name
         out[f"{split}_labels"] = arrays[f"{split}_labels"][keep]
     np.savez(path, **out)
     return np.bincount(out["train_labels"][:, 0], minlength=len(names)).tolist()
+
+
+class StubGrid:
+    """The parts of Flower's Grid a test double does not serve; subclasses add the rest."""
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError

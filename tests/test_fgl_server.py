@@ -21,7 +21,7 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from tests.conftest import launch, silo_context
+from tests.conftest import StubGrid, launch, silo_context
 
 CPU = torch.device("cpu")
 
@@ -214,30 +214,14 @@ def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, 
 # --- a whole run, in process, with one misbehaving silo ------------------------------------
 
 
-class LoopbackGrid(Grid):
+class LoopbackGrid(StubGrid, Grid):
     """Delivers each message to the real ClientApp in this process; `tamper` may alter replies."""
 
     def __init__(self, contexts: dict[int, Context], tamper: Callable[[Message], Message]) -> None:
         self.contexts, self.tamper = contexts, tamper
 
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
         return [self.tamper(client_app(m, self.contexts[m.metadata.dst_node_id])) for m in messages]

@@ -10,34 +10,19 @@ from flwr.serverapp import Grid
 
 from fgl_server.ledger import MessageLedger
 from strategies.fgl import FGL
+from tests.conftest import StubGrid
 
 GONE = 202  # the silo that went away
 
 
-class GridWithALostNode(Grid):
+class GridWithALostNode(StubGrid, Grid):
     """Sets message IDs on push, as Flower's grids do; for node GONE the SuperLink answers."""
 
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
 
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
     def get_node_ids(self):
         return list(self.nodes)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
