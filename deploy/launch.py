@@ -359,12 +359,11 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         while (online := self.online_nodes()) < len(self.supernodes):
             self.refresh()
-            for entry, proc in zip(self.record["supernodes"], self.supernodes, strict=True):
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"SuperNode {entry['index']} exited with code {proc.returncode} before "
-                        f"the run started; see {entry['log']}"
-                    )
+            for index, code in self.exited_supernodes().items():
+                raise RuntimeError(
+                    f"SuperNode {index} exited with code {code} before the run started; "
+                    f"see {self.run_dir / f'supernode-{index}.log'}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"only {online} of {len(self.supernodes)} SuperNodes came online within "
@@ -373,6 +372,7 @@ class LocalFederation:
             time.sleep(0.5)
 
     def exited_supernodes(self) -> dict[int, int]:
+        """SuperNode index -> exit code, for those no longer running."""
         return {
             entry["index"]: proc.returncode
             for entry, proc in zip(self.record["supernodes"], self.supernodes, strict=True)
