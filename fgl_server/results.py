@@ -20,6 +20,7 @@ from torch import nn
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import ImageSet
+from fgl_core.plotting import headless_pyplot
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,6 @@ class RunRecorder:
         plot_accuracy(self.results["rounds"], self.dir / "accuracy.png", self.results["run-name"])
         log.info("wrote results.json, model.pt and accuracy.png to %s", self.dir)
         return self.dir
-
-
-def headless_pyplot():  # -> the matplotlib.pyplot module
-    """pyplot on the Agg backend: runs and writes PNGs on machines without a display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_accuracy(rounds: list[dict], path: Path, title: str) -> None:
