@@ -17,8 +17,13 @@ grid.yaml (every key but `datasets` and `methods` optional):
     method-config: {fgl: {images-per-class: 50}}               # per method
     timeout: 3600                                              # seconds per cell
 
+A method is a strategy name, or any label whose method-config names its strategy, so variants of
+one strategy sit side by side: `methods: [fgl-one-shot, fgl-4-rounds]` with `method-config:
+{fgl-one-shot: {strategy: fgl, num-server-rounds: 0}, fgl-4-rounds: {strategy: fgl, ...}}`.
+
 Writes comparison.csv (a row per cell), comparison.md (rows datasets, columns methods and
-partitions, mean ± std of the final test accuracy over seeds, as in the paper) and
+partitions, mean ± std of the final test accuracy over seeds, as in the paper, then the MB each
+silo sent and received, mean over silos and seeds) and
 comparison.png (accuracy against round and against bytes communicated, a line per method).
 """
 
@@ -42,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fgl_core.config import ConfigError
 from fgl_core.datasets import DatasetError
 from fgl_core.partition import PartitionError
-from fgl_server.results import headless_pyplot
+from fgl_core.plotting import headless_pyplot
 
 
 class Grid(BaseModel):
@@ -100,12 +105,12 @@ def cells(grid: Grid) -> list[Cell]:
 def overrides(grid: Grid, cell: Cell, output: Path) -> str:
     values = {
         **grid.run_config,
+        "strategy": cell.method,
         **grid.method_config.get(cell.method, {}),
         **dict(cell.partition_config),
         "dataset": str(Path(cell.dataset).expanduser().resolve())
         if Path(cell.dataset).expanduser().exists()
         else cell.dataset,
-        "strategy": cell.method,
         "seed": cell.seed,
         "run-name": cell.run_name,
         "output-dir": str(output),
@@ -147,7 +152,8 @@ def run_cell(grid: Grid, cell: Cell, output: Path) -> dict[str, Any]:
             return {**row, "status": "failed", "reason": failure_reason(run_dir)}
     results = json.loads(results_file.read_text())
     rounds = results["rounds"]
-    traffic = results.get("traffic", {}).get("bytes-per-node", {}).values()
+    traffic = list(results.get("traffic", {}).get("bytes-per-node", {}).values())
+    silos = max(1, len(traffic))
     return {
         **row,
         "status": "reused" if done else "done",
@@ -155,6 +161,8 @@ def run_cell(grid: Grid, cell: Cell, output: Path) -> dict[str, Any]:
         "test-accuracy-at-best-val": results["summary"]["test-accuracy-at-best-val"],
         "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
         "bytes": sum(n["bytes-sent"] + n["bytes-received"] for n in traffic),
+        "mb-up-per-silo": sum(n["bytes-received"] for n in traffic) / silos / 1e6,
+        "mb-down-per-silo": sum(n["bytes-sent"] for n in traffic) / silos / 1e6,
         "rounds": len(rounds) - 1,
         "reason": "",
     }
@@ -172,6 +180,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         "test-accuracy-at-best-val",
         "one-shot-test-accuracy",
         "bytes",
+        "mb-up-per-silo",
+        "mb-down-per-silo",
         "rounds",
         "reason",
         "run-dir",
@@ -180,6 +190,38 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def accuracy_text(rows: list[dict[str, Any]]) -> str:
+    """mean ± std of the final test accuracy (%) over these cells, `failed` if any failed."""
+    accs = [100 * r["final-test-accuracy"] for r in rows if "final-test-accuracy" in r]
+    if len(accs) < len(rows):
+        return "failed"
+    return f"{np.mean(accs):.2f} ± {np.std(accs):.2f}" if accs else "-"
+
+
+def method_table(grid: Grid, rows: list[dict[str, Any]], dataset: str, silos: int) -> list[str]:
+    """Rows methods, columns partitions, then the MB each silo sent and received."""
+    partitions = [partition_of(p)[0] for p in grid.partitions]
+    lines = [
+        f"{Path(dataset).stem}, {silos} silos: final test accuracy (%), mean ± std over seeds; "
+        "MB per silo, mean over silos, partitions and seeds.",
+        "",
+        "| method | " + " | ".join(partitions) + " | MB up / silo | MB down / silo |",
+        "| --- | " + " | ".join("---" for _ in partitions) + " | --- | --- |",
+    ]
+    for method in grid.methods:
+        mine = [
+            r
+            for r in rows
+            if (r["dataset"], r["silos"], r["method"]) == (Path(dataset).stem, silos, method)
+        ]
+        cells_text = [accuracy_text([r for r in mine if r["partition"] == p]) for p in partitions]
+        done = [r for r in mine if "mb-up-per-silo" in r]
+        for key in ("mb-up-per-silo", "mb-down-per-silo"):
+            cells_text.append(f"{np.mean([r[key] for r in done]):.2f}" if done else "-")
+        lines.append(f"| {method} | " + " | ".join(cells_text) + " |")
+    return lines
 
 
 def write_markdown(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
@@ -203,14 +245,11 @@ def write_markdown(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
                     and r["method"] == method
                     and r["partition"] == partition
                 ]
-                accs = [100 * r["final-test-accuracy"] for r in mine if "final-test-accuracy" in r]
-                if len(accs) < len(mine):
-                    cells_text.append("failed")
-                elif accs:
-                    cells_text.append(f"{np.mean(accs):.2f} ± {np.std(accs):.2f}")
-                else:
-                    cells_text.append("-")
+                cells_text.append(accuracy_text(mine))
             lines.append(f"| {Path(dataset).stem} | {silos} | " + " | ".join(cells_text) + " |")
+    for dataset in grid.datasets:
+        for silos in grid.silos:
+            lines += ["", *method_table(grid, rows, dataset, silos)]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "Failed cells:", ""]

@@ -65,3 +65,41 @@ def test_grid_gives_table_csv_and_plot_and_marks_the_broken_cells(tmp_path):
         "reused",
     ]
     assert "submitted" not in again.stdout
+
+
+def test_a_method_label_may_name_its_strategy_so_variants_sit_side_by_side(tmp_path):
+    sys.path.insert(0, str(ROOT / "deploy"))
+    from compare import Cell, Grid, method_table, overrides
+
+    grid = Grid.model_validate(
+        {
+            "datasets": ["digits"],
+            "partitions": ["iid", {"alpha": 0.01}],
+            "methods": ["fedavg", "fgl-one-shot"],
+            "method-config": {"fgl-one-shot": {"strategy": "fgl", "num-server-rounds": 0}},
+        }
+    )
+    variant = Cell("digits", "iid", (("partition", "iid"),), "fgl-one-shot", 5, 0)
+    plain = Cell("digits", "iid", (("partition", "iid"),), "fedavg", 5, 0)
+    assert 'strategy="fgl"' in overrides(grid, variant, tmp_path)
+    assert "num-server-rounds=0" in overrides(grid, variant, tmp_path)
+    assert 'strategy="fedavg"' in overrides(grid, plain, tmp_path)
+
+    def row(method, partition, seed, acc, up, down):
+        return {
+            "dataset": "digits", "silos": 5, "method": method, "partition": partition,
+            "seed": seed, "final-test-accuracy": acc, "mb-up-per-silo": up,
+            "mb-down-per-silo": down,
+        }  # fmt: skip
+
+    rows = [
+        row("fedavg", "iid", 0, 0.9, 2.0, 2.0),
+        row("fedavg", "iid", 1, 0.8, 2.0, 2.0),
+        row("fedavg", "alpha=0.01", 0, 0.5, 4.0, 6.0),
+        row("fgl-one-shot", "iid", 0, 0.6, 0.1, 0.0),
+        {"dataset": "digits", "silos": 5, "method": "fgl-one-shot", "partition": "alpha=0.01"},
+    ]
+    table = method_table(grid, rows, "digits", 5)
+    assert table[2] == "| method | iid | alpha=0.01 | MB up / silo | MB down / silo |"
+    assert table[4] == "| fedavg | 85.00 ± 5.00 | 50.00 ± 0.00 | 2.67 | 3.33 |"
+    assert table[5] == "| fgl-one-shot | 60.00 ± 0.00 | failed | 0.10 | 0.00 |"
