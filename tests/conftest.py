@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.serverapp import Grid
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -126,3 +127,19 @@ class StubGrid:
 
     def pull_messages(self, message_ids):
         raise NotImplementedError
+
+
+class LoopbackGrid(StubGrid, Grid):
+    """A Flower Grid that delivers each message to the real ClientApp in this process;
+    `tamper` may alter the replies (a test-only misbehaving silo)."""
+
+    def __init__(self, contexts: dict, tamper=lambda reply: reply) -> None:
+        self.contexts, self.tamper = contexts, tamper
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from fgl_client.app import app as client_app
+
+        return [self.tamper(client_app(m, self.contexts[m.metadata.dst_node_id])) for m in messages]

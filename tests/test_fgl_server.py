@@ -1,15 +1,12 @@
 """The server's FGL side: validation, planning, the synthesis engine and store, a whole run."""
 
 import json
-from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Context, Message
-from flwr.serverapp import Grid
+from flwr.app import Array, Message
 
-from fgl_client.app import app as client_app
 from fgl_client.embedding import build_payload, text_encoder
 from fgl_client.silo import load_silo
 from fgl_core.config import RunConfig
@@ -21,7 +18,7 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from tests.conftest import StubGrid, launch, silo_context
+from tests.conftest import LoopbackGrid, launch, silo_context
 
 CPU = torch.device("cpu")
 
@@ -40,6 +37,7 @@ def engine(cache_dir) -> SynthesisEngine:
 def fgl_config(blood_npz, cache_dir, **overrides) -> RunConfig:
     values = {
         "strategy": "fgl",
+        "generator": "offline-tiny",  # plumbing: the fastest model
         "dataset": str(blood_npz),
         "train-subset": 900,
         "eval-subset": 300,
@@ -214,19 +212,6 @@ def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, 
 # --- a whole run, in process, with one misbehaving silo ------------------------------------
 
 
-class LoopbackGrid(StubGrid, Grid):
-    """Delivers each message to the real ClientApp in this process; `tamper` may alter replies."""
-
-    def __init__(self, contexts: dict[int, Context], tamper: Callable[[Message], Message]) -> None:
-        self.contexts, self.tamper = contexts, tamper
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [self.tamper(client_app(m, self.contexts[m.metadata.dst_node_id])) for m in messages]
-
-
 def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
     blood_npz, cache_dir, tmp_path, task_identity
 ):
@@ -256,8 +241,9 @@ def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
 
 def test_three_silo_fgl_simulation_end_to_end(blood_npz, tmp_path):
     overrides = (
-        f'strategy="fgl" dataset="{blood_npz}" train-subset=1500 eval-subset=400 '
-        "images-per-class=12 steps=3 oneshot-epochs=2 num-server-rounds=2 local-epochs=1 "
+        f'strategy="fgl" generator="offline-tiny" dataset="{blood_npz}" train-subset=1500 '
+        "eval-subset=400 images-per-class=12 steps=3 oneshot-epochs=2 num-server-rounds=2 "
+        "local-epochs=1 "
         'server-finetune-epochs=1 synthesis-shard-size=32 run-name="fgl-e2e" '
         f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
     )
