@@ -76,6 +76,14 @@ def write_clip_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
+def clip_whole_words(count: int) -> list[str]:
+    """The first `count` alphabetic whole words of CLIP's vocabulary, in vocabulary order."""
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file, _ = write_clip_tokenizer_files(Path(scratch))
+        clip_vocab = json.loads(vocab_file.read_text())
+    return [t[:-4] for t in clip_vocab if t.endswith("</w>") and t[:-4].isalpha()][:count]
+
+
 def clip_tokenizer(directory: Path):  # -> CLIPTokenizer
     """SD 2.x's tokenizer: CLIP BPE, 77 tokens, padded with "!" (id 0)."""
     from transformers import CLIPTokenizer
@@ -137,8 +145,9 @@ def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def assemble_pipeline(unet, vae, text_encoder):  # type: ignore[no-untyped-def]
-    """A StableDiffusionPipeline from its parts, with SD 2.x's tokenizer and scheduler."""
+def assemble_pipeline(unet, vae, text_encoder, scheduler=None):  # type: ignore[no-untyped-def]
+    """A StableDiffusionPipeline from its parts, with SD 2.x's tokenizer and (by default) its
+    scheduler."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -148,7 +157,7 @@ def assemble_pipeline(unet, vae, text_encoder):  # type: ignore[no-untyped-def]
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD21_SCHEDULER),
+        scheduler=scheduler or PNDMScheduler(**SD21_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -170,10 +179,7 @@ def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
     )
 
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        vocab_file, _ = write_clip_tokenizer_files(Path(scratch))
-        clip_vocab = json.loads(vocab_file.read_text())
-    words = [t[:-4] for t in clip_vocab if t.endswith("</w>") and t[:-4].isalpha()][:2000]
+    words = clip_whole_words(2000)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     wordpiece = directory / "vocab.txt"
     wordpiece.write_text("\n".join(specials + sorted(set(words))) + "\n")
