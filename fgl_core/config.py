@@ -65,7 +65,8 @@ class RunConfig(BaseModel):
     augment: Literal["none", "crop", "crop-flip"] = "crop"
 
     # FGL round 0: what the silos send (see fgl_core.payload)
-    generator: str = Field("offline-tiny", min_length=1)  # hub id, local dir or offline-tiny
+    # hub id, local dir, fgl-mini (trained, ships with the package) or offline-tiny (random)
+    generator: str = Field("fgl-mini", min_length=1)
     captioner: str = Field("offline-tiny", min_length=1)
     prompt_mode: Literal["class", "instance"] = "class"
     prompt_template: str = ""  # "" = the paper's template for the prompt mode

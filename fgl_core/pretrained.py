@@ -1,5 +1,6 @@
-"""Load hub models by reference: a hub id, a local `save_pretrained` directory, or
-`offline-tiny` (the random stand-ins that `fgl_core.offline_models` builds into the cache).
+"""Load hub models by reference: a hub id, a local `save_pretrained` directory, `fgl-mini` (the
+trained miniature generator shipped in `fgl_core.mini`) or `offline-tiny` (the random stand-ins
+that `fgl_core.offline_models` builds into the cache).
 
 Every failure says which of three things went wrong: the reference is offline (not cached and
 the hub cannot be reached), missing (no such directory or model), or malformed (a directory
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fgl_core.mini import FGL_MINI, weights_dir
 from fgl_core.offline_models import OFFLINE_TINY, offline_model_dir
 
 T = TypeVar("T")
@@ -22,9 +24,17 @@ class ModelRefError(RuntimeError):
 
 
 def resolve_model_ref(ref: str, kind: str, cache_dir: str | Path) -> str:
-    """`offline-tiny` -> the built stand-in's directory (built once); anything else unchanged."""
+    """`offline-tiny` -> the built stand-in's directory (built once); `fgl-mini` -> the shipped
+    pipeline's directory; anything else unchanged."""
     if ref == OFFLINE_TINY:
         return str(offline_model_dir(Path(cache_dir), kind))
+    if ref == FGL_MINI:
+        if kind != "generator":
+            raise ModelRefError(f"{FGL_MINI!r} is a generator; it cannot serve as the {kind}")
+        try:
+            return str(weights_dir())
+        except FileNotFoundError as err:
+            raise ModelRefError(str(err)) from None
     return ref
 
 
@@ -52,7 +62,8 @@ def load_component(cls: type[T], ref: str, subfolder: str | None, what: str, **k
         pass
     advice = (
         "pass a local directory in save_pretrained layout (downloaded on a connected machine), "
-        f"or {OFFLINE_TINY!r} for the random stand-ins"
+        f"or {FGL_MINI!r} for the trained miniature generator, or {OFFLINE_TINY!r} for the "
+        "random stand-ins"
     )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ModelRefError(

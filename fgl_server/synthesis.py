@@ -73,7 +73,7 @@ class SynthesisEngine:
     def load(
         cls, settings: SynthesisSettings, cache_dir: str | Path, device: torch.device
     ) -> SynthesisEngine:
-        """The generator by reference: a hub id, a local directory or `offline-tiny`."""
+        """The generator by reference: a hub id, a local directory, `fgl-mini` or `offline-tiny`."""
         from diffusers import StableDiffusionPipeline
 
         ref = resolve_model_ref(settings.generator, "generator", cache_dir)

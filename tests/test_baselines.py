@@ -136,7 +136,8 @@ def test_each_baseline_improves_over_its_start_in_two_rounds(blood_npz, tmp_path
 
 def test_fgl_handles_fifty_silos_with_client_sampling(tmp_path):
     overrides = (
-        'strategy="fgl" partition="iid" min-partition-size=1 num-server-rounds=1 local-epochs=1 '
+        'strategy="fgl" generator="offline-tiny" partition="iid" min-partition-size=1 '
+        "num-server-rounds=1 local-epochs=1 "
         "fraction-train=0.2 fraction-evaluate=0.2 images-per-class=5 steps=2 oneshot-epochs=1 "
         f'run-name="fifty" output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
     )
