@@ -1,0 +1,66 @@
+"""Label fidelity of `fgl-mini`: per class, the share of its samples that a classifier trained on
+scikit-learn digits assigns to the prompted class, beside the same with the prompts' labels
+shuffled (must fall to about chance, 0.1), at a few guidance scales.
+
+    python benchmarks/mini_fidelity.py        # -> outputs/benchmarks/mini_fidelity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import OUT, write
+
+from fgl_client.text_encoding import TransformersTextEncoder
+from fgl_core.mini import FGL_MINI
+from fgl_core.mini.fidelity import digits_judge, label_fidelity
+from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+
+CPU = torch.device("cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args()
+
+    cache = OUT / "cache"
+    judge = digits_judge()
+    encoder = TransformersTextEncoder(FGL_MINI, cache, CPU)
+    rows = []
+    for guidance in args.guidance:
+        settings = SynthesisSettings(
+            generator=FGL_MINI, steps=args.steps, guidance=guidance, train_resolution=8
+        )
+        engine = SynthesisEngine.load(settings, cache, CPU)
+        start = time.perf_counter()
+        fidelity = label_fidelity(engine, encoder, judge, args.per_class)
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "guidance": guidance,
+                "steps": args.steps,
+                "images": 2 * 10 * args.per_class,
+                "images-per-second": round(2 * 10 * args.per_class / seconds, 1),
+                "fidelity-mean": round(fidelity.mean, 3),
+                "shuffled-mean": round(fidelity.shuffled_mean, 3),
+                "fidelity-per-class": [round(v, 3) for v in fidelity.per_class],
+                "shuffled-per-class": [round(v, 3) for v in fidelity.shuffled_per_class],
+            }
+        )
+        print(
+            f"guidance {guidance}: fidelity {fidelity.mean:.3f}, "
+            f"shuffled {fidelity.shuffled_mean:.3f} (chance 0.1)",
+            flush=True,
+        )
+    write("mini_fidelity", {"generator": FGL_MINI, "chance": 0.1, "rows": rows}, out=Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

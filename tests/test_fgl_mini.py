@@ -1,0 +1,186 @@
+"""`fgl-mini`, the generator the project trains: its corpus, its training command, its shipped
+weights, and that a silo's embeddings steer it toward their class through the whole FGL path."""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Message
+
+from fgl_client.text_encoding import TransformersTextEncoder
+from fgl_core.config import RunConfig
+from fgl_core.datasets import load_dataset
+from fgl_core.mini import FGL_MINI, WEIGHT_FILES, weights_dir
+from fgl_core.mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
+from fgl_core.mini.fidelity import digits_judge, label_fidelity
+from fgl_core.offline_models import clip_tokenizer
+from fgl_core.pretrained import ModelRefError, resolve_model_ref
+from fgl_server.fgl_run import run_fgl
+from fgl_server.results import RunRecorder
+from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from tests.conftest import ROOT, LoopbackGrid, launch, silo_context
+
+CPU = torch.device("cpu")
+
+AUDIT = """
+import json, sys, torch
+from fgl_core.mini import corpus
+import matplotlib, PIL.Image, PIL.ImageDraw, PIL.ImageFont  # imports open files; data must not
+corpus.font_dir()
+opened = []
+sys.addaudithook(lambda event, args: event == "open" and opened.append(str(args[0])))
+batch = corpus.GlyphCorpus(16, filler_words=["word"]).sample(64, torch.Generator().manual_seed(0))
+shape = list(batch.images.shape)
+print(json.dumps({"opened": opened, "labels": batch.labels.tolist(), "shape": shape}))
+"""
+
+
+def test_the_corpus_reads_matplotlib_fonts_and_nothing_else():
+    proc = subprocess.run(
+        [sys.executable, "-c", AUDIT], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    fonts = {str(font_dir() / name) for name in FONT_FILES}
+    assert set(record["opened"]) == fonts  # every font once, and no other file at all
+    assert record["shape"] == [64, 3, 16, 16] and set(record["labels"]) == set(range(10))
+
+
+def test_corpus_batches_are_seeded_in_range_and_captioned_from_the_templates():
+    corpus = GlyphCorpus(16)
+    first = corpus.sample(256, torch.Generator().manual_seed(3))
+    again = corpus.sample(256, torch.Generator().manual_seed(3))
+    assert torch.equal(first.images, again.images) and first.captions == again.captions
+    assert first.images.min() >= -1 and first.images.max() <= 1
+    paper = [c for c in first.captions if c.endswith(", real world images, high resolution")]
+    assert paper and all(re.fullmatch(r"(\d|[a-z]+), real world images.*", c) for c in paper)
+    assert "" in first.captions  # caption dropout, for classifier-free guidance
+    for caption, label in zip(first.captions, first.labels.tolist(), strict=True):
+        words = re.findall(r"[a-z0-9]+", caption)
+        named = {str(label), DIGIT_WORDS[label]}
+        unnamed = ("low quality, low resolution", "blurry")  # degraded images, for the negative
+        assert not words or named & set(words) or caption in unnamed
+
+
+def test_shipped_weights_load_through_from_pretrained_with_the_readme_digests(tmp_path):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    directory = weights_dir()
+    assert resolve_model_ref(FGL_MINI, "generator", "unused") == str(directory)
+    readme = (ROOT / "README.md").read_text()
+    for name in WEIGHT_FILES:
+        digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        assert f"`{name}` | `{digest}`" in readme, f"README does not state {name}'s sha256 {digest}"
+    pipe = StableDiffusionPipeline.from_pretrained(str(directory), torch_dtype=torch.float32)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
+    clip = clip_tokenizer(tmp_path)  # the BPE as the project builds it from open_clip's file
+    for prompt in ("3, real world images, high resolution", "low quality, low resolution"):
+        assert pipe.tokenizer(prompt).input_ids == clip(prompt).input_ids
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    with pytest.raises(ModelRefError, match="is a generator"):
+        resolve_model_ref(FGL_MINI, "captioner", "unused")
+
+
+def test_a_fab_copy_of_the_package_finds_the_installed_weights(tmp_path):
+    # a Flower app imports its FAB's copy of fgl_core first, and a FAB holds no weights
+    shutil.copytree(
+        ROOT / "fgl_core", tmp_path / "fgl_core", ignore=shutil.ignore_patterns("weights")
+    )
+    code = "import fgl_core.mini as m; print(m.__file__); print(m.weights_dir())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    module_file, found = proc.stdout.split()
+    assert module_file.startswith(str(tmp_path)) and Path(found) == weights_dir()
+
+
+@pytest.fixture(scope="module")
+def mini_encoder(tmp_path_factory) -> TransformersTextEncoder:
+    return TransformersTextEncoder(FGL_MINI, tmp_path_factory.mktemp("cache"), CPU)
+
+
+def test_fgl_mini_draws_the_prompted_digit_and_not_when_prompts_are_shuffled(mini_encoder):
+    settings = SynthesisSettings(generator=FGL_MINI, steps=10, guidance=2.0, train_resolution=8)
+    engine = SynthesisEngine.load(settings, "unused", CPU)
+    fidelity = label_fidelity(engine, mini_encoder, digits_judge(), per_class=10)
+    assert fidelity.mean > 0.5, fidelity  # chance is 0.1
+    assert fidelity.shuffled_mean < 0.2, fidelity
+
+
+def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path):
+    from fgl_core.mini.train import TrainConfig, train
+
+    record = train(TrainConfig(vae_steps=3, steps=3, batch_size=8, warmup=2), tmp_path)
+    for name in ("samples.png", "loss.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    assert json.loads((tmp_path / "training.json").read_text()) == record
+    assert record["parameters"]["unet"] > 1_000_000 and record["final-loss"]["denoiser"] > 0
+    settings = SynthesisSettings(generator=str(tmp_path / "pipeline"), steps=2, train_resolution=8)
+    engine = SynthesisEngine.load(settings, "unused", CPU)
+    images = engine.generate(np.zeros((2, 77, engine.width), np.float16), [0, 1])
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+
+
+# --- the science, end to end: embeddings steer the one-shot model ---------------------------
+
+# 5 silos on digits at Dirichlet alpha 0.01: most silos hold one or two classes
+ONE_SHOT = {
+    "strategy": "fgl",
+    "generator": FGL_MINI,
+    "alpha": 0.01,
+    "min-partition-size": 5,
+    "num-server-rounds": 0,
+    "images-per-class": 60,
+    "steps": 12,
+    "oneshot-epochs": 40,
+    "synthesis-batch-size": 60,
+}
+CHANCE = 0.1
+
+
+@pytest.mark.slow
+def test_fgl_one_shot_with_fgl_mini_at_extreme_label_skew_beats_chance_by_far(tmp_path):
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in ONE_SHOT.items())
+    overrides += f' run-name="one-shot" output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
+    proc = launch(["--simulation", "5", "--quiet", "--run-config", overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "one-shot" / "results.json").read_text())
+    assert len(results["embedding"]["nodes-accepted"]) == 5
+    assert results["synthesis"]["images-per-class"] == [60] * 10
+    assert results["one-shot"]["test-accuracy"] >= 3 * CHANCE, results["one-shot"]
+
+
+@pytest.mark.slow
+def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_drives_one_shot_to_chance(
+    tmp_path, task_identity
+):
+    cfg = RunConfig.from_flower(
+        {**ONE_SHOT, "output-dir": str(tmp_path), "run-name": "shifted", "min-nodes": 5}
+        | {"cache-dir": str(tmp_path / "cache")}
+    )
+    contexts = {100 + i: silo_context(cfg.to_flower(), 100 + i, i, 5) for i in range(5)}
+
+    def next_label(reply: Message) -> Message:
+        if reply.metadata.message_type == "query.embed":  # every label l sent as l + 1
+            labels = reply.content["embedding"]["labels"].numpy()
+            reply.content["embedding"]["labels"] = Array((labels + 1) % 10)
+            histogram = list(reply.content["silo"]["label-histogram"])
+            reply.content["silo"]["label-histogram"] = histogram[-1:] + histogram[:-1]
+        return reply
+
+    recorder = RunRecorder(cfg)
+    run_fgl(LoopbackGrid(contexts, next_label), cfg, load_dataset(cfg), recorder, CPU)
+    results = recorder.results
+    assert len(results["embedding"]["nodes-accepted"]) == 5
+    assert results["one-shot"]["test-accuracy"] <= 1.5 * CHANCE, results["one-shot"]
