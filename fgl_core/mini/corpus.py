@@ -76,9 +76,9 @@ def render_glyphs(
     images, labels = [], []
     for name in fonts:
         data = (font_dir() / name).read_bytes()
+        font = ImageFont.truetype(io.BytesIO(data), size=GLYPH_PX)
         for stroke in strokes:
             for digit in range(10):
-                font = ImageFont.truetype(io.BytesIO(data), size=GLYPH_PX)
                 left, top, right, bottom = font.getbbox(str(digit), stroke_width=stroke)
                 canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
                 ImageDraw.Draw(canvas).text(
@@ -173,7 +173,7 @@ class GlyphCorpus:
         theta[:, 0, 1] = sx * (sin + shear * cos)
         theta[:, 1, 0] = -sy * sin
         theta[:, 1, 1] = sy * cos
-        theta[:, :, 2] = uniform(-a.shift, a.shift)[:, None] * torch.tensor([1.0, 1.0])
+        theta[:, 0, 2] = uniform(-a.shift, a.shift)
         theta[:, 1, 2] = uniform(-a.shift, a.shift)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         coarse = torch.randn(batch_size, 2, 5, 5, generator=g) * a.elastic
