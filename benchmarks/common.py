@@ -52,10 +52,11 @@ def launch(
     return wall, json.loads((OUT / run_name / "results.json").read_text())
 
 
-def write(name: str, record: dict, out: Path = OUT) -> Path:
+def write(name: str, record: dict, out: Path = OUT, echo: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **record}, indent=2))
-    print(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    if echo:
+        print(json.dumps(record, indent=2))
+        print(f"wrote {path}")
     return path

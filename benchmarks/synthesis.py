@@ -1,18 +1,26 @@
-"""Synthesis speed of the engine: images/s with guidance, by steps and batch size, and the
-fraction of the GPU's fp16 peak that reaches.
+"""Synthesis speed: images/s with guidance, plain diffusers beside the engine as it is tuned.
 
 On a GPU it builds the full Stable Diffusion 2.1-base architecture with random weights (configs
 written in code, nothing downloaded: an 866M-parameter UNet with the real model's arithmetic) and
-generates at 512 x 512. With --tiny (CPU, CI) it uses the offline tiny generator instead, to check
-that the benchmark runs.
+generates at 512 x 512, in one run and on one pipeline:
 
-    python benchmarks/synthesis.py --device cuda  # -> outputs/benchmarks/synthesis_cuda.json
+1. plain diffusers, batch 1, as a user would call it (the reference);
+2. the engine untuned (float16, PyTorch's SDPA attention), batch 1 to 32;
+3. then, one at a time and kept: channels_last, fused QKV projections, bfloat16 (one row), and
+   torch.compile of the UNet (its compile time is reported apart);
+4. the fastest setting at 50 steps (the paper's).
+
+Each row is written to the JSON as soon as it is measured, so a run stopped early keeps its rows.
+With --tiny (CPU, CI) it uses the offline tiny generator instead, to check that it runs.
+
+    python benchmarks/synthesis.py                 # -> outputs/benchmarks/synthesis_cuda.json
     python benchmarks/synthesis.py --tiny --steps 2 --batch-sizes 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +34,7 @@ from fgl_core.offline_models import (
     SD21_VAE_DECODE_TFLOP,
     sd21_base_random,
 )
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import GpuTuning, SynthesisEngine, SynthesisSettings, apply_tuning
 
 DENSE_FP16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -38,20 +46,51 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in DENSE_FP16_PEAK_TFLOPS.items() if k in name), None)
 
 
-def measure(engine: SynthesisEngine, batch: int, images: int) -> float:
-    rng = np.random.default_rng(0)
-    embeds = rng.standard_normal((batch, 77, engine.width)).astype(np.float16)
-    engine.generate(embeds, list(range(batch)))  # warm-up: kernels, allocator
-    if engine.device.type == "cuda":
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(device: torch.device, make_batch, batch: int, images: int) -> tuple[float, float]:
+    """(warm-up seconds, images/s): one warm-up batch (kernels, allocator, compilation), then
+    whole batches until at least `images` images are made."""
     start = time.perf_counter()
-    done = 0
+    make_batch(0)
+    sync(device)
+    warm = time.perf_counter() - start
+    start, done = time.perf_counter(), 0
     while done < images:
-        engine.generate(embeds, list(range(done, done + batch)))
+        make_batch(done)
         done += batch
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    return done / (time.perf_counter() - start)
+    sync(device)
+    return warm, done / (time.perf_counter() - start)
+
+
+def embeddings(batch: int, width: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 77, width)).astype(np.float16)
+
+
+def plain_diffusers(pipe, settings: SynthesisSettings, device: torch.device, images: int):
+    """The reference: the pipeline called once per image, as its documentation shows."""
+    embeds = torch.from_numpy(embeddings(1, pipe.unet.config.cross_attention_dim)).to(device)
+
+    def one(seed: int) -> None:
+        pipe(
+            prompt_embeds=embeds.to(pipe.unet.dtype),
+            negative_prompt=settings.negative_prompt,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            generator=torch.Generator(device).manual_seed(seed),
+        )
+
+    return timed(device, one, 1, images)
+
+
+def engine_rate(engine: SynthesisEngine, batch: int, images: int):
+    embeds = embeddings(batch, engine.width)
+    return timed(
+        engine.device, lambda d: engine.generate(embeds, list(range(d, d + batch))), batch, images
+    )
 
 
 def main() -> None:
@@ -59,45 +98,103 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="the offline tiny generator (CPU, CI)")
     parser.add_argument("--steps", type=int, nargs="+", default=[25, 50])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--images", type=int, default=32, help="images timed per setting")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--images", type=int, default=48, help="images timed per row")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     device = torch.device(args.device)
+    steps, final_steps = args.steps[0], args.steps[-1]
 
     if args.tiny:
-        settings = SynthesisSettings(generator="offline-tiny", train_resolution=16)
-        engine = SynthesisEngine.load(settings, tempfile.mkdtemp(prefix="fgl-bench-"), device)
+        settings = SynthesisSettings(generator="offline-tiny", train_resolution=16, steps=steps)
+        pipe = SynthesisEngine.load(settings, tempfile.mkdtemp(prefix="fgl-bench-"), device).pipe
     else:
         settings = SynthesisSettings(
-            generator="sd21-base-random-weights", resolution=512, train_resolution=512
+            generator="sd21-base-random-weights", resolution=512, train_resolution=512, steps=steps
         )
-        engine = SynthesisEngine(sd21_base_random(), settings, device)
+        pipe = sd21_base_random()
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
     peak = peak_tflops(device)
-    rows = []
-    for steps in args.steps:
-        for batch in args.batch_sizes:
-            engine.settings = SynthesisSettings(**{**settings.__dict__, "steps": steps})
-            rate = measure(engine, batch, max(args.images, batch))
-            row = {"steps": steps, "batch-size": batch, "images-per-second": round(rate, 3)}
-            if not args.tiny:
-                tflop = steps * SD21_UNET_GUIDED_STEP_TFLOP + SD21_VAE_DECODE_TFLOP
-                row["achieved-tflops"] = round(rate * tflop, 1)
-                row["arithmetic-limit-images-per-second"] = round(peak / tflop, 1) if peak else None
-                row["fraction-of-peak"] = round(rate * tflop / peak, 3) if peak else None
-            print(row, flush=True)
-            rows.append(row)
     name = "synthesis_tiny" if args.tiny else f"synthesis_{device.type}"
     record = {
         "generator": settings.generator,
-        "resolution": engine.resolution,
         "guidance": settings.guidance,
-        "dtype": str(engine.dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak-fp16-tflops": peak,
-        "rows": rows,
+        "rows": [],
     }
-    write(name, record, args.out)
+
+    def row(setting: str, batch: int, warm: float, rate: float, n_steps: int = steps) -> float:
+        entry = {
+            "setting": setting,
+            "steps": n_steps,
+            "batch-size": batch,
+            "images-per-second": round(rate, 3),
+            "warm-up-s": round(warm, 1),
+        }
+        if not args.tiny:
+            tflop = n_steps * SD21_UNET_GUIDED_STEP_TFLOP + SD21_VAE_DECODE_TFLOP
+            entry["achieved-tflops"] = round(rate * tflop, 1)
+            entry["fraction-of-peak"] = round(rate * tflop / peak, 3) if peak else None
+        if device.type == "cuda":
+            entry["peak-memory-gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+            torch.cuda.reset_peak_memory_stats(device)
+        record["rows"].append(entry)
+        print(entry, flush=True)
+        write(name, record, args.out, echo=False)
+        return rate
+
+    warm, rate = plain_diffusers(pipe, settings, device, max(4, args.images // 8))
+    row("plain diffusers", 1, warm, rate)
+
+    engine = SynthesisEngine(pipe, settings, device, tuning=None)
+    label = f"engine, {str(engine.dtype).removeprefix('torch.')}"
+    for batch in args.batch_sizes:
+        images = max(args.images // 6, batch) if batch == 1 else max(args.images, batch)
+        row(label, batch, *engine_rate(engine, batch, images))
+    big = args.batch_sizes[-2:]
+    if device.type == "cuda":
+        tuning = GpuTuning(channels_last=False, fuse_qkv=True)
+        apply_tuning(engine.pipe, tuning)
+        fused = [
+            row("+ fused QKV", batch, *engine_rate(engine, batch, args.images)) for batch in big
+        ]
+        apply_tuning(engine.pipe, dataclasses.replace(tuning, channels_last=True))
+        nhwc = [row("+ channels_last", b, *engine_rate(engine, b, args.images)) for b in big]
+        if max(nhwc) > max(fused):
+            tuning = dataclasses.replace(tuning, channels_last=True)
+        apply_tuning(engine.pipe, tuning)  # the faster layout from here on
+        bf16 = SynthesisEngine(engine.pipe, settings, device, tuning=tuning, dtype=torch.bfloat16)
+        row("+ bfloat16", big[0], *engine_rate(bf16, big[0], args.images))
+        engine = SynthesisEngine(bf16.pipe, settings, device, tuning=tuning)  # float16 again
+        if not args.no_compile:
+            layout = "channels_last" if tuning.channels_last else "NCHW"
+            label = f"fused QKV, {layout}, torch.compile(unet)"
+            try:
+                apply_tuning(engine.pipe, dataclasses.replace(tuning, compile_unet=True))
+                for batch in big:
+                    row(label, batch, *engine_rate(engine, batch, args.images))
+            except Exception as error:
+                record["compile-error"] = f"{type(error).__name__}: {error}"[:2000]
+                print(record["compile-error"], flush=True)
+                engine.pipe.unet = getattr(engine.pipe.unet, "_orig_mod", engine.pipe.unet)
+    if final_steps != steps:
+        best = max(record["rows"], key=lambda r: r["images-per-second"])
+        engine.settings = dataclasses.replace(settings, steps=final_steps)
+        batch = best["batch-size"]
+        row(
+            f"{best['setting']} (fastest)",
+            batch,
+            *engine_rate(engine, batch, args.images),
+            final_steps,
+        )
+
+    print("\nsetting | steps | batch | images/s | fraction of fp16 peak")
+    for r in record["rows"]:
+        cells = (r["setting"], r["steps"], r["batch-size"], r["images-per-second"])
+        print(" | ".join(map(str, (*cells, r.get("fraction-of-peak")))))
 
 
 if __name__ == "__main__":

@@ -42,5 +42,7 @@ def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "synthesis_tiny.json").read_text())
-    assert [(r["steps"], r["batch-size"]) for r in record["rows"]] == [(2, 1), (2, 3)]
+    rows = [(r["setting"], r["steps"], r["batch-size"]) for r in record["rows"]]
+    engine = "engine, float32"
+    assert rows == [("plain diffusers", 2, 1), (engine, 2, 1), (engine, 2, 3)]
     assert all(r["images-per-second"] > 0 for r in record["rows"])
