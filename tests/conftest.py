@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.serverapp import Grid
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -44,19 +43,6 @@ def retina_npz() -> Path:
 def blood_labels(blood_npz: Path) -> np.ndarray:
     with np.load(blood_npz, allow_pickle=False) as archive:
         return archive["train_labels"][:, 0].astype(np.int64)
-
-
-def silo_context(run_config: dict, node_id: int, partition_id: int, num_partitions: int):
-    """The Context a SuperNode hands its ClientApp for one simulated silo."""
-    from flwr.app import Context, RecordDict
-
-    return Context(
-        run_id=1,
-        node_id=node_id,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
-        state=RecordDict(),
-        run_config=run_config,
-    )
 
 
 @pytest.fixture
@@ -127,19 +113,3 @@ class StubGrid:
 
     def pull_messages(self, message_ids):
         raise NotImplementedError
-
-
-class LoopbackGrid(StubGrid, Grid):
-    """A Flower Grid that delivers each message to the real ClientApp in this process;
-    `tamper` may alter the replies (a test-only misbehaving silo)."""
-
-    def __init__(self, contexts: dict, tamper=lambda reply: reply) -> None:
-        self.contexts, self.tamper = contexts, tamper
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from fgl_client.app import app as client_app
-
-        return [self.tamper(client_app(m, self.contexts[m.metadata.dst_node_id])) for m in messages]

@@ -15,7 +15,8 @@ from fgl_client.objectives import fedprox_loss, moon_contrastive, moon_loss
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.models import build_model, state_dict_float32
-from tests.conftest import ROOT, launch, silo_context
+from fgl_server.inprocess import silo_context
+from tests.conftest import ROOT, launch
 
 
 def batch(seed=0):
@@ -152,13 +153,13 @@ def test_fgl_handles_fifty_silos_with_client_sampling(tmp_path):
 def test_fedopt_keeps_the_global_model_float32(task_identity):
     from flwr.app import MetricRecord
 
+    from fgl_server.inprocess import InProcessGrid
     from fgl_server.rounds import baseline_strategy
-    from tests.test_fgl_server import LoopbackGrid
 
     strategy = baseline_strategy(RunConfig.from_flower({"strategy": "fedopt"}))
     model = build_model("cnn", 8, 28)
     arrays = ArrayRecord(state_dict_float32(model))
-    grid = LoopbackGrid({1: None, 2: None}, tamper=lambda m: m)
+    grid = InProcessGrid({1: None, 2: None}, on_reply=lambda m: m)
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = []
     for i, instruction in enumerate(instructions):

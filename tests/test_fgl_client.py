@@ -28,7 +28,8 @@ from fgl_core.payload import (
     PayloadError,
 )
 from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
-from tests.conftest import silo_context, silo_file
+from fgl_server.inprocess import silo_context
+from tests.conftest import silo_file
 
 CPU = torch.device("cpu")
 

@@ -23,9 +23,10 @@ from fgl_core.mini.fidelity import digits_judge, label_fidelity
 from fgl_core.offline_models import clip_tokenizer
 from fgl_core.pretrained import ModelRefError, resolve_model_ref
 from fgl_server.fgl_run import run_fgl
+from fgl_server.inprocess import InProcessGrid, silo_context
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
-from tests.conftest import ROOT, LoopbackGrid, launch, silo_context
+from tests.conftest import ROOT, launch
 
 CPU = torch.device("cpu")
 
@@ -180,7 +181,7 @@ def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_drives_one_shot
         return reply
 
     recorder = RunRecorder(cfg)
-    run_fgl(LoopbackGrid(contexts, next_label), cfg, load_dataset(cfg), recorder, CPU)
+    run_fgl(InProcessGrid(contexts, next_label), cfg, load_dataset(cfg), recorder, CPU)
     results = recorder.results
     assert len(results["embedding"]["nodes-accepted"]) == 5
     assert results["one-shot"]["test-accuracy"] <= 1.5 * CHANCE, results["one-shot"]

@@ -13,12 +13,19 @@ from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.payload import EmbeddingPayload, EmbedRequest
 from fgl_server.fgl_run import run_fgl
+from fgl_server.inprocess import InProcessGrid, silo_context
 from fgl_server.results import RunRecorder
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import (
+    GpuTuning,
+    SynthesisEngine,
+    SynthesisSettings,
+    apply_tuning,
+    fused_attention,
+)
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from tests.conftest import LoopbackGrid, launch, silo_context
+from tests.conftest import launch
 
 CPU = torch.device("cpu")
 
@@ -179,6 +186,21 @@ def test_any_image_can_be_regenerated_alone(engine, payloads):
     assert not np.array_equal(batch[0], batch[1])
 
 
+def test_gpu_tuning_switches_layout_and_fused_attention_without_changing_the_picture(cache_dir):
+    # the engine applies GpuTuning on CUDA only; here the same calls run on a CPU pipeline
+    settings = SynthesisSettings(generator="fgl-mini", steps=4, train_resolution=16)
+    engine = SynthesisEngine.load(settings, cache_dir, CPU)
+    embeds = engine.encode(["a photo of the digit 3", "7"]).numpy().astype(np.float16)
+    plain = engine.generate(embeds, [1, 2])
+    unet = engine.pipe.unet
+    for tuning in (GpuTuning(channels_last=True, fuse_qkv=True), GpuTuning(fuse_qkv=False)):
+        apply_tuning(engine.pipe, tuning)
+        assert unet.conv_in.weight.is_contiguous() != tuning.channels_last
+        assert fused_attention(unet) == fused_attention(engine.pipe.vae) == tuning.fuse_qkv
+        tuned = engine.generate(embeds, [1, 2])
+        assert np.abs(tuned.astype(int) - plain.astype(int)).max() <= 2
+
+
 def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, payloads, tmp_path):
     prompts, histogram = merge_payloads(payloads, 8)
     jobs = plan_images(prompts, histogram, 5, "balanced", run_seed=0)  # 40 images, 5 shards
@@ -228,7 +250,7 @@ def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
         return reply
 
     recorder = RunRecorder(cfg)
-    model = run_fgl(LoopbackGrid(contexts, nan_from_102), cfg, load_dataset(cfg), recorder, CPU)
+    model = run_fgl(InProcessGrid(contexts, nan_from_102), cfg, load_dataset(cfg), recorder, CPU)
     recorder.finish(model)
     results = json.loads((tmp_path / "loop" / "results.json").read_text())
     assert sorted(results["embedding"]["nodes-accepted"]) == ["node 101", "node 103"]

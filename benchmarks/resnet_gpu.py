@@ -1,0 +1,79 @@
+"""FedAvg and centralized training of ResNet-18 on bloodmnist_28, on one GPU, in one process.
+
+The README's GPU table: 5 silos, Dirichlet alpha 0.01 / 0.5 and IID, beside the paper's FedAvg
+(200 rounds of 5 local epochs) and centralized figures. The silos run in this process
+(`fgl_server.inprocess`, no Ray), one after another, on the same GPU. Each cell is written to the
+JSON as soon as it ends, so a run stopped early keeps the cells it finished.
+
+    python benchmarks/resnet_gpu.py --rounds 30  # -> outputs/benchmarks/resnet_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import DATASETS, OUT, write
+
+from fgl_server.inprocess import run_in_process
+
+PAPER = {"alpha-0.01": 64.86, "alpha-0.5": 83.14, "iid": 84.2, "centralized": 84.76}
+CELLS = {  # name -> run config; the heterogeneous cells last, so a short run has the others
+    "centralized": {"strategy": "centralized"},
+    "iid": {"strategy": "fedavg", "partition": "iid"},
+    "alpha-0.5": {"strategy": "fedavg", "partition": "dirichlet", "alpha": 0.5},
+    "alpha-0.01": {"strategy": "fedavg", "partition": "dirichlet", "alpha": 0.01},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default=str(DATASETS / "bloodmnist_28.npz"))
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--silos", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    common = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "num-server-rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "augment": "crop-flip",
+        "min-partition-size": 20,
+        "min-nodes": args.silos,
+        "output-dir": str(args.out / "resnet_gpu"),
+    }
+    record = {
+        "model": args.model,
+        "silos": args.silos,
+        "rounds": args.rounds,
+        "local-epochs": args.local_epochs,
+        "paper": "FedAvg 200 rounds x 5 local epochs; centralized",
+        "cells": {},
+    }
+    for name in args.cells:
+        start = time.perf_counter()
+        run_in_process({**common, **CELLS[name], "run-name": name}, args.silos)
+        results = json.loads((args.out / "resnet_gpu" / name / "results.json").read_text())
+        summary = results["summary"]
+        record["cells"][name] = {
+            "final-test-accuracy": round(100 * summary["final-test-accuracy"], 2),
+            "test-accuracy-at-best-val": round(100 * summary["test-accuracy-at-best-val"], 2),
+            "paper": PAPER[name],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(name, record["cells"][name], flush=True)
+        write("resnet_gpu", record, args.out, echo=False)
+    print("\ncell | final test % | test % at best val | paper % | seconds")
+    for name, cell in record["cells"].items():
+        row = (cell["final-test-accuracy"], cell["test-accuracy-at-best-val"], cell["paper"])
+        print(" | ".join(map(str, (name, *row, cell["seconds"]))))
+
+
+if __name__ == "__main__":
+    main()
