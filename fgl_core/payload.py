@@ -3,16 +3,25 @@
 Request (server -> silo, message type `query.embed`): one ConfigRecord `embed-request`.
 Reply (silo -> server):
 - ArrayRecord `embedding`: `embeds` (N, 77, D) float16, `labels` (N,) int64, `weights` (N,)
-  int64 (images to synthesize per embedding, or 1), `probe` (77, D) float16: the silo's encoding
-  of the public `PROBE_PROMPT`, so the server can check that the silo's encoder computes the
-  same function as its own, whichever library ran it;
+  int64, `probe` (77, D) float16: the silo's encoding of the public `PROBE_PROMPT`, so the
+  server can check that the silo's encoder computes the same function as its own, whichever
+  library ran it;
 - MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
 - ConfigRecord `silo`: `label-histogram` (images per class in the silo).
+
+A weight is how many of the silo's images of its class an embedding stands for: a class-level
+prompt stands for one share of its class (weight 1), an instance-level caption for its image
+(weight 1). Within a class, the server spreads that class's images over its prompts in
+proportion to their weights; a silo's weights in a class may not add up to more than its
+histogram's count for that class. Every array travels as a NumPy `.npy` buffer of exactly the
+dtype above; anything else is refused before a byte is allocated for it.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -112,19 +121,84 @@ class EmbeddingPayload:
         return RecordDict({EMBEDDING_RECORD: arrays, SUMMARY_RECORD: summary, SILO_RECORD: silo})
 
     @classmethod
-    def from_records(cls, content: RecordDict) -> EmbeddingPayload:
-        """Decode the structure; the server's validator checks the values."""
-        try:
-            arrays = content[EMBEDDING_RECORD]
-            summary = content[SUMMARY_RECORD]
-            silo = content[SILO_RECORD]
-            return cls(
-                embeds=arrays["embeds"].numpy(),
-                labels=arrays["labels"].numpy(),
-                weights=arrays["weights"].numpy(),
-                probe=arrays["probe"].numpy(),
-                label_histogram=list(silo["label-histogram"]),  # type: ignore[arg-type]
-                captions_failed=int(summary["captions-failed"]),  # type: ignore[arg-type]
+    def from_records(cls, content: RecordDict, max_bytes: int = 2**62) -> EmbeddingPayload:
+        """Decode the structure, strictly: each record of its kind, each array of its dtype and
+        no larger than its bytes, each count a plain integer. Raise `PayloadError` naming what
+        is wrong; the server's validator checks the values."""
+        arrays = _record(content, EMBEDDING_RECORD, "array_records", "an ArrayRecord")
+        summary = _record(content, SUMMARY_RECORD, "metric_records", "a MetricRecord")
+        silo = _record(content, SILO_RECORD, "config_records", "a ConfigRecord")
+        sizes = {key: len(getattr(a, "data", b"")) for key, a in arrays.items()}
+        if sum(sizes.values()) > max_bytes:
+            raise PayloadError(
+                f"{EMBEDDING_RECORD!r} holds {sum(sizes.values())} bytes; at most {max_bytes}"
             )
-        except KeyError as err:
-            raise PayloadError(f"embedding payload lacks {err}") from None
+        histogram = silo.get("label-histogram")
+        if not isinstance(histogram, list) or not all(_is_int(c) for c in histogram):
+            raise PayloadError(
+                f"{SILO_RECORD}['label-histogram'] should be a list of integers, got "
+                f"{_describe(histogram)}"
+            )
+        failed = summary.get("captions-failed", 0)
+        if not _is_int(failed):
+            raise PayloadError(
+                f"{SUMMARY_RECORD}['captions-failed'] should be an integer, got {_describe(failed)}"
+            )
+        return cls(
+            embeds=read_npy(arrays, "embeds", np.float16),
+            labels=read_npy(arrays, "labels", np.int64),
+            weights=read_npy(arrays, "weights", np.int64),
+            probe=read_npy(arrays, "probe", np.float16),
+            label_histogram=[int(c) for c in histogram],
+            captions_failed=int(failed),
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _record(content: RecordDict, key: str, kind: str, what: str):  # type: ignore[no-untyped-def]
+    record = getattr(content, kind).get(key)
+    if record is None:
+        present = {k: type(v).__name__ for k, v in content.items()}
+        raise PayloadError(f"embedding payload lacks {what} {key!r} (it holds {present})")
+    return record
+
+
+def read_npy(record: ArrayRecord, key: str, dtype: type[np.generic]) -> np.ndarray:
+    """An array from its `.npy` bytes without trusting the header: the dtype must be `dtype`
+    and the declared shape must account for exactly the bytes that arrived."""
+    where = f"{EMBEDDING_RECORD}[{key!r}]"
+    array = record.get(key)
+    if not isinstance(array, Array):
+        raise PayloadError(f"{where} is missing")
+    data = array.data
+    if not isinstance(data, bytes):
+        raise PayloadError(f"{where} carries {type(data).__name__}, not bytes")
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, found = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, fortran, found = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f"npy format version {version} is not accepted")
+    except (ValueError, EOFError, SyntaxError) as err:
+        raise PayloadError(f"{where} is not a NumPy array buffer: {err}") from None
+    if found != np.dtype(dtype) or found.hasobject:
+        raise PayloadError(f"{where} has dtype {found}; the wire format needs {np.dtype(dtype)}")
+    count = math.prod(shape)
+    body = len(data) - buffer.tell()
+    if count * found.itemsize != body:
+        raise PayloadError(
+            f"{where} declares shape {shape} ({count * found.itemsize} bytes) but carries {body}"
+        )
+    flat = np.frombuffer(data, found, count=count, offset=buffer.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")

@@ -23,7 +23,6 @@ from fgl_core.payload import (
     REQUEST_RECORD,
     EmbeddingPayload,
     EmbedRequest,
-    PayloadError,
 )
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.evaluation import evaluate_on_server
@@ -33,7 +32,7 @@ from fgl_server.rounds import federation_kwargs, run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
-from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload
 from strategies.fgl import FGL
 
 log = logging.getLogger(__name__)
@@ -75,19 +74,37 @@ def store_manifest(
 def validated_payloads(
     replies: dict[int, RecordDict], limits: PayloadLimits
 ) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
+    """Each reply through the boundary: accepted payloads and, by node, why the others were not."""
     payloads, rejected = {}, {}
     for node_id, content in replies.items():
         node = f"node {node_id}"
         try:
-            payload = EmbeddingPayload.from_records(content)
-            validate_payload(node, payload, limits)
-        except (PayloadError, PayloadRejected) as err:
-            reason = str(err) if str(err).startswith(node) else f"{node}: {err}"
-            rejected[node] = reason
-            log.warning("rejected %s", reason)
-            continue
-        payloads[node] = payload
+            payloads[node] = accept_payload(node, content, limits)
+        except PayloadRejected as err:
+            rejected[node] = str(err)
+            log.warning("rejected %s", err)
     return payloads, rejected
+
+
+def payload_limits(
+    cfg: RunConfig, engine: SynthesisEngine, class_names: list[str]
+) -> PayloadLimits:
+    """What a silo's payload must satisfy; at class level, the server encodes every class's
+    prompt itself (public template, public class names) to compare with what silos send."""
+    class_prompts = None
+    if cfg.prompt_mode == "class":
+        template, style = cfg.effective_prompt_template, cfg.prompt_style
+        texts = [template.format(label=name, style=style) for name in class_names]
+        class_prompts = engine.encode(texts).float().cpu().numpy()
+    return PayloadLimits(
+        width=engine.width,
+        num_classes=len(class_names),
+        probe=engine.probe,
+        max_rows=cfg.max_embeddings_per_silo,
+        probe_tolerance=cfg.probe_tolerance,
+        class_prompts=class_prompts,
+        class_names=tuple(class_names),
+    )
 
 
 def run_fgl(
@@ -100,13 +117,7 @@ def run_fgl(
 
     # round 0: every silo sends its embeddings once; each reply is checked at the boundary
     engine = SynthesisEngine.load(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)
-    limits = PayloadLimits(
-        width=engine.width,
-        num_classes=data.num_classes,
-        probe=engine.probe,
-        max_rows=cfg.max_embeddings_per_silo,
-        probe_tolerance=cfg.probe_tolerance,
-    )
+    limits = payload_limits(cfg, engine, data.class_names)
     request = EmbedRequest.from_config(cfg).to_record()
     with recorder.phase("embed"):
         round0 = strategy.collect_embeddings(ledger, request, REQUEST_RECORD, cfg.embed_timeout)

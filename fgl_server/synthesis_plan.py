@@ -47,9 +47,9 @@ def merge_payloads(
 ) -> tuple[list[Prompt], list[int]]:
     """Deduplicate embeddings across silos; sum the label histograms."""
     prompts: dict[str, Prompt] = {}
-    histogram = np.zeros(num_classes, np.int64)
+    histogram = [0] * num_classes  # Python ints: a sum that cannot wrap
     for node, payload in payloads.items():
-        histogram += np.asarray(payload.label_histogram, np.int64)
+        histogram = [a + int(b) for a, b in zip(histogram, payload.label_histogram, strict=True)]
         for embedding, label, weight in zip(
             payload.embeds, payload.labels, payload.weights, strict=True
         ):
@@ -65,7 +65,7 @@ def merge_payloads(
     log.info(
         "merged %d embeddings from %d silos into %d prompts", total, len(payloads), len(merged)
     )
-    return merged, histogram.tolist()
+    return merged, histogram
 
 
 def plan_images(

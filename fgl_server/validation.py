@@ -1,7 +1,15 @@
 """Check every silo's round-0 reply once, at the boundary, before anything is synthesized.
 
-A reply that fails is rejected with a reason that names the node and says what was expected
-and what arrived; the run goes on with the other silos.
+`accept_payload` is the boundary: whatever bytes and records a silo sent, it returns a checked
+`EmbeddingPayload` or raises `PayloadRejected` with a reason that names the node and says what
+was expected and what arrived; the run goes on with the other silos. What it checks:
+- structure: each record of its kind, each array of its wire dtype, shapes that account for the
+  bytes (nothing is allocated beyond the bytes that arrived, which are capped);
+- claims: histogram counts and weights are integers in [0, MAX_COUNT]; a silo sends prompts only
+  for classes it holds, and its weights in a class add up to at most its count there;
+- the encoder: the silo's encoding of the public probe prompt matches the server's own;
+- class-level prompts: each embedding matches the server's own encoding of that class's prompt
+  (the template and class names are public), so a silo cannot pass off other prompts.
 """
 
 from __future__ import annotations
@@ -9,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import RecordDict
 
-from fgl_core.payload import EmbeddingPayload
+from fgl_core.payload import EmbeddingPayload, PayloadError
 
 SEQUENCE_LENGTH = 77
+MAX_COUNT = 10**9  # images a silo may claim per class: beyond any silo, far from int64's end
 
 
 @dataclass(frozen=True)
@@ -25,10 +35,27 @@ class PayloadLimits:
     # ||silo - server|| / ||server||: fp16 weights or another library stay near 1e-3, another
     # encoder is off by order 1
     probe_tolerance: float = 0.02
+    # class level: the server's own encoding of each class's prompt, (classes, 77, width)
+    class_prompts: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
 
 
 class PayloadRejected(ValueError):
     """A silo's reply that cannot be used; the message names the node and the reason."""
+
+
+def accept_payload(node: str, content: RecordDict, limits: PayloadLimits) -> EmbeddingPayload:
+    """The boundary: a checked payload, or `PayloadRejected` naming the node, whatever arrived."""
+    try:
+        payload = EmbeddingPayload.from_records(content, max_bytes=limits.max_bytes)
+        validate_payload(node, payload, limits)
+    except PayloadRejected:
+        raise
+    except PayloadError as err:
+        raise PayloadRejected(f"{node}: {err}") from None
+    except Exception as err:  # whatever else a crafted reply provokes: still only a rejection
+        raise PayloadRejected(f"{node}: unreadable payload ({type(err).__name__}: {err})") from None
+    return payload
 
 
 def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits) -> None:
@@ -64,17 +91,35 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
             f"sent labels in [{labels.min()}, {labels.max()}]; the task has classes "
             f"0..{limits.num_classes - 1}"
         )
-    if weights.min() < 1:
-        reject(f"sent a weight of {weights.min()}; weights count images and must be >= 1")
+    if weights.min() < 1 or weights.max() > MAX_COUNT:
+        reject(
+            f"sent weights in [{weights.min()}, {weights.max()}]; each must be in 1..{MAX_COUNT}"
+        )
     if not np.isfinite(embeds).all():
         bad = int((~np.isfinite(embeds)).any(axis=(1, 2)).sum())
         reject(f"sent {bad} embeddings with NaN or infinite values")
-    if len(payload.label_histogram) != limits.num_classes:
+    histogram = payload.label_histogram
+    if len(histogram) != limits.num_classes:
         reject(
-            f"sent a label histogram of {len(payload.label_histogram)} classes; the task has "
-            f"{limits.num_classes}"
+            f"sent a label histogram of {len(histogram)} classes; the task has {limits.num_classes}"
         )
+    if min(histogram) < 0 or max(histogram) > MAX_COUNT:
+        reject(
+            f"sent a label histogram with counts in [{min(histogram)}, {max(histogram)}]; "
+            f"each must be in 0..{MAX_COUNT}"
+        )
+    claimed = [0] * limits.num_classes  # Python ints: a sum that cannot wrap
+    for label, weight in zip(labels.tolist(), weights.tolist(), strict=True):
+        claimed[label] += weight
+    for label, (weight, count) in enumerate(zip(claimed, histogram, strict=True)):
+        if weight > count:
+            reject(
+                f"sent prompts of weight {weight} for class {label}, where its histogram "
+                f"counts {count} images; the weights in a class may not exceed its count"
+            )
     check_encoder(node, probe, limits)
+    if limits.class_prompts is not None:
+        check_class_prompts(node, embeds, labels, limits)
 
 
 def check_encoder(node: str, probe: np.ndarray, limits: PayloadLimits) -> None:
@@ -90,4 +135,23 @@ def check_encoder(node: str, probe: np.ndarray, limits: PayloadLimits) -> None:
         raise PayloadRejected(
             f"{node}: its text encoder differs from the generator's: the probe prompt's "
             f"embedding is off by {gap:.3g} (relative L2), tolerance {limits.probe_tolerance}"
+        )
+
+
+def check_class_prompts(
+    node: str, embeds: np.ndarray, labels: np.ndarray, limits: PayloadLimits
+) -> None:
+    """Class level: every embedding is the server's own encoding of its class's prompt."""
+    assert limits.class_prompts is not None
+    reference = limits.class_prompts[labels].astype(np.float64)
+    gaps = np.linalg.norm((embeds.astype(np.float64) - reference).reshape(len(labels), -1), axis=1)
+    gaps /= np.linalg.norm(reference.reshape(len(labels), -1), axis=1)
+    worst = int(np.argmax(gaps))
+    if gaps[worst] > limits.probe_tolerance:
+        label = int(labels[worst])
+        name = limits.class_names[label] if label < len(limits.class_names) else str(label)
+        raise PayloadRejected(
+            f"{node}: its embedding for class {label} ({name!r}) is not this task's class prompt "
+            f"(off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}): "
+            f"another prompt, another class list or another template"
         )

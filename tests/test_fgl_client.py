@@ -226,7 +226,7 @@ def test_embed_request_round_trips_and_bad_requests_are_named():
     bad["max-captions-per-class"] = "many"
     with pytest.raises(PayloadError, match="'max-captions-per-class' should be int, got 'many'"):
         EmbedRequest.from_record(bad)
-    with pytest.raises(PayloadError, match="lacks 'embedding'"):
+    with pytest.raises(PayloadError, match="lacks an ArrayRecord 'embedding'"):
         EmbeddingPayload.from_records(RecordDict({"other": ConfigRecord({"a": 1})}))
 
 

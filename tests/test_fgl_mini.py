@@ -162,19 +162,20 @@ def test_fgl_one_shot_with_fgl_mini_at_extreme_label_skew_beats_chance_by_far(tm
     assert results["one-shot"]["test-accuracy"] >= 3 * CHANCE, results["one-shot"]
 
 
-@pytest.mark.slow
-def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_drives_one_shot_to_chance(
+def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_is_rejected(
     tmp_path, task_identity
 ):
+    # before the class-prompt check such a silo was accepted and drove one-shot to chance (0.08)
+    quick = {"images-per-class": 10, "steps": 4, "oneshot-epochs": 1, "min-nodes": 5}
     cfg = RunConfig.from_flower(
-        {**ONE_SHOT, "output-dir": str(tmp_path), "run-name": "shifted", "min-nodes": 5}
+        {**ONE_SHOT, **quick, "output-dir": str(tmp_path), "run-name": "shifted"}
         | {"cache-dir": str(tmp_path / "cache")}
     )
     contexts = {100 + i: silo_context(cfg.to_flower(), 100 + i, i, 5) for i in range(5)}
 
     def next_label(reply: Message) -> Message:
-        if reply.metadata.message_type == "query.embed":  # every label l sent as l + 1
-            labels = reply.content["embedding"]["labels"].numpy()
+        if reply.metadata.message_type == "query.embed" and reply.metadata.src_node_id == 100:
+            labels = reply.content["embedding"]["labels"].numpy()  # every label l sent as l + 1
             reply.content["embedding"]["labels"] = Array((labels + 1) % 10)
             histogram = list(reply.content["silo"]["label-histogram"])
             reply.content["silo"]["label-histogram"] = histogram[-1:] + histogram[:-1]
@@ -182,6 +183,6 @@ def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_drives_one_shot
 
     recorder = RunRecorder(cfg)
     run_fgl(InProcessGrid(contexts, next_label), cfg, load_dataset(cfg), recorder, CPU)
-    results = recorder.results
-    assert len(results["embedding"]["nodes-accepted"]) == 5
-    assert results["one-shot"]["test-accuracy"] <= 1.5 * CHANCE, results["one-shot"]
+    embedding = recorder.results["embedding"]
+    assert embedding["nodes-accepted"] == [f"node {n}" for n in range(101, 105)]
+    assert "is not this task's class prompt" in embedding["rejected"]["node 100"]

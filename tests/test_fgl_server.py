@@ -12,7 +12,7 @@ from fgl_client.silo import load_silo
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.payload import EmbeddingPayload, EmbedRequest
-from fgl_server.fgl_run import run_fgl
+from fgl_server.fgl_run import payload_limits, run_fgl
 from fgl_server.inprocess import InProcessGrid, silo_context
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
@@ -150,6 +150,25 @@ def test_a_different_encoder_fails_the_probe_check(engine, payloads, tmp_path):
     validate_payload(
         "node 2", altered(payloads["node 2"], probe=engine.probe.astype(np.float16)), limits(engine)
     )
+
+
+def test_class_prompts_must_be_the_tasks_own(engine, payloads, blood_npz, cache_dir):
+    cfg = fgl_config(blood_npz, cache_dir)
+    class_names = load_dataset(cfg).class_names
+    checked = payload_limits(cfg, engine, class_names)
+    for node, payload in payloads.items():  # honest silos pass, on the float16 wire
+        validate_payload(node, payload, checked)
+    # a silo passes off another task's prompts under this task's labels
+    payload = payloads["node 1"]
+    foreign = [f"{name}, real world images, high resolution" for name in ("cat", "ship", "truck")]
+    texts = [foreign[i % 3] for i in range(len(payload.labels))]
+    poisoned = altered(payload, embeds=engine.encode(texts).numpy().astype(np.float16))
+    with pytest.raises(PayloadRejected, match=r"^node 1: its embedding for class \d+ .* is not"):
+        validate_payload("node 1", poisoned, checked)
+    # one class swapped for another of the same task is caught too
+    swapped = altered(payload, labels=np.roll(payload.labels, 1))
+    with pytest.raises(PayloadRejected, match="is not this task's class prompt"):
+        validate_payload("node 1", swapped, checked)
 
 
 # --- planning -----------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""The payload boundary: whatever a silo sends, the server gets a checked payload or a rejection
+that names the node, and the run goes on with the other silos."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgl_core.payload import EMBEDDING_RECORD, SILO_RECORD, SUMMARY_RECORD, EmbeddingPayload
+from fgl_server.fgl_run import validated_payloads
+from fgl_server.synthesis_plan import merge_payloads, plan_images
+from fgl_server.validation import MAX_COUNT, PayloadLimits, PayloadRejected, accept_payload
+
+WIDTH, CLASSES = 8, 4
+PROBE = np.random.default_rng(0).standard_normal((77, WIDTH)).astype(np.float32)
+LIMITS = PayloadLimits(width=WIDTH, num_classes=CLASSES, probe=PROBE, max_bytes=2**20)
+
+
+def honest(histogram=(5, 0, 3, 2)) -> EmbeddingPayload:
+    labels = np.flatnonzero(np.asarray(histogram) > 0)
+    embeds = np.random.default_rng(1).standard_normal((len(labels), 77, WIDTH))
+    return EmbeddingPayload(
+        embeds=embeds.astype(np.float16),
+        labels=labels.astype(np.int64),
+        weights=np.ones(len(labels), np.int64),
+        probe=PROBE.astype(np.float16),
+        label_histogram=list(histogram),
+    )
+
+
+def npy_bytes(shape: tuple[int, ...], dtype: str, body: bytes = b"") -> bytes:
+    """A `.npy` buffer whose header declares `shape` whatever the body holds."""
+    buffer = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + body
+
+
+def raw(data: bytes, dtype: str = "float16", shape=(1,)) -> Array:
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
+def with_array(key: str, array: Array) -> RecordDict:
+    content = honest().to_records()
+    content.array_records[EMBEDDING_RECORD][key] = array
+    return content
+
+
+def with_config(record: str, key: str, value) -> RecordDict:
+    content = honest().to_records()
+    getattr(content, f"{'config' if record == SILO_RECORD else 'metric'}_records")[record][key] = (
+        value
+    )
+    return content
+
+
+BREAKS = {  # the replies that stopped a whole run before this boundary existed
+    "histogram-scalar": lambda: with_config(SILO_RECORD, "label-histogram", 7),
+    "histogram-strings": lambda: with_config(SILO_RECORD, "label-histogram", ["a", "b"]),
+    "captions-failed-list": lambda: with_config(SUMMARY_RECORD, "captions-failed", [1.0, 2.0]),
+    "embedding-as-config": lambda: RecordDict(
+        {
+            **honest().to_records(),
+            EMBEDDING_RECORD: ConfigRecord({"embeds": b"\x00"}),
+        }
+    ),
+    "string-dtype": lambda: with_array("labels", Array(np.array(["0", "2"]))),
+    "object-header": lambda: with_array("labels", raw(npy_bytes((2,), "|O"), "object", (2,))),
+    "not-an-array": lambda: with_array("embeds", raw(b"these bytes are not a numpy array")),
+    "2^40-rows": lambda: with_array("embeds", raw(npy_bytes((2**40, 77, WIDTH), "<f2"))),
+    "short-body": lambda: with_array("embeds", raw(npy_bytes((3, 77, WIDTH), "<f2", b"\0" * 10))),
+    "negative-count": lambda: honest((5, -3, 3, 2)).to_records(),
+    "count-2^62": lambda: honest((2**62, 0, 3, 2)).to_records(),
+    "weight-2^62": lambda: EmbeddingPayload(
+        **{**honest().__dict__, "weights": np.array([2**62, 1, 1], np.int64)}
+    ).to_records(),
+    "weight-above-count": lambda: EmbeddingPayload(
+        **{**honest().__dict__, "weights": np.array([1, 4, 1], np.int64)}
+    ).to_records(),
+    "prompt-for-an-absent-class": lambda: EmbeddingPayload(
+        **{**honest().__dict__, "labels": np.array([0, 1, 2], np.int64)}
+    ).to_records(),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_a_hostile_reply_is_rejected_by_name_and_the_others_go_on(name):
+    replies = {1: honest().to_records(), 2: BREAKS[name](), 3: honest((0, 4, 0, 1)).to_records()}
+    payloads, rejected = validated_payloads(replies, LIMITS)
+    assert sorted(payloads) == ["node 1", "node 3"]
+    assert list(rejected) == ["node 2"] and rejected["node 2"].startswith("node 2: ")
+    assert "unreadable payload" not in rejected["node 2"]  # each is named, not caught blindly
+
+
+def test_a_header_declaring_2_to_the_40_rows_allocates_nothing():
+    content = BREAKS["2^40-rows"]()
+    tracemalloc.start()
+    with pytest.raises(PayloadRejected, match=r"declares shape \(1099511627776, 77, 8\)"):
+        accept_payload("node 5", content, LIMITS)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_bytes_past_the_cap_are_refused_before_decoding():
+    big = with_array("embeds", Array(np.zeros((600, 77, WIDTH), np.float16)))  # 739 kB
+    small_cap = PayloadLimits(width=WIDTH, num_classes=CLASSES, probe=PROBE, max_bytes=500_000)
+    with pytest.raises(PayloadRejected, match=r"holds \d+ bytes; at most 500000"):
+        accept_payload("node 4", big, small_cap)
+
+
+def test_claims_cannot_inflate_the_plan_past_its_configured_size():
+    payloads = {"node 1": honest((MAX_COUNT, 0, 3, 2)), "node 2": honest((MAX_COUNT, 1, 0, 0))}
+    for node, payload in payloads.items():
+        accept_payload(node, payload.to_records(), LIMITS)
+    prompts, histogram = merge_payloads(payloads, CLASSES)
+    assert histogram == [2 * MAX_COUNT, 1, 3, 2]  # exact: no int64 wrap-around
+    jobs = plan_images(prompts, histogram, 10, "proportional", run_seed=0)
+    assert len(jobs) == 10 * CLASSES
+
+
+# --- fuzzing: arbitrary records, dtypes, shapes and values --------------------------------
+
+scalars = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.booleans(),
+    st.binary(max_size=8),
+)
+config_values = st.one_of(scalars, st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6))
+dtypes = st.sampled_from(["<f2", "<f4", "<i8", "<i4", "|u1", "<U3", "|O", "|b1", ">f2", "<c8"])
+shapes = st.lists(st.integers(0, 2**42), max_size=4).map(tuple)
+
+
+@st.composite
+def arrays(draw) -> Array:
+    kind = draw(st.sampled_from(["header", "bytes", "real"]))
+    if kind == "header":  # a crafted header, any body
+        data = npy_bytes(draw(shapes), draw(dtypes), draw(st.binary(max_size=64)))
+    elif kind == "bytes":
+        data = draw(st.binary(max_size=256))
+    else:
+        shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+        dtype = draw(st.sampled_from(["float16", "float32", "int64", "int8", "bool"]))
+        return Array(np.zeros(shape, dtype))
+    return raw(data)
+
+
+@st.composite
+def hostile_replies(draw) -> RecordDict:
+    content = honest().to_records()
+    for _ in range(draw(st.integers(1, 4))):
+        target = draw(st.sampled_from(["array", "silo", "summary", "swap", "drop"]))
+        arrays_, silo = content.array_records, content.config_records
+        summary = content.metric_records
+        if target == "array" and EMBEDDING_RECORD in arrays_:
+            key = draw(st.sampled_from(["embeds", "labels", "weights", "probe"]))
+            arrays_[EMBEDDING_RECORD][key] = draw(arrays())
+        elif target == "silo" and SILO_RECORD in silo:
+            silo[SILO_RECORD]["label-histogram"] = draw(config_values)
+        elif target == "summary" and SUMMARY_RECORD in summary:
+            value = draw(st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats()))
+            summary[SUMMARY_RECORD]["captions-failed"] = value
+        elif target == "swap":  # a record of another kind under a known name
+            name = draw(st.sampled_from([EMBEDDING_RECORD, SILO_RECORD, SUMMARY_RECORD]))
+            other = draw(
+                st.sampled_from(
+                    [ArrayRecord(), ConfigRecord({"x": 1}), MetricRecord({"label-histogram": 1})]
+                )
+            )
+            content[name] = other
+        else:
+            name = draw(st.sampled_from([EMBEDDING_RECORD, SILO_RECORD, SUMMARY_RECORD]))
+            content.pop(name, None)
+    return content
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_replies())
+def test_whatever_arrives_the_boundary_returns_a_payload_or_a_named_rejection(content):
+    tracemalloc.start()
+    try:
+        payload = accept_payload("node 9", content, LIMITS)
+    except PayloadRejected as err:
+        assert str(err).startswith("node 9: ")
+    else:  # what passes is a payload the planner can use
+        assert payload.embeds.shape[1:] == (77, WIDTH) and payload.embeds.dtype == np.float16
+        assert min(payload.label_histogram) >= 0
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 4 * LIMITS.max_bytes
