@@ -1,10 +1,13 @@
 """The synthetic training set on disk: uint8 shards plus a manifest of how they were made.
 
-The store's folder is named by a hash of its manifest (generator, scheduler, steps, guidance,
+The store's folder is named by a hash of its plan (generator, scheduler, steps, guidance,
 resolutions, device, every image's prompt digest, seed and label), so a rerun with the same
 plan finds the shards it already finished and makes only the rest: a crash loses at most the
-shard in progress. Shards are written to a temporary name and renamed, so a shard on disk is
-always whole.
+shards in progress. Shards are written to a temporary name and renamed, and the manifest's shard
+table records each finished shard's image count and sha256. A shard counts as done only if its
+file matches that record: a truncated, zeroed, flipped or replaced shard is named, and the next
+run makes it again; `load()` refuses one by name. A manifest that cannot be read or does not
+match the plan is rebuilt, and then every shard is made again.
 """
 
 from __future__ import annotations
@@ -27,17 +30,42 @@ from fgl_server.synthesis_plan import ImageJob, Prompt
 log = logging.getLogger(__name__)
 
 
+class StoreError(RuntimeError):
+    """A synthetic store that cannot be used as it is; the message names the shard or file."""
+
+
 class SyntheticStore:
     def __init__(self, root: str | Path, manifest: dict, shard_size: int) -> None:
-        self.manifest = {**manifest, "shard-size": shard_size}
-        blob = json.dumps(self.manifest, sort_keys=True).encode()
+        self.plan = {**manifest, "shard-size": shard_size}
+        blob = json.dumps(self.plan, sort_keys=True).encode()
         self.dir = Path(root) / hashlib.sha256(blob).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "manifest.json"
-        if not path.exists():
-            _atomic_write(path, json.dumps(self.manifest, indent=1).encode())
         self.shard_size = shard_size
-        self.num_images = len(self.manifest["labels"])
+        self.num_images = len(self.plan["labels"])
+        self.shards: dict[str, dict] = self._read_shard_table()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    def _read_shard_table(self) -> dict[str, dict]:
+        """The finished shards the manifest records; a manifest that is unreadable or of
+        another plan is rebuilt (and then no shard is trusted)."""
+        if self.manifest_path.exists():
+            try:
+                stored = json.loads(self.manifest_path.read_text())
+                shards = stored.pop("shards")
+                if stored == self.plan and isinstance(shards, dict):
+                    return shards
+                reason = "it records another plan"
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                reason = f"it cannot be read ({type(err).__name__}: {err})"
+            log.warning("synthetic store %s: rebuilding manifest.json: %s", self.dir, reason)
+        self._write_manifest({})
+        return {}
+
+    def _write_manifest(self, shards: dict[str, dict]) -> None:
+        _atomic_write(self.manifest_path, json.dumps({**self.plan, "shards": shards}).encode())
 
     @property
     def num_shards(self) -> int:
@@ -49,24 +77,59 @@ class SyntheticStore:
     def shard_path(self, shard: int) -> Path:
         return self.dir / f"shard-{shard:05d}.npz"
 
+    def problem(self, shard: int) -> str | None:
+        """Why shard `shard` is not usable as recorded (missing, unrecorded, altered), or None."""
+        path, record = self.shard_path(shard), self.shards.get(str(shard))
+        if not path.is_file():
+            return None if record is None else f"{path.name} is missing"
+        if record is None:
+            return f"{path.name} is not in the manifest's shard table"
+        digest = _sha256(path)
+        if digest != record.get("sha256"):
+            recorded = str(record.get("sha256"))[:12]
+            return f"{path.name} has sha256 {digest[:12]}..., the manifest recorded {recorded}..."
+        return None
+
     def is_done(self, shard: int) -> bool:
-        return self.shard_path(shard).is_file()
+        return self.shard_path(shard).is_file() and self.problem(shard) is None
 
     def write(self, shard: int, images: np.ndarray, labels: np.ndarray) -> None:
+        start, end = self.shard_range(shard)
+        if len(images) != end - start or len(labels) != end - start:
+            raise StoreError(f"shard {shard} needs {end - start} images, got {len(images)}")
         tmp = self.shard_path(shard).with_suffix(".tmp.npz")
         np.savez(tmp, images=images, labels=labels)
+        digest = _sha256(tmp)
         os.replace(tmp, self.shard_path(shard))
+        self.shards[str(shard)] = {"images": len(images), "sha256": digest}
+        self._write_manifest(self.shards)
 
     def load(self) -> ImageSet:
+        """Every shard, each checked against the manifest; a bad one is named (a rerun of the
+        same plan makes it again)."""
         images, labels = [], []
         for shard in range(self.num_shards):
-            with np.load(self.shard_path(shard), allow_pickle=False) as archive:
-                images.append(archive["images"])
-                labels.append(archive["labels"])
-        labels_all = np.concatenate(labels).astype(np.int64)
-        if labels_all.tolist() != self.manifest["labels"]:
-            raise RuntimeError(f"synthetic store {self.dir} does not match its manifest")
-        return ImageSet(np.concatenate(images), labels_all)
+            path = self.shard_path(shard)
+            problem = self.problem(shard) or (None if path.is_file() else f"{path.name} is missing")
+            if problem:
+                raise StoreError(f"synthetic store {self.dir}: {problem}; rerun to remake it")
+            start, end = self.shard_range(shard)
+            try:
+                with np.load(path, allow_pickle=False) as archive:
+                    shard_images, shard_labels = archive["images"], archive["labels"]
+            except Exception as err:  # the digest matched, so this is a store written wrongly
+                raise StoreError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+            if (
+                len(shard_images) != end - start
+                or shard_labels.tolist() != self.plan["labels"][start:end]
+            ):
+                raise StoreError(
+                    f"{path}: {len(shard_images)} images with labels that do not match the plan's "
+                    f"{end - start} images {start}..{end - 1}"
+                )
+            images.append(shard_images)
+            labels.append(shard_labels)
+        return ImageSet(np.concatenate(images), np.concatenate(labels).astype(np.int64))
 
 
 def synthesize_into_store(
@@ -78,7 +141,13 @@ def synthesize_into_store(
     on_shard: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Make every shard the store lacks; return counts and the synthesis rate."""
-    todo = [s for s in range(store.num_shards) if not store.is_done(s)]
+    todo = []
+    for shard in range(store.num_shards):
+        problem = store.problem(shard)
+        if problem:
+            log.warning("synthetic store %s: %s; making it again", store.dir, problem)
+        if problem or not store.shard_path(shard).is_file():
+            todo.append(shard)
     reused = store.num_images - sum(len(range(*store.shard_range(s))) for s in todo)
     if reused:
         log.info("synthetic store %s: reusing %d finished images", store.dir, reused)
@@ -112,6 +181,14 @@ def synthesize_into_store(
         "seconds": seconds,
         "images-per-second": rate,
     }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -23,7 +23,7 @@ from fgl_server.synthesis import (
     fused_attention,
 )
 from fgl_server.synthesis_plan import merge_payloads, plan_images
-from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
+from fgl_server.synthetic_store import StoreError, SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
 from tests.conftest import launch
 
@@ -248,6 +248,67 @@ def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, 
         assert whole.shard_path(s).read_bytes() == resumed.shard_path(s).read_bytes()
     data = resumed.load()
     assert len(data) == 40 and data.labels.tolist() == manifest["labels"]
+
+
+def damage_truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def damage_zero(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def damage_flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def damage_zero_pixels(path):  # a valid npz, same labels, black images
+    with np.load(path) as archive:
+        np.savez(path, images=np.zeros_like(archive["images"]), labels=archive["labels"])
+
+
+def damage_one_image(path):  # a valid npz with 1 image and 4 labels
+    with np.load(path) as archive:
+        np.savez(path, images=archive["images"][:1], labels=archive["labels"][:4])
+
+
+@pytest.mark.parametrize(
+    "damage", [damage_truncate, damage_zero, damage_flip, damage_zero_pixels, damage_one_image]
+)
+def test_a_damaged_shard_is_named_on_load_and_remade_alone_by_the_rerun(
+    engine, payloads, tmp_path, damage
+):
+    prompts, histogram = merge_payloads(payloads, 8)
+    jobs = plan_images(prompts, histogram, 2, "balanced", run_seed=0)  # 16 images, 4 shards
+    manifest = {"labels": [j.label for j in jobs], "seeds": [j.seed for j in jobs]}
+    store = SyntheticStore(tmp_path, manifest, shard_size=4)
+    synthesize_into_store(engine, prompts, jobs, store, batch_size=4)
+    good = store.shard_path(2).read_bytes()
+    damage(store.shard_path(2))
+    with pytest.raises(StoreError, match=r"shard-00002\.npz has sha256 .* rerun to remake it"):
+        SyntheticStore(tmp_path, manifest, shard_size=4).load()
+    rerun, made = SyntheticStore(tmp_path, manifest, shard_size=4), []
+    stats = synthesize_into_store(engine, prompts, jobs, rerun, 4, on_shard=made.append)
+    assert made == [2] and stats["made"] == 4
+    assert rerun.shard_path(2).read_bytes() == good
+    assert rerun.load().labels.tolist() == manifest["labels"]
+
+
+def test_a_broken_manifest_is_rebuilt_and_its_shards_are_remade(engine, payloads, tmp_path):
+    prompts, histogram = merge_payloads(payloads, 8)
+    jobs = plan_images(prompts, histogram, 1, "balanced", run_seed=0)  # 8 images, 2 shards
+    manifest = {"labels": [j.label for j in jobs], "seeds": [j.seed for j in jobs]}
+    store = SyntheticStore(tmp_path, manifest, shard_size=4)
+    synthesize_into_store(engine, prompts, jobs, store, batch_size=4)
+    store.manifest_path.write_text('{"labels": [0, 1')  # cut off mid-write by hand
+    with pytest.raises(StoreError, match=r"shard-00000\.npz is not in the manifest's shard table"):
+        SyntheticStore(tmp_path, manifest, shard_size=4).load()
+    made = []
+    rerun = SyntheticStore(tmp_path, manifest, shard_size=4)
+    synthesize_into_store(engine, prompts, jobs, rerun, 4, on_shard=made.append)
+    assert made == [0, 1] and len(rerun.load()) == 8
 
 
 # --- a whole run, in process, with one misbehaving silo ------------------------------------
