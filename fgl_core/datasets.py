@@ -9,7 +9,9 @@ done here: the training loop applies it per batch, so nothing random is frozen i
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 SPLIT_SEED = 0  # data splits are fixed across run seeds, so every seed sees the same test set
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 FOLDER_DEFAULT_SIZE = 64
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; more is a corrupt label, not a task
 
 # Class names of the single-label MedMNIST v2 sets, in label order (from the MedMNIST INFO table).
 MEDMNIST_CLASS_NAMES: dict[str, list[str]] = {
@@ -126,6 +129,9 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
             "'.npz' file, an ImageFolder directory (train/<class>/..., test/<class>/...) or a "
             "MedMNIST name such as 'bloodmnist'"
         )
+    for split in ("train", "test"):
+        if len(splits[split]) == 0:
+            raise DatasetError(f"dataset {source!r}: the {split} split has no images")
     names = _resolve_class_names(source, cfg.class_name_list, names, splits)
     train, val, test = splits["train"], splits.get("val"), splits["test"]
     if val is None:
@@ -163,26 +169,14 @@ def _load_npz(path: Path) -> tuple[dict[str, ImageSet], list[str]]:
         raise DatasetError(
             f"dataset file {str(path)!r} does not exist (looked in {str(path.resolve().parent)!r})"
         )
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    arrays = _read_npz(path)
+    keys = set(arrays)
+    missing = {"train_images", "train_labels", "test_images", "test_labels"} - keys
+    if missing:
         raise DatasetError(
-            f"dataset file {str(path)!r} is not a readable .npz archive: {err}"
-        ) from None
-    with archive:
-        keys = set(archive.files)
-        missing = {"train_images", "train_labels", "test_images", "test_labels"} - keys
-        if missing:
-            raise DatasetError(
-                f"dataset file {str(path)!r} lacks {sorted(missing)} (it holds {sorted(keys)}); "
-                "the MedMNIST layout is train_/val_/test_ + images/labels"
-            )
-        try:
-            arrays = {key: archive[key] for key in keys}
-        except ValueError as err:  # object arrays: np.load refuses to unpickle them
-            raise DatasetError(
-                f"dataset file {str(path)!r} is not a readable .npz: {err}"
-            ) from None
+            f"dataset file {str(path)!r} lacks {sorted(missing)} (it holds {sorted(keys)}); "
+            "the MedMNIST layout is train_/val_/test_ + images/labels"
+        )
     splits = {}
     for split in ("train", "val", "test"):
         if f"{split}_images" in arrays and f"{split}_labels" in arrays:
@@ -192,6 +186,46 @@ def _load_npz(path: Path) -> tuple[dict[str, ImageSet], list[str]]:
             splits[split] = ImageSet(images, labels)
     names = [str(name) for name in arrays["classes"].tolist()] if "classes" in arrays else []
     return splits, names
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an `.npz`, each header checked against its member's size before anything
+    is allocated; any damage is a `DatasetError` naming the file and the member."""
+    arrays = {}
+    member = "(the archive)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                member = info.filename
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }.get(version)
+                    if read_header is None:
+                        raise ValueError(f"npy format version {version} is not supported")
+                    shape, _, dtype = read_header(f)
+                    if dtype.hasobject:
+                        raise ValueError("it holds Python objects, which are never unpickled")
+                    declared = math.prod(shape) * dtype.itemsize
+                    if declared != info.file_size - f.tell():
+                        raise ValueError(
+                            f"its header declares shape {shape} ({declared} bytes) but it holds "
+                            f"{info.file_size - f.tell()}"
+                        )
+                with archive.open(info) as f:
+                    arrays[member.removesuffix(".npy")] = np.lib.format.read_array(
+                        f, allow_pickle=False
+                    )
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise DatasetError(
+            f"dataset file {str(path)!r} is not a readable .npz archive ({member}): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    return arrays
 
 
 def _load_image_folder(root: Path, size: int) -> tuple[dict[str, ImageSet], list[str], list[str]]:
@@ -214,6 +248,8 @@ def _load_image_folder(root: Path, size: int) -> tuple[dict[str, ImageSet], list
             if c.is_dir()
         }
     )
+    from PIL import Image
+
     domain_names = [d for d in trees if d]
     splits = {}
     for split in ("train", "val", "test"):
@@ -227,8 +263,8 @@ def _load_image_folder(root: Path, size: int) -> tuple[dict[str, ImageSet], list
                         continue
                     try:
                         images.append(_read_image(file, size))
-                    except OSError:
-                        unreadable.append(str(file))
+                    except (OSError, ValueError, Image.DecompressionBombError):
+                        unreadable.append(str(file))  # bombs too: a claimed 100000 px square
                         continue
                     labels.append(label)
                     domains.append(d_index)
@@ -249,6 +285,15 @@ def _load_image_folder(root: Path, size: int) -> tuple[dict[str, ImageSet], list
     for split in ("train", "test"):
         if split not in splits:
             raise DatasetError(f"dataset directory {str(root)!r} has no readable {split} images")
+    counts = np.bincount(
+        np.concatenate([s.labels for s in splits.values()]), minlength=len(classes)
+    )
+    empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DatasetError(
+            f"dataset directory {str(root)!r}: the class folders {empty} hold no readable image "
+            "in any split; remove them or add images"
+        )
     return splits, [c.replace("_", " ") for c in classes], domain_names
 
 
@@ -331,6 +376,11 @@ def _resolve_class_names(
     source: str, configured: list[str], carried: list[str], splits: dict[str, ImageSet]
 ) -> list[str]:
     num_classes = 1 + max(int(s.labels.max()) for s in splits.values() if len(s))
+    if num_classes > MAX_CLASSES:
+        raise DatasetError(
+            f"dataset {source!r}: a label of {num_classes - 1} means {num_classes} classes; "
+            f"at most {MAX_CLASSES} are supported (a corrupt label?)"
+        )
     stem = Path(source).stem.lower().split("_")[0]
     for origin, names in (
         ("config 'class-names'", configured),
@@ -344,6 +394,14 @@ def _resolve_class_names(
                     f"only {len(names)} classes: {names}"
                 )
             return list(names)
+    present = np.unique(np.concatenate([s.labels for s in splits.values()]))
+    if len(present) < num_classes:
+        absent = sorted(set(range(num_classes)) - set(present.tolist()))
+        raise DatasetError(
+            f"dataset {source!r}: labels go up to {num_classes - 1} but {len(absent)} classes "
+            f"have no image in any split (e.g. {absent[:5]}) and nothing names the classes; "
+            "give 'class-names' (or a 'classes' array in the .npz) if that is intended"
+        )
     log.warning("dataset %r carries no class names; using 'class 0', 'class 1', ...", source)
     return [f"class {i}" for i in range(num_classes)]
 

@@ -135,3 +135,105 @@ def test_domain_partition_needs_a_domain_level(tmp_path):
     cfg = RunConfig.from_flower({"dataset": str(tmp_path), "partition": "domain"})
     with pytest.raises(PartitionError, match="needs a dataset with a domain level"):
         partition_dataset(cfg, load_dataset(cfg), 2)
+
+
+# --- damaged files: every failure names the file and the reason ---------------------------
+
+
+def small_npz(path, train=12, test=6, labels=None, **extra):
+    rng = np.random.default_rng(0)
+    train_labels = labels if labels is not None else np.arange(train) % 3
+    np.savez_compressed(
+        path,
+        train_images=rng.integers(0, 255, (train, 6, 6), dtype=np.uint8),
+        train_labels=np.asarray(train_labels, np.int64),
+        test_images=rng.integers(0, 255, (test, 6, 6), dtype=np.uint8),
+        test_labels=np.arange(test, dtype=np.int64) % 3,
+        **extra,
+    )
+    return path
+
+
+def zero_bytes(path):
+    path.write_bytes(b"")
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def corrupt_deflate(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("train_images.npy")
+    data = bytearray(path.read_bytes())
+    local = info.header_offset  # the local header gives the lengths before the stream
+    name_len, extra_len = (
+        int.from_bytes(data[local + k : local + k + 2], "little") for k in (26, 28)
+    )
+    start = local + 30 + name_len + extra_len
+    data[start : start + 8] = b"\xff" * 8  # the compressed stream's first bytes
+    path.write_bytes(bytes(data))
+
+
+def header_of_2_to_the_40_rows(path):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (2**40, 6, 6)}
+    )
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("val_images.npy", header.getvalue() + b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (zero_bytes, "not a readable .npz archive"),
+        (flip_a_byte, "not a readable .npz archive"),
+        (corrupt_deflate, r"not a readable .npz archive \(train_images.npy\)"),
+        (header_of_2_to_the_40_rows, r"val_images.npy\): .*declares shape \(1099511627776, 6, 6\)"),
+    ],
+    ids=["0-bytes", "flipped-byte", "corrupt-deflate", "2^40-rows"],
+)
+def test_a_damaged_npz_is_named_with_its_reason(tmp_path, damage, reason):
+    path = small_npz(tmp_path / "silo.npz")
+    damage(path)
+    with pytest.raises(DatasetError, match=f"silo.npz.*{reason}"):
+        load(dataset=str(path))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        ({"train": 0}, "the train split has no images"),
+        ({"test": 0}, "the test split has no images"),
+        ({"labels": [0, 1, 2, 10**6] * 3}, r"a label of 1000000 means 1000001 classes"),
+        ({"labels": [0, 1, 2, 500] * 3}, r"labels go up to 500 but 497 classes have no image"),
+    ],
+    ids=["empty-train", "empty-test", "label-1e6", "sparse-labels"],
+)
+def test_empty_splits_and_absurd_class_counts_are_refused(tmp_path, arrays, reason):
+    path = small_npz(tmp_path / "odd.npz", **arrays)
+    with pytest.raises(DatasetError, match=reason):
+        load(dataset=str(path))
+
+
+def test_an_image_folder_skips_a_decompression_bomb_and_refuses_an_empty_class(tmp_path):
+    write_tree(tmp_path, [""], ["cat", "dog"])
+    bomb = tmp_path / "train" / "cat" / "bomb.png"
+    Image.new("1", (1, 1)).save(bomb)
+    data = bytearray(bomb.read_bytes())  # the IHDR chunk claims 100000 x 100000 pixels
+    data[16:24] = (100_000).to_bytes(4, "big") * 2
+    bomb.write_bytes(bytes(data))
+    splits = load(dataset=str(tmp_path))
+    assert len(splits.train) + len(splits.val) == 6  # the bomb skipped, the rest loaded
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "test" / "bird").mkdir()
+    with pytest.raises(DatasetError, match=r"class folders \['bird'\] hold no readable image"):
+        load(dataset=str(tmp_path))
