@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fgl_core.prompt_templates import (
     CLASS_FIELDS,
@@ -34,8 +41,14 @@ def _kebab(name: str) -> str:
 class RunConfig(BaseModel):
     """Every setting of a run. Field names are snake_case here and kebab-case on the wire."""
 
+    # strict: no silent coercion ("3" is not 3, true is not 1); floats must be finite
     model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=_kebab,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        allow_inf_nan=False,
     )
 
     # What to run
@@ -55,12 +68,12 @@ class RunConfig(BaseModel):
     # Model and local training
     model: Literal["cnn", "resnet18", "resnet34"] = "cnn"
     model_weights: str = ""  # optional local state-dict file for the initial model
-    num_server_rounds: int = Field(10, ge=0)
-    local_epochs: int = Field(5, ge=1)
+    num_server_rounds: int = Field(10, ge=0, le=100_000)
+    local_epochs: int = Field(5, ge=1, le=10_000)
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65_536)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     augment: Literal["none", "crop", "crop-flip"] = "crop"
 
@@ -71,11 +84,11 @@ class RunConfig(BaseModel):
     prompt_mode: Literal["class", "instance"] = "class"
     prompt_template: str = ""  # "" = the paper's template for the prompt mode
     prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
-    max_captions_per_class: int = Field(20, ge=1)
-    caption_batch_size: int = Field(16, ge=1)
+    max_captions_per_class: int = Field(20, ge=1, le=1_000_000)
+    caption_batch_size: int = Field(16, ge=1, le=4096)
 
     # FGL server: synthesis and one-shot training (defaults follow the paper)
-    images_per_class: int = Field(100, ge=1)
+    images_per_class: int = Field(100, ge=1, le=1_000_000)
     synthesis_plan: Literal["balanced", "proportional"] = "balanced"
     scheduler: Literal["default", "pndm", "ddim", "dpm-solver", "euler", "euler-ancestral"] = (
         "default"
@@ -83,13 +96,15 @@ class RunConfig(BaseModel):
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(2.0, ge=0.0)
     negative_prompt: str = "low quality, low resolution"
-    synthesis_batch_size: int = Field(8, ge=1)
+    synthesis_batch_size: int = Field(8, ge=1, le=4096)
     synthesis_resolution: int = Field(0, ge=0, le=2048)  # 0 = the generator's native size
-    synthesis_shard_size: int = Field(64, ge=1)
-    oneshot_epochs: int = Field(120, ge=0)
-    server_finetune_epochs: int = Field(0, ge=0)  # after each FedAvg aggregation; 0 = off
+    synthesis_shard_size: int = Field(64, ge=1, le=1_000_000)
+    oneshot_epochs: int = Field(120, ge=0, le=100_000)
+    server_finetune_epochs: int = Field(
+        0, ge=0, le=100_000
+    )  # after each FedAvg aggregation; 0 = off
     embed_timeout: float = Field(600.0, gt=0.0)
-    max_embeddings_per_silo: int = Field(10_000, ge=1)
+    max_embeddings_per_silo: int = Field(10_000, ge=1, le=10_000_000)
     probe_tolerance: float = Field(0.02, gt=0.0)
 
     # Baselines: FedOpt (Flower's FedAdam), FedProx, MOON
@@ -100,21 +115,28 @@ class RunConfig(BaseModel):
     proximal_mu: float = Field(0.01, ge=0.0)
     moon_mu: float = Field(1.0, ge=0.0)
     moon_temperature: float = Field(0.5, gt=0.0)
-    moon_projection_dim: int = Field(256, ge=1)
+    moon_projection_dim: int = Field(256, ge=1, le=65_536)
 
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    min_nodes: int = Field(2, ge=1)  # waited for once, before the first round
+    min_nodes: int = Field(2, ge=1, le=100_000)  # waited for once, before the first round
     connect_timeout: float = Field(600.0, gt=0.0)
     round_timeout: float = Field(3600.0, gt=0.0)
 
     # Housekeeping
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     output_dir: str = Field("outputs", min_length=1)
     cache_dir: str = Field(".cache/fgl", min_length=1)  # downloads and built models
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+
+    @field_validator("run_name")
+    @classmethod
+    def _stays_inside_output_dir(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"{value!r} would write outside output-dir; name the run")
+        return value
 
     @model_validator(mode="after")
     def _template_fits_mode(self) -> RunConfig:

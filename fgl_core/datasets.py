@@ -120,6 +120,11 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
         domains = []
     elif path.is_dir():
         splits, names, domains = _load_image_folder(path, cfg.image_size or FOLDER_DEFAULT_SIZE)
+    elif path.is_file():
+        raise DatasetError(
+            f"dataset {source!r} is a file but not an .npz archive; expected 'digits', a "
+            "MedMNIST-layout '.npz' file, an ImageFolder directory or a MedMNIST name"
+        )
     elif source.lower() in MEDMNIST_CLASS_NAMES or source.lower().endswith("mnist"):
         splits, names = _load_medmnist(source.lower(), Path(cfg.cache_dir))
         domains = []

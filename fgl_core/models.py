@@ -101,9 +101,29 @@ def build_model_for(cfg: RunConfig, num_classes: int, image_size: int) -> Classi
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """A state-dict file for `model`; every failure names the `model-weights` file and why."""
+    if path.is_dir():
+        raise ValueError(f"model-weights {str(path)!r} is a directory, not a state-dict file")
     if not path.is_file():
         raise FileNotFoundError(f"model-weights file {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused, truncated, not a torch file at all
+        raise ValueError(
+            f"model-weights file {str(path)!r} is not a PyTorch state dict "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"model-weights file {str(path)!r} holds a {type(state).__name__}")
+    bad = [
+        k
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    if bad:
+        raise ValueError(
+            f"model-weights file {str(path)!r} holds NaN or infinite values in {bad[:3]}"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fgl_core.config import RunConfig
+from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import ImageSet
 from fgl_core.plotting import headless_pyplot
 
@@ -29,7 +29,13 @@ class RunRecorder:
     def __init__(self, cfg: RunConfig) -> None:
         name = cfg.run_name or cfg.default_run_name(time.strftime("%Y%m%d-%H%M%S"))
         self.dir = Path(cfg.output_dir).expanduser() / name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # output-dir is a file, or not writable
+            raise ConfigError(
+                f"output-dir {cfg.output_dir!r}: cannot create the run folder {str(self.dir)!r} "
+                f"({type(err).__name__}: {err.strerror or err})"
+            ) from None
         self._start = time.perf_counter()
         self.results: dict[str, Any] = {
             "run-name": name,

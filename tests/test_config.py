@@ -1,6 +1,7 @@
 import tomllib
 
 import pytest
+import torch
 
 from fgl_core.config import ConfigError, RunConfig
 from tests.conftest import ROOT
@@ -61,3 +62,68 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in RunConfig().to_flower() if f"`{key}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ({"seed": 2**70}, r"'seed' = \d+: Input should be less than or equal to 4294967295"),
+        ({"run-name": ".."}, "would write outside output-dir"),
+        ({"run-name": "."}, "would write outside output-dir"),
+        ({"local-epochs": "3"}, "'local-epochs' = '3': Input should be a valid integer"),
+        ({"local-epochs": True}, "'local-epochs' = True: Input should be a valid integer"),
+        ({"local-epochs": 2.0}, "'local-epochs' = 2.0: Input should be a valid integer"),
+        ({"lr": float("inf")}, "'lr' = inf: Input should be a finite number"),
+        ({"alpha": float("nan")}, "'alpha' = nan: Input should be a finite number"),
+        ({"guidance": float("inf")}, "'guidance' = inf"),
+        ({"round-timeout": float("inf")}, "'round-timeout' = inf"),
+        ({"images-per-class": 10**12}, "'images-per-class' = 1000000000000"),
+    ],
+    ids=[
+        "seed-2^70",
+        "run-name-parent",
+        "run-name-dot",
+        "string-for-int",
+        "bool-for-int",
+        "float-for-int",
+        "inf-lr",
+        "nan-alpha",
+        "inf-guidance",
+        "inf-timeout",
+        "1e12-images",
+    ],
+)
+def test_values_are_bounded_finite_and_never_coerced(values, reason):
+    with pytest.raises(ConfigError, match=reason):
+        RunConfig.from_flower(values)
+
+
+def test_an_int_is_still_a_valid_float():
+    assert RunConfig.from_flower({"lr": 1}).lr == 1.0
+
+
+def test_paths_that_exist_but_are_wrong_name_their_key(tmp_path):
+    from fgl_core.datasets import DatasetError, load_dataset
+    from fgl_core.models import build_model_for
+    from fgl_server.results import RunRecorder
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a dataset")
+    with pytest.raises(DatasetError, match=r"notes\.txt' is a file but not an \.npz archive"):
+        load_dataset(RunConfig.from_flower({"dataset": str(text)}))
+    with pytest.raises(ConfigError, match=r"output-dir '.*notes.txt': cannot create the run"):
+        RunRecorder(RunConfig.from_flower({"output-dir": str(text), "run-name": "r"}))
+    for weights, reason in (
+        (tmp_path, "is a directory, not a state-dict file"),
+        (text, "is not a PyTorch state dict"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            build_model_for(RunConfig.from_flower({"model-weights": str(weights)}), 10, 8)
+    model = build_model_for(RunConfig.from_flower({}), 10, 8)
+    poisoned = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    torch.save(poisoned, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan\.pt' holds NaN or infinite values"):
+        build_model_for(RunConfig.from_flower({"model-weights": str(tmp_path / "nan.pt")}), 10, 8)
