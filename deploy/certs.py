@@ -19,7 +19,9 @@ adds missing keys and never replaces a CA that nodes already trust.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import os
 import shutil
 import subprocess
 import sys
@@ -108,22 +110,48 @@ def make_ca_and_server(certs: Certificates, names: list[str]) -> None:
                 cwd=root,
             )  # fmt: skip
     for key in (root / "ca.key", certs.server_key):
-        key.chmod(0o600)
+        owner_only(key)
+
+
+def owner_only(path: Path) -> None:
+    """Take group and other access away from a key (never widen it)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+
+
+@contextlib.contextmanager
+def private_files():
+    """Files created inside (by this process or openssl) start readable by their owner only."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a key that is 0600 from its first byte, also when it replaces a wider file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
 
 
 def make_node_key(private: Path, public: Path) -> None:
     """An ECDSA P-384 key pair in OpenSSH format, unless it is already there."""
     if private.exists() and public.exists():
+        owner_only(private)
         return
     key = ec.generate_private_key(ec.SECP384R1())
-    private.write_bytes(
+    write_private(
+        private,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    private.chmod(0o600)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
@@ -135,7 +163,10 @@ def make_node_key(private: Path, public: Path) -> None:
 def make_certificates(root: Path, supernodes: int, extra_names: list[str] = ()) -> Certificates:
     root.mkdir(parents=True, exist_ok=True)
     certs = Certificates(root)
-    make_ca_and_server(certs, [*DEFAULT_NAMES, *extra_names])
+    with private_files():  # openssl writes ca.key and server.key 0600 from the start
+        make_ca_and_server(certs, [*DEFAULT_NAMES, *extra_names])
+    for public in (certs.ca, certs.server_cert):  # certificates are public: every node reads them
+        public.chmod(0o644)
     for index in range(supernodes):
         make_node_key(certs.node_key(index), certs.node_public_key(index))
     return certs

@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fgl_client.embedding import embed_silo
 from fgl_client.objectives import fedprox_loss, moon_loss
-from fgl_client.silo import Silo, load_silo
+from fgl_client.silo import Silo, open_silo
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
@@ -28,7 +28,7 @@ MOON_PREVIOUS = "moon-previous-model"
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]:
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
-    silo = load_silo(cfg, context.node_config)
+    silo = open_silo(cfg, context.node_config)
     state = msg.content["arrays"].to_torch_state_dict()
     num_classes = int(state["head.weight"].shape[0])  # the federation's, not only this silo's
     if silo.num_classes > num_classes:
@@ -58,7 +58,7 @@ def embed(msg: Message, context: Context) -> Message:
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
     request = EmbedRequest.from_record(msg.content[REQUEST_RECORD])
-    silo = load_silo(cfg, context.node_config)
+    silo = open_silo(cfg, context.node_config)
     payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)))
     return Message(content=payload.to_records(), reply_to=msg)
 

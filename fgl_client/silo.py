@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fgl_core.config import RunConfig
-from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
+from fgl_core.datasets import DatasetError, DatasetSplits, ImageSet, load_dataset
 from fgl_core.partition import silo_data
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,23 @@ class Silo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+class SiloDataUnusable(RuntimeError):
+    """What the server hears when a silo cannot use its data: not why, and not whether a path
+    exists there (the run config's `dataset` is the server's choice)."""
+
+
+def open_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
+    """`load_silo` for a ClientApp: the full reason goes to this silo's log only."""
+    try:
+        return load_silo(cfg, node_config)
+    except (DatasetError, OSError) as err:
+        source = str(node_config.get("data-path", "") or "") or cfg.dataset
+        log.error("this silo's data is not usable: %s", err)
+        raise SiloDataUnusable(
+            f"dataset {source!r} is not usable on this silo (the silo's log says why)"
+        ) from None
 
 
 def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:

@@ -81,7 +81,9 @@ def check(services: dict, certs: Certificates | None) -> None:
     link_args = parse(superlink_parser(), link["command"])
     port = link_args.port
     assert link_args.isolation == "process" and link_args.host == "0.0.0.0"
-    assert f"{port}:{port}" in link.get("ports", [])
+    (published,) = link.get("ports", [])
+    host = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", published)  # compose's ${VAR:-default}
+    assert host == f"127.0.0.1:{port}:{port}"  # loopback unless the operator opens it
     assert flags(link["command"]) - COMPOSE_ONLY == flags(superlink_args(port, certs))
 
     runtime_of = {"superlink": port}
@@ -155,3 +157,29 @@ def test_dockerfile_builds_on_the_pinned_superexec_and_copies_the_app():
     assert set(packages) <= copied and "pyproject.toml" in copied
     assert all((ROOT / path).exists() for path in copied)
     assert dockerfile.rstrip().endswith('ENTRYPOINT ["flower-superexec"]')
+
+
+def test_private_keys_are_owner_only_from_the_start_and_never_widened(tmp_path):
+    import os
+    import stat
+
+    from certs import make_certificates, make_node_key
+
+    old = os.umask(0o022)  # a usual umask: files would start 0644
+    try:
+        certs = make_certificates(tmp_path, supernodes=1)
+    finally:
+        os.umask(old)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    for key in (tmp_path / "ca.key", certs.server_key, certs.node_key(0)):
+        assert mode(key) == 0o600, key
+    assert mode(certs.ca) == mode(certs.server_cert) == 0o644
+    key, pub = tmp_path / "old.key", tmp_path / "old.pub"
+    key.write_text("x")
+    pub.write_text("y")
+    key.chmod(0o644)
+    make_node_key(key, pub)  # an existing key is kept, and tightened
+    assert mode(key) == 0o600
+    key.chmod(0o400)
+    make_node_key(key, pub)
+    assert mode(key) == 0o400  # never widened

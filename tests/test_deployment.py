@@ -160,7 +160,10 @@ def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(bloo
     assert [s["label-histogram"] for s in silos] == histograms
     assert all(s["partition-id"] == -1 for s in silos)
     (failed,) = traffic["failed-nodes"].values()
-    assert str(missing) in failed["first-error"] and "does not exist" in failed["first-error"]
+    assert (
+        str(missing) in failed["first-error"] and "not usable on this silo" in failed["first-error"]
+    )
+    assert "does not exist" not in failed["first-error"]  # the server learns nothing of its paths
     assert failed["rounds"] == [1]
 
 

@@ -24,3 +24,18 @@ def test_node_local_data_path_is_the_silos_own_dataset(retina_npz, blood_npz):
 def test_node_config_without_data_says_what_it_needs():
     with pytest.raises(ValueError, match=r"'data-path'.*'partition-id' and 'num-partitions'"):
         load_silo(RunConfig(), {"something": 1})
+
+
+def test_a_silo_tells_the_server_only_that_its_data_is_not_usable(tmp_path, caplog):
+    from fgl_client.silo import SiloDataUnusable, open_silo
+
+    cfg = RunConfig.from_flower({})
+    missing, broken = tmp_path / "nope.npz", tmp_path / "junk.npz"
+    broken.write_bytes(b"junk")
+    replies = []
+    for path in (missing, broken):
+        with pytest.raises(SiloDataUnusable) as err:
+            open_silo(cfg, {"data-path": str(path)})
+        replies.append(str(err.value).replace(path.name, "X"))
+    assert replies[0] == replies[1]  # existence is not told apart
+    assert "does not exist" in caplog.text and "not a readable .npz" in caplog.text
