@@ -25,6 +25,7 @@ from fgl_core.payload import (
     EmbedRequest,
 )
 from fgl_core.training import TrainSettings, train_model
+from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder, plot_samples
@@ -171,8 +172,11 @@ def run_fgl(
     model = build_model_for(cfg, data.num_classes, data.image_size)
     with recorder.phase("one-shot"):
         settings = TrainSettings.from_config(cfg, cfg.oneshot_epochs, seed=cfg.seed)
-        if cfg.oneshot_epochs:
+        if load_checkpoint(recorder.dir, "one-shot", model):
+            log.info("one-shot: the model trained before is reused")
+        elif cfg.oneshot_epochs:
             train_model(model, synthetic, settings, device, desc="one-shot")
+            save_checkpoint(recorder.dir, "one-shot", cfg.oneshot_epochs, model)
     oneshot = evaluate_on_server(model, data, device)
     recorder.set("one-shot", oneshot)
     log.info(

@@ -91,7 +91,7 @@ def task_identity(run_id: int = 1) -> Iterator[None]:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def run_in_process(run_config: dict, num_silos: int) -> None:
+def run_in_process(run_config: dict, num_silos: int, on_reply: Reply = lambda reply: reply) -> None:
     """Run the ServerApp with `num_silos` in-process silos; results go where the config says."""
     from fgl_server.app import main
 
@@ -109,7 +109,7 @@ def run_in_process(run_config: dict, num_silos: int) -> None:
         run_config=flower_config,
     )
     with task_identity():
-        main(InProcessGrid(contexts), server)
+        main(InProcessGrid(contexts, on_reply), server)
 
 
 def cli() -> None:

@@ -45,7 +45,26 @@ class RunRecorder:
             "phase-seconds": {},
             "rounds": [],
         }
+        self._resume_or_clear()
         log.info("results go to %s", self.dir)
+
+    def _resume_or_clear(self) -> None:
+        """A rerun of a run that did not finish (same folder, same config) goes on from its
+        results and checkpoints; a finished run, or one of another config, starts afresh."""
+        previous = self.dir / "results.json"
+        try:
+            earlier = json.loads(previous.read_text()) if previous.is_file() else None
+        except ValueError:
+            earlier = None
+        unfinished = earlier is not None and "finished-at" not in earlier
+        if unfinished and earlier.get("config") == self.results["config"]:
+            self.results = {**earlier, "resumed-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            ended = [r.get("end-seconds", 0.0) for r in self.results.get("rounds", [])]
+            self._start -= max(ended, default=0.0)  # round end times go on from the last
+            log.info("resuming the run in %s", self.dir)
+        else:
+            for stale in self.dir.glob("checkpoint-*.pt"):
+                stale.unlink()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

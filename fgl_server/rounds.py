@@ -12,6 +12,7 @@ from torch import nn
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import state_dict_float32
+from fgl_server.checkpoint import load_checkpoint, offset_rounds, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import MessageLedger
 from fgl_server.results import RunRecorder
@@ -66,13 +67,18 @@ def run_rounds(
     recorder: RunRecorder,
     device: torch.device,
 ) -> nn.Module:
-    """Run `num-server-rounds` rounds from `model`, evaluating centrally after each."""
+    """Run `num-server-rounds` rounds from `model`, evaluating centrally after each; each
+    evaluated round is checkpointed, and a rerun of the same run goes on after the last."""
+    done = min(load_checkpoint(recorder.dir, "rounds", model), cfg.num_server_rounds)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += done  # Flower counts this attempt's rounds from 1
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate_on_server(model, data, device)
         recorder.set("traffic", ledger.to_json())  # so far: a run that dies keeps its ledger
         recorder.log_round(server_round, metrics)
+        if server_round > done:
+            save_checkpoint(recorder.dir, "rounds", server_round, model)
         log.info(
             "round %d/%d: test accuracy %.4f (val %.4f)",
             server_round,
@@ -82,17 +88,21 @@ def run_rounds(
         )
         return MetricRecord(metrics)
 
+    if done == cfg.num_server_rounds and done:
+        log.info("all %d rounds were done before: nothing to run", done)
+        return model
     with recorder.phase("rounds"):
         wait_for_nodes(ledger, cfg.min_nodes, cfg.connect_timeout)
-        result = strategy.start(
+        result = offset_rounds(strategy, done).start(
             grid=ledger,
             initial_arrays=ArrayRecord(state_dict_float32(model)),
-            num_rounds=cfg.num_server_rounds,
+            num_rounds=cfg.num_server_rounds - done,
             timeout=cfg.round_timeout,
             evaluate_fn=central_evaluation,
         )
     for per_round in (result.evaluate_metrics_clientapp, result.train_metrics_clientapp):
-        recorder.merge_round_metrics({r: dict(m) for r, m in per_round.items()}, prefix="silo-")
+        shifted = {r + done: dict(m) for r, m in per_round.items()}
+        recorder.merge_round_metrics(shifted, prefix="silo-")
     recorder.set("traffic", ledger.to_json())
     if len(result.arrays):
         model.load_state_dict(result.arrays.to_torch_state_dict())

@@ -29,9 +29,85 @@ def test_the_serverapp_runs_every_round_with_every_silo_in_this_process(tmp_path
     }
     assert trained == {(r, n) for r in (1, 2) for n in (1, 2, 3)}
     assert (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id) == before
+    run_in_process(run_config, num_silos=3)  # a finished run, run again, starts afresh
+    again = json.loads((tmp_path / "one-process" / "results.json").read_text())
+    assert rounds_trained(again) == [1, 2] and "resumed-at" not in again
 
 
 def test_a_bad_key_fails_before_any_silo_is_built(tmp_path):
     with pytest.raises(ConfigError, match=r"num-server-round.*did you mean 'num-server-rounds'"):
         run_in_process({"num-server-round": 2, "output-dir": str(tmp_path)}, num_silos=2)
     assert not any(tmp_path.iterdir())
+
+
+class Crash(Exception):
+    """The ServerApp dying mid-run."""
+
+
+def crash_in_round(k: int, silos: int):
+    seen = []
+
+    def on_reply(reply):
+        if reply.metadata.message_type == "train":
+            seen.append(reply)
+            if len(seen) > (k - 1) * silos:  # the first silo's reply of round k
+                raise Crash(f"killed during round {k}")
+        return reply
+
+    return on_reply
+
+
+def rounds_trained(results: dict) -> list[int]:
+    exchanges = results["traffic"]["exchanges"]
+    return sorted({e["round"] for e in exchanges if e["message-type"] == "train"})
+
+
+def test_a_run_killed_in_round_2_resumes_there_and_ends_as_if_never_stopped(tmp_path):
+    run_config = {
+        "dataset": "digits",
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "min-nodes": 3,
+        "output-dir": str(tmp_path),
+    }
+    run_in_process({**run_config, "run-name": "whole"}, num_silos=3)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+
+    crashed = {**run_config, "run-name": "crashed"}
+    with pytest.raises(Crash):
+        run_in_process(crashed, num_silos=3, on_reply=crash_in_round(2, silos=3))
+    before = json.loads((tmp_path / "crashed" / "results.json").read_text())
+    assert [r["round"] for r in before["rounds"]] == [0, 1]
+    run_in_process(crashed, num_silos=3)
+    after = json.loads((tmp_path / "crashed" / "results.json").read_text())
+    assert rounds_trained(after) == [2, 3]  # round 1 was not trained again
+    assert [r["round"] for r in after["rounds"]] == [0, 1, 2, 3]
+    for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-round"):
+        assert after["summary"][key] == whole["summary"][key]
+
+
+def test_an_fgl_run_killed_in_its_rounds_reuses_its_images_and_one_shot_model(tmp_path):
+    run_config = {
+        "strategy": "fgl",
+        "generator": "offline-tiny",
+        "dataset": "digits",
+        "images-per-class": 4,
+        "steps": 2,
+        "oneshot-epochs": 2,
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "min-nodes": 3,
+        "output-dir": str(tmp_path),
+        "cache-dir": str(tmp_path / "cache"),
+        "run-name": "fgl",
+    }
+    with pytest.raises(Crash):
+        run_in_process(run_config, num_silos=3, on_reply=crash_in_round(2, silos=3))
+    oneshot = tmp_path / "fgl" / "checkpoint-one-shot.pt"
+    trained_at = oneshot.stat().st_mtime_ns
+    run_in_process(run_config, num_silos=3)
+    results = json.loads((tmp_path / "fgl" / "results.json").read_text())
+    assert results["synthesis"]["made"] == 0 and results["synthesis"]["reused"] == 40
+    assert oneshot.stat().st_mtime_ns == trained_at  # the one-shot model was not trained again
+    assert rounds_trained(results) == [2]
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
