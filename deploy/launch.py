@@ -347,11 +347,11 @@ class LocalFederation:
             self.start_supernode(index, node_config, key)
 
     def online_nodes(self) -> int:
-        out = self.flwr(["supernode", "ls", CONNECTION, "--format", "json"], timeout=60)
         try:
+            out = self.flwr(["supernode", "ls", CONNECTION, "--format", "json"], timeout=60)
             nodes = json.loads(out.stdout)["nodes"]
-        except (json.JSONDecodeError, KeyError):
-            return 0
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError):
+            return 0  # a busy machine or a SuperLink still starting: ask again
         return sum(node.get("status") == "online" for node in nodes)
 
     def wait_for_supernodes(self, timeout: float = 120.0) -> None:
@@ -396,11 +396,11 @@ class LocalFederation:
         return run_id
 
     def run_info(self, run_id: str) -> dict:
-        out = self.flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], timeout=60)
         try:
+            out = self.flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], timeout=60)
             return dict(json.loads(out.stdout)["runs"][0])
-        except (json.JSONDecodeError, KeyError, IndexError):
-            return {"status": "unknown"}
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError):
+            return {"status": "unknown"}  # a poll that timed out on a busy machine: ask again
 
     def follow(self, run_id: str, timeout: float, echo: bool) -> str:
         """Stream the run's log into run.log (and stdout); return its final status."""

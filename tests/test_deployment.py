@@ -194,3 +194,15 @@ def test_tls_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path)
         assert "Failed to activate SuperNode" in (tmp_path / "supernode-1.log").read_text()
         assert federation.online_nodes() == 1
     assert_nothing_left(tmp_path)
+
+
+def test_a_status_poll_that_times_out_on_a_busy_machine_is_asked_again(tmp_path, monkeypatch):
+    # seen on a loaded 2-core machine: `flwr ls` took over 60 s once and killed the whole launch
+    federation = LocalFederation(tmp_path, Topology.partitions(1))
+
+    def busy(*args, **kwargs):
+        raise subprocess.TimeoutExpired("flwr ls", 60)
+
+    monkeypatch.setattr(federation, "flwr", busy)
+    assert federation.run_info("7") == {"status": "unknown"}
+    assert federation.online_nodes() == 0
