@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import re
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("grid", type=Path)
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the cell in flight stops its SuperLink and simulation
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         grid = Grid.model_validate(yaml.safe_load(args.grid.read_text()))
         all_cells = cells(grid)
