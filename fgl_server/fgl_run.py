@@ -90,20 +90,25 @@ def validated_payloads(
 def payload_limits(
     cfg: RunConfig, engine: SynthesisEngine, class_names: list[str]
 ) -> PayloadLimits:
-    """What a silo's payload must satisfy; at class level, the server encodes every class's
-    prompt itself (public template, public class names) to compare with what silos send."""
-    class_prompts = None
-    if cfg.prompt_mode == "class":
-        template, style = cfg.effective_prompt_template, cfg.prompt_style
-        texts = [template.format(label=name, style=style) for name in class_names]
-        class_prompts = engine.encode(texts).float().cpu().numpy()
+    """What a silo's payload must satisfy. The server encodes each class's prompt itself (public
+    template, public class names). At instance level it encodes the template's part before
+    `{caption}`: the text encoder is causal, so those rows of an honest embedding are exactly
+    that encoding whatever the private caption says."""
+    template, style = cfg.effective_prompt_template, cfg.prompt_style
+    instance = cfg.prompt_mode == "instance"
+    fixed = template.split("{caption}")[0] if instance else template
+    texts = [fixed.format(label=name, style=style).rstrip() for name in class_names]
+    rows = None
+    if instance:  # the prefix's tokens with the start token, without the end token
+        rows = tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids)
     return PayloadLimits(
         width=engine.width,
         num_classes=len(class_names),
         probe=engine.probe,
         max_rows=cfg.max_embeddings_per_silo,
         probe_tolerance=cfg.probe_tolerance,
-        class_prompts=class_prompts,
+        class_prompts=engine.encode(texts).float().cpu().numpy(),
+        class_prompt_rows=rows,
         class_names=tuple(class_names),
     )
 

@@ -8,8 +8,9 @@ was expected and what arrived; the run goes on with the other silos. What it che
 - claims: histogram counts and weights are integers in [0, MAX_COUNT]; a silo sends prompts only
   for classes it holds, and its weights in a class add up to at most its count there;
 - the encoder: the silo's encoding of the public probe prompt matches the server's own;
-- class-level prompts: each embedding matches the server's own encoding of that class's prompt
-  (the template and class names are public), so a silo cannot pass off other prompts.
+- prompts: each class-level embedding matches the server's own encoding of that class's prompt
+  (the template and class names are public); each instance-level one matches it in the rows
+  before the caption (the encoder is causal), so a silo cannot pass off other prompts or labels.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ class PayloadLimits:
     # ||silo - server|| / ||server||: fp16 weights or another library stay near 1e-3, another
     # encoder is off by order 1
     probe_tolerance: float = 0.02
-    # class level: the server's own encoding of each class's prompt, (classes, 77, width)
+    # the server's own encoding of each class's prompt, (classes, 77, width); at instance
+    # level only the first `class_prompt_rows[c]` rows (the template before the caption) count
     class_prompts: np.ndarray | None = None
+    class_prompt_rows: tuple[int, ...] | None = None
     class_names: tuple[str, ...] = ()
 
 
@@ -141,17 +144,25 @@ def check_encoder(node: str, probe: np.ndarray, limits: PayloadLimits) -> None:
 def check_class_prompts(
     node: str, embeds: np.ndarray, labels: np.ndarray, limits: PayloadLimits
 ) -> None:
-    """Class level: every embedding is the server's own encoding of its class's prompt."""
+    """Every embedding is the server's own encoding of its class's prompt: whole at class
+    level, its rows up to the caption at instance level."""
     assert limits.class_prompts is not None
     reference = limits.class_prompts[labels].astype(np.float64)
-    gaps = np.linalg.norm((embeds.astype(np.float64) - reference).reshape(len(labels), -1), axis=1)
-    gaps /= np.linalg.norm(reference.reshape(len(labels), -1), axis=1)
+    if limits.class_prompt_rows is not None:
+        rows = np.asarray(limits.class_prompt_rows)[labels]
+        keep = np.arange(SEQUENCE_LENGTH)[None, :] < rows[:, None]  # (n, 77)
+    else:
+        keep = np.ones((len(labels), SEQUENCE_LENGTH), bool)
+    diff = (embeds.astype(np.float64) - reference) * keep[..., None]
+    gaps = np.linalg.norm(diff.reshape(len(labels), -1), axis=1)
+    gaps /= np.linalg.norm((reference * keep[..., None]).reshape(len(labels), -1), axis=1)
     worst = int(np.argmax(gaps))
     if gaps[worst] > limits.probe_tolerance:
         label = int(labels[worst])
         name = limits.class_names[label] if label < len(limits.class_names) else str(label)
+        part = "class prompt" if limits.class_prompt_rows is None else "prompt before the caption"
         raise PayloadRejected(
-            f"{node}: its embedding for class {label} ({name!r}) is not this task's class prompt "
+            f"{node}: its embedding for class {label} ({name!r}) is not this task's {part} "
             f"(off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}): "
             f"another prompt, another class list or another template"
         )

@@ -171,6 +171,35 @@ def test_class_prompts_must_be_the_tasks_own(engine, payloads, blood_npz, cache_
         validate_payload("node 1", swapped, checked)
 
 
+def test_instance_prompts_must_begin_as_the_tasks_own(engine, payloads, blood_npz, cache_dir):
+    cfg = fgl_config(blood_npz, cache_dir, **{"prompt-mode": "instance"})
+    class_names = load_dataset(cfg).class_names
+    checked = payload_limits(cfg, engine, class_names)
+    captions = ["a purple stained cell", "blurry dots on a slide", "two round blobs"]
+    labels = np.array([0, 3, 3, 5, 7, 7])
+    silo = text_encoder("offline-tiny", cache_dir, "cpu")  # the silo's own encoder
+
+    def payload(names):
+        texts = [
+            cfg.effective_prompt_template.format(label=names[c], caption=captions[i % 3])
+            for i, c in enumerate(labels)
+        ]
+        embeds = silo.encode(texts).to(torch.float16).numpy()
+        histogram = np.bincount(labels, minlength=8).tolist()
+        return altered(
+            payloads["node 0"],
+            embeds=embeds,
+            labels=labels,
+            weights=np.ones(6, np.int64),
+            label_histogram=histogram,
+        )
+
+    validate_payload("node 0", payload(class_names), checked)  # private captions pass
+    shuffled = class_names[1:] + class_names[:1]  # each caption under another class's name
+    with pytest.raises(PayloadRejected, match="not this task's prompt before the caption"):
+        validate_payload("node 0", payload(shuffled), checked)
+
+
 # --- planning -----------------------------------------------------------------------------
 
 
