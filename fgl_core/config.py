@@ -90,6 +90,7 @@ class RunConfig(BaseModel):
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
     synthesis_plan: Literal["balanced", "proportional"] = "balanced"
+    max_silo_share: float = Field(1.0, gt=0.0, le=1.0)  # of the claims that shape the plan
     scheduler: Literal["default", "pndm", "ddim", "dpm-solver", "euler", "euler-ancestral"] = (
         "default"
     )

@@ -148,7 +148,7 @@ def run_fgl(
         raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
 
     # synthesis: deduplicate, plan, make the images (resuming a finished plan's shards)
-    prompts, histogram = merge_payloads(payloads, data.num_classes)
+    prompts, histogram = merge_payloads(payloads, data.num_classes, cfg.max_silo_share)
     jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed)
     store = SyntheticStore(
         Path(cfg.cache_dir) / "synthetic",

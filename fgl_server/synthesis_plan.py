@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Prompt:
     embedding: np.ndarray  # (77, D) float16
     label: int
-    weight: int
+    weight: float
     digest: str  # sha256 of label and embedding bytes: the manifest's record of what was used
     sources: list[str] = field(default_factory=list)
 
@@ -42,14 +42,45 @@ def image_seed(run_seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def silo_scales(masses: list[int], cap: float) -> list[float]:
+    """Factors for each silo's claims so that none holds more than `cap` of their total: the
+    largest are scaled down to exactly `cap` (water-filling); below 1/N all get equal shares."""
+    n, positive = len(masses), [m for m in masses if m > 0]
+    if cap >= 1.0 or len(positive) < 2:
+        return [1.0] * n
+    if cap * len(positive) <= 1.0:
+        return [1.0 / m if m > 0 else 1.0 for m in masses]  # every silo the same mass, 1
+    capped: set[int] = set()
+    while True:
+        free = sum(m for i, m in enumerate(masses) if i not in capped)
+        total = free / (1.0 - cap * len(capped))
+        over = [i for i in range(n) if i not in capped and masses[i] > cap * total]
+        if not over:
+            return [cap * total / masses[i] if i in capped else 1.0 for i in range(n)]
+        capped.add(max(over, key=masses.__getitem__))
+
+
 def merge_payloads(
-    payloads: dict[str, EmbeddingPayload], num_classes: int
-) -> tuple[list[Prompt], list[int]]:
-    """Deduplicate embeddings across silos; sum the label histograms."""
+    payloads: dict[str, EmbeddingPayload], num_classes: int, max_silo_share: float = 1.0
+) -> tuple[list[Prompt], list[float]]:
+    """Deduplicate embeddings across silos; sum the label histograms (each silo's claims
+    scaled to at most `max_silo_share` of the total first)."""
     prompts: dict[str, Prompt] = {}
-    histogram = [0] * num_classes  # Python ints: a sum that cannot wrap
-    for node, payload in payloads.items():
-        histogram = [a + int(b) for a, b in zip(histogram, payload.label_histogram, strict=True)]
+    masses = [sum(p.label_histogram) for p in payloads.values()]
+    scales = silo_scales(masses, max_silo_share)
+    histogram: list[float] = [0] * num_classes  # Python numbers: a sum that cannot wrap
+    for scale, (node, payload) in zip(scales, payloads.items(), strict=True):
+        if scale != 1.0:
+            log.warning(
+                "%s claims %.1f%% of all images: scaled to %.1f%%",
+                node,
+                100 * sum(payload.label_histogram) / sum(masses),
+                100 * max_silo_share,
+            )
+        histogram = [
+            a + (b if scale == 1.0 else b * scale)
+            for a, b in zip(histogram, payload.label_histogram, strict=True)
+        ]
         for embedding, label, weight in zip(
             payload.embeds, payload.labels, payload.weights, strict=True
         ):
@@ -58,7 +89,7 @@ def merge_payloads(
             ).hexdigest()
             if digest not in prompts:
                 prompts[digest] = Prompt(embedding, int(label), 0, digest)
-            prompts[digest].weight += int(weight)
+            prompts[digest].weight += int(weight) if scale == 1.0 else int(weight) * scale
             prompts[digest].sources.append(node)
     merged = sorted(prompts.values(), key=lambda p: (p.label, p.digest))
     total = sum(len(p.labels) for p in payloads.values())
@@ -70,7 +101,7 @@ def merge_payloads(
 
 def plan_images(
     prompts: list[Prompt],
-    histogram: list[int],
+    histogram: list[float],
     images_per_class: int,
     mode: str,
     run_seed: int,

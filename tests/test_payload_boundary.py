@@ -197,3 +197,24 @@ def test_whatever_arrives_the_boundary_returns_a_payload_or_a_named_rejection(co
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 4 * LIMITS.max_bytes
+
+
+def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
+    from fgl_server.synthesis_plan import silo_scales
+
+    fair = {"node 1": honest((10, 10, 10, 10)), "node 2": honest((10, 10, 10, 10))}
+    greedy = {**fair, "node 3": honest((MAX_COUNT, 0, 0, 0))}
+
+    def class_shares(payloads, cap):
+        prompts, histogram = merge_payloads(payloads, CLASSES, max_silo_share=cap)
+        jobs = plan_images(prompts, histogram, 100, "proportional", run_seed=0)
+        return np.bincount([j.label for j in jobs], minlength=CLASSES) / len(jobs)
+
+    assert class_shares(greedy, 1.0)[0] > 0.99  # uncapped, one claim takes the plan
+    capped = class_shares(greedy, 0.5)  # node 3 scaled to half the claims: 80 of 160
+    assert np.allclose(capped, [(80 + 20) / 160, 20 / 160, 20 / 160, 20 / 160], atol=0.01)
+    assert class_shares(fair, 0.5).tolist() == class_shares(fair, 1.0).tolist()
+    assert silo_scales([10, 10, 10], 0.2) == [0.1, 0.1, 0.1]  # below 1/N: equal shares
+    scales = silo_scales([1, 2, 1000, 3000], 0.3)
+    masses = np.array([1, 2, 1000, 3000]) * scales
+    assert masses.max() / masses.sum() == pytest.approx(0.3) and scales[:2] == [1.0, 1.0]
