@@ -194,11 +194,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def accuracy_text(rows: list[dict[str, Any]]) -> str:
-    """mean ± std of the final test accuracy (%) over these cells, `failed` if any failed."""
+    """mean ± sample standard deviation (n - 1) of the final test accuracy (%) over these
+    cells (the seeds), `failed` if any failed; one cell has a deviation of 0."""
     accs = [100 * r["final-test-accuracy"] for r in rows if "final-test-accuracy" in r]
     if len(accs) < len(rows):
         return "failed"
-    return f"{np.mean(accs):.2f} ± {np.std(accs):.2f}" if accs else "-"
+    spread = np.std(accs, ddof=1) if len(accs) > 1 else 0.0
+    return f"{np.mean(accs):.2f} ± {spread:.2f}" if accs else "-"
 
 
 def method_table(grid: Grid, rows: list[dict[str, Any]], dataset: str, silos: int) -> list[str]:
