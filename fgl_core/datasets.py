@@ -9,7 +9,6 @@ done here: the training loop applies it per batch, so nothing random is frozen i
 from __future__ import annotations
 
 import logging
-import math
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from fgl_core.config import RunConfig
+from fgl_core.npy import read_npy_header
 
 log = logging.getLogger(__name__)
 
@@ -205,22 +205,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 if not member.endswith(".npy"):
                     continue
                 with archive.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    read_header = {
-                        (1, 0): np.lib.format.read_array_header_1_0,
-                        (2, 0): np.lib.format.read_array_header_2_0,
-                    }.get(version)
-                    if read_header is None:
-                        raise ValueError(f"npy format version {version} is not supported")
-                    shape, _, dtype = read_header(f)
-                    if dtype.hasobject:
-                        raise ValueError("it holds Python objects, which are never unpickled")
-                    declared = math.prod(shape) * dtype.itemsize
-                    if declared != info.file_size - f.tell():
-                        raise ValueError(
-                            f"its header declares shape {shape} ({declared} bytes) but it holds "
-                            f"{info.file_size - f.tell()}"
-                        )
+                    read_npy_header(f, info.file_size)  # before a byte is allocated
                 with archive.open(info) as f:
                     arrays[member.removesuffix(".npy")] = np.lib.format.read_array(
                         f, allow_pickle=False

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fgl_core.config import RunConfig
+from fgl_core.npy import read_npy_header
 
 EMBED_MESSAGE_TYPE = "query.embed"
 PROBE_PROMPT = "a photo of a cat"  # public and fixed: both sides encode it for the encoder check
@@ -183,22 +184,10 @@ def read_npy(record: ArrayRecord, key: str, dtype: type[np.generic]) -> np.ndarr
         raise PayloadError(f"{where} carries {type(data).__name__}, not bytes")
     buffer = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buffer)
-        if version == (1, 0):
-            shape, fortran, found = np.lib.format.read_array_header_1_0(buffer)
-        elif version == (2, 0):
-            shape, fortran, found = np.lib.format.read_array_header_2_0(buffer)
-        else:
-            raise ValueError(f"npy format version {version} is not accepted")
+        shape, fortran, found = read_npy_header(buffer, len(data))
     except (ValueError, EOFError, SyntaxError) as err:
         raise PayloadError(f"{where} is not a NumPy array buffer: {err}") from None
-    if found != np.dtype(dtype) or found.hasobject:
+    if found != np.dtype(dtype):
         raise PayloadError(f"{where} has dtype {found}; the wire format needs {np.dtype(dtype)}")
-    count = math.prod(shape)
-    body = len(data) - buffer.tell()
-    if count * found.itemsize != body:
-        raise PayloadError(
-            f"{where} declares shape {shape} ({count * found.itemsize} bytes) but carries {body}"
-        )
-    flat = np.frombuffer(data, found, count=count, offset=buffer.tell())
+    flat = np.frombuffer(data, found, count=math.prod(shape), offset=buffer.tell())
     return flat.reshape(shape, order="F" if fortran else "C")
