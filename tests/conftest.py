@@ -46,12 +46,12 @@ def blood_labels(blood_npz: Path) -> np.ndarray:
 
 
 @pytest.fixture
-def task_identity(monkeypatch) -> None:
+def task_identity():
     """Messages built outside a Flower runtime need the identity the runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fgl_server.inprocess import task_identity
 
-    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, field, value)
+    with task_identity():
+        yield
 
 
 def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -93,23 +93,3 @@ def silo_file(path: Path, source: Path, classes: list[int], per_class: int, name
         out[f"{split}_labels"] = arrays[f"{split}_labels"][keep]
     np.savez(path, **out)
     return np.bincount(out["train_labels"][:, 0], minlength=len(names)).tolist()
-
-
-class StubGrid:
-    """The parts of Flower's Grid a test double does not serve; subclasses add the rest."""
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError

@@ -6,23 +6,20 @@ from uuid import uuid4
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-from flwr.serverapp import Grid
 
+from fgl_server.inprocess import InProcessGrid
 from fgl_server.ledger import MessageLedger
 from strategies.fgl import FGL
-from tests.conftest import StubGrid
 
 GONE = 202  # the silo that went away
 
 
-class GridWithALostNode(StubGrid, Grid):
-    """Sets message IDs on push, as Flower's grids do; for node GONE the SuperLink answers."""
+class GridWithALostNode(InProcessGrid):
+    """Sets message IDs on push, as Flower's grids do; for node GONE the SuperLink answers,
+    the others with a fixed reply instead of a ClientApp."""
 
     def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+        super().__init__(dict.fromkeys(nodes))
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
