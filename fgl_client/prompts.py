@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from fgl_core.prompt_templates import CLASS_FIELDS, INSTANCE_TEMPLATE, check_template
+from fgl_core.prompt_templates import (
+    CLASS_FIELDS,
+    INSTANCE_TEMPLATE,
+    check_template,
+    class_prompt,
+)
 
 
 def class_prompts(
@@ -11,7 +16,7 @@ def class_prompts(
     """One prompt per class present in the silo, with its label."""
     check_template(template, CLASS_FIELDS)
     labels = [label for label, count in enumerate(label_histogram) if count > 0]
-    prompts = [template.format(label=class_names[label], style=style) for label in labels]
+    prompts = [class_prompt(template, class_names[label], style) for label in labels]
     return prompts, labels
 
 

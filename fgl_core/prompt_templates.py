@@ -13,6 +13,11 @@ CLASS_FIELDS = frozenset({"label", "style"})
 INSTANCE_FIELDS = frozenset({"label", "caption", "style"})
 
 
+def class_prompt(template: str, label_name: str, style: str = "") -> str:
+    """A class-level prompt, as silos send it and as the server checks it."""
+    return template.format(label=label_name, style=style)
+
+
 def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 

@@ -24,6 +24,7 @@ from fgl_core.payload import (
     EmbeddingPayload,
     EmbedRequest,
 )
+from fgl_core.prompt_templates import class_prompt
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
@@ -95,12 +96,14 @@ def payload_limits(
     `{caption}`: the text encoder is causal, so those rows of an honest embedding are exactly
     that encoding whatever the private caption says."""
     template, style = cfg.effective_prompt_template, cfg.prompt_style
-    instance = cfg.prompt_mode == "instance"
-    fixed = template.split("{caption}")[0] if instance else template
-    texts = [fixed.format(label=name, style=style).rstrip() for name in class_names]
-    rows = None
-    if instance:  # the prefix's tokens with the start token, without the end token
+    if cfg.prompt_mode == "instance":
+        prefix = template.split("{caption}")[0]
+        texts = [class_prompt(prefix, name, style).rstrip() for name in class_names]
+        # the prefix's tokens with the start token, without the end token
         rows = tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids)
+    else:
+        texts = [class_prompt(template, name, style) for name in class_names]
+        rows = None
     return PayloadLimits(
         width=engine.width,
         num_classes=len(class_names),
