@@ -43,6 +43,7 @@ class SyntheticStore:
         self.shard_size = shard_size
         self.num_images = len(self.plan["labels"])
         self.shards: dict[str, dict] = self._read_shard_table()
+        self._verified: set[int] = set()  # shards hashed (or written) by this store: once each
 
     @property
     def manifest_path(self) -> Path:
@@ -78,8 +79,11 @@ class SyntheticStore:
         return self.dir / f"shard-{shard:05d}.npz"
 
     def problem(self, shard: int) -> str | None:
-        """Why shard `shard` is not usable as recorded (missing, unrecorded, altered), or None."""
+        """Why shard `shard` is not usable as recorded (missing, unrecorded, altered), or None.
+        Each shard is hashed once per store: `load()` after synthesis does not read it again."""
         path, record = self.shard_path(shard), self.shards.get(str(shard))
+        if shard in self._verified and path.is_file():
+            return None
         if not path.is_file():
             return None if record is None else f"{path.name} is missing"
         if record is None:
@@ -88,6 +92,7 @@ class SyntheticStore:
         if digest != record.get("sha256"):
             recorded = str(record.get("sha256"))[:12]
             return f"{path.name} has sha256 {digest[:12]}..., the manifest recorded {recorded}..."
+        self._verified.add(shard)
         return None
 
     def is_done(self, shard: int) -> bool:
@@ -102,6 +107,7 @@ class SyntheticStore:
         digest = _sha256(tmp)
         os.replace(tmp, self.shard_path(shard))
         self.shards[str(shard)] = {"images": len(images), "sha256": digest}
+        self._verified.add(shard)
         self._write_manifest(self.shards)
 
     def load(self) -> ImageSet:
