@@ -101,9 +101,8 @@ class RunConfig(BaseModel):
     synthesis_resolution: int = Field(0, ge=0, le=2048)  # 0 = the generator's native size
     synthesis_shard_size: int = Field(64, ge=1, le=1_000_000)
     oneshot_epochs: int = Field(120, ge=0, le=100_000)
-    server_finetune_epochs: int = Field(
-        0, ge=0, le=100_000
-    )  # after each FedAvg aggregation; 0 = off
+    # epochs on the synthetic set after each FedAvg aggregation; 0 = off
+    server_finetune_epochs: int = Field(0, ge=0, le=100_000)
     embed_timeout: float = Field(600.0, gt=0.0)
     max_embeddings_per_silo: int = Field(10_000, ge=1, le=10_000_000)
     probe_tolerance: float = Field(0.02, gt=0.0)
