@@ -1,7 +1,9 @@
 """The centralized baseline: the same model and loop on the union of the silos' data.
 
 It runs in rounds of `local-epochs` epochs, evaluated like a federated round, so its curve
-sits on the same axis as the federated ones.
+sits on the same axis as the federated ones. Each round is checkpointed like a federated one:
+a rerun of a run that did not finish goes on after its last round, and ends as if never stopped
+(each round seeds its own training).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import build_model_for
 from fgl_core.training import TrainSettings, train_model
+from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.results import RunRecorder
 
@@ -25,8 +28,10 @@ def run_centralized(
     cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
 ) -> nn.Module:
     model = build_model_for(cfg, data.num_classes, data.image_size)
-    recorder.log_round(0, evaluate_on_server(model, data, device))
-    for rnd in range(1, cfg.num_server_rounds + 1):
+    done = min(load_checkpoint(recorder.dir, "rounds", model), cfg.num_server_rounds)
+    if not done:
+        recorder.log_round(0, evaluate_on_server(model, data, device))
+    for rnd in range(done + 1, cfg.num_server_rounds + 1):
         settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed=cfg.seed * 1000 + rnd)
         with recorder.phase("train"):
             stats = train_model(
@@ -34,6 +39,7 @@ def run_centralized(
             )
         metrics = {**evaluate_on_server(model, data, device), "train-loss": stats.loss}
         recorder.log_round(rnd, metrics)
+        save_checkpoint(recorder.dir, "rounds", rnd, model)
         log.info(
             "centralized round %d/%d: test accuracy %.4f (val %.4f)",
             rnd,

@@ -111,3 +111,40 @@ def test_an_fgl_run_killed_in_its_rounds_reuses_its_images_and_one_shot_model(tm
     assert oneshot.stat().st_mtime_ns == trained_at  # the one-shot model was not trained again
     assert rounds_trained(results) == [2]
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+
+
+def test_a_centralized_run_killed_in_round_2_resumes_there_and_ends_as_if_never_stopped(
+    tmp_path, monkeypatch
+):
+    import fgl_server.centralized as centralized
+
+    run_config = {
+        "strategy": "centralized",
+        "dataset": "digits",
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "output-dir": str(tmp_path),
+    }
+    run_in_process({**run_config, "run-name": "whole"}, num_silos=2)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+
+    trained, train_model = [], centralized.train_model
+    crashes = ["killed during round 2"]
+
+    def dies_in_round_2(model, dataset, settings, device, desc):
+        if desc == "centralized round 2" and crashes:
+            raise Crash(crashes.pop())
+        trained.append(desc)
+        return train_model(model, dataset, settings, device, desc=desc)
+
+    monkeypatch.setattr(centralized, "train_model", dies_in_round_2)
+    crashed = {**run_config, "run-name": "crashed"}
+    with pytest.raises(Crash):
+        run_in_process(crashed, num_silos=2)
+    assert trained == ["centralized round 1"]
+    run_in_process(crashed, num_silos=2)  # the rerun dies nowhere
+    assert trained == ["centralized round 1", "centralized round 2", "centralized round 3"]
+    after = json.loads((tmp_path / "crashed" / "results.json").read_text())
+    assert [r["round"] for r in after["rounds"]] == [0, 1, 2, 3]
+    for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-round"):
+        assert after["summary"][key] == whole["summary"][key]
