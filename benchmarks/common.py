@@ -6,9 +6,11 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,16 +27,58 @@ def machine() -> dict:
     }
 
 
+class PeakMemory:
+    """The peak memory of a process and all its descendants, sampled by a thread.
+
+    `rss` sums resident set sizes (shared pages count once per process, so it overstates);
+    `pss` sums proportional set sizes (each shared page split among its sharers: the honest
+    total for a federation of processes on one machine).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.root, self.interval = psutil.Process(pid), interval
+        self.peak = {"rss-bytes": 0, "pss-bytes": 0, "processes": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            rss = pss = 0
+            for proc in tree:
+                try:
+                    info = proc.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, pss = rss + info.rss, pss + info.pss
+            now = {"rss-bytes": rss, "pss-bytes": pss, "processes": len(tree)}
+            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def launch(
-    num_silos: int, overrides: str, run_name: str, runtime: list[str] | None = None
+    num_silos: int,
+    overrides: str,
+    run_name: str,
+    runtime: list[str] | None = None,
+    memory: dict | None = None,
 ) -> tuple[float, dict]:
     """Run the launcher; return its wall time and the run's results.json.
 
     `runtime` picks the launcher's mode (default: `--simulation num_silos`), for example
-    `["--supernodes", "3", "--tls"]`.
+    `["--supernodes", "3", "--tls"]`. A `memory` dict receives the peak memory of the
+    launcher and every process below it (`PeakMemory`).
     """
     start = time.perf_counter()
-    proc = subprocess.run(
+    with subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "deploy" / "launch.py"),
@@ -43,12 +87,17 @@ def launch(
             "--run-config",
             f'{overrides} run-name="{run_name}" output-dir="{OUT}"',
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-    )
+    ) as proc:
+        sampler = PeakMemory(proc.pid) if memory is not None else None
+        stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
+    if sampler is not None:
+        memory.update(sampler.stop())
     if proc.returncode != 0:
-        raise RuntimeError(f"run {run_name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"run {run_name} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return wall, json.loads((OUT / run_name / "results.json").read_text())
 
 

@@ -46,3 +46,17 @@ def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
     engine = "engine, float32"
     assert rows == [("plain diffusers", 2, 1), (engine, 2, 1), (engine, 2, 3)]
     assert all(r["images-per-second"] > 0 for r in record["rows"])
+
+
+def test_peak_memory_sums_a_process_and_its_descendants():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import PeakMemory
+
+    child = "import time; block = b'x' * (300 * 2**20); time.sleep(3)"  # 300 MiB, resident
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    with subprocess.Popen([sys.executable, "-c", parent]) as proc:
+        sampler = PeakMemory(proc.pid, interval=0.1)
+        proc.wait(timeout=60)
+    peak = sampler.stop()
+    assert peak["processes"] == 2
+    assert 300 * 2**20 < peak["pss-bytes"] <= peak["rss-bytes"] < 600 * 2**20
