@@ -13,8 +13,8 @@ generates at 512 x 512, in one run and on one pipeline:
 Each row is written to the JSON as soon as it is measured, so a run stopped early keeps its rows.
 With --tiny (CPU, CI) it uses the offline tiny generator instead, to check that it runs.
 
-    python benchmarks/synthesis.py                 # -> outputs/benchmarks/synthesis_cuda.json
-    python benchmarks/synthesis.py --tiny --steps 2 --batch-sizes 1 2
+    python -m benchmarks.synthesis                 # -> outputs/benchmarks/synthesis_cuda.json
+    python -m benchmarks.synthesis --tiny --steps 2 --batch-sizes 1 2
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import OUT, write
 
+from benchmarks.common import OUT, write
 from fgl_core.offline_models import (
     SD21_UNET_GUIDED_STEP_TFLOP,
     SD21_VAE_DECODE_TFLOP,

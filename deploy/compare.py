@@ -3,7 +3,7 @@
 Every cell runs as its own Flower simulation (deploy/launch.py). A cell that fails is marked
 failed with its reason and the others go on; a rerun skips cells that already finished.
 
-    python deploy/compare.py grid.yaml
+    python -m deploy.compare grid.yaml
 
 grid.yaml (every key but `datasets` and `methods` optional):
 
@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from launch import PROJECT_ROOT, launch_simulation
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deploy.launch import PROJECT_ROOT, launch_simulation
 from fgl_core.config import ConfigError
 from fgl_core.datasets import DatasetError
 from fgl_core.partition import PartitionError
@@ -142,7 +142,11 @@ def run_cell(grid: Grid, cell: Cell, output: Path) -> dict[str, Any]:
         print(f"== {cell.run_name}", flush=True)
         try:
             code = launch_simulation(
-                PROJECT_ROOT, cell.silos, [overrides(grid, cell, output)], grid.timeout, quiet=True
+                PROJECT_ROOT,
+                cell.silos,
+                [overrides(grid, cell, output)],
+                grid.timeout,
+                output="quiet",
             )
         except (ConfigError, DatasetError, PartitionError) as err:  # refused before starting
             return {**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
