@@ -35,7 +35,7 @@ def main() -> None:
     encoder = TransformersTextEncoder(FGL_MINI, cache, CPU)
     rows = []
     for guidance in args.guidance:
-        settings = SynthesisSettings(
+        settings = SynthesisSettings.defaults(
             generator=FGL_MINI, steps=args.steps, guidance=guidance, train_resolution=8
         )
         engine = SynthesisEngine.load(settings, cache, CPU)

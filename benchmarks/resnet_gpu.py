@@ -2,7 +2,7 @@
 
 The README's GPU table: 5 silos, Dirichlet alpha 0.01 / 0.5 and IID, beside the paper's FedAvg
 (200 rounds of 5 local epochs) and centralized figures. The silos run in this process
-(`fgl_server.inprocess`, no Ray), one after another, on the same GPU. Each cell is written to the
+(`deploy.inprocess`, no Ray), one after another, on the same GPU. Each cell is written to the
 JSON as soon as it ends, so a run stopped early keeps the cells it finished.
 
     python -m benchmarks.resnet_gpu --rounds 30  # -> outputs/benchmarks/resnet_gpu.json
@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from benchmarks.common import DATASETS, OUT, write
-from fgl_server.inprocess import run_in_process
+from deploy.inprocess import run_in_process
 
 PAPER = {"alpha-0.01": 64.86, "alpha-0.5": 83.14, "iid": 84.2, "centralized": 84.76}
 CELLS = {  # name -> run config; the heterogeneous cells last, so a short run has the others

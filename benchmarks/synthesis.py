@@ -107,11 +107,16 @@ def main() -> None:
     steps, final_steps = args.steps[0], args.steps[-1]
 
     if args.tiny:
-        settings = SynthesisSettings(generator="offline-tiny", train_resolution=16, steps=steps)
+        settings = SynthesisSettings.defaults(
+            generator="offline-tiny", train_resolution=16, steps=steps
+        )
         pipe = SynthesisEngine.load(settings, tempfile.mkdtemp(prefix="fgl-bench-"), device).pipe
     else:
-        settings = SynthesisSettings(
-            generator="sd21-base-random-weights", resolution=512, train_resolution=512, steps=steps
+        settings = SynthesisSettings.defaults(
+            generator="sd21-base-random-weights",
+            synthesis_resolution=512,
+            train_resolution=512,
+            steps=steps,
         )
         pipe = sd21_base_random()
     pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,7 @@ import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -192,3 +192,27 @@ class RunConfig(BaseModel):
     def default_run_name(self, stamp: str) -> str:
         dataset = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.dataset).stem)
         return f"{self.strategy}-{dataset}-{self.partition}-{stamp}"
+
+
+class Settings(BaseModel):
+    """What one part of the app reads from the run config, derived from it in one place.
+
+    A subclass lists the fields it needs. Those named like a `RunConfig` field take the config's
+    value (so they have no defaults of their own to disagree with it); the others, and any the
+    caller wants otherwise, are given to `from_config`. `defaults` builds one from the default
+    config, for tests and benchmarks.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **values: Any) -> Self:
+        names = set(cls.model_fields) - set(values)
+        missing = sorted(n for n in names if n not in RunConfig.model_fields)
+        if missing:
+            raise TypeError(f"{cls.__name__}.from_config needs {', '.join(missing)}")
+        return cls(**{n: getattr(cfg, n) for n in names}, **values)
+
+    @classmethod
+    def defaults(cls, **values: Any) -> Self:
+        return cls.from_config(RunConfig(), **values)

@@ -34,8 +34,10 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     return poll_until(
         enough,
         timeout,
-        lambda: f"only {len(nodes)} of the {count} nodes that 'min-nodes' asks for connected "
-        f"within {timeout:.0f} s ('connect-timeout')",
+        lambda: (
+            f"only {len(nodes)} of the {count} nodes that 'min-nodes' asks for connected "
+            f"within {timeout:.0f} s ('connect-timeout')"
+        ),
     )
 
 

@@ -49,7 +49,7 @@ def blood_labels(blood_npz: Path) -> np.ndarray:
 @pytest.fixture
 def task_identity():
     """Messages built outside a Flower runtime need the identity the runtime would set."""
-    from fgl_server.inprocess import task_identity
+    from deploy.inprocess import task_identity
 
     with task_identity():
         yield

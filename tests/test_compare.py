@@ -4,7 +4,7 @@ import csv
 import subprocess
 import sys
 
-from deploy.compare import Cell, Grid, method_table, overrides
+from deploy.compare import Cell, ExperimentGrid, method_table, overrides
 from tests.conftest import project_env
 
 GRID = """
@@ -70,7 +70,7 @@ def test_grid_gives_table_csv_and_plot_and_marks_the_broken_cells(tmp_path):
 
 
 def test_a_method_label_may_name_its_strategy_so_variants_sit_side_by_side(tmp_path):
-    grid = Grid.model_validate(
+    grid = ExperimentGrid.model_validate(
         {
             "datasets": ["digits"],
             "partitions": ["iid", {"alpha": 0.01}],
