@@ -62,6 +62,18 @@ def project_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def start_launcher(args: list[str], cwd: Path) -> subprocess.Popen:
+    """The launcher in the background, its stdout and stderr in one text pipe."""
+    return subprocess.Popen(
+        [*LAUNCHER, *args],
+        cwd=cwd,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the launcher (`python -m deploy.launch`) as a user would, from `cwd`.
 

@@ -21,7 +21,7 @@ from deploy.certs import make_node_key
 from deploy.federation import LocalFederation, Topology
 from deploy.flower_cli import FlowerCLI
 from deploy.quickstart import RUNS
-from tests.conftest import LAUNCHER, is_running, launch, project_env, silo_file
+from tests.conftest import is_running, launch, silo_file, start_launcher
 
 
 def assert_nothing_left(run_dir: Path) -> None:
@@ -88,14 +88,8 @@ def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tm
         'strategy="fedavg" num-server-rounds=3 local-epochs=1 round-timeout=180.0 '
         f'run-name="killed" output-dir="{tmp_path}"'
     )
-    proc = subprocess.Popen(
-        [*LAUNCHER, "--supernodes", "3", "--quiet", "--run-config", overrides],
-        cwd=tmp_path,
-        env=project_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = ["--supernodes", "3", "--quiet", "--run-config", overrides]
+    proc = start_launcher(args, cwd=tmp_path)
     run_dir = tmp_path / "killed"
     try:
 
