@@ -13,6 +13,7 @@ from fgl_client.captioning import Captioner
 from fgl_client.prompts import class_prompts, instance_prompt
 from fgl_client.silo import Silo
 from fgl_client.text_encoding import TextEncoder, TransformersTextEncoder
+from fgl_core.dp import privatize
 from fgl_core.payload import PROBE_PROMPT, EmbeddingPayload, EmbedRequest
 from fgl_core.pretrained import resolve_model_ref
 from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
@@ -67,7 +68,12 @@ def build_payload(
             for label, text in zip(labels, captions.texts, strict=True)
         ]
     embeds = encoder.encode(prompts)
-    probe = encoder.encode([PROBE_PROMPT])[0]
+    if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
+        noisy = privatize(
+            embeds.numpy(), request.embedding_clip, request.embedding_noise, np.random.default_rng()
+        )
+        embeds = torch.from_numpy(noisy)
+    probe = encoder.encode([PROBE_PROMPT])[0]  # public: never noised
     log.info(
         "%s: %d %s-level embeddings of width %d (%d captions failed)",
         silo.name,

@@ -86,6 +86,10 @@ class RunConfig(BaseModel):
     prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
     max_captions_per_class: int = Field(20, ge=1, le=1_000_000)
     caption_batch_size: int = Field(16, ge=1, le=4096)
+    # the silo-side noise defence (fgl_core.dp): each embedding clipped to this L2 norm, then
+    # Gaussian noise of standard deviation embedding-noise x 2 x embedding-clip; 0 = off
+    embedding_clip: float = Field(0.0, ge=0.0)
+    embedding_noise: float = Field(0.0, ge=0.0, le=1e6)
 
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
@@ -142,6 +146,14 @@ class RunConfig(BaseModel):
     def _template_fits_mode(self) -> RunConfig:
         allowed = CLASS_FIELDS if self.prompt_mode == "class" else INSTANCE_FIELDS
         check_template(self.effective_prompt_template, allowed)
+        return self
+
+    @model_validator(mode="after")
+    def _noise_needs_a_clip(self) -> RunConfig:
+        if self.embedding_noise and not self.embedding_clip:
+            raise ValueError(
+                "embedding-noise needs embedding-clip > 0: the noise is scaled to the clip norm"
+            )
         return self
 
     @property

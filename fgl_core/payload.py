@@ -57,6 +57,8 @@ class EmbedRequest(Settings):
     max_captions_per_class: int
     caption_batch_size: int
     seed: int
+    embedding_clip: float  # 0: embeddings go as encoded; else clipped and noised (fgl_core.dp)
+    embedding_noise: float
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **values: Any) -> EmbedRequest:

@@ -16,6 +16,7 @@ from torch import nn
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
+from fgl_core.dp import noise_std
 from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
     EMBED_MESSAGE_TYPE,
@@ -103,6 +104,8 @@ def payload_limits(
         class_prompts=engine.encode(texts).float().cpu().numpy(),
         class_prompt_rows=rows,
         class_names=tuple(class_names),
+        embedding_clip=cfg.embedding_clip,
+        noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
     )
 
 
