@@ -1,7 +1,7 @@
 """Captions per second on bloodmnist_28 images, with the offline tiny BLIP and (optionally) a
 BLIP-base-sized captioner with random weights (ViT-B/16 at 384 px, BERT-base-sized decoder).
 
-    python benchmarks/captioning.py [--base-size] [--device cuda]
+    python -m benchmarks.captioning [--base-size] [--device cuda]
     # -> outputs/benchmarks/captioning_<device>.json
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATASETS, write
 
+from benchmarks.common import DATASETS, write
 from fgl_client.captioning import Captioner
 from fgl_core.pretrained import resolve_model_ref
 

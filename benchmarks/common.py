@@ -81,7 +81,8 @@ def launch(
     with subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "deploy" / "launch.py"),
+            "-m",
+            "deploy.launch",
             *(runtime or ["--simulation", str(num_silos)]),
             "--quiet",
             "--run-config",
@@ -90,6 +91,7 @@ def launch(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     ) as proc:
         sampler = PeakMemory(proc.pid) if memory is not None else None
         stdout, stderr = proc.communicate()

@@ -17,19 +17,16 @@ synthesis and one-shot alone). Per phase it reports:
 The synthetic set comes from the store when an earlier run made the same one (the phase then
 takes no time); synthesis runs on the server alone and is the same in both runtimes.
 
-    python benchmarks/deployment.py [--rounds 3] [--tls]   # -> outputs/benchmarks/deployment.json
+    python -m benchmarks.deployment [--rounds 3] [--tls]   # -> outputs/benchmarks/deployment.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from common import OUT, ROOT, launch, write
-
-sys.path.insert(0, str(ROOT / "deploy"))
-from quickstart import RUNS
+from benchmarks.common import OUT, launch, write
+from deploy.quickstart import RUNS
 
 SILOS = 3
 

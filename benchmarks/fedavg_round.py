@@ -4,14 +4,14 @@ Runs two rounds and reports the second (the first also pays for starting the sim
 workers and loading data), split into the silos' training and everything else (Flower
 messaging, serialization, aggregation, central and silo evaluation), side by side in one run.
 
-    python benchmarks/fedavg_round.py [--model cnn]  # -> outputs/benchmarks/fedavg_round_cnn.json
+    python -m benchmarks.fedavg_round [--model cnn]  # -> outputs/benchmarks/fedavg_round_cnn.json
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import DATASETS, launch, write
+from benchmarks.common import DATASETS, launch, write
 
 
 def main() -> None:

@@ -9,14 +9,14 @@ end times), and the peak memory of the launcher and every process below it (Supe
 SuperNodes, ServerApp, ClientApps) as summed RSS and summed PSS (shared pages split among their
 sharers: the figure to compare with the machine's memory).
 
-    python benchmarks/load.py [--supernodes 20] [--rounds 2]   # -> outputs/benchmarks/load.json
+    python -m benchmarks.load [--supernodes 20] [--rounds 2]   # -> outputs/benchmarks/load.json
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import launch, machine, write
+from benchmarks.common import launch, machine, write
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 scikit-learn digits assigns to the prompted class, beside the same with the prompts' labels
 shuffled (must fall to about chance, 0.1), at a few guidance scales.
 
-    python benchmarks/mini_fidelity.py        # -> outputs/benchmarks/mini_fidelity.json
+    python -m benchmarks.mini_fidelity        # -> outputs/benchmarks/mini_fidelity.json
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import OUT, write
 
+from benchmarks.common import OUT, write
 from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.mini import FGL_MINI
 from fgl_core.mini.fidelity import digits_judge, label_fidelity
@@ -35,7 +35,7 @@ def main() -> None:
     encoder = TransformersTextEncoder(FGL_MINI, cache, CPU)
     rows = []
     for guidance in args.guidance:
-        settings = SynthesisSettings(
+        settings = SynthesisSettings.defaults(
             generator=FGL_MINI, steps=args.steps, guidance=guidance, train_resolution=8
         )
         engine = SynthesisEngine.load(settings, cache, CPU)

@@ -5,16 +5,16 @@ The sizes depend on shapes, not values, so the embeddings are random float16 arr
 real shape (77 x 1024); the records go through the project's payload codec and Flower's protobuf
 serializer.
 
-    python benchmarks/payload_size.py      # -> outputs/benchmarks/payload_size.json
+    python -m benchmarks.payload_size      # -> outputs/benchmarks/payload_size.json
 """
 
 from __future__ import annotations
 
 import numpy as np
-from common import write
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from benchmarks.common import write
 from fgl_core.models import build_model, state_dict_float32
 from fgl_core.payload import EmbeddingPayload
 

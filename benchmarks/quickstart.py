@@ -1,11 +1,11 @@
 """Time the README's quickstart (5 simulated silos, digits, small CNN) from launch to results.
 
-python benchmarks/quickstart.py      -> outputs/benchmarks/quickstart.json
+python -m benchmarks.quickstart      -> outputs/benchmarks/quickstart.json
 """
 
 from __future__ import annotations
 
-from common import launch, write
+from benchmarks.common import launch, write
 
 
 def main() -> None:

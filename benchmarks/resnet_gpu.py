@@ -2,10 +2,10 @@
 
 The README's GPU table: 5 silos, Dirichlet alpha 0.01 / 0.5 and IID, beside the paper's FedAvg
 (200 rounds of 5 local epochs) and centralized figures. The silos run in this process
-(`fgl_server.inprocess`, no Ray), one after another, on the same GPU. Each cell is written to the
+(`deploy.inprocess`, no Ray), one after another, on the same GPU. Each cell is written to the
 JSON as soon as it ends, so a run stopped early keeps the cells it finished.
 
-    python benchmarks/resnet_gpu.py --rounds 30  # -> outputs/benchmarks/resnet_gpu.json
+    python -m benchmarks.resnet_gpu --rounds 30  # -> outputs/benchmarks/resnet_gpu.json
 
 One cell's loop is bound by the host (about 2,500 samples/s on an H100, the GPU mostly idle), so
 `--jobs 3` runs three cells side by side in their own processes; their seconds then overlap.
@@ -20,9 +20,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from common import DATASETS, OUT, write
-
-from fgl_server.inprocess import run_in_process
+from benchmarks.common import DATASETS, OUT, write
+from deploy.inprocess import run_in_process
 
 PAPER = {"alpha-0.01": 64.86, "alpha-0.5": 83.14, "iid": 84.2, "centralized": 84.76}
 CELLS = {  # name -> run config; the heterogeneous cells last, so a short run has the others

@@ -4,14 +4,14 @@ Ten silos train per round at every scale (fraction-train = 10 / N, fraction-eval
 so the rows differ by the number of connected virtual nodes, not by the work done. A round's
 wall time is split into the sampled silos' training and everything else.
 
-    python benchmarks/simulation_overhead.py [--strategy fgl]   # -> outputs/benchmarks/...json
+    python -m benchmarks.simulation_overhead [--strategy fgl]   # -> outputs/benchmarks/...json
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import launch, write
+from benchmarks.common import launch, write
 
 SAMPLED = 10
 

@@ -13,8 +13,8 @@ generates at 512 x 512, in one run and on one pipeline:
 Each row is written to the JSON as soon as it is measured, so a run stopped early keeps its rows.
 With --tiny (CPU, CI) it uses the offline tiny generator instead, to check that it runs.
 
-    python benchmarks/synthesis.py                 # -> outputs/benchmarks/synthesis_cuda.json
-    python benchmarks/synthesis.py --tiny --steps 2 --batch-sizes 1 2
+    python -m benchmarks.synthesis                 # -> outputs/benchmarks/synthesis_cuda.json
+    python -m benchmarks.synthesis --tiny --steps 2 --batch-sizes 1 2
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import OUT, write
 
+from benchmarks.common import OUT, write
 from fgl_core.offline_models import (
     SD21_UNET_GUIDED_STEP_TFLOP,
     SD21_VAE_DECODE_TFLOP,
@@ -107,11 +107,16 @@ def main() -> None:
     steps, final_steps = args.steps[0], args.steps[-1]
 
     if args.tiny:
-        settings = SynthesisSettings(generator="offline-tiny", train_resolution=16, steps=steps)
+        settings = SynthesisSettings.defaults(
+            generator="offline-tiny", train_resolution=16, steps=steps
+        )
         pipe = SynthesisEngine.load(settings, tempfile.mkdtemp(prefix="fgl-bench-"), device).pipe
     else:
-        settings = SynthesisSettings(
-            generator="sd21-base-random-weights", resolution=512, train_resolution=512, steps=steps
+        settings = SynthesisSettings.defaults(
+            generator="sd21-base-random-weights",
+            synthesis_resolution=512,
+            train_resolution=512,
+            steps=steps,
         )
         pipe = sd21_base_random()
     pipe.set_progress_bar_config(disable=True)

@@ -1,6 +1,6 @@
 """Make the TLS certificates and SuperNode keys a secure deployment needs.
 
-    python deploy/certs.py certs/ --supernodes 3 [--san superlink.example.org]
+    python -m deploy.certs certs/ --supernodes 3 [--san superlink.example.org]
 
 writes, under certs/:
   ca.crt, ca.key            a private certificate authority (ECDSA P-256; keep ca.key offline)

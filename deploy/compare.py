@@ -3,7 +3,7 @@
 Every cell runs as its own Flower simulation (deploy/launch.py). A cell that fails is marked
 failed with its reason and the others go on; a rerun skips cells that already finished.
 
-    python deploy/compare.py grid.yaml
+    python -m deploy.compare grid.yaml
 
 grid.yaml (every key but `datasets` and `methods` optional):
 
@@ -42,16 +42,16 @@ from typing import Any
 
 import numpy as np
 import yaml
-from launch import PROJECT_ROOT, launch_simulation
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deploy.launch import PROJECT_ROOT, launch_simulation
 from fgl_core.config import ConfigError
 from fgl_core.datasets import DatasetError
 from fgl_core.partition import PartitionError
 from fgl_core.plotting import headless_pyplot
 
 
-class Grid(BaseModel):
+class ExperimentGrid(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     output: str = "outputs/comparison"
@@ -91,7 +91,7 @@ def partition_of(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"partition {entry!r}: expected 'iid', {{alpha: A}} or {{partition: domain}}")
 
 
-def cells(grid: Grid) -> list[Cell]:
+def cells(grid: ExperimentGrid) -> list[Cell]:
     out = []
     for dataset in grid.datasets:
         for entry in grid.partitions:
@@ -103,7 +103,7 @@ def cells(grid: Grid) -> list[Cell]:
     return out
 
 
-def overrides(grid: Grid, cell: Cell, output: Path) -> str:
+def overrides(grid: ExperimentGrid, cell: Cell, output: Path) -> str:
     values = {
         **grid.run_config,
         "strategy": cell.method,
@@ -126,7 +126,7 @@ def failure_reason(run_dir: Path) -> str:
     return (errors or lines or ["the run did not finish (no log)"])[-1].strip()[:500]
 
 
-def run_cell(grid: Grid, cell: Cell, output: Path) -> dict[str, Any]:
+def run_cell(grid: ExperimentGrid, cell: Cell, output: Path) -> dict[str, Any]:
     run_dir = output / cell.run_name
     row: dict[str, Any] = {
         "dataset": Path(cell.dataset).stem,
@@ -142,7 +142,11 @@ def run_cell(grid: Grid, cell: Cell, output: Path) -> dict[str, Any]:
         print(f"== {cell.run_name}", flush=True)
         try:
             code = launch_simulation(
-                PROJECT_ROOT, cell.silos, [overrides(grid, cell, output)], grid.timeout, quiet=True
+                PROJECT_ROOT,
+                cell.silos,
+                [overrides(grid, cell, output)],
+                grid.timeout,
+                output="quiet",
             )
         except (ConfigError, DatasetError, PartitionError) as err:  # refused before starting
             return {**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
@@ -203,7 +207,9 @@ def accuracy_text(rows: list[dict[str, Any]]) -> str:
     return f"{np.mean(accs):.2f} ± {spread:.2f}" if accs else "-"
 
 
-def method_table(grid: Grid, rows: list[dict[str, Any]], dataset: str, silos: int) -> list[str]:
+def method_table(
+    grid: ExperimentGrid, rows: list[dict[str, Any]], dataset: str, silos: int
+) -> list[str]:
     """Rows methods, columns partitions, then the MB each silo sent and received."""
     partitions = [partition_of(p)[0] for p in grid.partitions]
     lines = [
@@ -227,7 +233,7 @@ def method_table(grid: Grid, rows: list[dict[str, Any]], dataset: str, silos: in
     return lines
 
 
-def write_markdown(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
+def write_markdown(grid: ExperimentGrid, rows: list[dict[str, Any]], path: Path) -> None:
     partitions = [partition_of(p)[0] for p in grid.partitions]
     columns = [(m, p) for m in grid.methods for p in partitions]
     lines = [
@@ -260,7 +266,7 @@ def write_markdown(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
+def write_plot(grid: ExperimentGrid, rows: list[dict[str, Any]], path: Path) -> None:
     plt = headless_pyplot()
 
     partitions = [partition_of(p)[0] for p in grid.partitions]
@@ -307,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the cell in flight stops its SuperLink and simulation
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        grid = Grid.model_validate(yaml.safe_load(args.grid.read_text()))
+        grid = ExperimentGrid.model_validate(yaml.safe_load(args.grid.read_text()))
         all_cells = cells(grid)
     except (OSError, yaml.YAMLError, ValidationError, ValueError) as err:
         print(f"error: grid {args.grid}: {err}", file=sys.stderr)

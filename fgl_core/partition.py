@@ -10,6 +10,7 @@ import numpy as np
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
+from fgl_core.seeds import derive_seed
 
 MAX_DIRICHLET_DRAWS = 1000
 
@@ -86,19 +87,21 @@ def partition_dataset(
     """Indices into (train, test) for each partition; the test shares follow the train ones."""
     if num_partitions < 1:
         raise PartitionError(f"num-partitions must be at least 1, got {num_partitions}")
+    train_seed = derive_seed(cfg.seed, "partition", "train")
+    test_seed = derive_seed(cfg.seed, "partition", "test")
     if cfg.partition == "iid":
         return (
-            iid_partition(len(data.train), num_partitions, cfg.seed),
-            iid_partition(len(data.test), num_partitions, cfg.seed + 1),
+            iid_partition(len(data.train), num_partitions, train_seed),
+            iid_partition(len(data.test), num_partitions, test_seed),
         )
     if cfg.partition == "dirichlet":
         shares = dirichlet_proportions(
-            data.train.labels, num_partitions, cfg.alpha, cfg.seed, cfg.min_partition_size
+            data.train.labels, num_partitions, cfg.alpha, train_seed, cfg.min_partition_size
         )
         shares = _pad_classes(shares, data.num_classes)
         return (
-            split_by_proportions(data.train.labels, shares, cfg.seed),
-            split_by_proportions(data.test.labels, shares, cfg.seed + 1),
+            split_by_proportions(data.train.labels, shares, train_seed),
+            split_by_proportions(data.test.labels, shares, test_seed),
         )
     if data.train.domains is None or data.test.domains is None:
         raise PartitionError(

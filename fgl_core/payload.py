@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from pydantic import ValidationError
 
-from fgl_core.config import RunConfig
+from fgl_core.config import RunConfig, Settings, _kebab
 from fgl_core.npy import read_npy_header
 
 EMBED_MESSAGE_TYPE = "query.embed"
@@ -44,49 +46,46 @@ class PayloadError(ValueError):
     """A request or payload that does not have the wire format's structure."""
 
 
-@dataclass(frozen=True)
-class EmbedRequest:
-    prompt_mode: str  # "class" or "instance"
+class EmbedRequest(Settings):
+    """What the server asks each silo to embed, and with which generator's text encoder."""
+
+    prompt_mode: Literal["class", "instance"]
     template: str  # class level: "{label}..." (may use {style}); instance level adds {caption}
-    style: str
+    prompt_style: str
     generator: str  # the generator reference whose tokenizer/ and text_encoder/ the silo uses
     captioner: str
     max_captions_per_class: int
     caption_batch_size: int
     seed: int
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})
+    embedding_clip: float  # 0: embeddings go as encoded; else clipped and noised (fgl_core.dp)
+    embedding_noise: float
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> EmbedRequest:
-        return cls(
-            prompt_mode=cfg.prompt_mode,
-            template=cfg.effective_prompt_template,
-            style=cfg.prompt_style,
-            generator=cfg.generator,
-            captioner=cfg.captioner,
-            max_captions_per_class=cfg.max_captions_per_class,
-            caption_batch_size=cfg.caption_batch_size,
-            seed=cfg.seed,
-        )
+    def from_config(cls, cfg: RunConfig, **values: Any) -> EmbedRequest:
+        """The run's request: its template is the one the prompt mode takes if none is set."""
+        return super().from_config(cfg, **{"template": cfg.effective_prompt_template, **values})
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({_kebab(name): value for name, value in self})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> EmbedRequest:
-        values = {}
-        for f in fields(cls):
-            key, kind = f.name.replace("_", "-"), {"str": str, "int": int}[str(f.type)]
-            value = record.get(key)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise PayloadError(
-                    f"embed request: {key!r} should be {kind.__name__}, got {value!r}"
-                )
-            values[f.name] = value
-        if values["prompt_mode"] not in ("class", "instance"):
-            raise PayloadError(
-                f"embed request: prompt-mode {values['prompt_mode']!r} is not 'class' or 'instance'"
-            )
-        return cls(**values)
+        """Validate the request a silo received; `PayloadError` names every bad key."""
+        known = {_kebab(name): name for name in cls.model_fields}
+        try:
+            return cls(**{known[k]: v for k, v in record.items() if k in known})
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                key = _kebab(str(e["loc"][0]))
+                expected = {"int_type": "int", "string_type": "str"}.get(e["type"])
+                if e["type"] == "missing":
+                    problems.append(f"{key!r} is missing")
+                elif expected:
+                    problems.append(f"{key!r} should be {expected}, got {e['input']!r}")
+                else:
+                    problems.append(f"{key!r} = {e['input']!r}: {e['msg']}")
+            raise PayloadError("embed request: " + "; ".join(problems)) from None
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from fgl_core.config import RunConfig
+from fgl_core.config import Settings
 from fgl_core.datasets import ImageSet
 
 log = logging.getLogger(__name__)
@@ -32,29 +33,17 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x), y)
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 32
-    schedule: str = "constant"  # or "cosine"
-    augment: str = "crop"  # "none", "crop" or "crop-flip"
-    seed: int = 0
+class TrainSettings(Settings):
+    """One call of `train_model`: the run's optimiser settings, its epochs and its seed."""
 
-    @classmethod
-    def from_config(cls, cfg: RunConfig, epochs: int, seed: int) -> TrainSettings:
-        return cls(
-            epochs=epochs,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            batch_size=cfg.batch_size,
-            schedule=cfg.lr_schedule,
-            augment=cfg.augment,
-            seed=seed,
-        )
+    epochs: int
+    seed: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    lr_schedule: Literal["constant", "cosine"]
+    augment: Literal["none", "crop", "crop-flip"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +127,7 @@ def train_model(
     total_steps = settings.epochs * math.ceil(n / bs)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-        if settings.schedule == "cosine"
+        if settings.lr_schedule == "cosine"
         else None
     )
     generator = torch.Generator().manual_seed(settings.seed)

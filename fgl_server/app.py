@@ -12,12 +12,14 @@ from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.datasets import load_dataset
 from fgl_core.models import build_model_for
+from fgl_core.seeds import derive_seed
 from fgl_core.training import pick_device
 from fgl_server.centralized import run_centralized
 from fgl_server.fgl_run import run_fgl
-from fgl_server.ledger import MessageLedger
+from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
-from fgl_server.rounds import baseline_strategy, run_rounds
+from fgl_server.rounds import run_rounds
+from strategies.build import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)  # fails here, before any data is loaded
-    random.seed(cfg.seed)  # Flower's node sampling draws from the global `random`
+    random.seed(derive_seed(cfg.seed, "node-sampling"))  # Flower samples with the global `random`
     recorder = RunRecorder(cfg)
     device = pick_device(cfg.device)
     with recorder.phase("load-data"):
@@ -49,6 +51,6 @@ def main(grid: Grid, context: Context) -> None:
         model = run_fgl(grid, cfg, data, recorder, device)
     else:
         model = build_model_for(cfg, data.num_classes, data.image_size)
-        strategy = baseline_strategy(cfg)
-        model = run_rounds(strategy, MessageLedger(grid), model, cfg, data, recorder, device)
+        strategy = build_strategy(cfg)
+        model = run_rounds(strategy, RecordingGrid(grid), model, cfg, data, recorder, device)
     recorder.finish(model)

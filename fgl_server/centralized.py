@@ -16,6 +16,7 @@ from torch import nn
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import build_model_for
+from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
@@ -32,7 +33,9 @@ def run_centralized(
     if not done:
         recorder.log_round(0, evaluate_on_server(model, data, device))
     for rnd in range(done + 1, cfg.num_server_rounds + 1):
-        settings = TrainSettings.from_config(cfg, cfg.local_epochs, seed=cfg.seed * 1000 + rnd)
+        settings = TrainSettings.from_config(
+            cfg, epochs=cfg.local_epochs, seed=derive_seed(cfg.seed, "centralized", rnd)
+        )
         with recorder.phase("train"):
             stats = train_model(
                 model, data.train, settings, device, desc=f"centralized round {rnd}"

@@ -1,12 +1,11 @@
-"""An FGL run on the server: embed -> validate -> synthesize -> one-shot -> FedAvg rounds.
-
-Each phase is timed into results.json, which is rewritten as the run goes, so a run that stops
-keeps what it had done (and the synthetic store keeps its finished shards for the rerun).
-"""
+"""An FGL run on the server: embed -> validate -> synthesize -> one-shot -> FedAvg rounds
+(`run_fgl`), with the boundary's limits (`payload_limits`) and the store's manifest."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from fgl_core.config import RunConfig
-from fgl_core.datasets import DatasetSplits
+from fgl_core.datasets import DatasetSplits, ImageSet
+from fgl_core.dp import noise_std
 from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
     EMBED_MESSAGE_TYPE,
@@ -24,32 +24,23 @@ from fgl_core.payload import (
     EmbeddingPayload,
     EmbedRequest,
 )
+from fgl_core.plotting import plot_samples
 from fgl_core.prompt_templates import class_prompt
+from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
-from fgl_server.ledger import MessageLedger
-from fgl_server.results import RunRecorder, plot_samples
-from fgl_server.rounds import federation_kwargs, run_rounds
+from fgl_server.ledger import RecordingGrid
+from fgl_server.results import RunRecorder
+from fgl_server.rounds import run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload
-from strategies.fgl import FGL
+from strategies.build import build_strategy
+from strategies.fgl import collect_embeddings
 
 log = logging.getLogger(__name__)
-
-
-def synthesis_settings(cfg: RunConfig, image_size: int) -> SynthesisSettings:
-    return SynthesisSettings(
-        generator=cfg.generator,
-        scheduler=cfg.scheduler,
-        steps=cfg.steps,
-        guidance=cfg.guidance,
-        negative_prompt=cfg.negative_prompt,
-        resolution=cfg.synthesis_resolution,
-        train_resolution=image_size,
-    )
 
 
 def store_manifest(
@@ -113,28 +104,69 @@ def payload_limits(
         class_prompts=engine.encode(texts).float().cpu().numpy(),
         class_prompt_rows=rows,
         class_names=tuple(class_names),
+        embedding_clip=cfg.embedding_clip,
+        noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
     )
 
 
 def run_fgl(
     grid: Grid, cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
 ) -> nn.Module:
-    ledger = MessageLedger(grid)
-    strategy = FGL(
-        min_nodes=cfg.min_nodes, node_wait_timeout=cfg.connect_timeout, **federation_kwargs(cfg)
-    )
+    """Run FGL on the server; return the final global model.
 
-    # round 0: every silo sends its embeddings once; each reply is checked at the boundary
-    engine = SynthesisEngine.load(synthesis_settings(cfg, data.image_size), cfg.cache_dir, device)
-    limits = payload_limits(cfg, engine, data.class_names)
+    1. embed: every silo is asked once for its embedding payload; each reply passes the
+       boundary (`accept_payload`) or is rejected by name, and the run goes on with the others.
+    2. synthesize: the accepted payloads are merged and planned into images, and the store makes
+       those it lacks (a rerun reuses every finished shard).
+    3. one-shot: a fresh global model is trained on the synthetic set alone.
+    4. rounds: FedAvg on the silos' real data from the one-shot model, the aggregate optionally
+       fine-tuned on the synthetic set after each round (`server-finetune-epochs`).
+
+    Each phase is timed, and results.json is rewritten as the run goes, so a run that stops
+    keeps what it had done; a rerun of the same run resumes (see `fgl_server.checkpoint`).
+    """
+    grid = RecordingGrid(grid)
+    settings = SynthesisSettings.from_config(cfg, train_resolution=data.image_size)
+    engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
+    payloads = embedding_round(grid, cfg, engine, data.class_names, recorder)
+    synthetic = synthesize(engine, payloads, cfg, data, recorder)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = one_shot(synthetic, cfg, data, recorder, device)
+    if cfg.num_server_rounds == 0:
+        recorder.log_round(0, recorder.results["one-shot"])
+        recorder.set("traffic", grid.to_json())
+        return model
+    finetune = server_finetune(synthetic, model, cfg, recorder, device)
+    strategy = build_strategy(cfg, finetune_fn=finetune if cfg.server_finetune_epochs else None)
+    return run_rounds(strategy, grid, model, cfg, data, recorder, device, await_nodes=False)
+
+
+def embedding_round(
+    grid: RecordingGrid,
+    cfg: RunConfig,
+    engine: SynthesisEngine,
+    class_names: list[str],
+    recorder: RunRecorder,
+) -> dict[str, EmbeddingPayload]:
+    """Phase 1: the accepted payloads by node; raises if no silo sent a usable one."""
+    limits = payload_limits(cfg, engine, class_names)
     request = EmbedRequest.from_config(cfg).to_record()
     with recorder.phase("embed"):
-        round0 = strategy.collect_embeddings(ledger, request, REQUEST_RECORD, cfg.embed_timeout)
+        round0 = collect_embeddings(
+            grid,
+            request,
+            REQUEST_RECORD,
+            cfg.embed_timeout,
+            min_nodes=cfg.min_nodes,
+            node_wait_timeout=cfg.connect_timeout,
+        )
     payloads, rejected = validated_payloads(round0.replies, limits)
     rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
     received = {
         f"node {e.node_id}": e.bytes_received
-        for e in ledger.exchanges
+        for e in grid.exchanges
         if e.message_type == EMBED_MESSAGE_TYPE
     }
     recorder.set(
@@ -149,8 +181,17 @@ def run_fgl(
     )
     if not payloads:
         raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
+    return payloads
 
-    # synthesis: deduplicate, plan, make the images (resuming a finished plan's shards)
+
+def synthesize(
+    engine: SynthesisEngine,
+    payloads: dict[str, EmbeddingPayload],
+    cfg: RunConfig,
+    data: DatasetSplits,
+    recorder: RunRecorder,
+) -> ImageSet:
+    """Phase 2: deduplicate, plan, make the images the store lacks; the synthetic set."""
     prompts, histogram = merge_payloads(payloads, data.num_classes, cfg.max_silo_share)
     jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed)
     store = SyntheticStore(
@@ -161,9 +202,6 @@ def run_fgl(
     with recorder.phase("synthesize"):
         stats = synthesize_into_store(engine, prompts, jobs, store, cfg.synthesis_batch_size)
     synthetic = store.load()
-    del engine
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     recorder.set(
         "synthesis",
         {
@@ -175,39 +213,51 @@ def run_fgl(
         },
     )
     plot_samples(synthetic, data.class_names, recorder.dir / "synthetic_samples.png")
+    return synthetic
 
-    # one-shot: train the global model on the synthetic set alone
+
+def one_shot(
+    synthetic: ImageSet,
+    cfg: RunConfig,
+    data: DatasetSplits,
+    recorder: RunRecorder,
+    device: torch.device,
+) -> nn.Module:
+    """Phase 3: a fresh global model trained on the synthetic set alone (or its checkpoint)."""
     model = build_model_for(cfg, data.num_classes, data.image_size)
     with recorder.phase("one-shot"):
-        settings = TrainSettings.from_config(cfg, cfg.oneshot_epochs, seed=cfg.seed)
         if load_checkpoint(recorder.dir, "one-shot", model):
             log.info("one-shot: the model trained before is reused")
         elif cfg.oneshot_epochs:
+            seed = derive_seed(cfg.seed, "one-shot")
+            settings = TrainSettings.from_config(cfg, epochs=cfg.oneshot_epochs, seed=seed)
             train_model(model, synthetic, settings, device, desc="one-shot")
             save_checkpoint(recorder.dir, "one-shot", cfg.oneshot_epochs, model)
-    oneshot = evaluate_on_server(model, data, device)
-    recorder.set("one-shot", oneshot)
+    metrics = evaluate_on_server(model, data, device)
+    recorder.set("one-shot", metrics)
     log.info(
-        "one-shot: test accuracy %.4f (val %.4f)", oneshot["test-accuracy"], oneshot["val-accuracy"]
+        "one-shot: test accuracy %.4f (val %.4f)", metrics["test-accuracy"], metrics["val-accuracy"]
     )
-    if cfg.num_server_rounds == 0:
-        recorder.log_round(0, oneshot)
-        recorder.set("traffic", ledger.to_json())
-        return model
+    return model
 
-    # FedAvg rounds on the silos' real data, optionally fine-tuned on the synthetic set
-    if cfg.server_finetune_epochs:
 
-        def finetune(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            settings = TrainSettings.from_config(
-                cfg, cfg.server_finetune_epochs, seed=cfg.seed * 7919 + server_round
-            )
-            with recorder.phase("server-finetune"):
-                train_model(
-                    model, synthetic, settings, device, desc=f"fine-tune round {server_round}"
-                )
-            return ArrayRecord(state_dict_float32(model))
+def server_finetune(
+    synthetic: ImageSet,
+    like: nn.Module,
+    cfg: RunConfig,
+    recorder: RunRecorder,
+    device: torch.device,
+) -> Callable[[int, ArrayRecord], ArrayRecord]:
+    """Phase 4's fine-tune: each round's aggregate, trained a few epochs on the synthetic set,
+    on a model of its own (the central evaluation has another)."""
+    model = copy.deepcopy(like)
 
-        strategy.finetune_fn = finetune
-    return run_rounds(strategy, ledger, model, cfg, data, recorder, device)
+    def finetune(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        seed = derive_seed(cfg.seed, "server-finetune", server_round)
+        settings = TrainSettings.from_config(cfg, epochs=cfg.server_finetune_epochs, seed=seed)
+        with recorder.phase("server-finetune"):
+            train_model(model, synthetic, settings, device, desc=f"fine-tune round {server_round}")
+        return ArrayRecord(state_dict_float32(model))
+
+    return finetune

@@ -43,7 +43,7 @@ class Exchange:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
-class MessageLedger(Grid):
+class RecordingGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.exchanges: list[Exchange] = []

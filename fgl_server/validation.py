@@ -41,6 +41,10 @@ class PayloadLimits:
     class_prompts: np.ndarray | None = None
     class_prompt_rows: tuple[int, ...] | None = None
     class_names: tuple[str, ...] = ()
+    # the silos' noise defence (fgl_core.dp): embeddings arrive clipped to `embedding_clip`
+    # (0: not at all) with Gaussian noise of this standard deviation per value
+    embedding_clip: float = 0.0
+    noise_std: float = 0.0
 
 
 class PayloadRejected(ValueError):
@@ -153,9 +157,12 @@ def check_class_prompts(
         keep = np.arange(SEQUENCE_LENGTH)[None, :] < rows[:, None]  # (n, 77)
     else:
         keep = np.ones((len(labels), SEQUENCE_LENGTH), bool)
-    diff = (embeds.astype(np.float64) - reference) * keep[..., None]
-    gaps = np.linalg.norm(diff.reshape(len(labels), -1), axis=1)
-    gaps /= np.linalg.norm((reference * keep[..., None]).reshape(len(labels), -1), axis=1)
+    got = (embeds.astype(np.float64) * keep[..., None]).reshape(len(labels), -1)
+    want = (reference * keep[..., None]).reshape(len(labels), -1)
+    if limits.embedding_clip:
+        gaps = noisy_gaps(got, want, keep.sum(axis=1) * limits.width, limits)
+    else:
+        gaps = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
     worst = int(np.argmax(gaps))
     if gaps[worst] > limits.probe_tolerance:
         label = int(labels[worst])
@@ -166,3 +173,22 @@ def check_class_prompts(
             f"(off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}): "
             f"another prompt, another class list or another template"
         )
+
+
+def noisy_gaps(
+    got: np.ndarray, want: np.ndarray, values: np.ndarray, limits: PayloadLimits
+) -> np.ndarray:
+    """Relative gaps for clipped, noised embeddings, comparable with `probe_tolerance`.
+
+    Clipping scales an embedding by an unknown factor (at instance level it depends on the
+    private caption too), so each one is compared with the best multiple s of the reference;
+    what remains beyond the noise's expected size (its squared norm has mean noise_std^2 x
+    values, and a spread of about sqrt(2 x values) of that) counts as the gap. An honest
+    embedding stays within tolerance; another prompt leaves a residual the noise does not
+    explain, unless the noise is so strong that it hides any prompt (then nothing can tell).
+    """
+    scale = np.clip((got * want).sum(axis=1) / (want * want).sum(axis=1), 0.0, 1.0)
+    residual = np.square(got - scale[:, None] * want).sum(axis=1)
+    expected = limits.noise_std**2 * (values + 6.0 * np.sqrt(2.0 * values))
+    unexplained = np.sqrt(np.maximum(residual - expected, 0.0))
+    return unexplained / np.maximum(scale * np.linalg.norm(want, axis=1), 1e-12)

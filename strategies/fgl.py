@@ -1,4 +1,5 @@
-"""Flower strategy for Federated Generative Learning (Zhang, Qi, Zhao)."""
+"""Flower strategy for Federated Generative Learning (Zhang, Qi, Zhao): the embedding round
+and FedAvg with a server-side fine-tune."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from flwr.supercore import log
 from fgl_core.payload import EMBED_MESSAGE_TYPE
 from strategies.nodes import replying_node, sent_ids, wait_for_nodes
 
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
+
 
 @dataclass
 class EmbeddingRound:
@@ -24,79 +27,110 @@ class EmbeddingRound:
     asked: list[int] = field(default_factory=list)
 
 
+def collect_embeddings(
+    grid: Grid,
+    request: ConfigRecord,
+    request_key: str,
+    timeout: float,
+    min_nodes: int = 2,
+    node_wait_timeout: float = 300.0,
+    attempts: int = 2,
+) -> EmbeddingRound:
+    """FGL's round 0: send `query.embed` to every node; ask again those that did not answer.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid to send through.
+    request : ConfigRecord
+        The embed request, sent under `request_key`.
+    request_key : str
+        The key of the request in each message's RecordDict.
+    timeout : float
+        Seconds each attempt waits for replies.
+    min_nodes : int (default: 2)
+        Nodes to wait for before sending; the round goes on with all connected then.
+    node_wait_timeout : float (default: 300.0)
+        Seconds to wait for `min_nodes` nodes to connect.
+    attempts : int (default: 2)
+        How often the request is sent to nodes that have not answered yet.
+    """
+    result = EmbeddingRound(asked=wait_for_nodes(grid, min_nodes, node_wait_timeout))
+    pending = list(result.asked)
+    for attempt in range(1, attempts + 1):
+        messages = [
+            Message(
+                RecordDict({request_key: request}),
+                dst_node_id=node,
+                message_type=EMBED_MESSAGE_TYPE,
+            )
+            for node in pending
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        sent = sent_ids(messages)
+        for reply in replies:
+            node = replying_node(reply, sent)
+            if reply.has_error():
+                result.failures[node] = f"error reply: {reply.error.reason}"
+            else:
+                result.replies[node] = reply.content
+                result.failures.pop(node, None)
+        pending = [n for n in pending if n not in result.replies and n not in result.failures]
+        if not pending:
+            break
+        log(WARNING, "embed attempt %d: no reply from nodes %s", attempt, pending)
+    for node in pending:
+        result.failures[node] = f"no reply after {attempts} attempts of {timeout} s"
+    return result
+
+
 class FGL(FedAvg):
-    """FedAvg plus the two things FGL adds: a round-0 embedding phase, and an optional
-    server-side fine-tune of the aggregated model after each round.
+    """FedAvg on the silos' real data after FGL's one-shot model, with an optional server-side
+    fine-tune of the aggregated model after each round (FGL's round 0 is `collect_embeddings`).
 
     Parameters
     ----------
     finetune_fn : Optional[Callable[[int, ArrayRecord], ArrayRecord]] (default: None)
         Called with the round and the aggregated arrays after every `aggregate_train`; returns
         the arrays to continue with (FGL: a few epochs on the synthetic set). None = off.
-    embed_attempts : int (default: 2)
-        How often the embed request is sent to nodes that have not answered yet.
-    min_nodes : int (default: 2)
-        Nodes to wait for before round 0; later rounds go on with those still connected.
-    node_wait_timeout : float (default: 300.0)
-        Seconds to wait for `min_nodes` nodes to connect before round 0.
-    **fedavg_kwargs
-        Passed to `FedAvg` (fraction_train, min_available_nodes, weighted_by_key, ...).
+    fraction_train, fraction_evaluate : float (default: 1.0)
+    min_train_nodes, min_evaluate_nodes, min_available_nodes : int (default: 2)
+    weighted_by_key, arrayrecord_key, configrecord_key : str
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn : Optional[callable] (default: None)
+        FedAvg's parameters, passed on unchanged (see `flwr.serverapp.strategy.FedAvg`).
     """
 
     def __init__(
         self,
         finetune_fn: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
-        embed_attempts: int = 2,
-        min_nodes: int = 2,
-        node_wait_timeout: float = 300.0,
-        **fedavg_kwargs: object,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregation | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
     ) -> None:
-        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
         self.finetune_fn = finetune_fn
-        self.embed_attempts = embed_attempts
-        self.min_nodes = min_nodes
-        self.node_wait_timeout = node_wait_timeout
 
     def summary(self) -> None:
         super().summary()
-        log(
-            INFO,
-            "\t└──> FGL: embed attempts %d, server fine-tune %s",
-            self.embed_attempts,
-            "on" if self.finetune_fn else "off",
-        )
-
-    def collect_embeddings(
-        self, grid: Grid, request: ConfigRecord, request_key: str, timeout: float
-    ) -> EmbeddingRound:
-        """Send `query.embed` to every node; ask again those that did not answer."""
-        result = EmbeddingRound(asked=wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout))
-        pending = list(result.asked)
-        for attempt in range(1, self.embed_attempts + 1):
-            messages = [
-                Message(
-                    RecordDict({request_key: request}),
-                    dst_node_id=node,
-                    message_type=EMBED_MESSAGE_TYPE,
-                )
-                for node in pending
-            ]
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
-            sent = sent_ids(messages)
-            for reply in replies:
-                node = replying_node(reply, sent)
-                if reply.has_error():
-                    result.failures[node] = f"error reply: {reply.error.reason}"
-                else:
-                    result.replies[node] = reply.content
-                    result.failures.pop(node, None)
-            pending = [n for n in pending if n not in result.replies and n not in result.failures]
-            if not pending:
-                break
-            log(WARNING, "embed attempt %d: no reply from nodes %s", attempt, pending)
-        for node in pending:
-            result.failures[node] = f"no reply after {self.embed_attempts} attempts of {timeout} s"
-        return result
+        log(INFO, "\t└──> FGL: server fine-tune %s", "on" if self.finetune_fn else "off")
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -10,6 +10,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from strategies.fgl import MetricsAggregation
+
 
 class MOON(FedAvg):
     """FedAvg whose train messages tell the silos to add MOON's contrastive term.
@@ -24,12 +26,40 @@ class MOON(FedAvg):
         Weight of the model-contrastive term, sent as `moon-mu`.
     temperature : float (default: 0.5)
         Temperature of the contrastive softmax, sent as `moon-temperature`.
-    **fedavg_kwargs
-        Passed to `FedAvg`.
+    fraction_train, fraction_evaluate : float (default: 1.0)
+    min_train_nodes, min_evaluate_nodes, min_available_nodes : int (default: 2)
+    weighted_by_key, arrayrecord_key, configrecord_key : str
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn : Optional[callable] (default: None)
+        FedAvg's parameters, passed on unchanged (see `flwr.serverapp.strategy.FedAvg`).
     """
 
-    def __init__(self, mu: float = 1.0, temperature: float = 0.5, **fedavg_kwargs: object) -> None:
-        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        mu: float = 1.0,
+        temperature: float = 0.5,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggregation | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
         self.mu = mu
         self.temperature = temperature
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from logging import INFO
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
+
+from fgl_core.polling import poll_until
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -17,19 +18,27 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     late, real silos come up one by one). Waiting once, here, lets each round afterwards go on
     with whoever is still connected instead of waiting forever for a silo that went away.
     """
-    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
     announced = -1
-    while len(nodes := sorted(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"only {len(nodes)} of the {count} nodes that 'min-nodes' asks for connected "
-                f"within {timeout:.0f} s ('connect-timeout')"
-            )
+
+    def enough() -> list[int]:
+        nonlocal nodes, announced
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
         if len(nodes) != announced:
             log(INFO, "waiting for nodes: %d of %d connected", len(nodes), count)
             announced = len(nodes)
-        time.sleep(0.5)
-    return nodes
+        return []
+
+    return poll_until(
+        enough,
+        timeout,
+        lambda: (
+            f"only {len(nodes)} of the {count} nodes that 'min-nodes' asks for connected "
+            f"within {timeout:.0f} s ('connect-timeout')"
+        ),
+    )
 
 
 def replying_node(reply: Message, sent: dict[str, int]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT.parent / "shared" / "datasets"
-LAUNCHER = ROOT / "deploy" / "launch.py"
+LAUNCHER = [sys.executable, "-m", "deploy.launch"]  # run from ROOT, or with ROOT on PYTHONPATH
 
 
 def shared_dataset(name: str) -> Path:
@@ -48,21 +49,45 @@ def blood_labels(blood_npz: Path) -> np.ndarray:
 @pytest.fixture
 def task_identity():
     """Messages built outside a Flower runtime need the identity the runtime would set."""
-    from fgl_server.inprocess import task_identity
+    from deploy.inprocess import task_identity
 
     with task_identity():
         yield
 
 
+def project_env() -> dict[str, str]:
+    """This environment with the checkout first on PYTHONPATH: `python -m deploy.…` works from
+    any folder, and runs this checkout's code."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def start_launcher(args: list[str], cwd: Path) -> subprocess.Popen:
+    """The launcher in the background, its stdout and stderr in one text pipe."""
+    return subprocess.Popen(
+        [*LAUNCHER, *args],
+        cwd=cwd,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def launch(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run deploy/launch.py as a user would.
+    """Run the launcher (`python -m deploy.launch`) as a user would, from `cwd`.
 
     On a timeout the launcher gets SIGTERM, not SIGKILL (what `subprocess.run` sends), so that
     it stops the SuperLink and SuperNodes it started before the test fails.
     """
-    command = [sys.executable, str(LAUNCHER), *args]
+    command = [*LAUNCHER, *args]
     with subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=cwd,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)

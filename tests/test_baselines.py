@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.serde import context_to_proto
 
+from deploy.inprocess import silo_context
 from fgl_client.objectives import fedprox_loss, moon_contrastive, moon_loss
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.models import build_model, state_dict_float32
-from fgl_server.inprocess import silo_context
 from tests.conftest import ROOT, launch
 
 
@@ -153,10 +153,10 @@ def test_fgl_handles_fifty_silos_with_client_sampling(tmp_path):
 def test_fedopt_keeps_the_global_model_float32(task_identity):
     from flwr.app import MetricRecord
 
-    from fgl_server.inprocess import InProcessGrid
-    from fgl_server.rounds import baseline_strategy
+    from deploy.inprocess import InProcessGrid
+    from strategies.build import build_strategy
 
-    strategy = baseline_strategy(RunConfig.from_flower({"strategy": "fedopt"}))
+    strategy = build_strategy(RunConfig.from_flower({"strategy": "fedopt"}))
     model = build_model("cnn", 8, 28)
     arrays = ArrayRecord(state_dict_float32(model))
     grid = InProcessGrid({1: None, 2: None}, on_reply=lambda m: m)

@@ -6,8 +6,9 @@ import sys
 
 import torch
 
+from benchmarks.common import PeakMemory
 from fgl_core.offline_models import sd21_components
-from tests.conftest import ROOT
+from tests.conftest import project_env
 
 
 def test_sd21_architecture_in_code_rebuilds_the_published_parameter_counts():
@@ -22,7 +23,8 @@ def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "synthesis.py"),
+            "-m",
+            "benchmarks.synthesis",
             "--tiny",
             "--device",
             "cpu",
@@ -36,6 +38,7 @@ def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
             "--out",
             str(tmp_path),
         ],
+        env=project_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -49,9 +52,6 @@ def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
 
 
 def test_peak_memory_sums_a_process_and_its_descendants():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import PeakMemory
-
     child = "import time; block = b'x' * (300 * 2**20); time.sleep(3)"  # 300 MiB, resident
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
     with subprocess.Popen([sys.executable, "-c", parent]) as proc:

@@ -4,7 +4,8 @@ import csv
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from deploy.compare import Cell, ExperimentGrid, method_table, overrides
+from tests.conftest import project_env
 
 GRID = """
 output: {output}
@@ -19,7 +20,8 @@ method-config: {{fedprox: {{proximal-mu: -1}}}}   # deliberately broken
 
 def compare(grid_file):
     return subprocess.run(
-        [sys.executable, str(ROOT / "deploy" / "compare.py"), str(grid_file)],
+        [sys.executable, "-m", "deploy.compare", str(grid_file)],
+        env=project_env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -68,10 +70,7 @@ def test_grid_gives_table_csv_and_plot_and_marks_the_broken_cells(tmp_path):
 
 
 def test_a_method_label_may_name_its_strategy_so_variants_sit_side_by_side(tmp_path):
-    sys.path.insert(0, str(ROOT / "deploy"))
-    from compare import Cell, Grid, method_table, overrides
-
-    grid = Grid.model_validate(
+    grid = ExperimentGrid.model_validate(
         {
             "datasets": ["digits"],
             "partitions": ["iid", {"alpha": 0.01}],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tomllib
 from pathlib import Path
 
@@ -20,11 +19,9 @@ from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink_parser
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
 
+from deploy.certs import Certificates
+from deploy.federation import Topology, node_config_string, superlink_args, supernode_args
 from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "deploy"))
-from certs import Certificates
-from launch import Topology, node_config_string, superlink_args, supernode_args
 
 SILOS = 3
 COMPOSE_ONLY = {"--isolation", "--host"}  # containers: process isolation, listen on all hosts
@@ -163,7 +160,7 @@ def test_private_keys_are_owner_only_from_the_start_and_never_widened(tmp_path):
     import os
     import stat
 
-    from certs import make_certificates, make_node_key
+    from deploy.certs import make_certificates, make_node_key
 
     old = os.umask(0o022)  # a usual umask: files would start 0644
     try:

@@ -12,18 +12,16 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import LAUNCHER, ROOT, is_running, launch, silo_file
-
-sys.path.insert(0, str(ROOT / "deploy"))
-from certs import make_node_key
-from launch import LocalFederation, Topology
-from quickstart import RUNS
+from deploy.certs import make_node_key
+from deploy.federation import LocalFederation, Topology
+from deploy.flower_cli import FlowerCLI
+from deploy.quickstart import RUNS
+from tests.conftest import is_running, launch, silo_file, start_launcher
 
 
 def assert_nothing_left(run_dir: Path) -> None:
@@ -90,13 +88,8 @@ def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tm
         'strategy="fedavg" num-server-rounds=3 local-epochs=1 round-timeout=180.0 '
         f'run-name="killed" output-dir="{tmp_path}"'
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(LAUNCHER), "--supernodes", "3", "--quiet", "--run-config", overrides],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = ["--supernodes", "3", "--quiet", "--run-config", overrides]
+    proc = start_launcher(args, cwd=tmp_path)
     run_dir = tmp_path / "killed"
     try:
 
@@ -192,7 +185,7 @@ def test_tls_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path)
         )
         assert stranger.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "supernode-1.log").read_text()
-        assert federation.online_nodes() == 1
+        assert federation.flwr.online_nodes() == 1
     assert_nothing_left(tmp_path)
 
 
@@ -203,6 +196,6 @@ def test_a_status_poll_that_times_out_on_a_busy_machine_is_asked_again(tmp_path,
     def busy(*args, **kwargs):
         raise subprocess.TimeoutExpired("flwr ls", 60)
 
-    monkeypatch.setattr(federation, "flwr", busy)
-    assert federation.run_info("7") == {"status": "unknown"}
-    assert federation.online_nodes() == 0
+    monkeypatch.setattr(FlowerCLI, "__call__", busy)
+    assert federation.flwr.run_info("7") == {"status": "unknown"}
+    assert federation.flwr.online_nodes() == 0

@@ -8,6 +8,41 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.+?)\n```", readme)
     assert len(commands) >= 2
     quickstart, tests = commands[0], commands[1]
-    assert "deploy/quickstart.py" in quickstart
+    assert "-m deploy.quickstart" in quickstart
     assert "pytest" in tests
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_every_module_function_and_path_the_architecture_doc_names_exists():
+    import importlib
+
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    for path in set(re.findall(r"`(\w+/[\w/]+\.(?:py|yml))`", doc)):
+        assert (ROOT / path).is_file(), path
+    packages = "fgl_core|fgl_client|fgl_server|strategies|deploy"
+    for dotted in set(re.findall(rf"`((?:{packages})(?:\.\w+)+)`", doc)):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                target = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for name in parts[cut:]:
+            assert hasattr(target, name), dotted
+            target = getattr(target, name)
+
+
+def test_the_code_keeps_the_documented_import_rules():
+    allowed = {
+        "fgl_core": set(),
+        "fgl_client": {"fgl_core"},
+        "strategies": {"fgl_core"},
+        "fgl_server": {"fgl_core", "strategies"},
+    }
+    ours = {"fgl_core", "fgl_client", "fgl_server", "strategies", "deploy", "benchmarks", "tests"}
+    for package, may in allowed.items():
+        for path in (ROOT / package).rglob("*.py"):
+            imported = re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.MULTILINE)
+            wrong = {name for name in imported if name in ours} - may - {package}
+            assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"

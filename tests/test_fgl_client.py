@@ -9,6 +9,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
+from deploy.inprocess import silo_context
 from fgl_client.app import app
 from fgl_client.captioning import Captioner
 from fgl_client.embedding import build_payload, captioner, text_encoder
@@ -28,7 +29,6 @@ from fgl_core.payload import (
     PayloadError,
 )
 from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
-from fgl_server.inprocess import silo_context
 from tests.conftest import silo_file
 
 CPU = torch.device("cpu")
@@ -220,7 +220,7 @@ def test_embed_handler_answers_a_query_embed_message(blood_npz, cache_dir, task_
 
 
 def test_embed_request_round_trips_and_bad_requests_are_named():
-    request = EmbedRequest("class", "{label}, x", "", "offline-tiny", "offline-tiny", 5, 8, 3)
+    request = EmbedRequest.defaults(template="{label}, x", max_captions_per_class=5, seed=3)
     assert EmbedRequest.from_record(request.to_record()) == request
     bad = request.to_record()
     bad["max-captions-per-class"] = "many"

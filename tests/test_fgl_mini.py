@@ -14,6 +14,7 @@ import pytest
 import torch
 from flwr.app import Array, Message
 
+from deploy.inprocess import InProcessGrid, silo_context
 from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
@@ -23,7 +24,6 @@ from fgl_core.mini.fidelity import digits_judge, label_fidelity
 from fgl_core.offline_models import clip_tokenizer
 from fgl_core.pretrained import ModelRefError, resolve_model_ref
 from fgl_server.fgl_run import run_fgl
-from fgl_server.inprocess import InProcessGrid, silo_context
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from tests.conftest import ROOT, launch
@@ -112,7 +112,9 @@ def mini_encoder(tmp_path_factory) -> TransformersTextEncoder:
 
 
 def test_fgl_mini_draws_the_prompted_digit_and_not_when_prompts_are_shuffled(mini_encoder):
-    settings = SynthesisSettings(generator=FGL_MINI, steps=10, guidance=2.0, train_resolution=8)
+    settings = SynthesisSettings.defaults(
+        generator=FGL_MINI, steps=10, guidance=2.0, train_resolution=8
+    )
     engine = SynthesisEngine.load(settings, "unused", CPU)
     fidelity = label_fidelity(engine, mini_encoder, digits_judge(), per_class=10)
     assert fidelity.mean > 0.5, fidelity  # chance is 0.1
@@ -127,7 +129,9 @@ def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000, name
     assert json.loads((tmp_path / "training.json").read_text()) == record
     assert record["parameters"]["unet"] > 1_000_000 and record["final-loss"]["denoiser"] > 0
-    settings = SynthesisSettings(generator=str(tmp_path / "pipeline"), steps=2, train_resolution=8)
+    settings = SynthesisSettings.defaults(
+        generator=str(tmp_path / "pipeline"), steps=2, train_resolution=8
+    )
     engine = SynthesisEngine.load(settings, "unused", CPU)
     images = engine.generate(np.zeros((2, 77, engine.width), np.float16), [0, 1])
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8

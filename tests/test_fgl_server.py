@@ -7,13 +7,13 @@ import pytest
 import torch
 from flwr.app import Array, Message
 
+from deploy.inprocess import InProcessGrid, silo_context
 from fgl_client.embedding import build_payload, text_encoder
 from fgl_client.silo import load_silo
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.payload import EmbeddingPayload, EmbedRequest
 from fgl_server.fgl_run import payload_limits, run_fgl
-from fgl_server.inprocess import InProcessGrid, silo_context
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
     GpuTuning,
@@ -37,7 +37,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def engine(cache_dir) -> SynthesisEngine:
-    settings = SynthesisSettings(generator="offline-tiny", steps=3, train_resolution=28)
+    settings = SynthesisSettings.defaults(generator="offline-tiny", steps=3, train_resolution=28)
     return SynthesisEngine.load(settings, cache_dir, CPU)
 
 
@@ -131,7 +131,7 @@ def test_too_many_rows_and_too_many_bytes_are_rejected(engine, payloads):
 
 def test_a_different_encoder_fails_the_probe_check(engine, payloads, tmp_path):
     other = SynthesisEngine.load(
-        SynthesisSettings(generator="offline-tiny", steps=1), tmp_path, CPU
+        SynthesisSettings.defaults(generator="offline-tiny", steps=1), tmp_path, CPU
     )
     assert np.array_equal(other.probe, engine.probe)  # same seed, same function: passes
     from diffusers import StableDiffusionPipeline
@@ -236,7 +236,7 @@ def test_any_image_can_be_regenerated_alone(engine, payloads):
 
 def test_gpu_tuning_switches_layout_and_fused_attention_without_changing_the_picture(cache_dir):
     # the engine applies GpuTuning on CUDA only; here the same calls run on a CPU pipeline
-    settings = SynthesisSettings(generator="fgl-mini", steps=4, train_resolution=16)
+    settings = SynthesisSettings.defaults(generator="fgl-mini", steps=4, train_resolution=16)
     engine = SynthesisEngine.load(settings, cache_dir, CPU)
     embeds = engine.encode(["a photo of the digit 3", "7"]).numpy().astype(np.float16)
     plain = engine.generate(embeds, [1, 2])

@@ -5,8 +5,8 @@ import json
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from deploy.inprocess import run_in_process
 from fgl_core.config import ConfigError
-from fgl_server.inprocess import run_in_process
 
 
 def test_the_serverapp_runs_every_round_with_every_silo_in_this_process(tmp_path):

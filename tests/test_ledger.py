@@ -7,9 +7,9 @@ from uuid import uuid4
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fgl_server.inprocess import InProcessGrid
-from fgl_server.ledger import MessageLedger
-from strategies.fgl import FGL
+from deploy.inprocess import InProcessGrid
+from fgl_server.ledger import RecordingGrid
+from strategies.fgl import collect_embeddings
 
 GONE = 202  # the silo that went away
 
@@ -34,7 +34,7 @@ class GridWithALostNode(InProcessGrid):
 
 
 def test_a_node_unavailable_reply_is_charged_to_the_node_that_went_away(task_identity):
-    ledger = MessageLedger(GridWithALostNode([201, GONE, 203]))
+    ledger = RecordingGrid(GridWithALostNode([201, GONE, 203]))
     messages = [
         Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), node, "train")
         for node in (201, GONE, 203)
@@ -50,9 +50,8 @@ def test_a_node_unavailable_reply_is_charged_to_the_node_that_went_away(task_ide
 
 
 def test_the_embedding_round_names_the_node_that_went_away(task_identity):
-    strategy = FGL(min_nodes=3, node_wait_timeout=5)
-    result = strategy.collect_embeddings(
-        GridWithALostNode([201, GONE, 203]), ConfigRecord({"mode": "class"}), "request", 5
-    )
+    grid = GridWithALostNode([201, GONE, 203])
+    request = ConfigRecord({"mode": "class"})
+    result = collect_embeddings(grid, request, "request", 5, min_nodes=3, node_wait_timeout=5)
     assert sorted(result.replies) == [201, 203]
     assert list(result.failures) == [GONE] and "Node Unavailable" in result.failures[GONE]

@@ -21,7 +21,7 @@ def test_a_few_epochs_on_bloodmnist_beat_chance_by_far(blood_npz):
     data = load_dataset(cfg)
     model = build_model("cnn", data.num_classes, data.image_size, seed=0)
     before = evaluate_model(model, data.test, CPU)
-    stats = train_model(model, data.train, TrainSettings.from_config(cfg, 6, seed=0), CPU)
+    stats = train_model(model, data.train, TrainSettings.from_config(cfg, epochs=6, seed=0), CPU)
     after = evaluate_model(model, data.test, CPU)
     majority = np.bincount(data.test.labels).max() / len(data.test)
     assert stats.num_examples == 3000 and stats.samples_per_second > 0
@@ -35,7 +35,7 @@ def test_training_is_deterministic_for_a_seed(blood_npz):
     results = []
     for seed in (1, 1, 2):
         model = build_model("cnn", data.num_classes, data.image_size, seed=3)
-        train_model(model, data.train, TrainSettings.from_config(cfg, 1, seed=seed), CPU)
+        train_model(model, data.train, TrainSettings.from_config(cfg, epochs=1, seed=seed), CPU)
         results.append(torch.cat([p.flatten() for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0], results[2])

@@ -7,7 +7,7 @@ that hands each message to the real ClientApp with that silo's own `Context`; a 
 a round takes the sum of the silos' times, not the longest: use it where the accelerator, not
 the number of silos, is the limit.
 
-    python -m fgl_server.inprocess --silos 5 --run-config 'strategy="fedavg" model="resnet18"'
+    python -m deploy.inprocess --silos 5 --run-config 'strategy="fedavg" model="resnet18"'
 """
 
 from __future__ import annotations

@@ -1,0 +1,379 @@
+"""A SuperLink and its SuperNodes on this machine, started, followed and stopped as one.
+
+`Topology` says what to start; `LocalFederation` starts it (each process with its own log in the
+run folder and its own FLWR_HOME), submits the run, follows it until Flower says it finished,
+and on exit stops everything it started, by PID. `launch.json` in the run folder lists every
+process as it starts and the PIDs stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.certs import Certificates, make_certificates
+from deploy.flower_cli import BIN, FlowerCLI
+from deploy.processes import Descendants, stop_process
+from fgl_core.polling import poll_until
+
+
+@dataclass
+class Topology:
+    """What to start: simulated silos, or real SuperNodes with their node configs."""
+
+    simulation: int = 0
+    node_configs: list[dict[str, str | int]] = field(default_factory=list)
+    tls: bool = False
+    certs_dir: Path | None = None  # None: a fresh CA and keys for this launch only
+
+    @classmethod
+    def partitions(cls, n: int, tls: bool = False, certs_dir: Path | None = None) -> Topology:
+        configs = [{"partition-id": i, "num-partitions": n} for i in range(n)]
+        return cls(node_configs=configs, tls=tls, certs_dir=certs_dir)  # type: ignore[arg-type]
+
+    @classmethod
+    def node_local(
+        cls, paths: list[str], tls: bool = False, certs_dir: Path | None = None
+    ) -> Topology:
+        configs = [{"data-path": str(Path(p).expanduser().resolve())} for p in paths]
+        return cls(node_configs=configs, tls=tls, certs_dir=certs_dir)  # type: ignore[arg-type]
+
+    @property
+    def num_silos(self) -> int:
+        return self.simulation or len(self.node_configs)
+
+    def describe(self) -> str:
+        if self.simulation:
+            return f"{self.simulation} simulated silos"
+        secure = "TLS + SuperNode auth" if self.tls else "insecure"
+        return f"{len(self.node_configs)} SuperNodes on loopback ({secure})"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def superlink_args(port: int, certs: Certificates | None, simulation: bool = False) -> list[str]:
+    """flower-superlink's flags: one HTTP port; TLS and SuperNode auth, or insecure."""
+    args = ["--port", str(port)]
+    if simulation:
+        args.append("--simulation")
+    if certs is None:
+        return [*args, "--insecure"]
+    return [
+        *args,
+        "--ssl-ca-certfile", str(certs.ca),
+        "--ssl-certfile", str(certs.server_cert),
+        "--ssl-keyfile", str(certs.server_key),
+        "--enable-supernode-auth",
+    ]  # fmt: skip
+
+
+def supernode_args(
+    superlink: str,
+    port: int,
+    node_config: str,
+    certs: Certificates | None,
+    private_key: Path | None = None,
+) -> list[str]:
+    """flower-supernode's flags: its SuperLink, its own Runtime API port, its node config."""
+    args = ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    if certs is None:
+        args.append("--insecure")
+    else:
+        args += ["--root-certificates", str(certs.ca)]
+    if private_key is not None:
+        args += ["--auth-supernode-private-key", str(private_key)]
+    return args
+
+
+def node_config_string(node_config: dict[str, str | int]) -> str:
+    """As --node-config takes it: `partition-id=0 num-partitions=3`, `data-path="/d/a.npz"`."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
+
+
+class LocalFederation:
+    """The processes of one launch: a SuperLink, its SuperNodes, and whatever they start.
+
+    Used as a context manager: on exit, whatever happened, every process is stopped (SuperNodes
+    first), any descendant seen while it ran and still alive is killed (a SuperNode killed
+    from outside leaves its SuperExec behind for a moment), and the PIDs land in launch.json.
+    """
+
+    def __init__(self, run_dir: Path, topology: Topology) -> None:
+        self.run_dir = run_dir
+        self.topology = topology
+        self.home = Path(tempfile.mkdtemp(prefix="fgl-flwr-home-"))
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # they spawn SuperExec
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.flwr = FlowerCLI(self.home, self.env)
+        self.certs: Certificates | None = None
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+        self._helpers: list[subprocess.Popen] = []  # log streamers
+        self._descendants = Descendants()
+        self.launch_record: dict = {
+            "port": self.port,
+            "topology": topology.describe(),
+            "superlink": None,
+            "supernodes": [],
+        }
+        self._write_launch_record()
+
+    # --- lifecycle ---
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> list[int]:
+        stopped: list[int] = []
+        for proc in [*self._helpers, *self.supernodes]:
+            stopped += stop_process(proc, grace=5.0)
+        if self.superlink is not None:
+            stopped += stop_process(self.superlink)
+        # a process re-parented before the stop (its parent was killed) is in no tree now
+        survivors = self._descendants.kill_survivors(stopped)
+        seen = self._descendants.seen
+        self.launch_record["stopped-pids"] = sorted({*stopped, *survivors, *seen})
+        self._write_launch_record()
+        shutil.rmtree(self.home, ignore_errors=True)
+        self.superlink, self.supernodes, self._helpers = None, [], []
+        return self.launch_record["stopped-pids"]
+
+    def track_descendants(self) -> None:
+        """Remember every process below the ones we started (call often while running)."""
+        roots = [p for p in [self.superlink, *self.supernodes] if p is not None]
+        self._descendants.refresh(roots)
+
+    def _write_launch_record(self) -> None:
+        (self.run_dir / "launch.json").write_text(json.dumps(self.launch_record, indent=2))
+
+    def _popen(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+        with log.open("w") as out:  # the child keeps its own copy of the file descriptor
+            return subprocess.Popen(
+                args,
+                env=env,
+                cwd=env["FLWR_HOME"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    # --- SuperLink ---
+    def start_superlink(self, wait: float = 60.0) -> None:
+        if self.topology.tls:
+            self.certs = make_certificates(
+                self.topology.certs_dir or self.home / "certs", len(self.topology.node_configs)
+            )
+        self.flwr.connect(self.port, self.certs and self.certs.ca, self.topology.simulation)
+        args = [
+            str(BIN / "flower-superlink"),
+            *superlink_args(self.port, self.certs, bool(self.topology.simulation)),
+        ]
+        log = self.run_dir / "superlink.log"
+        superlink = self.superlink = self._popen(args, log, self.env)
+        self.launch_record["superlink"] = {"pid": superlink.pid, "log": str(log), "args": args[1:]}
+        self._write_launch_record()
+
+        def listening() -> bool:
+            if superlink.poll() is not None:
+                raise RuntimeError(
+                    f"the SuperLink exited with code {superlink.returncode}; see {log}"
+                )
+            return port_open(self.port)
+
+        failure = f"the SuperLink did not open port {self.port} within {wait:.0f} s"
+        poll_until(listening, wait, failure, interval=0.2)
+
+    # --- SuperNodes ---
+    def start_supernode(
+        self, index: int, node_config: dict[str, str | int], private_key: Path | None = None
+    ) -> subprocess.Popen:
+        """Start one `flower-supernode` with its own FLWR_HOME and Runtime API port."""
+        home = self.home / f"supernode-{index}"
+        home.mkdir(exist_ok=True)
+        port = free_port()
+        config = node_config_string(node_config)
+        args = [
+            str(BIN / "flower-supernode"),
+            *supernode_args(f"127.0.0.1:{self.port}", port, config, self.certs, private_key),
+        ]
+        log = self.run_dir / f"supernode-{index}.log"
+        proc = self._popen(args, log, {**self.env, "FLWR_HOME": str(home)})
+        self.supernodes.append(proc)
+        self.launch_record["supernodes"].append(
+            {
+                "index": index,
+                "pid": proc.pid,
+                "port": port,
+                "node-config": config,
+                "log": str(log),
+                "args": args[1:],
+            }
+        )
+        self._write_launch_record()
+        return proc
+
+    def start_supernodes(self) -> None:
+        for index, node_config in enumerate(self.topology.node_configs):
+            key = None
+            if self.certs is not None:
+                self.flwr.register(self.certs.node_public_key(index))
+                key = self.certs.node_key(index)
+            self.start_supernode(index, node_config, key)
+
+    def wait_for_supernodes(self, timeout: float = 120.0) -> None:
+        """Until every SuperNode is online; a SuperNode that exits first is an error."""
+        online = 0
+
+        def all_online() -> bool:
+            nonlocal online
+            self.track_descendants()
+            for index, code in self.exited_supernodes().items():
+                raise RuntimeError(
+                    f"SuperNode {index} exited with code {code} before the run started; "
+                    f"see {self.run_dir / f'supernode-{index}.log'}"
+                )
+            online = self.flwr.online_nodes()
+            return online >= len(self.supernodes)
+
+        poll_until(
+            all_online,
+            timeout,
+            lambda: (
+                f"only {online} of {len(self.supernodes)} SuperNodes came online within "
+                f"{timeout:.0f} s; see the supernode-*.log files in {self.run_dir}"
+            ),
+        )
+
+    def exited_supernodes(self) -> dict[int, int]:
+        """SuperNode index -> exit code, for those no longer running."""
+        return {
+            entry["index"]: proc.returncode
+            for entry, proc in zip(self.launch_record["supernodes"], self.supernodes, strict=True)
+            if proc.poll() is not None
+        }
+
+    # --- the run ---
+    def submit(self, app: Path, values: dict) -> str:
+        run_id = self.flwr.submit(app, values)
+        self.launch_record["run-id"] = run_id
+        self._write_launch_record()
+        return run_id
+
+    def follow(self, run_id: str, timeout: float, show: Callable[[], None]) -> str:
+        """Follow the run until Flower says it finished; return its final status.
+
+        Its log streams into run.log; `show` is called at every poll (it prints what the user
+        should see: the log, or a line per phase and round). Past `timeout` s the run is stopped.
+        """
+        log = self.run_dir / "run.log"
+        self._helpers.append(self._popen(self.flwr.log_command(run_id), log, self.env))
+        reported: set[int] = set()
+        status = "unknown"
+
+        def finished() -> bool:
+            nonlocal status
+            show()
+            self.track_descendants()
+            for index, code in self.exited_supernodes().items():
+                if index not in reported:
+                    reported.add(index)
+                    print(f"SuperNode {index} exited with code {code}; the run goes on without it")
+            if self.superlink is not None and self.superlink.poll() is not None:
+                status = f"the SuperLink exited with code {self.superlink.returncode}"
+                return True
+            info = self.flwr.run_info(run_id)
+            status = str(info.get("status", "unknown"))
+            if status.startswith("finished:"):
+                # wall time and bytes on the wire, as Flower counts them
+                self.launch_record["run"] = info
+                return True
+            return False
+
+        try:
+            poll_until(finished, timeout, "", interval=2.0)
+        except TimeoutError:
+            self.flwr.stop(run_id)
+            status = f"timed out after {timeout:.0f} s"
+        time.sleep(1)  # the log streamer's last lines
+        show()
+        self._write_launch_record()
+        return status
+
+
+class LogEcho:
+    """Print what a log file gained since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def __call__(self) -> None:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            self.offset += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+
+
+class Progress:
+    """One line per phase and per round as results.json records them, with central accuracy."""
+
+    PHASES = ("load-data", "embed", "synthesize", "one-shot")
+
+    def __init__(self, results: Path, rounds: int) -> None:
+        self.results, self.rounds = results, rounds
+        self.phases: set[str] = set()
+        self.logged: set[int] = set()
+        self.mtime = 0
+
+    def __call__(self) -> None:
+        try:
+            mtime = self.results.stat().st_mtime_ns
+            if mtime == self.mtime:
+                return
+            results = json.loads(self.results.read_text())
+            self.mtime = mtime
+        except (OSError, ValueError):  # not written yet, or caught mid-write: next time
+            return
+        for phase, seconds in results.get("phase-seconds", {}).items():
+            if phase in self.PHASES and phase not in self.phases:
+                self.phases.add(phase)
+                extra = ""
+                if phase == "one-shot" and "one-shot" in results:
+                    extra = f": test accuracy {results['one-shot']['test-accuracy']:.3f}"
+                print(f"  {phase} done in {seconds:.0f} s{extra}", flush=True)
+        for row in results.get("rounds", []):
+            if row["round"] not in self.logged and row["round"] > 0:
+                self.logged.add(row["round"])
+                print(
+                    f"  round {row['round']}/{self.rounds}: test accuracy "
+                    f"{row['test-accuracy']:.3f} ({row['end-seconds']:.0f} s)",
+                    flush=True,
+                )

@@ -1,0 +1,90 @@
+"""The `flwr` command line, as the launcher drives it: one connection in a private FLWR_HOME.
+
+Connections live in `$FLWR_HOME/config.toml` (Flower 1.41 has no federations in pyproject).
+Every call has a timeout, and the calls that poll answer "not yet" (0 nodes, status
+"unknown") when the machine is too busy to answer in time, so that the caller asks again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CONNECTION = "fgl-local"
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode of this environment
+
+
+class FlowerCLI:
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home, self.env = home, env
+
+    def connect(self, port: int, root_certificates: Path | None, simulation: int = 0) -> None:
+        """Write the one connection: the SuperLink on loopback `port`, TLS or insecure."""
+        security = f'root-certificates = "{root_certificates}"' if root_certificates else ""
+        lines = [
+            f'[superlink]\ndefault = "{CONNECTION}"\n',
+            f"[superlink.{CONNECTION}]",
+            f'address = "127.0.0.1:{port}"',
+            security or "insecure = true",
+        ]
+        if simulation:
+            lines += [f"\n[superlink.{CONNECTION}.options]", f"num-supernodes = {simulation}"]
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def __call__(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.home,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+    def register(self, public_key: Path) -> str:
+        """Register a SuperNode's public key with the SuperLink (auth mode); its node ID."""
+        out = self(["supernode", "register", str(public_key), CONNECTION, "--format", "json"])
+        try:
+            return str(json.loads(out.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(
+                f"could not register {public_key}: {out.stdout.strip()} {out.stderr.strip()}"
+            ) from None
+
+    def online_nodes(self) -> int:
+        try:
+            out = self(["supernode", "ls", CONNECTION, "--format", "json"], timeout=60)
+            nodes = json.loads(out.stdout)["nodes"]
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError):
+            return 0  # a busy machine or a SuperLink still starting: ask again
+        return sum(node.get("status") == "online" for node in nodes)
+
+    def submit(self, app: Path, values: dict) -> str:
+        """`flwr run` the app with these run-config values; the run ID."""
+        overrides = self.home / "run-config.toml"
+        overrides.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n")
+        out = self(
+            ["run", str(app), CONNECTION, "--run-config", str(overrides), "--format", "json"],
+            timeout=300,
+        )
+        try:
+            return str(json.loads(out.stdout)["run-id"])
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}") from None
+
+    def run_info(self, run_id: str) -> dict:
+        """`flwr ls` of one run: its status, wall time and bytes on the wire."""
+        try:
+            out = self(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], timeout=60)
+            return dict(json.loads(out.stdout)["runs"][0])
+        except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError):
+            return {"status": "unknown"}  # a poll that timed out on a busy machine: ask again
+
+    def stop(self, run_id: str) -> None:
+        self(["stop", run_id, CONNECTION], timeout=60)
+
+    def log_command(self, run_id: str) -> list[str]:
+        """The command that streams the run's log (the launcher runs it as a helper process)."""
+        return [str(BIN / "flwr"), "log", run_id, CONNECTION, "--stream"]

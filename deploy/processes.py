@@ -1,0 +1,62 @@
+"""The processes a launch starts, and every process they start in turn, stopped by PID.
+
+SuperLink and SuperNode start their SuperExec (and it the ServerApp and ClientApps) in sessions of
+their own, and a child whose parent dies is re-parented away from the tree: so the tree is read
+before anything is signalled, and every descendant seen while the launch ran is remembered (as a
+`psutil.Process`, which tells it from a later process given the same PID).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import time
+
+import psutil
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and all its descendants, parents first; empty if `pid` is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def signal_all(processes: list[psutil.Process], sig: signal.Signals) -> None:
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.send_signal(sig)  # psutil refuses a PID that now names another process
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> list[int]:
+    """Stop a process we started and every process below it; return the PIDs stopped."""
+    tree = process_tree(proc.pid) if proc.poll() is None else []
+    signal_all(tree, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    time.sleep(0.5)
+    signal_all(tree, signal.SIGKILL)
+    proc.wait()
+    return sorted({proc.pid, *(p.pid for p in tree)})
+
+
+class Descendants:
+    """Every process seen below some roots while they ran (call `refresh` often)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, psutil.Process] = {}
+
+    def refresh(self, roots: list[subprocess.Popen]) -> None:
+        for root in roots:
+            if root.poll() is None:
+                for proc in process_tree(root.pid):
+                    self.seen.setdefault(proc.pid, proc)
+
+    def kill_survivors(self, stopped: list[int]) -> list[int]:
+        """SIGKILL those seen, not stopped with their tree, and still the same process."""
+        survivors = [p for pid, p in self.seen.items() if pid not in stopped and p.is_running()]
+        signal_all(survivors, signal.SIGKILL)
+        return [p.pid for p in survivors]

@@ -1,0 +1,103 @@
+"""What the server can learn from a silo's embeddings, and the noise defence."""
+
+import numpy as np
+import pytest
+import torch
+
+from fgl_client.text_encoding import TransformersTextEncoder
+from fgl_core.dp import clip_rows, delta_for, epsilon_for, noise_std, privatize
+from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
+from fgl_privacy.inversion import PromptInverter
+from fgl_server.validation import PayloadLimits, PayloadRejected, check_class_prompts
+
+CPU = torch.device("cpu")
+DIGITS = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module", params=["offline-tiny", "fgl-mini"])
+def encoder(request, tmp_path_factory) -> TransformersTextEncoder:
+    return TransformersTextEncoder(request.param, tmp_path_factory.mktemp("cache"), CPU)
+
+
+def wire(rows: torch.Tensor) -> torch.Tensor:
+    """As a payload carries it: float16."""
+    return rows.to(torch.float16).float()
+
+
+def test_the_server_recovers_a_class_level_prompt_exactly_from_the_float16_payload(encoder):
+    inverter = PromptInverter(encoder.tokenizer, encoder.model, CPU)
+    prompt = class_prompt(PAPER_TEMPLATE, "7", "")
+    recovery = inverter.recover(prompt, wire(encoder.encode([prompt])[0]))
+    assert recovery.exact and recovery.token_accuracy == 1.0
+    assert inverter.decode(recovery.recovered_ids) == prompt
+
+
+def test_strong_noise_defeats_the_inversion(encoder):
+    inverter = PromptInverter(encoder.tokenizer, encoder.model, CPU)
+    prompt = class_prompt(PAPER_TEMPLATE, "7", "")
+    rows = encoder.encode([prompt]).numpy()
+    clip = float(np.linalg.norm(rows))
+    noisy = privatize(rows, clip, noise_multiplier=1.0, rng=np.random.default_rng(0))
+    recovery = inverter.recover(prompt, wire(torch.from_numpy(noisy[0])))
+    assert not recovery.exact and recovery.token_accuracy < 0.5
+
+
+def test_the_gaussian_mechanism_accounts_as_the_analytic_formula():
+    # mu = 1 / noise multiplier = 1: delta(1) = Phi(-1/2) - e Phi(-3/2) = 0.126936...
+    assert delta_for(1.0, noise_multiplier=1.0) == pytest.approx(0.1269367, abs=1e-6)
+    assert epsilon_for(0.1269367375, noise_multiplier=1.0) == pytest.approx(1.0, abs=1e-6)
+    # more noise, less epsilon, at the same delta
+    epsilons = [epsilon_for(1e-5, m) for m in (0.5, 1.0, 2.0, 4.0)]
+    assert epsilons == sorted(epsilons, reverse=True) and epsilons[-1] < 1.0
+
+
+def test_clipping_bounds_each_embedding_and_keeps_small_ones():
+    rows = np.stack([np.full((77, 4), 10.0), np.full((77, 4), 1e-3)])
+    clipped = clip_rows(rows, clip=1.0)
+    norms = np.linalg.norm(clipped.reshape(2, -1), axis=1)
+    assert norms[0] == pytest.approx(1.0) and np.allclose(clipped[1], rows[1])
+    assert noise_std(clip=1.0, noise_multiplier=0.5) == 1.0  # sensitivity 2 x clip
+
+
+def test_the_class_prompt_check_passes_honest_noised_embeddings_and_refuses_other_prompts(
+    encoder,
+):
+    ours = [class_prompt(PAPER_TEMPLATE, d, "") for d in DIGITS]
+    theirs = [class_prompt(PAPER_TEMPLATE, f"a photo of a {d}", "") for d in DIGITS]
+    reference = encoder.encode(ours).numpy()
+    clip = 0.5 * float(np.linalg.norm(reference[0]))  # every embedding is scaled down
+    multiplier = 0.002
+    limits = PayloadLimits(
+        width=encoder.width,
+        num_classes=10,
+        probe=reference[0],
+        class_prompts=reference,
+        class_names=tuple(DIGITS),
+        embedding_clip=clip,
+        noise_std=noise_std(clip, multiplier),
+    )
+    labels = np.arange(10)
+    rng = np.random.default_rng(0)
+    honest = privatize(reference, clip, multiplier, rng).astype(np.float16)
+    check_class_prompts("node 1", honest, labels, limits)
+    poisoned = privatize(encoder.encode(theirs).numpy(), clip, multiplier, rng).astype(np.float16)
+    with pytest.raises(PayloadRejected, match="node 2: its embedding for class"):
+        check_class_prompts("node 2", poisoned, labels, limits)
+
+
+def test_the_cached_step_computes_what_the_encoder_computes(encoder):
+    inverter = PromptInverter(encoder.tokenizer, encoder.model, CPU)
+    ids = inverter.token_ids(class_prompt(PAPER_TEMPLATE, "3", ""))
+    with torch.no_grad():  # the whole sequence at once, through the same float32 weights
+        expected = inverter.model(torch.tensor([ids]))[0][0]
+    first = inverter.layers[0].self_attn
+    empty = torch.empty(1, first.num_heads, 0, first.head_dim)
+    cache = [(empty, empty) for _ in inverter.layers]
+    with torch.no_grad():
+        for position, token in enumerate(ids):
+            hidden, kv = inverter.step(torch.tensor([token]), position, cache)
+            cache = [
+                (torch.cat([k0, k], 2), torch.cat([v0, v], 2))
+                for (k0, v0), (k, v) in zip(cache, kv, strict=True)
+            ]
+            assert torch.allclose(hidden[0], expected[position], atol=1e-4), position
