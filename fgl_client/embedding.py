@@ -39,34 +39,43 @@ def pick_images_to_caption(labels: np.ndarray, per_class: int, seed: int) -> np.
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
 
 
-def build_payload(
-    request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
-) -> EmbeddingPayload:
-    """Class level: one embedding per class present. Instance level: one per captioned image."""
-    histogram = silo.train.label_histogram(silo.num_classes)
-    failed = 0
+def silo_prompts(
+    request: EmbedRequest, silo: Silo, captioner_fn=None
+) -> tuple[list[str], list[int], int]:
+    """The texts a silo encodes, their labels, and how many captions failed. Class level: one
+    prompt per class present. Instance level: one per captioned image. They never leave the
+    silo (`fgl_privacy` recomputes them to measure what their embeddings give away)."""
     if request.prompt_mode == "class":
+        histogram = silo.train.label_histogram(silo.num_classes)
         prompts, labels = class_prompts(
             silo.class_names, histogram, request.template, request.prompt_style
         )
-    else:
-        check_template(request.template, INSTANCE_FIELDS)
-        chosen = pick_images_to_caption(
-            silo.train.labels,
-            request.max_captions_per_class,
-            derive_seed(request.seed, "caption-sample"),
-        )
-        captions = captioner_fn().caption(
-            [silo.train.images[i] for i in chosen],
-            request.caption_batch_size,
-            f"{silo.name} captions",
-        )
-        failed = len(captions.failed)
-        labels = [int(silo.train.labels[chosen[k]]) for k in captions.kept]
-        prompts = [
-            instance_prompt(silo.class_names[label], text, request.template, request.prompt_style)
-            for label, text in zip(labels, captions.texts, strict=True)
-        ]
+        return prompts, labels, 0
+    check_template(request.template, INSTANCE_FIELDS)
+    chosen = pick_images_to_caption(
+        silo.train.labels,
+        request.max_captions_per_class,
+        derive_seed(request.seed, "caption-sample"),
+    )
+    captions = captioner_fn().caption(
+        [silo.train.images[i] for i in chosen],
+        request.caption_batch_size,
+        f"{silo.name} captions",
+    )
+    labels = [int(silo.train.labels[chosen[k]]) for k in captions.kept]
+    prompts = [
+        instance_prompt(silo.class_names[label], text, request.template, request.prompt_style)
+        for label, text in zip(labels, captions.texts, strict=True)
+    ]
+    return prompts, labels, len(captions.failed)
+
+
+def build_payload(
+    request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
+) -> EmbeddingPayload:
+    """The silo's embedding payload: its prompts encoded (and noised if the request says so)."""
+    histogram = silo.train.label_histogram(silo.num_classes)
+    prompts, labels, failed = silo_prompts(request, silo, captioner_fn)
     embeds = encoder.encode(prompts)
     if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
         noisy = privatize(

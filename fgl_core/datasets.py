@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from fgl_core.config import RunConfig
 from fgl_core.npy import read_npy_header
@@ -154,6 +153,14 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
 
 
 # --- sources -------------------------------------------------------------------------------
+
+
+def train_test_split(*arrays, **options):  # type: ignore[no-untyped-def]
+    """scikit-learn's, imported on first use: it pulls in scipy (about 0.8 s), which a
+    ClientApp process that reads a cached partition never needs."""
+    from sklearn.model_selection import train_test_split as split
+
+    return split(*arrays, **options)
 
 
 def _load_digits() -> tuple[dict[str, ImageSet], list[str], list[str]]:

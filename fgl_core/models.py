@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet34
 
 from fgl_core.config import RunConfig
 from fgl_core.seeds import derive_seed
@@ -61,6 +60,8 @@ def small_cnn() -> tuple[nn.Module, int]:
 
 
 def resnet_backbone(depth: int, image_size: int) -> tuple[nn.Module, int]:
+    from torchvision.models import resnet18, resnet34  # the model zoo costs 1.5 s to import
+
     net = {18: resnet18, 34: resnet34}[depth](weights=None)
     if image_size <= SMALL_STEM_MAX_SIZE:
         # the ImageNet stem (7x7 stride 2 + max-pool) would shrink 28 px to 7 px at once

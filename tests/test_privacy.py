@@ -1,10 +1,13 @@
 """What the server can learn from a silo's embeddings, and the noise defence."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from fgl_client.text_encoding import TransformersTextEncoder
+from fgl_core.config import RunConfig
 from fgl_core.dp import clip_rows, delta_for, epsilon_for, noise_std, privatize
 from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
 from fgl_privacy.inversion import PromptInverter
@@ -101,3 +104,32 @@ def test_the_cached_step_computes_what_the_encoder_computes(encoder):
                 for (k0, v0), (k, v) in zip(cache, kv, strict=True)
             ]
             assert torch.allclose(hidden[0], expected[position], atol=1e-4), position
+
+
+def test_the_report_reads_class_prompts_back_and_lists_what_silos_disclose(tmp_path):
+    from fgl_privacy.report import report
+
+    cfg = RunConfig.from_flower(
+        {
+            "dataset": "digits",
+            "generator": "offline-tiny",
+            "captioner": "offline-tiny",
+            "cache-dir": str(tmp_path / "cache"),
+            "min-nodes": 2,
+        }
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"config": cfg.to_flower()}))
+    path = report(run_dir, multipliers=(0.0, 1.0), per_silo=1, modes=("class",))
+    text = path.read_text()
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[5:7]
+        for line in text.splitlines()
+        if line.startswith("| class level")
+    }
+    tokens, exact = (float(cell) for cell in rows[("class level", "0")])
+    assert tokens == 1.0 and exact == 1.0  # in the clear: every class prompt read back
+    assert float(rows[("class level", "1")][0]) < 0.5  # strong noise: mostly lost
+    assert text.count("\n| 0 | ") == 1 and text.count("\n| 1 | ") == 1  # both silos' histograms
+    assert (run_dir / "privacy_inversion.png").is_file()
