@@ -351,12 +351,12 @@ class Progress:
         self.results, self.rounds = results, rounds
         self.phases: set[str] = set()
         self.logged: set[int] = set()
-        self.mtime = 0
+        self.mtime = time.time_ns()  # a results.json from an earlier run is not this one's
 
     def __call__(self) -> None:
         try:
             mtime = self.results.stat().st_mtime_ns
-            if mtime == self.mtime:
+            if mtime <= self.mtime:
                 return
             results = json.loads(self.results.read_text())
             self.mtime = mtime

@@ -99,3 +99,29 @@ def test_centralized_baseline_trains_on_the_union_and_writes_results(blood_npz, 
     assert len(accuracies) == 3 and accuracies[-1] > majority + 0.2
     assert results["phase-seconds"]["train"] > 0
     assert os.path.exists(tmp_path / "central" / "model.pt")
+
+
+def test_progress_prints_each_phase_and_round_of_this_run_once(tmp_path, capsys):
+    from deploy.federation import Progress
+
+    results = tmp_path / "results.json"
+    earlier = {"phase-seconds": {"embed": 1.0}, "rounds": [{"round": 1, "test-accuracy": 0.5}]}
+    results.write_text(json.dumps(earlier))  # a finished earlier run of the same name
+    os.utime(results, ns=(0, 0))
+    show = Progress(results, rounds=2)
+    show()
+    assert capsys.readouterr().out == ""
+    now = {
+        "phase-seconds": {"load-data": 0.4, "embed": 2.0, "rounds": 3.0},
+        "rounds": [{"round": 0, "test-accuracy": 0.1, "end-seconds": 1.0}]
+        + [{"round": r, "test-accuracy": 0.5 + r / 10, "end-seconds": 2.0 * r} for r in (1, 2)],
+    }
+    results.write_text(json.dumps(now))
+    show()
+    show()  # nothing new: nothing printed twice
+    assert capsys.readouterr().out.splitlines() == [
+        "  load-data done in 0 s",
+        "  embed done in 2 s",
+        "  round 1/2: test accuracy 0.600 (2 s)",
+        "  round 2/2: test accuracy 0.700 (4 s)",
+    ]
