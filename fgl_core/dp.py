@@ -39,14 +39,13 @@ def privatize(
     return clipped + rng.normal(0.0, noise_std(clip, noise_multiplier), size=clipped.shape)
 
 
-def _phi(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
 def delta_for(epsilon: float, noise_multiplier: float) -> float:
     """The smallest delta at which one release is (epsilon, delta)-DP."""
+    from scipy.special import log_ndtr, ndtr  # log Phi: e^epsilon Phi(.) without overflow
+
     mu = 1.0 / noise_multiplier
-    return _phi(-epsilon / mu + mu / 2) - math.exp(epsilon) * _phi(-epsilon / mu - mu / 2)
+    second = math.exp(epsilon + float(log_ndtr(-epsilon / mu - mu / 2)))
+    return max(float(ndtr(-epsilon / mu + mu / 2)) - second, 0.0)
 
 
 def epsilon_for(delta: float, noise_multiplier: float) -> float:
