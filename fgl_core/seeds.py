@@ -14,7 +14,9 @@ alone, a silo's round from its partition and round). The tree (docs/ARCHITECTURE
           ├─ "server-finetune", round              the server's fine-tune after a round
           └─ "centralized", round                  the centralized baseline's round
 
-The data splits (train / val / test) are not in the tree: they are fixed across run seeds
+The silos' embedding noise is not in the tree, on purpose: it comes from the silo's OS entropy,
+since noise the server could recompute from the run seed would protect nothing. The data splits
+(train / val / test) are not in the tree either: they are fixed across run seeds
 (`fgl_core.datasets.SPLIT_SEED`), so every seed is tested on the same images.
 """
 
