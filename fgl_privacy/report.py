@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fgl_client.captioning import Captioner
 from fgl_client.embedding import captioner, silo_prompts, text_encoder
-from fgl_client.silo import load_silo
+from fgl_client.silo import Silo, load_silo
 from fgl_core.config import RunConfig
 from fgl_core.dp import epsilon_for, privatize
 from fgl_core.payload import EmbedRequest
@@ -76,24 +78,25 @@ def measure(
 
 
 def silo_texts(
-    cfg: RunConfig, silos: int, mode: str, per_silo: int, cache_dir: str
-) -> tuple[list[str], list[list[int]]]:
-    """Distinct prompts the silos would encode in `mode` (up to `per_silo` each), and every
-    silo's label histogram."""
+    cfg: RunConfig, silos: list[Silo], mode: str, per_silo: int, cache_dir: str
+) -> list[str]:
+    """Distinct prompts the silos would encode in `mode`, up to `per_silo` from each."""
     request = EmbedRequest.from_config(
         cfg.model_copy(update={"prompt_mode": mode, "prompt_template": ""}),
-        max_captions_per_class=max(1, per_silo // 10 or 1),
+        max_captions_per_class=max(1, math.ceil(per_silo / silos[0].num_classes)),
     )
+    made: list[Captioner] = []  # one captioner for every silo, built on first use
+
+    def captioner_fn() -> Captioner:
+        if not made:
+            made.append(captioner(request.captioner, cache_dir, "cpu"))
+        return made[0]
+
     prompts: list[str] = []
-    histograms = []
-    for partition in range(silos):
-        silo = load_silo(cfg, {"partition-id": partition, "num-partitions": silos})
-        histograms.append(silo.train.label_histogram(silo.num_classes))
-        texts, _, _ = silo_prompts(
-            request, silo, lambda: captioner(request.captioner, cache_dir, "cpu")
-        )
+    for silo in silos:
+        texts, _, _ = silo_prompts(request, silo, captioner_fn)
         prompts += [t for t in texts[:per_silo] if t not in prompts]
-    return prompts, histograms
+    return prompts
 
 
 def write_report(
@@ -177,14 +180,16 @@ def report(
     """Measure the run in `run_dir` and write its privacy_report.md; return its path."""
     results = json.loads((run_dir / "results.json").read_text())
     cfg = RunConfig.from_flower(results["config"], where=f"{run_dir / 'results.json'}")
-    silos = len(results.get("traffic", {}).get("silos", {})) or cfg.min_nodes
+    count = len(results.get("traffic", {}).get("silos", {})) or cfg.min_nodes
     cache_dir = cfg.cache_dir if Path(cfg.cache_dir).is_dir() else tempfile.mkdtemp()
     encoder = text_encoder(cfg.generator, cache_dir, "cpu")
     inverter = PromptInverter(encoder.tokenizer, encoder.model, CPU)
     rng = np.random.default_rng(seed)
-    rows, histograms = [], []
+    silos = [load_silo(cfg, {"partition-id": p, "num-partitions": count}) for p in range(count)]
+    histograms = [silo.train.label_histogram(silo.num_classes) for silo in silos]
+    rows = []
     for mode in modes:
-        prompts, histograms = silo_texts(cfg, silos, mode, per_silo, cache_dir)
+        prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
         encoded = encoder.encode(prompts).numpy()
         # the run's clip; if it had none, the median norm (it scales few embeddings down)
         norms = np.linalg.norm(encoded.reshape(len(encoded), -1), axis=1)

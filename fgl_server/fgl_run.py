@@ -138,8 +138,12 @@ def run_fgl(
         recorder.log_round(0, recorder.results["one-shot"])
         recorder.set("traffic", grid.to_json())
         return model
-    finetune = server_finetune(synthetic, model, cfg, recorder, device)
-    strategy = build_strategy(cfg, finetune_fn=finetune if cfg.server_finetune_epochs else None)
+    finetune = (
+        server_finetune(synthetic, model, cfg, recorder, device)
+        if cfg.server_finetune_epochs
+        else None
+    )
+    strategy = build_strategy(cfg, finetune_fn=finetune)
     return run_rounds(strategy, grid, model, cfg, data, recorder, device, await_nodes=False)
 
 
