@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator
 
 from flwr.app import Context, Message, RecordDict
@@ -56,8 +57,12 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         from fgl_client.app import app as client_app
 
+        # each silo gets its own copy, as a transport would deliver it: a ServerApp may send
+        # one RecordDict to many nodes, and a ClientApp (or a mod) may change what it received
         return [
-            self.on_reply(client_app(message, self.contexts[message.metadata.dst_node_id]))
+            self.on_reply(
+                client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
+            )
             for message in messages
         ]
 

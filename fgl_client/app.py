@@ -7,6 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fgl_client.embedding import embed_silo
 from fgl_client.objectives import fedprox_loss, moon_loss
+from fgl_client.secure_histogram import secure_histogram_mod
 from fgl_client.silo import Silo, open_silo
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
@@ -22,7 +23,7 @@ from fgl_core.training import (
     train_model,
 )
 
-app = ClientApp()
+app = ClientApp(mods=[secure_histogram_mod])  # SecAgg+ stages go to Flower's secaggplus_mod
 MOON_PREVIOUS = "moon-previous-model"
 
 
@@ -42,15 +43,17 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]
     return cfg, silo, model
 
 
-def _silo_record(silo: Silo) -> ConfigRecord:
-    return ConfigRecord(
+def _silo_record(silo: Silo, cfg: RunConfig) -> ConfigRecord:
+    record = ConfigRecord(
         {
             "partition-id": silo.partition_id,
             "num-train": len(silo.train),
             "num-test": len(silo.test),
-            "label-histogram": silo.train.label_histogram(silo.num_classes),
         }
     )
+    if not cfg.secure_histograms:  # else the server learns the histograms only as their sum
+        record["label-histogram"] = silo.train.label_histogram(silo.num_classes)
+    return record
 
 
 @app.query("embed")
@@ -115,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(state_dict_float32(model)),
             "metrics": metrics,
-            SILO_RECORD: _silo_record(silo),
+            SILO_RECORD: _silo_record(silo, cfg),
         }
     )
     return Message(content=content, reply_to=msg)

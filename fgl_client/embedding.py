@@ -43,10 +43,13 @@ def silo_prompts(
     request: EmbedRequest, silo: Silo, captioner_fn=None
 ) -> tuple[list[str], list[int], int]:
     """The texts a silo encodes, their labels, and how many captions failed. Class level: one
-    prompt per class present. Instance level: one per captioned image. They never leave the
+    prompt per class present (every class with secure histograms). Instance level: one per
+    captioned image. They never leave the
     silo (`fgl_privacy` recomputes them to measure what their embeddings give away)."""
     if request.prompt_mode == "class":
         histogram = silo.train.label_histogram(silo.num_classes)
+        if request.secure_histograms:  # every class: the prompts say nothing of which it holds
+            histogram = [1] * silo.num_classes
         prompts, labels = class_prompts(
             silo.class_names, histogram, request.template, request.prompt_style
         )
@@ -96,7 +99,7 @@ def build_payload(
         labels=np.asarray(labels, np.int64),
         weights=np.ones(len(labels), np.int64),
         probe=probe.to(torch.float16).numpy(),
-        label_histogram=histogram,
+        label_histogram=[] if request.secure_histograms else histogram,  # the sum comes by SecAgg+
         captions_failed=failed,
     )
 

@@ -90,6 +90,9 @@ class RunConfig(BaseModel):
     # Gaussian noise of standard deviation embedding-noise x 2 x embedding-clip; 0 = off
     embedding_clip: float = Field(0.0, ge=0.0)
     embedding_noise: float = Field(0.0, ge=0.0, le=1e6)
+    # the label histograms reach the server only as their sum, by Flower's SecAgg+; silos then
+    # send every class's prompt, so neither prompts nor histograms say which classes they hold
+    secure_histograms: bool = False
 
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
@@ -153,6 +156,21 @@ class RunConfig(BaseModel):
         if self.embedding_noise and not self.embedding_clip:
             raise ValueError(
                 "embedding-noise needs embedding-clip > 0: the noise is scaled to the clip norm"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_histograms_hide_them(self) -> RunConfig:
+        if not self.secure_histograms:
+            return self
+        if self.prompt_mode != "class":
+            raise ValueError(
+                "secure-histograms needs prompt-mode = 'class': instance-level payloads carry "
+                "one caption per image, which is the histogram again"
+            )
+        if self.max_silo_share < 1.0:
+            raise ValueError(
+                "max-silo-share < 1 needs each silo's histogram; secure-histograms hides them"
             )
         return self
 

@@ -7,7 +7,8 @@ Reply (silo -> server):
   server can check that the silo's encoder computes the same function as its own, whichever
   library ran it;
 - MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
-- ConfigRecord `silo`: `label-histogram` (images per class in the silo).
+- ConfigRecord `silo`: `label-histogram` (images per class in the silo; empty with
+  `secure-histograms`, where the server gets only the silos' sum, by SecAgg+).
 
 A weight is how many of the silo's images of its class an embedding stands for: a class-level
 prompt stands for one share of its class (weight 1), an instance-level caption for its image
@@ -33,6 +34,9 @@ from fgl_core.config import RunConfig, Settings, _kebab
 from fgl_core.npy import read_npy_header
 
 EMBED_MESSAGE_TYPE = "query.embed"
+# with secure-histograms, a silo's label histogram reaches the server only inside a SecAgg+ sum
+# (fgl_client.secure_histogram, strategies.secure_histogram), each count at most this
+SECURE_HISTOGRAM_MAX_COUNT = 2**20
 PROBE_PROMPT = "a photo of a cat"  # public and fixed: both sides encode it for the encoder check
 REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
     "embed-request",
@@ -40,6 +44,9 @@ REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
     "summary",
     "silo",
 )
+
+
+TYPE_NAMES = {"int_type": "int", "string_type": "str", "bool_type": "bool"}  # pydantic's
 
 
 class PayloadError(ValueError):
@@ -59,6 +66,7 @@ class EmbedRequest(Settings):
     seed: int
     embedding_clip: float  # 0: embeddings go as encoded; else clipped and noised (fgl_core.dp)
     embedding_noise: float
+    secure_histograms: bool  # True: prompts for every class, the histogram only by SecAgg+
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **values: Any) -> EmbedRequest:
@@ -78,7 +86,7 @@ class EmbedRequest(Settings):
             problems = []
             for e in err.errors():
                 key = _kebab(str(e["loc"][0]))
-                expected = {"int_type": "int", "string_type": "str"}.get(e["type"])
+                expected = TYPE_NAMES.get(e["type"])
                 if e["type"] == "missing":
                     problems.append(f"{key!r} is missing")
                 elif expected:

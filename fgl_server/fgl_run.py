@@ -39,6 +39,7 @@ from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload
 from strategies.build import build_strategy
 from strategies.fgl import collect_embeddings
+from strategies.secure_histogram import secure_histogram_sum
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def payload_limits(
         class_names=tuple(class_names),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
+        secure_histograms=cfg.secure_histograms,
     )
 
 
@@ -116,6 +118,8 @@ def run_fgl(
 
     1. embed: every silo is asked once for its embedding payload; each reply passes the
        boundary (`accept_payload`) or is rejected by name, and the run goes on with the others.
+       With `secure-histograms`, the accepted silos' label histograms are then summed by
+       Flower's SecAgg+ (`strategies.secure_histogram`).
     2. synthesize: the accepted payloads are merged and planned into images, and the store makes
        those it lacks (a rerun reuses every finished shard).
     3. one-shot: a fresh global model is trained on the synthetic set alone.
@@ -128,8 +132,8 @@ def run_fgl(
     grid = RecordingGrid(grid)
     settings = SynthesisSettings.from_config(cfg, train_resolution=data.image_size)
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
-    payloads = embedding_round(grid, cfg, engine, data.class_names, recorder)
-    synthetic = synthesize(engine, payloads, cfg, data, recorder)
+    payloads, histogram = embedding_round(grid, cfg, engine, data.class_names, recorder)
+    synthetic = synthesize(engine, payloads, histogram, cfg, data, recorder)
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -153,8 +157,10 @@ def embedding_round(
     engine: SynthesisEngine,
     class_names: list[str],
     recorder: RunRecorder,
-) -> dict[str, EmbeddingPayload]:
-    """Phase 1: the accepted payloads by node; raises if no silo sent a usable one."""
+) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
+    """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
+    label histograms (else None: each payload carries its own); raises if no silo sent a
+    usable payload."""
     limits = payload_limits(cfg, engine, class_names)
     request = EmbedRequest.from_config(cfg).to_record()
     with recorder.phase("embed"):
@@ -185,18 +191,38 @@ def embedding_round(
     )
     if not payloads:
         raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
-    return payloads
+    if not cfg.secure_histograms:
+        return payloads, None
+    accepted = [n for n in round0.replies if f"node {n}" in payloads]
+    first = len(grid.exchanges)
+    with recorder.phase("secure-histograms"):
+        total = secure_histogram_sum(grid, accepted, len(class_names), cfg.embed_timeout)
+    secagg = grid.exchanges[first:]
+    recorder.set(
+        "secure-histograms",
+        {
+            "nodes": total.nodes,
+            "failures": total.failures,
+            "messages": len(secagg),
+            "bytes-sent": sum(e.bytes_sent for e in secagg),
+            "bytes-received": sum(e.bytes_received for e in secagg),
+        },
+    )
+    return payloads, total.histogram
 
 
 def synthesize(
     engine: SynthesisEngine,
     payloads: dict[str, EmbeddingPayload],
+    secure_histogram: list[int] | None,
     cfg: RunConfig,
     data: DatasetSplits,
     recorder: RunRecorder,
 ) -> ImageSet:
     """Phase 2: deduplicate, plan, make the images the store lacks; the synthetic set."""
-    prompts, histogram = merge_payloads(payloads, data.num_classes, cfg.max_silo_share)
+    prompts, histogram = merge_payloads(
+        payloads, data.num_classes, cfg.max_silo_share, secure_histogram
+    )
     jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed)
     store = SyntheticStore(
         Path(cfg.cache_dir) / "synthetic",

@@ -57,15 +57,28 @@ def silo_scales(masses: list[int], cap: float) -> list[float]:
 
 
 def merge_payloads(
-    payloads: dict[str, EmbeddingPayload], num_classes: int, max_silo_share: float = 1.0
+    payloads: dict[str, EmbeddingPayload],
+    num_classes: int,
+    max_silo_share: float = 1.0,
+    secure_histogram: list[int] | None = None,
 ) -> tuple[list[Prompt], list[float]]:
     """Deduplicate embeddings across silos; sum the label histograms (each silo's claims
-    scaled to at most `max_silo_share` of the total first)."""
+    scaled to at most `max_silo_share` of the total first), or take `secure_histogram`, their
+    sum by SecAgg+, where the payloads carry none."""
     prompts: dict[str, Prompt] = {}
-    masses = [sum(p.label_histogram) for p in payloads.values()]
-    scales = silo_scales(masses, max_silo_share)
-    histogram: list[float] = [0] * num_classes  # Python numbers: a sum that cannot wrap
+    if secure_histogram is not None:
+        scales = [1.0] * len(payloads)
+        histogram: list[float] = list(secure_histogram)
+    else:
+        masses = [sum(p.label_histogram) for p in payloads.values()]
+        scales = silo_scales(masses, max_silo_share)
+        histogram = [0] * num_classes  # Python numbers: a sum that cannot wrap
     for scale, (node, payload) in zip(scales, payloads.items(), strict=True):
+        if secure_histogram is None:
+            histogram = [
+                a + (b if scale == 1.0 else b * scale)
+                for a, b in zip(histogram, payload.label_histogram, strict=True)
+            ]
         if scale != 1.0:
             log.warning(
                 "%s claims %.1f%% of all images: scaled to %.1f%%",
@@ -73,10 +86,6 @@ def merge_payloads(
                 100 * sum(payload.label_histogram) / sum(masses),
                 100 * max_silo_share,
             )
-        histogram = [
-            a + (b if scale == 1.0 else b * scale)
-            for a, b in zip(histogram, payload.label_histogram, strict=True)
-        ]
         for embedding, label, weight in zip(
             payload.embeds, payload.labels, payload.weights, strict=True
         ):
@@ -106,7 +115,8 @@ def plan_images(
     by_class: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_class.setdefault(prompt.label, []).append(i)
-    classes = sorted(by_class)
+    # a class no silo holds gets nothing (with secure histograms every class has a prompt)
+    classes = [c for c in sorted(by_class) if histogram[c] > 0]
     if mode == "balanced":
         counts = {c: images_per_class for c in classes}
     elif mode == "proportional":

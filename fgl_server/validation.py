@@ -6,7 +6,8 @@ was expected and what arrived; the run goes on with the other silos. What it che
 - structure: each record of its kind, each array of its wire dtype, shapes that account for the
   bytes (nothing is allocated beyond the bytes that arrived, which are capped);
 - claims: histogram counts and weights are integers in [0, MAX_COUNT]; a silo sends prompts only
-  for classes it holds, and its weights in a class add up to at most its count there;
+  for classes it holds, and its weights in a class add up to at most its count there (with
+  `secure-histograms` a payload carries no histogram, and its sum comes by SecAgg+);
 - the encoder: the silo's encoding of the public probe prompt matches the server's own;
 - prompts: each class-level embedding matches the server's own encoding of that class's prompt
   (the template and class names are public); each instance-level one matches it in the rows
@@ -15,6 +16,7 @@ was expected and what arrived; the run goes on with the other silos. What it che
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,8 @@ class PayloadLimits:
     # (0: not at all) with Gaussian noise of this standard deviation per value
     embedding_clip: float = 0.0
     noise_std: float = 0.0
+    # histograms by SecAgg+: a payload carries none, so no claim can be checked against one
+    secure_histograms: bool = False
 
 
 class PayloadRejected(ValueError):
@@ -106,16 +110,36 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
         bad = int((~np.isfinite(embeds)).any(axis=(1, 2)).sum())
         reject(f"sent {bad} embeddings with NaN or infinite values")
     histogram = payload.label_histogram
-    if len(histogram) != limits.num_classes:
-        reject(
-            f"sent a label histogram of {len(histogram)} classes; the task has {limits.num_classes}"
-        )
+    if limits.secure_histograms:
+        if histogram:
+            reject(
+                "sent its label histogram in the clear; this run sums the histograms by "
+                "SecAgg+ (secure-histograms), so a silo sends none"
+            )
+    else:
+        check_claims(reject, labels, weights, histogram, limits.num_classes)
+    check_encoder(node, probe, limits)
+    if limits.class_prompts is not None:
+        check_class_prompts(node, embeds, labels, limits)
+
+
+def check_claims(
+    reject: Callable[[str], None],
+    labels: np.ndarray,
+    weights: np.ndarray,
+    histogram: list[int],
+    num_classes: int,
+) -> None:
+    """A silo's histogram has a count per class in [0, MAX_COUNT], and its prompts' weights in
+    a class add up to at most that count."""
+    if len(histogram) != num_classes:
+        reject(f"sent a label histogram of {len(histogram)} classes; the task has {num_classes}")
     if min(histogram) < 0 or max(histogram) > MAX_COUNT:
         reject(
             f"sent a label histogram with counts in [{min(histogram)}, {max(histogram)}]; "
             f"each must be in 0..{MAX_COUNT}"
         )
-    claimed = [0] * limits.num_classes  # Python ints: a sum that cannot wrap
+    claimed = [0] * num_classes  # Python ints: a sum that cannot wrap
     for label, weight in zip(labels.tolist(), weights.tolist(), strict=True):
         claimed[label] += weight
     for label, (weight, count) in enumerate(zip(claimed, histogram, strict=True)):
@@ -124,9 +148,6 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
                 f"sent prompts of weight {weight} for class {label}, where its histogram "
                 f"counts {count} images; the weights in a class may not exceed its count"
             )
-    check_encoder(node, probe, limits)
-    if limits.class_prompts is not None:
-        check_class_prompts(node, embeds, labels, limits)
 
 
 def check_encoder(node: str, probe: np.ndarray, limits: PayloadLimits) -> None:
