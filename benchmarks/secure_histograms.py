@@ -59,9 +59,6 @@ def ratios(plain: dict, secure: dict) -> dict:
         "secagg-bytes-per-silo": (secure["secagg-bytes-sent"] + secure["secagg-bytes-received"])
         // secure["silos"],
         "embedding-bytes-per-silo": plain["embedding-payload-bytes"] // plain["silos"],
-        "wall-secure-over-plain": round(
-            secure["launcher-wall-seconds"] / plain["launcher-wall-seconds"], 2
-        ),
         "same-merged-histogram": plain["merged-label-histogram"]
         == secure["merged-label-histogram"],
     }

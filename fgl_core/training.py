@@ -172,20 +172,29 @@ def train_model(
 
 
 @torch.no_grad()
+def model_outputs(
+    fn: Callable[[torch.Tensor], torch.Tensor], data: ImageSet, device: torch.device
+) -> torch.Tensor:
+    """`fn` (a model, or its `represent`) on every image of `data`, unaugmented, in batches;
+    float32 on `device`, one row per image in order."""
+    images, _ = to_device(data, device)
+    outputs = []
+    with torch.no_grad():
+        for i in range(0, len(images), EVAL_BATCH_SIZE):
+            with _autocast(device):
+                outputs.append(fn(normalize(images[i : i + EVAL_BATCH_SIZE])).float())
+    return torch.cat(outputs)
+
+
 def evaluate_model(model: nn.Module, data: ImageSet, device: torch.device) -> EvalStats:
     """Mean cross-entropy and accuracy on `data` (no augmentation)."""
     if len(data) == 0:
         return EvalStats(0.0, 0.0, 0)
     model.to(device)
     model.eval()
-    images, labels = to_device(data, device)
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(labels), EVAL_BATCH_SIZE):
-        x = normalize(images[i : i + EVAL_BATCH_SIZE])
-        y = labels[i : i + EVAL_BATCH_SIZE]
-        with _autocast(device):
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+    logits = model_outputs(model, data, device)
+    labels = torch.from_numpy(data.labels).to(device)
+    loss = F.cross_entropy(logits, labels, reduction="sum").item()
+    correct = (logits.argmax(1) == labels).sum().item()
     n = len(labels)
-    return EvalStats(loss_sum / n, correct / n, n)
+    return EvalStats(loss / n, correct / n, n)

@@ -8,7 +8,16 @@ with the generator's text encoder as the silo would send them (float16, noised a
 The server's inversion (`fgl_privacy.inversion`) then tries to read each prompt back, without
 noise and under a range of noise multipliers; the report gives token accuracy and exact
 recovery, the (epsilon, delta) of each noise level, and what the server receives that it could
-not compute itself (each silo's label histogram).
+not compute itself (each silo's label histogram, or with `secure-histograms` only their sum).
+
+Where the run left its model and synthetic set, the report adds the replication search
+(`fgl_privacy.replication`: each synthetic image's nearest real training image) and, with
+`--lira-shadows N`, a membership-inference attack on the run's final model (`fgl_privacy.lira`,
+offline and online, N small CNNs trained centrally on random halves of the silos' training data
+and the test split as shadows; the paper-style comparison across methods, with shadows trained
+exactly as each target, is `benchmarks/lira.py`).
+
+    python -m fgl_privacy.report outputs/quickstart-fgl --lira-shadows 16
 """
 
 from __future__ import annotations
@@ -23,19 +32,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fgl_client.captioning import Captioner
 from fgl_client.embedding import captioner, silo_prompts, text_encoder
 from fgl_client.silo import Silo, load_silo
 from fgl_core.config import RunConfig
+from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
 from fgl_core.dp import epsilon_for, privatize
+from fgl_core.models import build_model, build_model_for
 from fgl_core.payload import EmbedRequest
 from fgl_core.plotting import headless_pyplot
+from fgl_core.training import TrainSettings
 from fgl_privacy.inversion import PromptInverter
+from fgl_privacy.lira import (
+    FPR_LEVELS,
+    AttackResult,
+    lira_scores,
+    model_confidence,
+    plot_roc,
+    random_halves,
+    roc_curve,
+    tpr_at,
+    train_on_halves,
+)
+from fgl_privacy.replication import classifier_features, plot_replication, replication_search
+from fgl_server.synthetic_store import SyntheticStore
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
-MULTIPLIERS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1)
+MULTIPLIERS = (0.0, 0.01, 0.1)
 
 
 @dataclass(frozen=True)
@@ -105,6 +131,7 @@ def write_report(
     histograms: list[list[int]],
     cfg: RunConfig,
     delta: float,
+    extra: tuple[str, ...] = (),
 ) -> Path:
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -156,26 +183,152 @@ def write_report(
         "",
         "## What the server could not compute itself",
         "",
-        "Class-level prompts are public templates of public class names: their embeddings tell "
-        "the server nothing beyond which classes a silo holds. What it learns is each silo's "
-        "label histogram (images per class), sent in the clear:",
-        "",
-        "| silo | " + " | ".join(str(c) for c in range(len(histograms[0]))) + " |",
-        "| --- |" + " --- |" * len(histograms[0]),
     ]
-    lines += [f"| {i} | " + " | ".join(map(str, h)) + " |" for i, h in enumerate(histograms)]
+    if cfg.secure_histograms:
+        total = [sum(counts) for counts in zip(*histograms, strict=True)]
+        lines += [
+            "Class-level prompts are public templates of public class names, and with "
+            "`secure-histograms` every silo sends every class's prompt, so they tell the server "
+            "nothing. The label histograms reach it only as their sum, through Flower's SecAgg+ "
+            "(no silo's own histogram is ever sent in the clear):",
+            "",
+            "| sum | " + " | ".join(map(str, total)) + " |",
+            "| --- |" + " --- |" * len(total),
+        ]
+    else:
+        lines += [
+            "Class-level prompts are public templates of public class names: their embeddings "
+            "tell the server nothing beyond which classes a silo holds. What it learns is each "
+            "silo's label histogram (images per class), sent in the clear "
+            "(`secure-histograms = true` sends only their sum, by SecAgg+):",
+            "",
+            "| silo | " + " | ".join(str(c) for c in range(len(histograms[0]))) + " |",
+            "| --- |" + " --- |" * len(histograms[0]),
+        ]
+        lines += [f"| {i} | " + " | ".join(map(str, h)) + " |" for i, h in enumerate(histograms)]
+    lines += list(extra)
     path = run_dir / "privacy_report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def _union(sets: list[ImageSet]) -> ImageSet:
+    return ImageSet(
+        np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets])
+    )
+
+
+def _final_model(run_dir: Path, cfg: RunConfig, data: DatasetSplits) -> nn.Module | None:
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        return None
+    model = build_model_for(cfg, data.num_classes, data.image_size)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def replication_section(
+    run_dir: Path, results: dict, model: nn.Module | None, train: ImageSet, data: DatasetSplits
+) -> list[str]:
+    """The replication search on the run's synthetic set, with the final model's features."""
+    lines = ["", "## Replication: do synthetic images copy real ones?", ""]
+    store = results.get("synthesis", {}).get("store")
+    if model is None or not store or not Path(store).is_dir():
+        return [*lines, "Not measured: the run left no synthetic store or no model.pt."]
+    synthetic = SyntheticStore.open(store).load()
+    result = replication_search(classifier_features(model, CPU), synthetic, train, data.test)
+    plot_replication(
+        result,
+        synthetic,
+        train,
+        run_dir / "privacy_replication_hist.png",
+        run_dir / "privacy_replication_pairs.png",
+    )
+    summary = result.to_json()
+    (run_dir / "privacy_replication.json").write_text(json.dumps(summary, indent=2))
+    return [
+        *lines,
+        f"For each of the {len(synthetic)} synthetic images, the nearest of the silos' "
+        f"{len(train)} training images by cosine similarity of the final model's penultimate "
+        "features (`fgl_privacy.replication`). The threshold is calibrated on the test split, "
+        f"which no model trained on: {summary['calibration']}, {summary['threshold']:.3f}.",
+        "",
+        "| synthetic images | above the threshold | held-out real above it | near-exact "
+        "(>= 0.999) | median similarity | highest |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| {len(synthetic)} | {summary['share-above-threshold']:.1%} | "
+        f"{summary['heldout-share-above-threshold']:.1%} | {summary['share-near-exact']:.1%} | "
+        f"{summary['median-similarity']:.3f} | {summary['max-similarity']:.3f} |",
+        "",
+        "![similarity histograms](privacy_replication_hist.png)",
+        "",
+        "The closest pairs (synthetic above, its nearest training image below):",
+        "",
+        "![closest pairs](privacy_replication_pairs.png)",
+    ]
+
+
+def membership_section(
+    run_dir: Path,
+    cfg: RunConfig,
+    model: nn.Module | None,
+    train: ImageSet,
+    data: DatasetSplits,
+    shadows: int,
+    seed: int,
+) -> list[str]:
+    """LiRA on the run's final model: members are the silos' training images, non-members
+    the test split; the shadows are small CNNs trained centrally on random halves of both."""
+    lines = ["", "## Membership inference (LiRA) on this run's model", ""]
+    if not shadows:
+        return [
+            *lines,
+            "Not run for this report (`--lira-shadows 16` runs it). The README gives the "
+            "attack across methods, from `python -m benchmarks.lira`.",
+        ]
+    if model is None:
+        return [*lines, "Not measured: the run left no model.pt."]
+    pool = _union([train, data.test])
+    member = np.r_[np.ones(len(train), bool), np.zeros(len(data.test), bool)]
+    masks = random_halves(len(pool), shadows, seed)
+    epochs = max(cfg.local_epochs, cfg.num_server_rounds * cfg.local_epochs)
+    settings = TrainSettings.from_config(cfg, epochs=epochs, seed=seed)
+    build = lambda: build_model(cfg.model, data.num_classes, data.image_size)  # noqa: E731
+    confidences = train_on_halves(pool, masks, build, settings, CPU)
+    target = model_confidence(model, pool, CPU)
+    curves = {}
+    for online in (True, False):
+        fpr, tpr, auc = roc_curve(lira_scores(target, confidences, masks, online), member)
+        levels = {level: tpr_at(fpr, tpr, level) for level in FPR_LEVELS}
+        curves["online" if online else "offline"] = AttackResult(
+            auc, levels, fpr, tpr, 1, len(pool)
+        )
+    plot_roc(curves, run_dir / "privacy_lira.png", f"LiRA on {run_dir.name}")
+    lines += [
+        f"Members: the silos' {len(train)} training images; non-members: the {len(data.test)} "
+        f"test images. {shadows} shadow models ({cfg.model}, {epochs} epochs, trained centrally "
+        "on random halves of both), so the attacker knows the data but not the federated "
+        "recipe: a weaker attacker than `benchmarks/lira.py`'s.",
+        "",
+        "| variant | AUC | TPR at 0.1% FPR | TPR at 1% FPR |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, result in curves.items():
+        lines.append(
+            f"| {name} | {result.auc:.3f} | {result.tpr_at_fpr[0.001]:.2%} | "
+            f"{result.tpr_at_fpr[0.01]:.2%} |"
+        )
+    return [*lines, "", "![LiRA ROC](privacy_lira.png)"]
+
+
 def report(
     run_dir: Path,
     multipliers: tuple[float, ...] = MULTIPLIERS,
-    per_silo: int = 10,
+    per_silo: int = 2,
     delta: float = 1e-5,
     seed: int = 0,
     modes: tuple[str, ...] = ("class", "instance"),
+    lira_shadows: int = 0,
 ) -> Path:
     """Measure the run in `run_dir` and write its privacy_report.md; return its path."""
     results = json.loads((run_dir / "results.json").read_text())
@@ -198,7 +351,12 @@ def report(
             row = measure(inverter, prompts, encoded, mode, clip, multiplier, delta, rng)
             log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
             rows.append(row)
-    return write_report(run_dir, rows, histograms, cfg, delta)
+    data = load_dataset(cfg)
+    train = _union([silo.train for silo in silos])
+    model = _final_model(run_dir, cfg, data)
+    extra = replication_section(run_dir, results, model, train, data)
+    extra += membership_section(run_dir, cfg, model, train, data, lira_shadows, seed)
+    return write_report(run_dir, rows, histograms, cfg, delta, tuple(extra))
 
 
 def main() -> None:
@@ -207,7 +365,10 @@ def main() -> None:
     )
     parser.add_argument("run_dir", type=Path, help="a run folder (it holds results.json)")
     parser.add_argument("--noise", type=float, nargs="+", default=list(MULTIPLIERS))
-    parser.add_argument("--per-silo", type=int, default=10, help="prompts tried per silo")
+    parser.add_argument("--per-silo", type=int, default=2, help="prompts inverted per silo")
+    parser.add_argument(
+        "--lira-shadows", type=int, default=0, help="shadow models for LiRA; 0: no LiRA"
+    )
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument(
         "--modes", nargs="+", default=["class", "instance"], choices=["class", "instance"]
@@ -215,7 +376,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = report(
-        args.run_dir, tuple(args.noise), args.per_silo, args.delta, modes=tuple(args.modes)
+        args.run_dir,
+        tuple(args.noise),
+        args.per_silo,
+        args.delta,
+        modes=tuple(args.modes),
+        lira_shadows=args.lira_shadows,
     )
     print(f"wrote {path}")
 

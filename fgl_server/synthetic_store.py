@@ -45,6 +45,21 @@ class SyntheticStore:
         self.shards: dict[str, dict] = self._read_shard_table()
         self._verified: set[int] = set()  # shards hashed (or written) by this store: once each
 
+    @classmethod
+    def open(cls, store_dir: str | Path) -> SyntheticStore:
+        """A store a run made, its plan read from its own manifest (to audit what it holds)."""
+        store_dir = Path(store_dir)
+        try:
+            plan = json.loads((store_dir / "manifest.json").read_text())
+            plan.pop("shards")
+            shard_size = plan.pop("shard-size")
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise StoreError(f"{store_dir}: no readable manifest ({err})") from None
+        store = cls(store_dir.parent, plan, shard_size)
+        if store.dir != store_dir:
+            raise StoreError(f"{store_dir}: its manifest describes another plan")
+        return store
+
     @property
     def manifest_path(self) -> Path:
         return self.dir / "manifest.json"

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fgl_client.text_encoding import TransformersTextEncoder
-from fgl_core.config import RunConfig
 from fgl_core.dp import clip_rows, delta_for, epsilon_for, noise_std, privatize
 from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
 from fgl_privacy.inversion import PromptInverter
@@ -106,22 +105,29 @@ def test_the_cached_step_computes_what_the_encoder_computes(encoder):
             assert torch.allclose(hidden[0], expected[position], atol=1e-4), position
 
 
-def test_the_report_reads_class_prompts_back_and_lists_what_silos_disclose(tmp_path):
+@pytest.mark.slow
+def test_the_report_reads_prompts_back_lists_disclosures_and_audits_the_run(tmp_path):
+    from deploy.inprocess import run_in_process
     from fgl_privacy.report import report
 
-    cfg = RunConfig.from_flower(
-        {
-            "dataset": "digits",
-            "generator": "offline-tiny",
-            "captioner": "offline-tiny",
-            "cache-dir": str(tmp_path / "cache"),
-            "min-nodes": 2,
-        }
-    )
+    run_config = {
+        "strategy": "fgl",
+        "dataset": "digits",
+        "generator": "offline-tiny",
+        "captioner": "offline-tiny",
+        "images-per-class": 4,
+        "steps": 2,
+        "oneshot-epochs": 1,
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path),
+        "run-name": "run",
+        "min-nodes": 2,
+    }
+    run_in_process(run_config, num_silos=2)
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps({"config": cfg.to_flower()}))
-    path = report(run_dir, multipliers=(0.0, 1.0), per_silo=1, modes=("class",))
+    path = report(run_dir, multipliers=(0.0, 1.0), per_silo=1, modes=("class",), lira_shadows=2)
     text = path.read_text()
     rows = {
         tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")[5:7]
@@ -132,4 +138,9 @@ def test_the_report_reads_class_prompts_back_and_lists_what_silos_disclose(tmp_p
     assert tokens == 1.0 and exact == 1.0  # in the clear: every class prompt read back
     assert float(rows[("class level", "1")][0]) < 0.5  # strong noise: mostly lost
     assert text.count("\n| 0 | ") == 1 and text.count("\n| 1 | ") == 1  # both silos' histograms
-    assert (run_dir / "privacy_inversion.png").is_file()
+    # the audit of what the run made: 40 synthetic images searched, LiRA on its model
+    replication = json.loads((run_dir / "privacy_replication.json").read_text())
+    assert replication["synthetic-images"] == 40 and 0 < replication["threshold"] <= 1
+    assert "| online | " in text and "| offline | " in text
+    for png in ("inversion", "replication_hist", "replication_pairs", "lira"):
+        assert (run_dir / f"privacy_{png}.png").stat().st_size > 5_000, png
