@@ -3,8 +3,11 @@
 The run is the quickstart's FGL run (digits, offline tiny generator, small CNN) with 3 silos:
 simulated (one SuperLink in simulation mode) and deployed (a SuperLink and 3 SuperNodes on
 loopback, each message in a fresh ClientApp process; `--tls` adds TLS and SuperNode auth).
-Each runtime runs twice: with `--rounds` FedAvg rounds, and with none (the embedding round,
-synthesis and one-shot alone). Per phase it reports:
+Each runtime runs with the silos' evaluation as a separate evaluate round (Flower's default) and
+inside the train reply (`evaluate-in-train`: one message, so one ClientApp process, per silo per
+round instead of two), each twice: with `--rounds` FedAvg rounds, and with none (the embedding
+round, synthesis and one-shot alone). It also times a fresh interpreter importing the ClientApp.
+Per phase it reports:
 
 - wall seconds (results.json's phase timer);
 - payload bytes, as the server's ledger counts them (array data plus records);
@@ -24,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
+import sys
+import time
 
-from benchmarks.common import OUT, launch, write
+from benchmarks.common import OUT, ROOT, launch, write
 from deploy.quickstart import RUNS
 
 SILOS = 3
@@ -49,8 +56,23 @@ def payload_bytes(results: dict, rounds: bool) -> dict[str, int]:
     }
 
 
-def measure(runtime: list[str], label: str, rounds: int) -> dict:
-    base = f"{RUNS['fgl']} seed=0"
+def clientapp_import_seconds(repeats: int = 3) -> dict[str, float]:
+    """Wall seconds of a fresh interpreter importing the ClientApp, beside a bare interpreter
+    (the median of a few): what each deployed message pays before it reads its message."""
+
+    def median_wall(code: str) -> float:
+        walls = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+            walls.append(time.perf_counter() - start)
+        return round(statistics.median(walls), 2)
+
+    return {"import-fgl_client.app": median_wall("import fgl_client.app"), "bare": median_wall("")}
+
+
+def measure(runtime: list[str], label: str, rounds: int, extra: str = "") -> dict:
+    base = f"{RUNS['fgl']} seed=0 {extra}"
     full_name, embed_name = f"bench-deploy-{label}-r{rounds}", f"bench-deploy-{label}-r0"
     wall_full, full = launch(SILOS, f"{base} num-server-rounds={rounds}", full_name, runtime)
     wall_embed, _ = launch(SILOS, f"{base} num-server-rounds=0", embed_name, runtime)
@@ -86,23 +108,38 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="deploy with TLS and SuperNode auth")
     args = parser.parse_args()
     deployed = ["--supernodes", str(SILOS), *(["--tls"] if args.tls else [])]
+    simulated = ["--simulation", str(SILOS)]
+    dep_label = "deployment-tls" if args.tls else "deployment"
+    in_train = "evaluate-in-train=true"
     rows = [
-        measure(["--simulation", str(SILOS)], "simulation", args.rounds),
-        measure(deployed, "deployment-tls" if args.tls else "deployment", args.rounds),
+        measure(simulated, "simulation", args.rounds),
+        measure(deployed, dep_label, args.rounds),
+        measure(simulated, "simulation-evaluate-in-train", args.rounds, in_train),
+        measure(deployed, f"{dep_label}-evaluate-in-train", args.rounds, in_train),
     ]
-    sim, dep = rows
-    ratios = {
-        "launcher-wall": dep["launcher-wall-seconds"] / sim["launcher-wall-seconds"],
-        "embedding-round-seconds": dep["embedding-round"]["seconds"]
-        / sim["embedding-round"]["seconds"],
-        "fedavg-rounds-seconds": dep["fedavg-rounds"]["seconds"] / sim["fedavg-rounds"]["seconds"],
-    }
+
+    def ratios(sim: dict, dep: dict) -> dict[str, float]:
+        return {
+            "launcher-wall": round(dep["launcher-wall-seconds"] / sim["launcher-wall-seconds"], 2),
+            "embedding-round-seconds": round(
+                dep["embedding-round"]["seconds"] / sim["embedding-round"]["seconds"], 2
+            ),
+            "fedavg-rounds-seconds": round(
+                dep["fedavg-rounds"]["seconds"] / sim["fedavg-rounds"]["seconds"], 2
+            ),
+        }
+
     write(
         "deployment",
         {
             "silos": SILOS,
+            "clientapp-import-seconds": clientapp_import_seconds(),
             "rows": rows,
-            "deployment-over-simulation": {k: round(v, 2) for k, v in ratios.items()},
+            "deployment-over-simulation": ratios(rows[0], rows[1]),
+            "with-evaluate-in-train": ratios(rows[2], rows[3]),
+            "deployed-rounds-evaluate-in-train-over-separate": round(
+                rows[3]["fedavg-rounds"]["seconds"] / rows[1]["fedavg-rounds"]["seconds"], 2
+            ),
         },
     )
 

@@ -95,6 +95,10 @@ def train(msg: Message, context: Context) -> Message:
     seed = derive_seed(cfg.seed, "silo-train", silo_salt, server_round)
     settings = TrainSettings.from_config(cfg, epochs=cfg.local_epochs, seed=seed)
     loss_fn, objective_metrics = _local_objective(config, model, context.state)
+    received = {}
+    if cfg.evaluate_in_train:  # the global model as received, before this round changes it
+        before = evaluate_model(model, silo.test, pick_device(cfg.device))
+        received = {"eval-loss": float(before.loss), "eval-accuracy": float(before.accuracy)}
     stats = train_model(
         model,
         silo.train,
@@ -112,6 +116,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-seconds": float(stats.seconds),
             "num-examples": int(stats.num_examples),
             **objective_metrics,
+            **received,
         }
     )
     content = RecordDict(

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetError, DatasetSplits, ImageSet, load_dataset
@@ -34,15 +40,105 @@ class SiloDataUnusable(RuntimeError):
 
 
 def open_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
-    """`load_silo` for a ClientApp: the full reason goes to this silo's log only."""
+    """`load_silo` for a ClientApp, through the node's silo cache (`cached_silo`); the full
+    reason a silo's data is unusable goes to this silo's log only."""
     try:
-        return load_silo(cfg, node_config)
+        return cached_silo(cfg, node_config)
     except (DatasetError, OSError) as err:
         source = str(node_config.get("data-path", "") or "") or cfg.dataset
         log.error("this silo's data is not usable: %s", err)
         raise SiloDataUnusable(
             f"dataset {source!r} is not usable on this silo (the silo's log says why)"
         ) from None
+
+
+# the config fields that decide a silo's data; the cache key holds them and the node config
+DATA_FIELDS = (
+    "dataset",
+    "class_names",
+    "image_size",
+    "train_subset",
+    "eval_subset",
+    "val_fraction",
+    "partition",
+    "alpha",
+    "min_partition_size",
+    "seed",
+)
+_opened: dict[str, Silo] = {}  # this process's silos by cache key
+
+
+def silo_cache_key(cfg: RunConfig, node_config: Mapping[str, object]) -> str:
+    """What decides the silo's data, hashed: the data fields, the node config, and a dataset
+    file's or folder's fingerprint (so changed data is read again)."""
+    described: dict[str, object] = {name: getattr(cfg, name) for name in DATA_FIELDS}
+    described["node-config"] = sorted((str(k), str(v)) for k, v in node_config.items())
+    for source in (cfg.dataset, str(node_config.get("data-path", "") or "")):
+        path = Path(source)
+        if source and path.exists():
+            described[f"stat:{path.resolve()}"] = _fingerprint(path)
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _fingerprint(path: Path) -> list[int]:
+    """Size and modification time of a file; of a folder (ImageFolder), the file count, total
+    size and latest modification time of every file below it."""
+    if path.is_file():
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    files = [p.stat() for p in path.rglob("*") if p.is_file()]
+    return [
+        len(files),
+        sum(f.st_size for f in files),
+        max((f.st_mtime_ns for f in files), default=0),
+    ]
+
+
+def cached_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
+    """`load_silo`, kept in this node's `cache-dir/silos/`: a deployed node starts a fresh
+    ClientApp process for every message, which would otherwise load (digits: import scikit-learn)
+    and partition the whole dataset again each time. The node writes the file and only it reads
+    it (no pickle); one it cannot read is rebuilt."""
+    key = silo_cache_key(cfg, node_config)
+    if key in _opened:
+        return _opened[key]
+    path = Path(cfg.cache_dir) / "silos" / f"{key}.npz"
+    silo = None
+    if path.is_file():
+        try:
+            silo = _read_silo(path)
+        except Exception as err:  # a damaged cache file is rebuilt, not fatal
+            log.warning("silo cache %s is unreadable (%s): rebuilding it", path, err)
+    if silo is None:
+        silo = load_silo(cfg, node_config)
+        _write_silo(path, silo)
+    _opened[key] = silo
+    return silo
+
+
+def _write_silo(path: Path, silo: Silo) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(
+        tmp,
+        train_images=silo.train.images,
+        train_labels=silo.train.labels,
+        test_images=silo.test.images,
+        test_labels=silo.test.labels,
+        class_names=np.asarray(silo.class_names, dtype=str),
+        name=np.asarray(silo.name),
+        partition_id=np.asarray(silo.partition_id),
+    )
+    os.replace(tmp, path)  # atomic: a process reading it sees the old file or the whole new one
+
+
+def _read_silo(path: Path) -> Silo:
+    with np.load(path, allow_pickle=False) as f:
+        train = ImageSet(f["train_images"], f["train_labels"])
+        test = ImageSet(f["test_images"], f["test_labels"])
+        names = [str(n) for n in f["class_names"].tolist()]
+        name, partition_id = str(f["name"]), int(f["partition_id"])
+    return _described(Silo(name, partition_id, train, test, names, int(train.images.shape[1])))
 
 
 def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:

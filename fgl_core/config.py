@@ -127,6 +127,10 @@ class RunConfig(BaseModel):
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    # silos evaluate the received global model inside their train reply, and the separate
+    # evaluate round is skipped: one message (one ClientApp process when deployed) per silo per
+    # round instead of two
+    evaluate_in_train: bool = False
     min_nodes: int = Field(2, ge=1, le=100_000)  # waited for once, before the first round
     connect_timeout: float = Field(600.0, gt=0.0)
     round_timeout: float = Field(3600.0, gt=0.0)

@@ -68,8 +68,15 @@ def run_rounds(
             timeout=cfg.round_timeout,
             evaluate_fn=central_evaluation,
         )
-    for per_round in (result.evaluate_metrics_clientapp, result.train_metrics_clientapp):
-        shifted = {r + done: dict(m) for r, m in per_round.items()}
+    evaluated = {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()}
+    trained = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+    if cfg.evaluate_in_train:  # round r's train replies evaluated the model of round r - 1
+        evaluated = {
+            r - 1: {k: m.pop(k) for k in list(m) if k.startswith("eval-")}
+            for r, m in trained.items()
+        }
+    for per_round in (evaluated, trained):
+        shifted = {r + done: m for r, m in per_round.items()}
         recorder.merge_round_metrics(shifted, prefix="silo-")
     recorder.set("traffic", grid.to_json())
     if len(result.arrays):

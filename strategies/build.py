@@ -22,7 +22,8 @@ def sampling(cfg: RunConfig) -> dict:
     """
     return {
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
+        # with evaluate-in-train the silos report their evaluation in the train reply
+        "fraction_evaluate": 0.0 if cfg.evaluate_in_train else cfg.fraction_evaluate,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
         "min_available_nodes": 1,

@@ -148,3 +148,39 @@ def test_a_centralized_run_killed_in_round_2_resumes_there_and_ends_as_if_never_
     assert [r["round"] for r in after["rounds"]] == [0, 1, 2, 3]
     for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-round"):
         assert after["summary"][key] == whole["summary"][key]
+
+
+def test_silos_can_evaluate_in_their_train_reply_with_one_message_per_round(tmp_path):
+    """The same numbers as a separate evaluate round, one message per silo per round fewer."""
+    base = {
+        "dataset": "digits",
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "min-nodes": 3,
+        "output-dir": str(tmp_path),
+    }
+    run_in_process({**base, "run-name": "separate"}, num_silos=3)
+    run_in_process({**base, "run-name": "in-train", "evaluate-in-train": True}, num_silos=3)
+    separate, in_train = (
+        json.loads((tmp_path / name / "results.json").read_text())
+        for name in ("separate", "in-train")
+    )
+
+    def per_node(results, message_type):
+        return {
+            (e["round"], e["node-id"]): e["metrics"].get("eval-accuracy")
+            for e in results["traffic"]["exchanges"]
+            if e["message-type"] == message_type
+        }
+
+    assert {e["message-type"] for e in in_train["traffic"]["exchanges"]} == {"train"}
+    evaluated = per_node(separate, "evaluate")  # silos evaluating the model of round r
+    received = per_node(in_train, "train")  # silos evaluating what round r + 1 sent them
+    assert all(v is not None for v in received.values())
+    assert {(r - 1, n): v for (r, n), v in received.items() if r > 1} == {
+        k: v for k, v in evaluated.items() if k[0] == 1
+    }
+    rows = in_train["rounds"]
+    assert "silo-eval-accuracy" in rows[0] and "silo-eval-accuracy" in rows[1]
+    assert "silo-eval-accuracy" not in rows[2]  # no later round evaluated the final model
+    assert "silo-eval-accuracy" not in separate["rounds"][0]
