@@ -35,6 +35,7 @@ from fgl_server.results import RunRecorder
 from fgl_server.rounds import run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
+from fgl_server.synthesis_pool import RayShardPool
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload
 from strategies.build import build_strategy
@@ -230,7 +231,23 @@ def synthesize(
         cfg.synthesis_shard_size,
     )
     with recorder.phase("synthesize"):
-        stats = synthesize_into_store(engine, prompts, jobs, store, cfg.synthesis_batch_size)
+        pool = None
+        if cfg.synthesis_workers > 1 and store.missing():
+            pool = RayShardPool(
+                engine.settings,
+                cfg.cache_dir,
+                engine.device.type,
+                cfg.synthesis_workers,
+                cfg.synthesis_ray_address,
+                ready_timeout=cfg.connect_timeout,
+            )
+        try:
+            stats = synthesize_into_store(
+                engine, prompts, jobs, store, cfg.synthesis_batch_size, pool=pool
+            )
+        finally:
+            if pool is not None:
+                pool.close()
     synthetic = store.load()
     recorder.set(
         "synthesis",

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from fgl_core.datasets import ImageSet
 from fgl_server.synthesis import SynthesisEngine
 from fgl_server.synthesis_plan import ImageJob, Prompt
+from fgl_server.synthesis_pool import RayShardPool, make_shard
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,17 @@ class SyntheticStore:
         self._verified.add(shard)
         return None
 
+    def missing(self) -> list[int]:
+        """The shards still to make: absent, or present but damaged (each named in the log)."""
+        todo = []
+        for shard in range(self.num_shards):
+            problem = self.problem(shard)
+            if problem:
+                log.warning("synthetic store %s: %s; making it again", self.dir, problem)
+            if problem or not self.shard_path(shard).is_file():
+                todo.append(shard)
+        return todo
+
     def is_done(self, shard: int) -> bool:
         return self.shard_path(shard).is_file() and self.problem(shard) is None
 
@@ -154,40 +166,46 @@ class SyntheticStore:
 
 
 def synthesize_into_store(
-    engine: SynthesisEngine,
+    engine: SynthesisEngine | None,
     prompts: list[Prompt],
     jobs: list[ImageJob],
     store: SyntheticStore,
     batch_size: int,
     on_shard: Callable[[int], None] | None = None,
+    pool: RayShardPool | None = None,
 ) -> dict[str, float]:
-    """Make every shard the store lacks; return counts and the synthesis rate."""
-    todo = []
-    for shard in range(store.num_shards):
-        problem = store.problem(shard)
-        if problem:
-            log.warning("synthetic store %s: %s; making it again", store.dir, problem)
-        if problem or not store.shard_path(shard).is_file():
-            todo.append(shard)
+    """Make every shard the store lacks, with `engine` here or with `pool`'s workers; return
+    counts and the synthesis rate. Each shard is written as soon as it is made."""
+    todo = store.missing()
     reused = store.num_images - sum(len(range(*store.shard_range(s))) for s in todo)
     if reused:
         log.info("synthetic store %s: reusing %d finished images", store.dir, reused)
+
+    def inputs(shard: int) -> tuple[np.ndarray, list[int]]:
+        shard_jobs = jobs[slice(*store.shard_range(shard))]
+        embeds = np.stack([prompts[job.prompt].embedding for job in shard_jobs])
+        return embeds, [job.seed for job in shard_jobs]
+
     start = time.perf_counter()
     made = 0
     with tqdm(
         total=store.num_images, initial=reused, desc="synthesis", unit="img", disable=None
     ) as bar:
-        for shard in todo:
-            shard_jobs = jobs[slice(*store.shard_range(shard))]
-            batches = []
-            for b in range(0, len(shard_jobs), batch_size):
-                batch = shard_jobs[b : b + batch_size]
-                embeds = np.stack([prompts[job.prompt].embedding for job in batch])
-                batches.append(engine.generate(embeds, [job.seed for job in batch]))
-                made += len(batch)
-                bar.update(len(batch))
-            labels = np.asarray([job.label for job in shard_jobs], np.int64)
-            store.write(shard, np.concatenate(batches), labels)
+        if pool is not None:
+            finished = pool.make(todo, inputs, batch_size)
+        elif engine is not None:
+            finished = (
+                (shard, make_shard(engine, *inputs(shard), batch_size, bar.update))
+                for shard in todo
+            )
+        else:
+            raise ValueError("synthesize_into_store needs an engine or a pool")
+        for shard, images in finished:
+            if pool is not None:
+                bar.update(len(images))
+            labels = np.asarray([job.label for job in jobs[slice(*store.shard_range(shard))]])
+            store.write(shard, images, labels.astype(np.int64))
+            made += len(images)
             if on_shard is not None:
                 on_shard(shard)
     seconds = time.perf_counter() - start
