@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -104,20 +104,51 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+class BatchSource(Protocol):
+    """Training data as batches: `len` images, each exactly once per `epoch`, in an order drawn
+    from `generator`; batches are uint8 images (B, 3, H, W) and int64 labels on the device."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class InMemorySource:
+    """A whole `ImageSet` on the device, shuffled each epoch."""
+
+    def __init__(self, data: ImageSet, device: torch.device) -> None:
+        self.images, self.labels = to_device(data, device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def epoch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=generator).to(self.labels.device)
+        for i in range(0, len(self), batch_size):
+            idx = order[i : i + batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
 def train_model(
     model: nn.Module,
-    data: ImageSet,
+    data: ImageSet | BatchSource,
     settings: TrainSettings,
     device: torch.device,
     desc: str = "train",
     loss_fn: LossFn = cross_entropy,
 ) -> TrainStats:
-    """SGD with momentum over `data` for `settings.epochs` epochs; the model is updated in place."""
+    """SGD with momentum over `data` (an `ImageSet`, moved to the device whole, or any
+    `BatchSource`, e.g. a synthetic store streamed shard by shard) for `settings.epochs` epochs;
+    the model is updated in place."""
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    images, labels = to_device(data, device)
-    n, bs = len(labels), settings.batch_size
+    source = InMemorySource(data, device) if isinstance(data, ImageSet) else data
+    n, bs = len(source), settings.batch_size
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=settings.lr,
@@ -136,25 +167,23 @@ def train_model(
     bar = tqdm(total=settings.epochs * n, desc=desc, unit="img", disable=None, leave=False)
     epoch_loss = 0.0
     for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
         loss_sum, seen = 0.0, 0
-        for i in range(0, n, bs):
-            idx = order[i : i + bs]
-            if len(idx) < 2:  # BatchNorm cannot train on a single sample
+        for images, labels in source.epoch(bs, generator):
+            if len(labels) < 2:  # BatchNorm cannot train on a single sample
                 continue
-            x = augment_batch(images[idx], settings.augment, generator)
+            x = augment_batch(images, settings.augment, generator)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                loss = loss_fn(model, x, labels[idx])
+                loss = loss_fn(model, x, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-            bar.update(len(idx))
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            bar.update(len(labels))
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         epoch_loss = loss_sum / max(1, seen)
     bar.close()

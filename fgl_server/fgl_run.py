@@ -36,7 +36,7 @@ from fgl_server.rounds import run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthesis_pool import RayShardPool
-from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
+from fgl_server.synthetic_store import ShardStream, SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload
 from strategies.build import build_strategy
 from strategies.fgl import collect_embeddings
@@ -219,7 +219,7 @@ def synthesize(
     cfg: RunConfig,
     data: DatasetSplits,
     recorder: RunRecorder,
-) -> ImageSet:
+) -> ImageSet | ShardStream:
     """Phase 2: deduplicate, plan, make the images the store lacks; the synthetic set."""
     prompts, histogram = merge_payloads(
         payloads, data.num_classes, cfg.max_silo_share, secure_histogram
@@ -248,23 +248,31 @@ def synthesize(
         finally:
             if pool is not None:
                 pool.close()
-    synthetic = store.load()
+    synthetic: ImageSet | ShardStream
+    if cfg.synthetic_buffer_shards:  # bounded memory: shards stream through a buffer
+        synthetic = ShardStream(store, engine.device, cfg.synthetic_buffer_shards)
+        labels = np.asarray(store.plan["labels"], np.int64)
+        firsts = sorted({store.shard_of(int(np.argmax(labels == c))) for c in np.unique(labels)})
+        samples = store.load_shards(firsts)  # a shard holding each class's first images
+    else:
+        synthetic = samples = store.load()
+        labels = synthetic.labels
     recorder.set(
         "synthesis",
         {
             **stats,
             "prompts": len(prompts),
             "merged-label-histogram": histogram,
-            "images-per-class": np.bincount(synthetic.labels, minlength=data.num_classes).tolist(),
+            "images-per-class": np.bincount(labels, minlength=data.num_classes).tolist(),
             "store": str(store.dir),
         },
     )
-    plot_samples(synthetic, data.class_names, recorder.dir / "synthetic_samples.png")
+    plot_samples(samples, data.class_names, recorder.dir / "synthetic_samples.png")
     return synthetic
 
 
 def one_shot(
-    synthetic: ImageSet,
+    synthetic: ImageSet | ShardStream,
     cfg: RunConfig,
     data: DatasetSplits,
     recorder: RunRecorder,
@@ -289,7 +297,7 @@ def one_shot(
 
 
 def server_finetune(
-    synthetic: ImageSet,
+    synthetic: ImageSet | ShardStream,
     like: nn.Module,
     cfg: RunConfig,
     recorder: RunRecorder,

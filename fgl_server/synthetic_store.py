@@ -17,13 +17,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from fgl_core.datasets import ImageSet
+from fgl_core.training import to_device
 from fgl_server.synthesis import SynthesisEngine
 from fgl_server.synthesis_plan import ImageJob, Prompt
 from fgl_server.synthesis_pool import RayShardPool, make_shard
@@ -91,6 +93,9 @@ class SyntheticStore:
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images)
 
+    def shard_of(self, image: int) -> int:
+        return image // self.shard_size
+
     def shard_path(self, shard: int) -> Path:
         return self.dir / f"shard-{shard:05d}.npz"
 
@@ -140,8 +145,12 @@ class SyntheticStore:
     def load(self) -> ImageSet:
         """Every shard, each checked against the manifest; a bad one is named (a rerun of the
         same plan makes it again)."""
+        return self.load_shards(range(self.num_shards))
+
+    def load_shards(self, shards: Iterable[int]) -> ImageSet:
+        """These shards' images, in this order, each checked as `load` checks it."""
         images, labels = [], []
-        for shard in range(self.num_shards):
+        for shard in shards:
             path = self.shard_path(shard)
             problem = self.problem(shard) or (None if path.is_file() else f"{path.name} is missing")
             if problem:
@@ -163,6 +172,39 @@ class SyntheticStore:
             images.append(shard_images)
             labels.append(shard_labels)
         return ImageSet(np.concatenate(images), np.concatenate(labels).astype(np.int64))
+
+
+class ShardStream:
+    """A store's images as a training `BatchSource` in bounded memory: each epoch visits the
+    shards in a fresh order, holds `buffer_shards` of them at a time on the device, and shuffles
+    within what it holds (images left over from one buffer start the next), so every image comes
+    exactly once per epoch and at most `buffer_shards` shards plus one batch are ever loaded."""
+
+    def __init__(self, store: SyntheticStore, device: torch.device, buffer_shards: int) -> None:
+        if buffer_shards < 1:
+            raise ValueError(f"buffer_shards must be at least 1, got {buffer_shards}")
+        self.store, self.device, self.buffer_shards = store, device, buffer_shards
+
+    def __len__(self) -> int:
+        return self.store.num_images
+
+    def epoch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.store.num_shards, generator=generator).tolist()
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None
+        for start in range(0, len(order), self.buffer_shards):
+            loaded = self.store.load_shards(order[start : start + self.buffer_shards])
+            images, labels = to_device(loaded, self.device)
+            if carried is not None:
+                images, labels = torch.cat([carried[0], images]), torch.cat([carried[1], labels])
+            last = start + self.buffer_shards >= len(order)
+            mix = torch.randperm(len(labels), generator=generator).to(self.device)
+            cut = len(labels) if last else len(labels) - len(labels) % batch_size
+            for i in range(0, cut, batch_size):
+                idx = mix[i : i + batch_size]
+                yield images[idx], labels[idx]
+            carried = images[mix[cut:]], labels[mix[cut:]]  # to the next buffer
 
 
 def synthesize_into_store(
