@@ -112,6 +112,8 @@ def cached_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
     if silo is None:
         silo = load_silo(cfg, node_config)
         _write_silo(path, silo)
+    if len(_opened) >= 8:  # a simulation actor serves many silos: keep the latest few
+        _opened.pop(next(iter(_opened)))
     _opened[key] = silo
     return silo
 
