@@ -11,7 +11,7 @@ that sees the data directly. Every model's confidence on the whole pool is measu
 is evaluated leave-one-out: each of the K models is the target once, the other K - 1 its
 shadows, trained exactly as it was (the strongest attacker: one who knows the recipe).
 
-    python -m benchmarks.lira [--datasets digits bloodmnist] [--models 17]
+    python -m benchmarks.lira [--datasets digits bloodmnist] [--models 17] [--model resnet18]
     # -> outputs/benchmarks/lira.json, lira_<dataset>.png
 """
 
@@ -75,9 +75,10 @@ def write_half(path: Path, data: DatasetSplits, members: ImageSet) -> None:
     )
 
 
-def run_system(system: str, dataset: Path, work: Path, cache: str, name: str) -> dict:
+def run_system(system: str, dataset: Path, work: Path, cache: str, name: str, model: str) -> dict:
     config = {
         **SYSTEMS[system],
+        "model": model,
         "dataset": str(dataset),
         "min-nodes": SILOS,
         "output-dir": str(work),
@@ -103,8 +104,10 @@ def confidences_of(config: dict, data: DatasetSplits, pool: ImageSet) -> dict[st
     return found
 
 
-def attack_dataset(name: str, source: str, pool_size: int, models: int, out: Path) -> dict:
-    cfg = RunConfig.from_flower({"dataset": source})
+def attack_dataset(
+    name: str, source: str, pool_size: int, models: int, out: Path, model: str = "cnn"
+) -> dict:
+    cfg = RunConfig.from_flower({"dataset": source, "model": model})
     data = load_dataset(cfg)
     pool = pool_of(data, pool_size, seed=0)
     masks = random_halves(len(pool), models, seed=1)
@@ -117,7 +120,7 @@ def attack_dataset(name: str, source: str, pool_size: int, models: int, out: Pat
         write_half(dataset, data, pool.take(np.flatnonzero(mask)))
         for system in SYSTEMS:
             start = time.perf_counter()
-            config = run_system(system, dataset, work, cache, f"{system}-{k}")
+            config = run_system(system, dataset, work, cache, f"{system}-{k}", model)
             seconds[system] = seconds.get(system, 0.0) + time.perf_counter() - start
             for label, conf in confidences_of(config, data, pool).items():
                 confidences.setdefault(label, []).append(conf)
@@ -128,7 +131,7 @@ def attack_dataset(name: str, source: str, pool_size: int, models: int, out: Pat
         pool, masks, lambda: build_model_for(cfg, data.num_classes, data.image_size), settings, CPU
     )
     seconds["centralized"] = time.perf_counter() - start
-    confidences["centralized-25-epochs"] = list(central)
+    confidences[f"centralized-{ROUNDS * cfg.local_epochs}-epochs"] = list(central)
     results, curves = {}, {}
     for label, confs in confidences.items():
         stacked = np.stack(confs)
@@ -146,6 +149,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["digits", "bloodmnist"])
     parser.add_argument("--models", type=int, default=17, help="K: each the target once")
     parser.add_argument("--bloodmnist-pool", type=int, default=3000)
+    parser.add_argument(
+        "--model", default="cnn", choices=["cnn", "resnet18", "resnet34"], help="resnet: a GPU"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -156,8 +162,11 @@ def main() -> None:
     record = {}
     for name in args.datasets:
         source, pool = sources[name]
-        record[name] = attack_dataset(name, source, pool, args.models, args.out)
-    write("lira", {"silos": SILOS, "rounds": ROUNDS, "datasets": record}, args.out)
+        record[name] = attack_dataset(name, source, pool, args.models, args.out, args.model)
+    name = "lira" if args.model == "cnn" else f"lira_{args.model}"
+    write(
+        name, {"model": args.model, "silos": SILOS, "rounds": ROUNDS, "datasets": record}, args.out
+    )
 
 
 if __name__ == "__main__":
