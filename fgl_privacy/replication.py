@@ -107,6 +107,7 @@ class ReplicationResult:
             "share-near-exact": round(float((self.similarity >= NEAR_EXACT).mean()), 4),
             "max-similarity": round(float(self.similarity.max()), 4),
             "median-similarity": round(float(np.median(self.similarity)), 4),
+            "heldout-median-similarity": round(float(np.median(self.heldout_similarity)), 4),
         }
 
 

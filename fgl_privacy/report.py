@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def membership_section(
 def report(
     run_dir: Path,
     multipliers: tuple[float, ...] = MULTIPLIERS,
-    per_silo: int = 2,
+    per_silo: int = 1,
     delta: float = 1e-5,
     seed: int = 0,
     modes: tuple[str, ...] = ("class", "instance"),
@@ -341,6 +342,7 @@ def report(
     silos = [load_silo(cfg, {"partition-id": p, "num-partitions": count}) for p in range(count)]
     histograms = [silo.train.label_histogram(silo.num_classes) for silo in silos]
     rows = []
+    start = time.perf_counter()
     for mode in modes:
         prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
         encoded = encoder.encode(prompts).numpy()
@@ -351,11 +353,17 @@ def report(
             row = measure(inverter, prompts, encoded, mode, clip, multiplier, delta, rng)
             log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
             rows.append(row)
+    log.info("inversion: %.0f s", time.perf_counter() - start)
     data = load_dataset(cfg)
     train = _union([silo.train for silo in silos])
     model = _final_model(run_dir, cfg, data)
+    start = time.perf_counter()
     extra = replication_section(run_dir, results, model, train, data)
+    log.info("replication search: %.0f s", time.perf_counter() - start)
+    start = time.perf_counter()
     extra += membership_section(run_dir, cfg, model, train, data, lira_shadows, seed)
+    if lira_shadows:
+        log.info("membership inference: %.0f s", time.perf_counter() - start)
     return write_report(run_dir, rows, histograms, cfg, delta, tuple(extra))
 
 
@@ -365,7 +373,7 @@ def main() -> None:
     )
     parser.add_argument("run_dir", type=Path, help="a run folder (it holds results.json)")
     parser.add_argument("--noise", type=float, nargs="+", default=list(MULTIPLIERS))
-    parser.add_argument("--per-silo", type=int, default=2, help="prompts inverted per silo")
+    parser.add_argument("--per-silo", type=int, default=1, help="prompts inverted per silo")
     parser.add_argument(
         "--lira-shadows", type=int, default=0, help="shadow models for LiRA; 0: no LiRA"
     )
