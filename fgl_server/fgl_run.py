@@ -231,32 +231,8 @@ def synthesize(
         cfg.synthesis_shard_size,
     )
     with recorder.phase("synthesize"):
-        pool = None
-        if cfg.synthesis_workers > 1 and store.missing():
-            pool = RayShardPool(
-                engine.settings,
-                cfg.cache_dir,
-                engine.device.type,
-                cfg.synthesis_workers,
-                cfg.synthesis_ray_address,
-                ready_timeout=cfg.connect_timeout,
-            )
-        try:
-            stats = synthesize_into_store(
-                engine, prompts, jobs, store, cfg.synthesis_batch_size, pool=pool
-            )
-        finally:
-            if pool is not None:
-                pool.close()
-    synthetic: ImageSet | ShardStream
-    if cfg.synthetic_buffer_shards:  # bounded memory: shards stream through a buffer
-        synthetic = ShardStream(store, engine.device, cfg.synthetic_buffer_shards)
-        labels = np.asarray(store.plan["labels"], np.int64)
-        firsts = sorted({store.shard_of(int(np.argmax(labels == c))) for c in np.unique(labels)})
-        samples = store.load_shards(firsts)  # a shard holding each class's first images
-    else:
-        synthetic = samples = store.load()
-        labels = synthetic.labels
+        stats = make_images(engine, prompts, jobs, store, cfg)
+    synthetic, labels, samples = training_set(store, cfg, engine.device)
     recorder.set(
         "synthesis",
         {
@@ -269,6 +245,51 @@ def synthesize(
     )
     plot_samples(samples, data.class_names, recorder.dir / "synthetic_samples.png")
     return synthetic
+
+
+def make_images(
+    engine: SynthesisEngine,
+    prompts: list[Prompt],
+    jobs: list[ImageJob],
+    store: SyntheticStore,
+    cfg: RunConfig,
+) -> dict:
+    """The shards the store lacks, made by `engine` here or by a Ray pool of
+    `synthesis-workers` (started only when something is missing)."""
+    pool = None
+    if cfg.synthesis_workers > 1 and store.missing():
+        pool = RayShardPool(
+            engine.settings,
+            cfg.cache_dir,
+            engine.device.type,
+            cfg.synthesis_workers,
+            cfg.synthesis_ray_address,
+            ready_timeout=cfg.connect_timeout,
+        )
+    try:
+        return synthesize_into_store(
+            engine, prompts, jobs, store, cfg.synthesis_batch_size, pool=pool
+        )
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def training_set(
+    store: SyntheticStore, cfg: RunConfig, device: torch.device
+) -> tuple[ImageSet | ShardStream, np.ndarray, ImageSet]:
+    """The synthetic set as training reads it (whole on the device, or streamed through
+    `synthetic-buffer-shards` shards), its labels, and images of every class to plot."""
+    if not cfg.synthetic_buffer_shards:
+        whole = store.load()
+        return whole, whole.labels, whole
+    labels = np.asarray(store.plan["labels"], np.int64)
+    firsts = sorted({store.shard_of(int(np.argmax(labels == c))) for c in np.unique(labels)})
+    return (
+        ShardStream(store, device, cfg.synthetic_buffer_shards),
+        labels,
+        store.load_shards(firsts),
+    )
 
 
 def one_shot(

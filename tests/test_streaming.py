@@ -49,3 +49,32 @@ def test_a_model_trains_on_a_stream(store):
         torch.device("cpu"),
     )
     assert stats.num_examples == IMAGES and np.isfinite(stats.loss)
+
+
+def test_an_fgl_run_trains_its_one_shot_model_from_a_stream(tmp_path):
+    import json
+
+    from deploy.inprocess import run_in_process
+
+    run_in_process(
+        {
+            "strategy": "fgl",
+            "dataset": "digits",
+            "generator": "offline-tiny",
+            "images-per-class": 4,
+            "steps": 2,
+            "oneshot-epochs": 2,
+            "num-server-rounds": 0,
+            "synthesis-shard-size": 8,
+            "synthetic-buffer-shards": 2,
+            "min-nodes": 2,
+            "cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path),
+            "run-name": "stream",
+        },
+        num_silos=2,
+    )
+    results = json.loads((tmp_path / "stream" / "results.json").read_text())
+    assert results["synthesis"]["images-per-class"] == [4] * 10
+    assert 0 <= results["one-shot"]["test-accuracy"] <= 1
+    assert (tmp_path / "stream" / "synthetic_samples.png").stat().st_size > 2_000
