@@ -52,7 +52,12 @@ def main() -> None:
         startup = time.perf_counter() - start
         try:
             stats = synthesize_into_store(
-                None if pool else engine, prompts, jobs, store, BATCH, pool=pool
+                None if pool else engine,
+                prompts,
+                jobs,
+                store,
+                BATCH,
+                start_pool=(lambda pool=pool: pool) if pool else None,
             )
         finally:
             if pool is not None:

@@ -44,8 +44,8 @@ def silo_prompts(
 ) -> tuple[list[str], list[int], int]:
     """The texts a silo encodes, their labels, and how many captions failed. Class level: one
     prompt per class present (every class with secure histograms). Instance level: one per
-    captioned image. They never leave the
-    silo (`fgl_privacy` recomputes them to measure what their embeddings give away)."""
+    captioned image. They never leave the silo (`fgl_privacy` recomputes them to measure what
+    their embeddings give away)."""
     if request.prompt_mode == "class":
         histogram = silo.train.label_histogram(silo.num_classes)
         if request.secure_histograms:  # every class: the prompts say nothing of which it holds
@@ -77,7 +77,6 @@ def build_payload(
     request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
 ) -> EmbeddingPayload:
     """The silo's embedding payload: its prompts encoded (and noised if the request says so)."""
-    histogram = silo.train.label_histogram(silo.num_classes)
     prompts, labels, failed = silo_prompts(request, silo, captioner_fn)
     embeds = encoder.encode(prompts)
     if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
@@ -99,7 +98,10 @@ def build_payload(
         labels=np.asarray(labels, np.int64),
         weights=np.ones(len(labels), np.int64),
         probe=probe.to(torch.float16).numpy(),
-        label_histogram=[] if request.secure_histograms else histogram,  # the sum comes by SecAgg+
+        # with secure histograms the server gets only their sum, by SecAgg+
+        label_histogram=(
+            [] if request.secure_histograms else silo.train.label_histogram(silo.num_classes)
+        ),
         captions_failed=failed,
     )
 

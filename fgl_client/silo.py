@@ -65,7 +65,6 @@ DATA_FIELDS = (
     "min_partition_size",
     "seed",
 )
-_opened: dict[str, Silo] = {}  # this process's silos by cache key
 
 
 def silo_cache_key(cfg: RunConfig, node_config: Mapping[str, object]) -> str:
@@ -99,9 +98,11 @@ def cached_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
     ClientApp process for every message, which would otherwise load (digits: import scikit-learn)
     and partition the whole dataset again each time. The node writes the file and only it reads
     it (no pickle); one it cannot read is rebuilt."""
-    key = silo_cache_key(cfg, node_config)
-    if key in _opened:
-        return _opened[key]
+    return _cached_silo(cfg, silo_cache_key(cfg, node_config), tuple(node_config.items()))
+
+
+@functools.lru_cache(maxsize=8)  # a simulation actor serves many silos: keep the latest few
+def _cached_silo(cfg: RunConfig, key: str, node_items: tuple) -> Silo:
     path = Path(cfg.cache_dir) / "silos" / f"{key}.npz"
     silo = None
     if path.is_file():
@@ -110,11 +111,8 @@ def cached_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
         except Exception as err:  # a damaged cache file is rebuilt, not fatal
             log.warning("silo cache %s is unreadable (%s): rebuilding it", path, err)
     if silo is None:
-        silo = load_silo(cfg, node_config)
+        silo = load_silo(cfg, dict(node_items))
         _write_silo(path, silo)
-    if len(_opened) >= 8:  # a simulation actor serves many silos: keep the latest few
-        _opened.pop(next(iter(_opened)))
-    _opened[key] = silo
     return silo
 
 

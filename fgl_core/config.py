@@ -107,9 +107,9 @@ class RunConfig(BaseModel):
     synthesis_batch_size: int = Field(8, ge=1, le=4096)
     synthesis_resolution: int = Field(0, ge=0, le=2048)  # 0 = the generator's native size
     synthesis_shard_size: int = Field(64, ge=1, le=1_000_000)
-    # >1: a pool of Ray actors (one GPU each on CUDA, else one CPU each) makes whole shards
     # 0: the whole synthetic set on the training device; N: stream it through N shards at a time
     synthetic_buffer_shards: int = Field(0, ge=0, le=1_000_000)
+    # >1: a pool of Ray actors (one GPU each on CUDA, else one CPU each) makes whole shards
     synthesis_workers: int = Field(1, ge=1, le=4096)
     synthesis_ray_address: str = ""  # "": a local Ray cluster; else an existing one's address
     oneshot_epochs: int = Field(120, ge=0, le=100_000)

@@ -208,10 +208,9 @@ def model_outputs(
     float32 on `device`, one row per image in order."""
     images, _ = to_device(data, device)
     outputs = []
-    with torch.no_grad():
-        for i in range(0, len(images), EVAL_BATCH_SIZE):
-            with _autocast(device):
-                outputs.append(fn(normalize(images[i : i + EVAL_BATCH_SIZE])).float())
+    for i in range(0, len(images), EVAL_BATCH_SIZE):
+        with _autocast(device):
+            outputs.append(fn(normalize(images[i : i + EVAL_BATCH_SIZE])).float())
     return torch.cat(outputs)
 
 

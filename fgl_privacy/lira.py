@@ -142,6 +142,14 @@ def tpr_at(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
     return float(tpr[fpr <= level].max())
 
 
+def attack_result(scores: np.ndarray, members: np.ndarray, targets: int = 1) -> AttackResult:
+    """The ROC of membership scores of `targets` models together (each scored the same points),
+    with its AUC and the TPR at each of `FPR_LEVELS`."""
+    fpr, tpr, auc = roc_curve(scores, members)
+    levels = {level: tpr_at(fpr, tpr, level) for level in FPR_LEVELS}
+    return AttackResult(auc, levels, fpr, tpr, targets, len(scores) // targets)
+
+
 def evaluate_attack(confidences: np.ndarray, masks: np.ndarray, online: bool) -> AttackResult:
     """Leave-one-out over K models (K, N): each the target, the others its shadows."""
     scores, members = [], []
@@ -149,15 +157,7 @@ def evaluate_attack(confidences: np.ndarray, masks: np.ndarray, online: bool) ->
         others = np.arange(len(confidences)) != k
         scores.append(lira_scores(confidences[k], confidences[others], masks[others], online))
         members.append(masks[k])
-    fpr, tpr, auc = roc_curve(np.concatenate(scores), np.concatenate(members))
-    return AttackResult(
-        auc,
-        {level: tpr_at(fpr, tpr, level) for level in FPR_LEVELS},
-        fpr,
-        tpr,
-        targets=len(confidences),
-        points=confidences.shape[1],
-    )
+    return attack_result(np.concatenate(scores), np.concatenate(members), len(confidences))
 
 
 def plot_roc(curves: dict[str, AttackResult], path, title: str = "") -> None:  # type: ignore[no-untyped-def]

@@ -47,14 +47,11 @@ from fgl_core.plotting import headless_pyplot
 from fgl_core.training import TrainSettings
 from fgl_privacy.inversion import PromptInverter
 from fgl_privacy.lira import (
-    FPR_LEVELS,
-    AttackResult,
+    attack_result,
     lira_scores,
     model_confidence,
     plot_roc,
     random_halves,
-    roc_curve,
-    tpr_at,
     train_on_halves,
 )
 from fgl_privacy.replication import classifier_features, plot_replication, replication_search
@@ -297,13 +294,12 @@ def membership_section(
     build = lambda: build_model(cfg.model, data.num_classes, data.image_size)  # noqa: E731
     confidences = train_on_halves(pool, masks, build, settings, CPU)
     target = model_confidence(model, pool, CPU)
-    curves = {}
-    for online in (True, False):
-        fpr, tpr, auc = roc_curve(lira_scores(target, confidences, masks, online), member)
-        levels = {level: tpr_at(fpr, tpr, level) for level in FPR_LEVELS}
-        curves["online" if online else "offline"] = AttackResult(
-            auc, levels, fpr, tpr, 1, len(pool)
+    curves = {
+        "online" if online else "offline": attack_result(
+            lira_scores(target, confidences, masks, online), member
         )
+        for online in (True, False)
+    }
     plot_roc(curves, run_dir / "privacy_lira.png", f"LiRA on {run_dir.name}")
     lines += [
         f"Members: the silos' {len(train)} training images; non-members: the {len(data.test)} "

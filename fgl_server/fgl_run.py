@@ -256,9 +256,9 @@ def make_images(
 ) -> dict:
     """The shards the store lacks, made by `engine` here or by a Ray pool of
     `synthesis-workers` (started only when something is missing)."""
-    pool = None
-    if cfg.synthesis_workers > 1 and store.missing():
-        pool = RayShardPool(
+
+    def start_pool() -> RayShardPool:
+        return RayShardPool(
             engine.settings,
             cfg.cache_dir,
             engine.device.type,
@@ -266,13 +266,11 @@ def make_images(
             cfg.synthesis_ray_address,
             ready_timeout=cfg.connect_timeout,
         )
-    try:
-        return synthesize_into_store(
-            engine, prompts, jobs, store, cfg.synthesis_batch_size, pool=pool
-        )
-    finally:
-        if pool is not None:
-            pool.close()
+
+    workers = start_pool if cfg.synthesis_workers > 1 else None
+    return synthesize_into_store(
+        engine, prompts, jobs, store, cfg.synthesis_batch_size, start_pool=workers
+    )
 
 
 def training_set(

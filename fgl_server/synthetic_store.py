@@ -214,10 +214,13 @@ def synthesize_into_store(
     store: SyntheticStore,
     batch_size: int,
     on_shard: Callable[[int], None] | None = None,
-    pool: RayShardPool | None = None,
+    start_pool: Callable[[], RayShardPool] | None = None,
 ) -> dict[str, float]:
-    """Make every shard the store lacks, with `engine` here or with `pool`'s workers; return
-    counts and the synthesis rate. Each shard is written as soon as it is made."""
+    """Make every shard the store lacks, with `engine` here or with the workers of the pool
+    `start_pool` starts (only if a shard is missing; it is closed at the end); return counts
+    and the synthesis rate. Each shard is written as soon as it is made."""
+    if engine is None and start_pool is None:
+        raise ValueError("synthesize_into_store needs an engine or a pool")
     todo = store.missing()
     reused = store.num_images - sum(len(range(*store.shard_range(s))) for s in todo)
     if reused:
@@ -228,28 +231,30 @@ def synthesize_into_store(
         embeds = np.stack([prompts[job.prompt].embedding for job in shard_jobs])
         return embeds, [job.seed for job in shard_jobs]
 
+    def made_here(bar: tqdm) -> Iterator[tuple[int, np.ndarray]]:
+        assert engine is not None
+        for shard in todo:
+            yield shard, make_shard(engine, *inputs(shard), batch_size, bar.update)
+
     start = time.perf_counter()
     made = 0
-    with tqdm(
-        total=store.num_images, initial=reused, desc="synthesis", unit="img", disable=None
-    ) as bar:
+    pool = start_pool() if start_pool is not None and todo else None
+    try:
+        with tqdm(
+            total=store.num_images, initial=reused, desc="synthesis", unit="img", disable=None
+        ) as bar:
+            finished = made_here(bar) if pool is None else pool.make(todo, inputs, batch_size)
+            for shard, images in finished:
+                if pool is not None:  # the workers' progress arrives a shard at a time
+                    bar.update(len(images))
+                shard_jobs = jobs[slice(*store.shard_range(shard))]
+                store.write(shard, images, np.asarray([j.label for j in shard_jobs], np.int64))
+                made += len(images)
+                if on_shard is not None:
+                    on_shard(shard)
+    finally:
         if pool is not None:
-            finished = pool.make(todo, inputs, batch_size)
-        elif engine is not None:
-            finished = (
-                (shard, make_shard(engine, *inputs(shard), batch_size, bar.update))
-                for shard in todo
-            )
-        else:
-            raise ValueError("synthesize_into_store needs an engine or a pool")
-        for shard, images in finished:
-            if pool is not None:
-                bar.update(len(images))
-            labels = np.asarray([job.label for job in jobs[slice(*store.shard_range(shard))]])
-            store.write(shard, images, labels.astype(np.int64))
-            made += len(images)
-            if on_shard is not None:
-                on_shard(shard)
+            pool.close()
     seconds = time.perf_counter() - start
     rate = made / seconds if made else 0.0
     log.info(

@@ -45,11 +45,11 @@ class SecureSum:
 class _SumOfNodes(Strategy):
     """The legacy strategy the workflow needs: sample the given nodes, keep the aggregate."""
 
-    def __init__(self, grid: Grid, nodes: list[int], num_classes: int, result: SecureSum):
-        self.grid, self.nodes, self.num_classes, self.result = grid, nodes, num_classes, result
+    def __init__(self, grid: Grid, nodes: list[int], result: SecureSum):
+        self.grid, self.nodes, self.result = grid, nodes, result
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-        ins = FitIns(parameters, {"num-classes": self.num_classes})
+        ins = FitIns(parameters, {})  # the silo's mod knows what to send
         # the workflow reads only each proxy's node id
         return [(GridClientProxy(node, self.grid, run_id=0), ins) for node in self.nodes]
 
@@ -95,7 +95,7 @@ def secure_histogram_sum(
     )
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
-        strategy=_SumOfNodes(grid, nodes, num_classes, result),
+        strategy=_SumOfNodes(grid, nodes, result),
         client_manager=SimpleClientManager(),
     )
     workflow = SecAggPlusWorkflow(

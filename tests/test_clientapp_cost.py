@@ -62,9 +62,9 @@ def test_a_cnn_train_message_imports_no_model_zoo_nor_scikit_learn(tmp_path):
 def test_the_silo_cache_returns_the_same_data_and_rebuilds_what_it_cannot_read(tmp_path, caplog):
     cfg = config(tmp_path)
     fresh = load_silo(cfg, NODE)
-    silo_module._opened.clear()
+    silo_module._cached_silo.cache_clear()
     first = cached_silo(cfg, NODE)
-    silo_module._opened.clear()
+    silo_module._cached_silo.cache_clear()
     again = cached_silo(cfg, NODE)  # from the file this time
     for silo in (first, again):
         assert np.array_equal(silo.train.images, fresh.train.images)
@@ -76,7 +76,7 @@ def test_the_silo_cache_returns_the_same_data_and_rebuilds_what_it_cannot_read(t
         )
     path = tmp_path / "cache" / "silos" / f"{silo_cache_key(cfg, NODE)}.npz"
     path.write_bytes(path.read_bytes()[:100])  # truncated
-    silo_module._opened.clear()
+    silo_module._cached_silo.cache_clear()
     rebuilt = cached_silo(cfg, NODE)
     assert np.array_equal(rebuilt.train.labels, fresh.train.labels)
     assert "unreadable" in caplog.text and path.stat().st_size > 1000

@@ -48,7 +48,7 @@ def test_two_ray_workers_make_the_same_store_and_a_lost_worker_costs_one_shard(s
 
     try:
         stats = synthesize_into_store(
-            None, prompts, jobs, store, BATCH, kill_a_worker_after_the_first_shard, pool
+            None, prompts, jobs, store, BATCH, kill_a_worker_after_the_first_shard, lambda: pool
         )
     finally:
         pool.close()
