@@ -16,7 +16,9 @@ from benchmarks.common import DATASETS, launch, write
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18", "resnet34"])
+    parser.add_argument(
+        "--model", default="cnn", choices=["cnn", "resnet18", "resnet34", "resnet50"]
+    )
     args = parser.parse_args()
     dataset = DATASETS / "bloodmnist_28.npz"
     overrides = (

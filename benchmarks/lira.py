@@ -32,7 +32,7 @@ from deploy.quickstart import RUNS
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
 from fgl_core.models import build_model_for
-from fgl_core.training import TrainSettings
+from fgl_core.training import InputSettings, TrainSettings
 from fgl_privacy.lira import (
     evaluate_attack,
     model_confidence,
@@ -95,12 +95,18 @@ def confidences_of(config: dict, data: DatasetSplits, pool: ImageSet) -> dict[st
     run_dir = Path(config["output-dir"]) / config["run-name"]
     model = build_model_for(cfg, data.num_classes, data.image_size)
     model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-    found = {f"{cfg.strategy}-{ROUNDS}-rounds": model_confidence(model, pool, CPU)}
+    found = {
+        f"{cfg.strategy}-{ROUNDS}-rounds": model_confidence(
+            model, pool, CPU, InputSettings.from_config(cfg)
+        )
+    }
     if cfg.strategy == "fgl":
         one_shot = build_model_for(cfg, data.num_classes, data.image_size)
         if not load_checkpoint(run_dir, "one-shot", one_shot):
             raise RuntimeError(f"{run_dir} kept no one-shot checkpoint")
-        found["fgl-one-shot"] = model_confidence(one_shot, pool, CPU)
+        found["fgl-one-shot"] = model_confidence(
+            one_shot, pool, CPU, InputSettings.from_config(cfg)
+        )
     return found
 
 
@@ -150,7 +156,10 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=17, help="K: each the target once")
     parser.add_argument("--bloodmnist-pool", type=int, default=3000)
     parser.add_argument(
-        "--model", default="cnn", choices=["cnn", "resnet18", "resnet34"], help="resnet: a GPU"
+        "--model",
+        default="cnn",
+        choices=["cnn", "resnet18", "resnet34", "resnet50"],
+        help="resnet: a GPU",
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -3,7 +3,7 @@
 Every cell runs as its own Flower simulation (deploy/launch.py). A cell that fails is marked
 failed with its reason and the others go on; a rerun skips cells that already finished.
 
-    python -m deploy.compare grid.yaml
+    python -m deploy.compare grid.yaml [--protocol validation-selected|final|best-test]
 
 grid.yaml (every key but `datasets` and `methods` optional):
 
@@ -21,10 +21,14 @@ A method is a strategy name, or any label whose method-config names its strategy
 one strategy sit side by side: `methods: [fgl-one-shot, fgl-4-rounds]` with `method-config:
 {fgl-one-shot: {strategy: fgl, num-server-rounds: 0}, fgl-4-rounds: {strategy: fgl, ...}}`.
 
-Writes comparison.csv (a row per cell), comparison.md (rows datasets, columns methods and
-partitions, mean ± std of the final test accuracy over seeds, as in the paper, then the MB each
-silo sent and received, mean over silos and seeds) and
-comparison.png (accuracy against round and against bytes communicated, a line per method).
+Writes comparison.csv (a row per cell, with the test accuracy under every protocol),
+comparison.md (rows datasets, columns methods and partitions, mean ± std over seeds of the test
+accuracy under `--protocol`, then the MB each silo sent and received, mean over silos and seeds)
+and comparison.png (accuracy against round and against bytes communicated, a line per method).
+Protocols (fgl_server.results.PROTOCOLS): `validation-selected` (the default: the epoch or round
+with the best validation accuracy), `final` (the last model), `best-test` (the best test accuracy
+over epochs and rounds, as the paper's authors report it; it selects on the test split). Run
+again with another protocol to tabulate the same finished cells that way.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from fgl_core.config import ConfigError
 from fgl_core.datasets import DatasetError
 from fgl_core.partition import PartitionError
 from fgl_core.plotting import headless_pyplot
+from fgl_server.results import PROTOCOLS
 
 
 class ExperimentGrid(BaseModel):
@@ -163,7 +168,7 @@ def run_cell(grid: ExperimentGrid, cell: Cell, output: Path) -> dict[str, Any]:
         **row,
         "status": "reused" if done else "done",
         "final-test-accuracy": rounds[-1]["test-accuracy"],
-        "test-accuracy-at-best-val": results["summary"]["test-accuracy-at-best-val"],
+        **{key: results["summary"].get(key) for key in PROTOCOLS.values()},
         "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
         "bytes": sum(n["bytes-sent"] + n["bytes-received"] for n in traffic),
         "mb-up-per-silo": sum(n["bytes-received"] for n in traffic) / silos / 1e6,
@@ -183,6 +188,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         "status",
         "final-test-accuracy",
         "test-accuracy-at-best-val",
+        "best-test-accuracy",
         "one-shot-test-accuracy",
         "bytes",
         "mb-up-per-silo",
@@ -197,10 +203,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def accuracy_text(rows: list[dict[str, Any]]) -> str:
-    """mean ± sample standard deviation (n - 1) of the final test accuracy (%) over these
-    cells (the seeds), `failed` if any failed; one cell has a deviation of 0."""
-    accs = [100 * r["final-test-accuracy"] for r in rows if "final-test-accuracy" in r]
+def accuracy_text(rows: list[dict[str, Any]], protocol: str = "validation-selected") -> str:
+    """mean ± sample standard deviation (n - 1) of the test accuracy (%) under `protocol` over
+    these cells (the seeds), `failed` if any failed; one cell has a deviation of 0."""
+    key = PROTOCOLS[protocol]
+    accs = [100 * r[key] for r in rows if r.get(key) is not None]
     if len(accs) < len(rows):
         return "failed"
     spread = np.std(accs, ddof=1) if len(accs) > 1 else 0.0
@@ -208,13 +215,17 @@ def accuracy_text(rows: list[dict[str, Any]]) -> str:
 
 
 def method_table(
-    grid: ExperimentGrid, rows: list[dict[str, Any]], dataset: str, silos: int
+    grid: ExperimentGrid,
+    rows: list[dict[str, Any]],
+    dataset: str,
+    silos: int,
+    protocol: str = "validation-selected",
 ) -> list[str]:
     """Rows methods, columns partitions, then the MB each silo sent and received."""
     partitions = [partition_of(p)[0] for p in grid.partitions]
     lines = [
-        f"{Path(dataset).stem}, {silos} silos: final test accuracy (%), mean ± std over seeds; "
-        "MB per silo, mean over silos, partitions and seeds.",
+        f"{Path(dataset).stem}, {silos} silos: test accuracy (%, {protocol}), mean ± std over "
+        "seeds; MB per silo, mean over silos, partitions and seeds.",
         "",
         "| method | " + " | ".join(partitions) + " | MB up / silo | MB down / silo |",
         "| --- | " + " | ".join("---" for _ in partitions) + " | --- | --- |",
@@ -225,7 +236,9 @@ def method_table(
             for r in rows
             if (r["dataset"], r["silos"], r["method"]) == (Path(dataset).stem, silos, method)
         ]
-        cells_text = [accuracy_text([r for r in mine if r["partition"] == p]) for p in partitions]
+        cells_text = [
+            accuracy_text([r for r in mine if r["partition"] == p], protocol) for p in partitions
+        ]
         done = [r for r in mine if "mb-up-per-silo" in r]
         for key in ("mb-up-per-silo", "mb-down-per-silo"):
             cells_text.append(f"{np.mean([r[key] for r in done]):.2f}" if done else "-")
@@ -233,11 +246,17 @@ def method_table(
     return lines
 
 
-def write_markdown(grid: ExperimentGrid, rows: list[dict[str, Any]], path: Path) -> None:
+def write_markdown(
+    grid: ExperimentGrid,
+    rows: list[dict[str, Any]],
+    path: Path,
+    protocol: str = "validation-selected",
+) -> None:
     partitions = [partition_of(p)[0] for p in grid.partitions]
     columns = [(m, p) for m in grid.methods for p in partitions]
     lines = [
-        "Final test accuracy (%), mean ± std over seeds; `failed` = a cell that did not finish.",
+        f"Test accuracy (%, protocol {protocol}), mean ± std over seeds; `failed` = a cell that "
+        "did not finish.",
         "",
         "| dataset | silos | " + " | ".join(f"{m} {p}" for m, p in columns) + " |",
         "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
@@ -254,11 +273,11 @@ def write_markdown(grid: ExperimentGrid, rows: list[dict[str, Any]], path: Path)
                     and r["method"] == method
                     and r["partition"] == partition
                 ]
-                cells_text.append(accuracy_text(mine))
+                cells_text.append(accuracy_text(mine, protocol))
             lines.append(f"| {Path(dataset).stem} | {silos} | " + " | ".join(cells_text) + " |")
     for dataset in grid.datasets:
         for silos in grid.silos:
-            lines += ["", *method_table(grid, rows, dataset, silos)]
+            lines += ["", *method_table(grid, rows, dataset, silos, protocol)]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "Failed cells:", ""]
@@ -309,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("grid", type=Path)
+    parser.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default="validation-selected",
+        help="which test accuracy the tables show (the CSV has all)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the cell in flight stops its SuperLink and simulation
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -322,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     rows = [run_cell(grid, cell, output) for cell in all_cells]
     write_csv(rows, output / "comparison.csv")
-    write_markdown(grid, rows, output / "comparison.md")
+    write_markdown(grid, rows, output / "comparison.md", args.protocol)
     write_plot(grid, rows, output / "comparison.png")
     failed = sum(r["status"] == "failed" for r in rows)
     print(f"{len(rows)} cells, {failed} failed; see {output}/comparison.md")

@@ -96,8 +96,14 @@ def task_identity(run_id: int = 1) -> Iterator[None]:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def run_in_process(run_config: dict, num_silos: int, on_reply: Reply = lambda reply: reply) -> None:
-    """Run the ServerApp with `num_silos` in-process silos; results go where the config says."""
+def run_in_process(
+    run_config: dict,
+    num_silos: int,
+    on_reply: Reply = lambda reply: reply,
+    node_configs: dict[int, dict] | None = None,
+) -> None:
+    """Run the ServerApp with `num_silos` in-process silos (partitions of the dataset, unless
+    `node_configs` gives a node its own, e.g. a `data-path`); results go where the config says."""
     from fgl_server.app import main
 
     cfg = RunConfig.from_flower(run_config)  # a bad config fails before any silo is built
@@ -106,6 +112,8 @@ def run_in_process(run_config: dict, num_silos: int, on_reply: Reply = lambda re
         node_id: silo_context(flower_config, node_id, node_id - 1, num_silos)
         for node_id in range(1, num_silos + 1)
     }
+    for node_id, node_config in (node_configs or {}).items():
+        contexts[node_id].node_config = node_config
     server = Context(
         run_id=1,
         node_id=SERVER_NODE_ID,

@@ -9,12 +9,14 @@ from fgl_client.embedding import embed_silo
 from fgl_client.objectives import fedprox_loss, moon_loss
 from fgl_client.secure_histogram import secure_histogram_mod
 from fgl_client.silo import Silo, open_silo
+from fgl_core.class_list import DIGESTS_KEY, name_digests
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
 from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, EmbedRequest
 from fgl_core.seeds import derive_seed
 from fgl_core.training import (
+    InputSettings,
     LossFn,
     TrainSettings,
     cross_entropy,
@@ -38,7 +40,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]
             f"silo {silo.name!r} has {silo.num_classes} classes ({silo.class_names}) but the "
             f"global model has {num_classes}: a silo's labels must be the federation's"
         )
-    model = build_model(cfg.model, num_classes, silo.image_size, projection_dim=cfg.projection_dim)
+    input_size = cfg.model_input_size(silo.image_size)
+    model = build_model(cfg.model, num_classes, input_size, projection_dim=cfg.projection_dim)
     model.load_state_dict(state)
     return cfg, silo, model
 
@@ -49,6 +52,7 @@ def _silo_record(silo: Silo, cfg: RunConfig) -> ConfigRecord:
             "partition-id": silo.partition_id,
             "num-train": len(silo.train),
             "num-test": len(silo.test),
+            DIGESTS_KEY: name_digests(silo.class_names),
         }
     )
     if not cfg.secure_histograms:  # else the server learns the histograms only as their sum
@@ -97,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     loss_fn, objective_metrics = _local_objective(config, model, context.state)
     received = {}
     if cfg.evaluate_in_train:  # the global model as received, before this round changes it
-        before = evaluate_model(model, silo.test, pick_device(cfg.device))
+        before = evaluate_model(model, silo.test, pick_device(cfg.device), settings.inputs)
         received = {"eval-loss": float(before.loss), "eval-accuracy": float(before.accuracy)}
     stats = train_model(
         model,
@@ -132,7 +136,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, silo, model = _setup(msg, context)
-    stats = evaluate_model(model, silo.test, pick_device(cfg.device))
+    stats = evaluate_model(
+        model, silo.test, pick_device(cfg.device), InputSettings.from_config(cfg)
+    )
     metrics = MetricRecord(
         {
             "eval-loss": float(stats.loss),
@@ -140,4 +146,5 @@ def evaluate(msg: Message, context: Context) -> Message:
             "num-examples": int(stats.num_examples),
         }
     )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    silo_record = ConfigRecord({DIGESTS_KEY: name_digests(silo.class_names)})
+    return Message(content=RecordDict({"metrics": metrics, SILO_RECORD: silo_record}), reply_to=msg)

@@ -12,7 +12,8 @@ import torch
 from fgl_client.captioning import Captioner
 from fgl_client.prompts import class_prompts, instance_prompt
 from fgl_client.silo import Silo
-from fgl_client.text_encoding import TextEncoder, TransformersTextEncoder
+from fgl_client.text_encoding import OpenClipTextEncoder, TextEncoder, TransformersTextEncoder
+from fgl_core.class_list import name_digests
 from fgl_core.dp import privatize
 from fgl_core.payload import PROBE_PROMPT, EmbeddingPayload, EmbedRequest
 from fgl_core.pretrained import resolve_model_ref
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=2)  # one load per process; a deployed silo's process serves one run
-def text_encoder(generator: str, cache_dir: str, device: str) -> TextEncoder:
+def text_encoder(generator: str, cache_dir: str, device: str, spec: str = "") -> TextEncoder:
+    """The generator's own text encoder, or (`spec` = "open_clip:<arch>:<checkpoint>") open_clip
+    weights of the same function; the server's probe check tells whether they are."""
+    if spec:
+        return OpenClipTextEncoder.from_spec(spec, generator, cache_dir, torch.device(device))
     return TransformersTextEncoder(generator, cache_dir, torch.device(device))
 
 
@@ -103,13 +108,14 @@ def build_payload(
             [] if request.secure_histograms else silo.train.label_histogram(silo.num_classes)
         ),
         captions_failed=failed,
+        class_name_digests=tuple(name_digests(silo.class_names)),
     )
 
 
 def embed_silo(
     request: EmbedRequest, silo: Silo, cache_dir: str | Path, device: str
 ) -> EmbeddingPayload:
-    encoder = text_encoder(request.generator, str(cache_dir), device)
+    encoder = text_encoder(request.generator, str(cache_dir), device, request.text_encoder)
     return build_payload(
         request, silo, encoder, lambda: captioner(request.captioner, str(cache_dir), device)
     )

@@ -57,6 +57,7 @@ DATA_FIELDS = (
     "dataset",
     "class_names",
     "image_size",
+    "resize",
     "train_subset",
     "eval_subset",
     "val_fraction",

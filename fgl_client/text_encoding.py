@@ -5,7 +5,7 @@ SD 2.x conditions on `CLIPTextModel(...).last_hidden_state` of the pipeline's ow
 `TransformersTextEncoder` does exactly what `StableDiffusionPipeline.encode_prompt` does, so its
 output passed as `prompt_embeds` gives bit-identical images to `prompt=`.
 `OpenClipTextEncoder` computes the same function from open_clip weights (ViT-H-14 through 23 of
-its 24 blocks, then `ln_final`) for silos that hold those.
+its 24 blocks, then `ln_final`) for silos that hold those (`text-encoder = "open_clip:..."`).
 """
 
 from __future__ import annotations
@@ -87,13 +87,32 @@ class OpenClipTextEncoder:
         self.width = int(model.ln_final.normalized_shape[0])
 
     @classmethod
-    def from_pretrained(
-        cls, arch: str, pretrained: str, device: torch.device
+    def from_spec(
+        cls, spec: str, generator: str, cache_dir: str | Path, device: torch.device
     ) -> OpenClipTextEncoder:
-        """`pretrained` is an open_clip tag or a local checkpoint file (e.g. ViT-H-14 weights)."""
+        """`spec` = "open_clip:<arch>:<checkpoint>": an open_clip architecture name (or a model
+        config `.json` file) and a local checkpoint file or an open_clip pretrained tag. The
+        width must fit the generator's UNet."""
         import open_clip
 
-        return cls(open_clip.create_model(arch, pretrained=pretrained), device)
+        _, arch, checkpoint = spec.split(":", 2)
+        if arch.endswith(".json"):
+            if not Path(arch).is_file():
+                raise ModelRefError(f"text-encoder {spec!r}: no model config file {arch!r}")
+            open_clip.add_model_config(arch)
+            arch = Path(arch).stem
+        try:
+            model = open_clip.create_model(arch, pretrained=checkpoint, weights_only=True)
+        except Exception as err:  # an unknown arch, a missing file, a tag it cannot download
+            raise ModelRefError(
+                f"text-encoder {spec!r}: open_clip cannot build it "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+            ) from None
+        encoder = cls(model, device)
+        check_cross_attention_width(
+            resolve_model_ref(generator, "generator", cache_dir), encoder.width
+        )
+        return encoder
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -29,6 +29,24 @@ from fgl_core.prompt_templates import (
     check_template,
 )
 
+# A preset fills in the keys a run leaves at their defaults (fgl_core.config.RunConfig): "paper"
+# is the authors' training and evaluation recipe (224 px random-resized crops of images stored
+# at 256 px, flips, ImageNet normalization, batch 128, weight decay 2e-4 on the synthetic set and
+# 1e-4 on the silos; evaluation on the centre 224 px of the 256 px image).
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "paper": {
+        "image-size": 256,
+        "resize": "shorter-side",
+        "crop-size": 224,
+        "augment": "random-resized-crop",
+        "normalization": "imagenet",
+        "batch-size": 128,
+        "weight-decay": 1e-4,
+        "synthetic-weight-decay": 2e-4,
+    },
+}
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names each bad key and value."""
@@ -53,11 +71,16 @@ class RunConfig(BaseModel):
 
     # What to run
     strategy: Literal["fedavg", "fedopt", "fedprox", "moon", "centralized", "fgl"] = "fedavg"
+    # fills in every key of PRESETS[preset] that the run leaves at its default
+    preset: Literal["none", "paper"] = "none"
 
     # Data
     dataset: str = Field("digits", min_length=1)
     class_names: str = ""  # comma-separated; overrides the names a dataset carries
     image_size: int = Field(0, ge=0, le=1024)  # 0 = native size (ImageFolder: 64)
+    # how images reach image-size: stretched to the square, or the shorter side scaled to it and
+    # the centre square kept (torchvision's Resize + CenterCrop; the aspect ratio survives)
+    resize: Literal["squash", "shorter-side"] = "squash"
     train_subset: int = Field(0, ge=0)  # 0 = all; else a stratified subset of train
     eval_subset: int = Field(0, ge=0)  # 0 = all; else caps the val and test splits
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
@@ -66,20 +89,30 @@ class RunConfig(BaseModel):
     min_partition_size: int = Field(10, ge=1)
 
     # Model and local training
-    model: Literal["cnn", "resnet18", "resnet34"] = "cnn"
-    model_weights: str = ""  # optional local state-dict file for the initial model
+    model: Literal["cnn", "resnet18", "resnet34", "resnet50"] = "cnn"
+    # optional local state-dict file for the initial model: the project's layout, or a
+    # torchvision ResNet checkpoint (an ImageNet model: its fc becomes the head if it fits)
+    model_weights: str = ""
     num_server_rounds: int = Field(10, ge=0, le=100_000)
     local_epochs: int = Field(5, ge=1, le=10_000)
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
+    # training on the synthetic set (FGL's one-shot and fine-tune); < 0: weight-decay
+    synthetic_weight_decay: float = Field(-1.0, ge=-1.0)
     batch_size: int = Field(32, ge=1, le=65_536)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    augment: Literal["none", "crop", "crop-flip"] = "crop"
+    augment: Literal["none", "crop", "crop-flip", "random-resized-crop"] = "crop"
+    crop_size: int = Field(0, ge=0, le=1024)  # 0: none; training crops it, evaluation the centre
+    normalization: Literal["symmetric", "imagenet"] = "symmetric"
 
     # FGL round 0: what the silos send (see fgl_core.payload)
     # hub id, local dir, fgl-mini (trained, ships with the package) or offline-tiny (random)
     generator: str = Field("fgl-mini", min_length=1)
+    # "": the silos encode with the generator's own text_encoder/ (transformers); or
+    # "open_clip:<arch>:<checkpoint>": with open_clip weights that compute the same function
+    # (SD 2.x: ViT-H-14 and its LAION checkpoint); the server's probe check proves they do
+    text_encoder: str = ""
     captioner: str = Field("offline-tiny", min_length=1)
     prompt_mode: Literal["class", "instance"] = "class"
     prompt_template: str = ""  # "" = the paper's template for the prompt mode
@@ -113,6 +146,9 @@ class RunConfig(BaseModel):
     synthesis_workers: int = Field(1, ge=1, le=4096)
     synthesis_ray_address: str = ""  # "": a local Ray cluster; else an existing one's address
     oneshot_epochs: int = Field(120, ge=0, le=100_000)
+    # the one-shot model is evaluated (val and test) every N epochs and after the last: the
+    # per-epoch curve in results.json, and the candidates of the best-test protocol; 0 = off
+    oneshot_eval_every: int = Field(1, ge=0, le=100_000)
     # epochs on the synthetic set after each FedAvg aggregation; 0 = off
     server_finetune_epochs: int = Field(0, ge=0, le=100_000)
     embed_timeout: float = Field(600.0, gt=0.0)
@@ -147,6 +183,31 @@ class RunConfig(BaseModel):
     cache_dir: str = Field(".cache/fgl", min_length=1)  # downloads and built models
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Each key of the preset that the run leaves at its default takes the preset's value
+        (Flower hands the app every key, so a key set to exactly its default counts as left)."""
+        if not isinstance(data, Mapping) or data.get("preset") not in PRESETS:
+            return data  # an unknown preset: the field's own check names it
+        data = dict(data)
+        for key, value in PRESETS[data["preset"]].items():
+            name = key.replace("-", "_")
+            given = key if key in data else name
+            if given not in data or data[given] == cls.model_fields[name].default:
+                data[given] = value
+        return data
+
+    @field_validator("text_encoder")
+    @classmethod
+    def _open_clip_spec(cls, value: str) -> str:
+        if value and (not value.startswith("open_clip:") or len(value.split(":", 2)) < 3):
+            raise ValueError(
+                'expected "" (the generator\'s own text encoder) or "open_clip:<arch>:<checkpoint>"'
+                ', e.g. "open_clip:ViT-H-14:/weights/open_clip_pytorch_model.bin"'
+            )
+        return value
+
     @field_validator("run_name")
     @classmethod
     def _stays_inside_output_dir(cls, value: str) -> str:
@@ -180,6 +241,14 @@ class RunConfig(BaseModel):
         if self.max_silo_share < 1.0:
             raise ValueError(
                 "max-silo-share < 1 needs each silo's histogram; secure-histograms hides them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _crop_fits_image(self) -> RunConfig:
+        if self.crop_size and self.image_size and self.crop_size > self.image_size:
+            raise ValueError(
+                f"crop-size {self.crop_size} is larger than image-size {self.image_size}"
             )
         return self
 
@@ -223,6 +292,19 @@ class RunConfig(BaseModel):
     def projection_dim(self) -> int:
         """MOON's model carries a projection head; the others do not."""
         return self.moon_projection_dim if self.strategy == "moon" else 0
+
+    @property
+    def effective_synthetic_weight_decay(self) -> float:
+        return self.weight_decay if self.synthetic_weight_decay < 0 else self.synthetic_weight_decay
+
+    def model_input_size(self, image_size: int) -> int:
+        """What the model sees: the crop, or the images whole."""
+        if self.crop_size > image_size:
+            raise ConfigError(
+                f"crop-size {self.crop_size} is larger than the images ({image_size} px); "
+                "lower crop-size or raise image-size"
+            )
+        return self.crop_size or image_size
 
     @property
     def class_name_list(self) -> list[str]:

@@ -118,7 +118,9 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
         splits, names = _load_npz(path)
         domains = []
     elif path.is_dir():
-        splits, names, domains = _load_image_folder(path, cfg.image_size or FOLDER_DEFAULT_SIZE)
+        splits, names, domains = _load_image_folder(
+            path, cfg.image_size or FOLDER_DEFAULT_SIZE, cfg.resize
+        )
     elif path.is_file():
         raise DatasetError(
             f"dataset {source!r} is a file but not an .npz archive; expected 'digits', a "
@@ -141,7 +143,7 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
     if val is None:
         train, val = _carve(train, cfg.val_fraction)
     if cfg.image_size and cfg.image_size != train.images.shape[1]:
-        train, val, test = (_resize(s, cfg.image_size) for s in (train, val, test))
+        train, val, test = (_resize(s, cfg.image_size, cfg.resize) for s in (train, val, test))
     if cfg.train_subset:
         train = _stratified_subset(train, cfg.train_subset)
     if cfg.eval_subset:
@@ -225,7 +227,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _load_image_folder(root: Path, size: int) -> tuple[dict[str, ImageSet], list[str], list[str]]:
+def _load_image_folder(
+    root: Path, size: int, resize: str = "squash"
+) -> tuple[dict[str, ImageSet], list[str], list[str]]:
     if (root / "train").is_dir():
         trees = {"": root}
     else:
@@ -259,7 +263,7 @@ def _load_image_folder(root: Path, size: int) -> tuple[dict[str, ImageSet], list
                     if file.suffix.lower() not in IMAGE_SUFFIXES:
                         continue
                     try:
-                        images.append(_read_image(file, size))
+                        images.append(_read_image(file, size, resize))
                     except (OSError, ValueError, Image.DecompressionBombError):
                         unreadable.append(str(file))  # bombs too: a claimed 100000 px square
                         continue
@@ -361,11 +365,17 @@ def _to_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _read_image(file: Path, size: int) -> np.ndarray:
-    from PIL import Image
+def _read_image(file: Path, size: int, resize: str = "squash") -> np.ndarray:
+    """`file` as a size x size RGB array: stretched ("squash"), or its shorter side scaled to
+    `size` and the centre square kept ("shorter-side")."""
+    from PIL import Image, ImageOps
 
     with Image.open(file) as image:
-        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        rgb = image.convert("RGB")
+        if resize == "shorter-side":
+            rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)
+        else:
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -428,9 +438,16 @@ def _stratified_subset(data: ImageSet, size: int) -> ImageSet:
     return data.take(np.sort(keep))
 
 
-def _resize(data: ImageSet, size: int) -> ImageSet:
-    """Resize once at load (antialiased bilinear); deterministic, so not augmentation."""
+def _resize(data: ImageSet, size: int, resize: str = "squash") -> ImageSet:
+    """Resize once at load (antialiased bilinear); deterministic, so not augmentation.
+    "shorter-side" keeps the aspect ratio: the shorter side becomes `size`, then the centre."""
     x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    h, w = x.shape[-2:]
+    scaled = (size, size)
+    if resize == "shorter-side" and h != w:
+        scaled = (size, round(w * size / h)) if h < w else (round(h * size / w), size)
+    x = F.interpolate(x, size=scaled, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    x = x[:, :, top : top + size, left : left + size]
     images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     return ImageSet(images, data.labels, data.domains)

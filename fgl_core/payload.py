@@ -8,14 +8,18 @@ Reply (silo -> server):
   library ran it;
 - MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
 - ConfigRecord `silo`: `label-histogram` (images per class in the silo; empty with
-  `secure-histograms`, where the server gets only the silos' sum, by SecAgg+).
+  `secure-histograms`, where the server gets only the silos' sum, by SecAgg+) and
+  `class-name-digests` (one per class name, in label order: `fgl_core.class_list`).
 
-A weight is how many of the silo's images of its class an embedding stands for: a class-level
-prompt stands for one share of its class (weight 1), an instance-level caption for its image
-(weight 1). Within a class, the server spreads that class's images over its prompts in
-proportion to their weights; a silo's weights in a class may not add up to more than its
-histogram's count for that class. Every array travels as a NumPy `.npy` buffer of exactly the
-dtype above; anything else is refused before a byte is allocated for it.
+A weight has one meaning: how many of the silo's real images of its class an embedding stands
+for (a class-level prompt: weight 1, one share of its class; an instance-level caption: 1, its
+image). It is not a number of images to synthesize: the plan (`synthesis-plan`,
+`images-per-class`) decides those per class, and spreads each class's images over its prompts in
+proportion to their weights. Bounds: each weight in 1..10^9, a silo's weights in a class add up
+to at most its histogram's count there, and with `secure-histograms` (no histogram to bound them,
+and a weight would tell a count) every weight is 1.
+Every array travels as a NumPy `.npy` buffer of exactly the dtype above; anything else is
+refused before a byte is allocated for it.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
 """
 
@@ -30,6 +34,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from pydantic import ValidationError
 
+from fgl_core.class_list import DIGESTS_KEY
 from fgl_core.config import RunConfig, Settings, _kebab
 from fgl_core.npy import read_npy_header
 
@@ -60,6 +65,7 @@ class EmbedRequest(Settings):
     template: str  # class level: "{label}..." (may use {style}); instance level adds {caption}
     prompt_style: str
     generator: str  # the generator reference whose tokenizer/ and text_encoder/ the silo uses
+    text_encoder: str  # "" or "open_clip:<arch>:<checkpoint>": the silo's open_clip weights
     captioner: str
     max_captions_per_class: int
     caption_batch_size: int
@@ -104,6 +110,7 @@ class EmbeddingPayload:
     probe: np.ndarray  # (77, D) float16
     label_histogram: list[int]
     captions_failed: int = 0
+    class_name_digests: tuple[str, ...] = ()  # checked by the server's grid (fgl_core.class_list)
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +132,12 @@ class EmbeddingPayload:
                 "captions-failed": self.captions_failed,
             }
         )
-        silo = ConfigRecord({"label-histogram": [int(c) for c in self.label_histogram]})
+        silo = ConfigRecord(
+            {
+                "label-histogram": [int(c) for c in self.label_histogram],
+                DIGESTS_KEY: list(self.class_name_digests),
+            }
+        )
         return RecordDict({EMBEDDING_RECORD: arrays, SUMMARY_RECORD: summary, SILO_RECORD: silo})
 
     @classmethod
@@ -147,6 +159,12 @@ class EmbeddingPayload:
                 f"{SILO_RECORD}['label-histogram'] should be a list of integers, got "
                 f"{_describe(histogram)}"
             )
+        digests = silo.get(DIGESTS_KEY, [])
+        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+            raise PayloadError(
+                f"{SILO_RECORD}[{DIGESTS_KEY!r}] should be a list of strings, got "
+                f"{_describe(digests)}"
+            )
         failed = summary.get("captions-failed", 0)
         if not _is_int(failed):
             raise PayloadError(
@@ -159,6 +177,7 @@ class EmbeddingPayload:
             probe=read_npy(arrays, "probe", np.float16),
             label_histogram=[int(c) for c in histogram],
             captions_failed=int(failed),
+            class_name_digests=tuple(digests),
         )
 
 

@@ -1,7 +1,10 @@
 """The one train/evaluate loop, used by the silos, the server and the centralized baseline.
 
-Data stays uint8 on the device; each batch is augmented on the fly (random crop with padding,
-optional horizontal flip) from a seeded generator, so runs repeat and nothing is frozen.
+Data stays uint8 on the device; each batch is augmented on the fly from a seeded generator (a
+random crop with reflect padding, optionally flipped, or torchvision's random-resized crop and
+flip, done for the whole batch at once), so runs repeat and nothing is frozen. `InputSettings`
+says how images become model inputs: the augmentation, the crop size (training crops, evaluation
+takes the centre crop) and the normalization.
 """
 
 from __future__ import annotations
@@ -33,8 +36,29 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x), y)
 
 
-class TrainSettings(Settings):
-    """One call of `train_model`: the run's optimiser settings, its epochs and its seed."""
+Augment = Literal["none", "crop", "crop-flip", "random-resized-crop"]
+Normalization = Literal["symmetric", "imagenet"]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# torchvision's RandomResizedCrop defaults: the box's share of the image and its aspect ratio
+RRC_SCALE, RRC_RATIO, RRC_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10
+
+
+class InputSettings(Settings):
+    """How uint8 images become a model's input, in training and in evaluation."""
+
+    augment: Augment
+    crop_size: int  # 0: the images' own size; else training crops this, evaluation its centre
+    normalization: Normalization
+
+    def for_training(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return augment_batch(images, self.augment, generator, self.crop_size, self.normalization)
+
+    def for_evaluation(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(center_crop(images, self.crop_size), self.normalization)
+
+
+class TrainSettings(InputSettings):
+    """One call of `train_model`: the run's optimiser and input settings, epochs and seed."""
 
     epochs: int
     seed: int
@@ -43,7 +67,10 @@ class TrainSettings(Settings):
     weight_decay: float
     batch_size: int
     lr_schedule: Literal["constant", "cosine"]
-    augment: Literal["none", "crop", "crop-flip"]
+
+    @property
+    def inputs(self) -> InputSettings:
+        return InputSettings(**{k: getattr(self, k) for k in InputSettings.model_fields})
 
 
 @dataclass(frozen=True)
@@ -75,28 +102,90 @@ def to_device(data: ImageSet, device: torch.device) -> tuple[torch.Tensor, torch
     return images, torch.from_numpy(data.labels).to(device)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(127.5).sub_(1.0)
+def normalize(images: torch.Tensor, normalization: Normalization = "symmetric") -> torch.Tensor:
+    """uint8 images as floats: [-1, 1] ("symmetric"), or torchvision's ImageNet statistics
+    ("imagenet", what an ImageNet-pretrained checkpoint expects)."""
+    if normalization == "symmetric":
+        return images.float().div_(127.5).sub_(1.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.float().div_(255.0).sub_(mean).div_(std)
 
 
-def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (pad size/8, reflect) and optional flip of a uint8 batch; returns floats."""
-    x = normalize(images)
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre `size` x `size` of a batch (N, C, H, W); `size` 0: the batch itself."""
+    h, w = images.shape[-2:]
+    if not size or (size == h and size == w):
+        return images
+    if size > min(h, w):
+        raise ValueError(f"crop-size {size} is larger than the images ({h}x{w} px)")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def augment_batch(
+    images: torch.Tensor,
+    mode: str,
+    generator: torch.Generator,
+    crop_size: int = 0,
+    normalization: Normalization = "symmetric",
+) -> torch.Tensor:
+    """A uint8 batch (B, 3, H, W), augmented and normalized, as floats of `crop_size` (0: H).
+
+    "crop": pad by size/8 (reflect), then a random crop; "crop-flip" also flips half the batch;
+    "random-resized-crop": a box of 8-100% of the area and aspect 3/4-4/3, resized (bilinear)
+    to the output size, and flipped (torchvision's RandomResizedCrop + RandomHorizontalFlip);
+    "none": the centre crop. Every draw comes from `generator`."""
+    x = normalize(images, normalization)
     if mode == "none":
-        return x
+        return center_crop(x, crop_size)
     b, _, h, w = x.shape
+    out = crop_size or h
+    if out > min(h, w):
+        raise ValueError(f"crop-size {out} is larger than the images ({h}x{w} px)")
+    if mode == "random-resized-crop":
+        return _random_resized_crop(x, out, generator)
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+    dy = torch.randint(0, h + 2 * pad - out + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, w + 2 * pad - out + 1, (b,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(out, device=x.device))[:, :, None]  # (B, out, 1)
+    cols = (dx[:, None] + torch.arange(out, device=x.device))[:, None, :]  # (B, 1, out)
     batch = torch.arange(b, device=x.device)[:, None, None]
     x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
     if mode == "crop-flip":
         flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous()
+
+
+def _random_resized_crop(x: torch.Tensor, out: int, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's box sampling (up to 10 tries per image, else the whole image), every box of
+    the batch resized in one `grid_sample`; half the batch flipped."""
+    b, _, h, w = x.shape
+    area = torch.empty(b, RRC_ATTEMPTS).uniform_(*RRC_SCALE, generator=generator) * h * w
+    log_ratio = torch.empty(b, RRC_ATTEMPTS).uniform_(
+        math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), generator=generator
+    )
+    bw = torch.sqrt(area * log_ratio.exp()).round()
+    bh = torch.sqrt(area / log_ratio.exp()).round()
+    fits = (bw >= 1) & (bw <= w) & (bh >= 1) & (bh <= h)
+    first = fits.float().argmax(1)  # the first box that fits, as torchvision takes it
+    pick = torch.arange(b)
+    found = fits[pick, first]
+    bw = torch.where(found, bw[pick, first], torch.tensor(float(w)))
+    bh = torch.where(found, bh[pick, first], torch.tensor(float(h)))
+    top = (torch.rand(b, generator=generator) * (h - bh + 1)).floor()
+    left = (torch.rand(b, generator=generator) * (w - bw + 1)).floor()
+    flip = torch.rand(b, generator=generator) < 0.5
+    # the box in grid_sample's [-1, 1] coordinates (align_corners=False): centre and half-size
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -bw / w, bw / w)
+    theta[:, 1, 1] = bh / h
+    theta[:, 0, 2] = (2 * left + bw) / w - 1
+    theta[:, 1, 2] = (2 * top + bh) / h - 1
+    grid = F.affine_grid(theta.to(x.device), [b, x.shape[1], out, out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -140,10 +229,12 @@ def train_model(
     device: torch.device,
     desc: str = "train",
     loss_fn: LossFn = cross_entropy,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
     """SGD with momentum over `data` (an `ImageSet`, moved to the device whole, or any
     `BatchSource`, e.g. a synthetic store streamed shard by shard) for `settings.epochs` epochs;
-    the model is updated in place."""
+    the model is updated in place. `on_epoch(epoch, loss)` is called after each epoch (from 1)
+    and may evaluate the model: training goes on in train mode."""
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -166,12 +257,12 @@ def train_model(
     start = time.perf_counter()
     bar = tqdm(total=settings.epochs * n, desc=desc, unit="img", disable=None, leave=False)
     epoch_loss = 0.0
-    for _ in range(settings.epochs):
+    for epoch in range(1, settings.epochs + 1):
         loss_sum, seen = 0.0, 0
         for images, labels in source.epoch(bs, generator):
             if len(labels) < 2:  # BatchNorm cannot train on a single sample
                 continue
-            x = augment_batch(images, settings.augment, generator)
+            x = settings.for_training(images, generator)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device):
@@ -186,6 +277,9 @@ def train_model(
             bar.update(len(labels))
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         epoch_loss = loss_sum / max(1, seen)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_loss)
+            model.train()
     bar.close()
     seconds = time.perf_counter() - start
     rate = settings.epochs * n / max(seconds, 1e-9)
@@ -200,27 +294,36 @@ def train_model(
     return TrainStats(epoch_loss, n, seconds, rate)
 
 
+PLAIN_INPUTS = InputSettings(augment="crop", crop_size=0, normalization="symmetric")
+
+
 @torch.no_grad()
 def model_outputs(
-    fn: Callable[[torch.Tensor], torch.Tensor], data: ImageSet, device: torch.device
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    data: ImageSet,
+    device: torch.device,
+    inputs: InputSettings = PLAIN_INPUTS,
 ) -> torch.Tensor:
-    """`fn` (a model, or its `represent`) on every image of `data`, unaugmented, in batches;
-    float32 on `device`, one row per image in order."""
+    """`fn` (a model, or its `represent`) on every image of `data` as `inputs` evaluates it
+    (centre crop, normalization; no augmentation), in batches; float32 on `device`, a row per
+    image in order."""
     images, _ = to_device(data, device)
     outputs = []
     for i in range(0, len(images), EVAL_BATCH_SIZE):
         with _autocast(device):
-            outputs.append(fn(normalize(images[i : i + EVAL_BATCH_SIZE])).float())
+            outputs.append(fn(inputs.for_evaluation(images[i : i + EVAL_BATCH_SIZE])).float())
     return torch.cat(outputs)
 
 
-def evaluate_model(model: nn.Module, data: ImageSet, device: torch.device) -> EvalStats:
-    """Mean cross-entropy and accuracy on `data` (no augmentation)."""
+def evaluate_model(
+    model: nn.Module, data: ImageSet, device: torch.device, inputs: InputSettings = PLAIN_INPUTS
+) -> EvalStats:
+    """Mean cross-entropy and accuracy on `data`, its images prepared as `inputs` says."""
     if len(data) == 0:
         return EvalStats(0.0, 0.0, 0)
     model.to(device)
     model.eval()
-    logits = model_outputs(model, data, device)
+    logits = model_outputs(model, data, device, inputs)
     labels = torch.from_numpy(data.labels).to(device)
     loss = F.cross_entropy(logits, labels, reduction="sum").item()
     correct = (logits.argmax(1) == labels).sum().item()

@@ -27,7 +27,13 @@ from scipy.stats import norm
 from torch import nn
 
 from fgl_core.datasets import ImageSet
-from fgl_core.training import TrainSettings, model_outputs, train_model
+from fgl_core.training import (
+    PLAIN_INPUTS,
+    InputSettings,
+    TrainSettings,
+    model_outputs,
+    train_model,
+)
 
 FPR_LEVELS = (0.001, 0.01)
 
@@ -44,10 +50,12 @@ def logit_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return true - (top[:, 0] + np.log(np.exp(others - top).sum(axis=1)))
 
 
-def model_confidence(model: nn.Module, data: ImageSet, device: torch.device) -> np.ndarray:
-    """The model's logit-scaled confidence in each image's label."""
+def model_confidence(
+    model: nn.Module, data: ImageSet, device: torch.device, inputs: InputSettings = PLAIN_INPUTS
+) -> np.ndarray:
+    """The model's logit-scaled confidence in each image's label (images as `inputs` says)."""
     model.to(device).eval()
-    logits = model_outputs(model, data, device).cpu().numpy()
+    logits = model_outputs(model, data, device, inputs).cpu().numpy()
     return logit_confidence(logits, data.labels)
 
 
@@ -74,7 +82,7 @@ def train_on_halves(
         model = build()
         run = settings.model_copy(update={"seed": settings.seed + k})
         train_model(model, pool.take(np.flatnonzero(mask)), run, device, desc=f"shadow {k}")
-        confidences.append(model_confidence(model, pool, device))
+        confidences.append(model_confidence(model, pool, device, settings.inputs))
     return np.stack(confidences)
 
 

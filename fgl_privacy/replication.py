@@ -25,17 +25,20 @@ import numpy as np
 import torch
 
 from fgl_core.datasets import ImageSet
-from fgl_core.training import model_outputs
+from fgl_core.training import PLAIN_INPUTS, InputSettings, model_outputs
 
 NEAR_EXACT = 0.999
 
 FeatureFn = Callable[[ImageSet], np.ndarray]
 
 
-def classifier_features(model: torch.nn.Module, device: torch.device) -> FeatureFn:
-    """Penultimate-layer features of a `fgl_core.models.Classifier`."""
+def classifier_features(
+    model: torch.nn.Module, device: torch.device, inputs: InputSettings = PLAIN_INPUTS
+) -> FeatureFn:
+    """Penultimate-layer features of a `fgl_core.models.Classifier`, its images as `inputs`
+    prepares them for evaluation."""
     model.to(device).eval()
-    return lambda data: model_outputs(model.represent, data, device).cpu().numpy()
+    return lambda data: model_outputs(model.represent, data, device, inputs).cpu().numpy()
 
 
 def clip_features(model_dir: str | Path, device: torch.device, batch_size: int = 64) -> FeatureFn:

@@ -44,7 +44,7 @@ from fgl_core.dp import epsilon_for, privatize
 from fgl_core.models import build_model, build_model_for
 from fgl_core.payload import EmbedRequest
 from fgl_core.plotting import headless_pyplot
-from fgl_core.training import TrainSettings
+from fgl_core.training import InputSettings, TrainSettings
 from fgl_privacy.inversion import PromptInverter
 from fgl_privacy.lira import (
     attack_result,
@@ -226,7 +226,12 @@ def _final_model(run_dir: Path, cfg: RunConfig, data: DatasetSplits) -> nn.Modul
 
 
 def replication_section(
-    run_dir: Path, results: dict, model: nn.Module | None, train: ImageSet, data: DatasetSplits
+    run_dir: Path,
+    results: dict,
+    cfg: RunConfig,
+    model: nn.Module | None,
+    train: ImageSet,
+    data: DatasetSplits,
 ) -> list[str]:
     """The replication search on the run's synthetic set, with the final model's features."""
     lines = ["", "## Replication: do synthetic images copy real ones?", ""]
@@ -234,7 +239,8 @@ def replication_section(
     if model is None or not store or not Path(store).is_dir():
         return [*lines, "Not measured: the run left no synthetic store or no model.pt."]
     synthetic = SyntheticStore.open(store).load()
-    result = replication_search(classifier_features(model, CPU), synthetic, train, data.test)
+    features = classifier_features(model, CPU, InputSettings.from_config(cfg))
+    result = replication_search(features, synthetic, train, data.test)
     plot_replication(
         result,
         synthetic,
@@ -291,9 +297,10 @@ def membership_section(
     masks = random_halves(len(pool), shadows, seed)
     epochs = max(cfg.local_epochs, cfg.num_server_rounds * cfg.local_epochs)
     settings = TrainSettings.from_config(cfg, epochs=epochs, seed=seed)
-    build = lambda: build_model(cfg.model, data.num_classes, data.image_size)  # noqa: E731
+    size = cfg.model_input_size(data.image_size)
+    build = lambda: build_model(cfg.model, data.num_classes, size)  # noqa: E731
     confidences = train_on_halves(pool, masks, build, settings, CPU)
-    target = model_confidence(model, pool, CPU)
+    target = model_confidence(model, pool, CPU, settings.inputs)
     curves = {
         "online" if online else "offline": attack_result(
             lira_scores(target, confidences, masks, online), member
@@ -354,7 +361,7 @@ def report(
     train = _union([silo.train for silo in silos])
     model = _final_model(run_dir, cfg, data)
     start = time.perf_counter()
-    extra = replication_section(run_dir, results, model, train, data)
+    extra = replication_section(run_dir, results, cfg, model, train, data)
     log.info("replication search: %.0f s", time.perf_counter() - start)
     start = time.perf_counter()
     extra += membership_section(run_dir, cfg, model, train, data, lira_shadows, seed)

@@ -35,6 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     device = pick_device(cfg.device)
     with recorder.phase("load-data"):
         data = load_dataset(cfg)
+    cfg.model_input_size(data.image_size)  # a crop larger than the images fails here
     log.info(
         "dataset %s: %d train / %d val / %d test images, %d classes, %d px",
         data.source,
@@ -52,5 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     else:
         model = build_model_for(cfg, data.num_classes, data.image_size)
         strategy = build_strategy(cfg)
-        model = run_rounds(strategy, RecordingGrid(grid), model, cfg, data, recorder, device)
+        model = run_rounds(
+            strategy, RecordingGrid(grid, data.class_names), model, cfg, data, recorder, device
+        )
     recorder.finish(model)

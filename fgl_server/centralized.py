@@ -31,7 +31,7 @@ def run_centralized(
     model = build_model_for(cfg, data.num_classes, data.image_size)
     done = min(load_checkpoint(recorder.dir, "rounds", model), cfg.num_server_rounds)
     if not done:
-        recorder.log_round(0, evaluate_on_server(model, data, device))
+        recorder.log_round(0, evaluate_on_server(model, data, device, cfg))
     for rnd in range(done + 1, cfg.num_server_rounds + 1):
         settings = TrainSettings.from_config(
             cfg, epochs=cfg.local_epochs, seed=derive_seed(cfg.seed, "centralized", rnd)
@@ -40,7 +40,7 @@ def run_centralized(
             stats = train_model(
                 model, data.train, settings, device, desc=f"centralized round {rnd}"
             )
-        metrics = {**evaluate_on_server(model, data, device), "train-loss": stats.loss}
+        metrics = {**evaluate_on_server(model, data, device, cfg), "train-loss": stats.loss}
         recorder.log_round(rnd, metrics)
         save_checkpoint(recorder.dir, "rounds", rnd, model)
         log.info(

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
-from fgl_core.training import evaluate_model
+from fgl_core.training import InputSettings, evaluate_model
 
 
 def evaluate_on_server(
-    model: nn.Module, data: DatasetSplits, device: torch.device
+    model: nn.Module, data: DatasetSplits, device: torch.device, cfg: RunConfig
 ) -> dict[str, float]:
-    val = evaluate_model(model, data.val, device)
-    test = evaluate_model(model, data.test, device)
+    inputs = InputSettings.from_config(cfg)
+    val = evaluate_model(model, data.val, device, inputs)
+    test = evaluate_model(model, data.test, device, inputs)
     return {
         "val-accuracy": val.accuracy,
         "val-loss": val.loss,

@@ -130,7 +130,7 @@ def run_fgl(
     Each phase is timed, and results.json is rewritten as the run goes, so a run that stops
     keeps what it had done; a rerun of the same run resumes (see `fgl_server.checkpoint`).
     """
-    grid = RecordingGrid(grid)
+    grid = RecordingGrid(grid, data.class_names)
     settings = SynthesisSettings.from_config(cfg, train_resolution=data.image_size)
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
     payloads, histogram = embedding_round(grid, cfg, engine, data.class_names, recorder)
@@ -304,10 +304,26 @@ def one_shot(
             log.info("one-shot: the model trained before is reused")
         elif cfg.oneshot_epochs:
             seed = derive_seed(cfg.seed, "one-shot")
-            settings = TrainSettings.from_config(cfg, epochs=cfg.oneshot_epochs, seed=seed)
-            train_model(model, synthetic, settings, device, desc="one-shot")
+            settings = TrainSettings.from_config(
+                cfg,
+                epochs=cfg.oneshot_epochs,
+                seed=seed,
+                weight_decay=cfg.effective_synthetic_weight_decay,
+            )
+            curve: list[dict[str, float]] = []
+
+            def evaluate_epoch(epoch: int, loss: float) -> None:
+                every = cfg.oneshot_eval_every
+                if every and (epoch % every == 0 or epoch == cfg.oneshot_epochs):
+                    metrics = evaluate_on_server(model, data, device, cfg)
+                    curve.append({"epoch": epoch, "train-loss": loss, **metrics})
+                    recorder.set("one-shot-curve", curve)
+
+            train_model(
+                model, synthetic, settings, device, desc="one-shot", on_epoch=evaluate_epoch
+            )
             save_checkpoint(recorder.dir, "one-shot", cfg.oneshot_epochs, model)
-    metrics = evaluate_on_server(model, data, device)
+    metrics = evaluate_on_server(model, data, device, cfg)
     recorder.set("one-shot", metrics)
     log.info(
         "one-shot: test accuracy %.4f (val %.4f)", metrics["test-accuracy"], metrics["val-accuracy"]
@@ -329,7 +345,12 @@ def server_finetune(
     def finetune(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         seed = derive_seed(cfg.seed, "server-finetune", server_round)
-        settings = TrainSettings.from_config(cfg, epochs=cfg.server_finetune_epochs, seed=seed)
+        settings = TrainSettings.from_config(
+            cfg,
+            epochs=cfg.server_finetune_epochs,
+            seed=seed,
+            weight_decay=cfg.effective_synthetic_weight_decay,
+        )
         with recorder.phase("server-finetune"):
             train_model(model, synthetic, settings, device, desc=f"fine-tune round {server_round}")
         return ArrayRecord(state_dict_float32(model))

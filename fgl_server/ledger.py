@@ -3,17 +3,25 @@
 For each message it records the round, the message type, the node, the payload bytes each
 way, the reply's metrics and any error, and it names the nodes that never answered. Strategies
 run on it unchanged, so every strategy gets the same per-node traffic accounting.
+
+It is also where every strategy's replies are checked for the class list (`fgl_core.class_list`):
+a reply whose silo describes its data with another class list than the server's reaches the
+strategy as an error reply, so no round aggregates, and no synthesis plan counts, a silo whose
+labels mean other classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
 from fgl_core.payload import SILO_RECORD  # the ConfigRecord in which a silo describes its data
 from strategies.nodes import replying_node, sent_ids
 
@@ -43,9 +51,15 @@ class Exchange:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
+log = logging.getLogger(__name__)
+
+
 class RecordingGrid(Grid):
-    def __init__(self, grid: Grid) -> None:
+    """`grid`, recorded; replies that describe a silo's data must carry `class_names`' digests."""
+
+    def __init__(self, grid: Grid, class_names: Sequence[str]) -> None:
         self._grid = grid
+        self.class_names = list(class_names)
         self.exchanges: list[Exchange] = []
         self.silos: dict[int, dict] = {}  # node id -> what the silo said about its data
         self.current_round = 0
@@ -93,24 +107,45 @@ class RecordingGrid(Grid):
             self.exchanges.append(entry)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         sent = sent_ids(messages)
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        checked = []
         for reply in replies:
-            entry = pending.pop(replying_node(reply, sent), None)
+            node = replying_node(reply, sent)
+            entry = pending.pop(node, None)
+            if entry is not None and not reply.has_error():
+                entry.bytes_received = payload_bytes(reply.content)
+            reply = self._check_class_list(node, reply, by_node)
+            checked.append(reply)
             if entry is None:
                 continue
             if reply.has_error():
                 entry.error = reply.error.reason or f"error code {reply.error.code}"
                 continue
-            entry.bytes_received = payload_bytes(reply.content)
             for record in reply.content.metric_records.values():
                 entry.metrics.update(
                     {k: v for k, v in record.items() if isinstance(v, (int, float))}
                 )
             silo = reply.content.config_records.get(SILO_RECORD)
-            if silo is not None:
-                self.silos[entry.node_id] = dict(silo)
+            if silo is not None:  # what the silo says of its data, less the digests
+                described = {k: v for k, v in silo.items() if k != DIGESTS_KEY}
+                self.silos.setdefault(entry.node_id, {}).update(described)
         for entry in pending.values():
             entry.error = f"no reply within the timeout ({timeout} s)"
-        return replies
+        return checked
+
+    def _check_class_list(self, node: int, reply: Message, by_node: dict[int, Message]) -> Message:
+        """`reply`, or an error reply in its place if its silo has another class list."""
+        if reply.has_error() or node not in by_node:
+            return reply
+        silo = reply.content.config_records.get(SILO_RECORD)
+        if silo is None:  # a reply that does not describe the silo's data (a SecAgg+ stage)
+            return reply
+        problem = class_list_mismatch(self.class_names, silo.get(DIGESTS_KEY))
+        if problem is None:
+            return reply
+        reason = f"rejected by the server: node {node}: {problem}"
+        log.warning("%s", reason)
+        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=by_node[node])
 
     # --- summaries for results.json ---
     def to_json(self) -> dict:

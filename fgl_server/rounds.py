@@ -41,7 +41,7 @@ def run_rounds(
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         server_round += done  # Flower counts this attempt's rounds from 1
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics = evaluate_on_server(model, data, device)
+        metrics = evaluate_on_server(model, data, device, cfg)
         recorder.set("traffic", grid.to_json())  # so far: a run that dies keeps its ledger
         recorder.log_round(server_round, metrics)
         if server_round > done:

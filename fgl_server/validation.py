@@ -116,6 +116,12 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
                 "sent its label histogram in the clear; this run sums the histograms by "
                 "SecAgg+ (secure-histograms), so a silo sends none"
             )
+        if (weights != 1).any():
+            reject(
+                f"sent weights in [{weights.min()}, {weights.max()}]; with secure-histograms "
+                "every weight is 1 (a weight would count the images the SecAgg+ sum hides, and "
+                "no histogram bounds it)"
+            )
     else:
         check_claims(reject, labels, weights, histogram, limits.num_classes)
     check_encoder(node, probe, limits)

@@ -18,9 +18,9 @@ method-config: {{fedprox: {{proximal-mu: -1}}}}   # deliberately broken
 """
 
 
-def compare(grid_file):
+def compare(grid_file, *options):
     return subprocess.run(
-        [sys.executable, "-m", "deploy.compare", str(grid_file)],
+        [sys.executable, "-m", "deploy.compare", str(grid_file), *options],
         env=project_env(),
         capture_output=True,
         text=True,
@@ -42,21 +42,31 @@ def test_grid_gives_table_csv_and_plot_and_marks_the_broken_cells(tmp_path):
         status[(m, p)] == "done" for m in ("fedavg", "centralized") for p in ("iid", "alpha=0.5")
     )
     assert all("'proximal-mu' = -1" in r["reason"] for r in rows if r["status"] == "failed")
-    assert all(0 <= float(r["final-test-accuracy"]) <= 1 for r in rows if r["status"] == "done")
+    for r in (r for r in rows if r["status"] == "done"):
+        final, selected, best = (
+            float(r[k])
+            for k in ("final-test-accuracy", "test-accuracy-at-best-val", "best-test-accuracy")
+        )
+        assert 0 <= min(final, selected) <= max(final, selected) <= best <= 1
 
     table = (output / "comparison.md").read_text()
     columns = [
         f"{m} {p}" for m in ("fedavg", "centralized", "fedprox") for p in ("iid", "alpha=0.5")
     ]
     assert "| dataset | silos | " + " | ".join(columns) + " |" in table
+    assert table.startswith("Test accuracy (%, protocol validation-selected)")
     row = next(line for line in table.splitlines() if line.startswith("| digits | 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
     assert [c == "failed" for c in cells] == [False, False, False, False, True, True]
     assert all("±" in c for c in cells[:4])
     assert (output / "comparison.png").stat().st_size > 10_000
 
-    again = compare(grid)  # finished cells are not run again; the broken ones are retried
+    # finished cells are not run again (the broken ones are), and tabulate under another protocol
+    again = compare(grid, "--protocol", "best-test")
     assert again.returncode == 0
+    assert (
+        (output / "comparison.md").read_text().startswith("Test accuracy (%, protocol best-test)")
+    )
     rows = list(csv.DictReader((output / "comparison.csv").open()))
     assert sorted(r["status"] for r in rows) == [
         "failed",
@@ -98,7 +108,34 @@ def test_a_method_label_may_name_its_strategy_so_variants_sit_side_by_side(tmp_p
         row("fgl-one-shot", "iid", 0, 0.6, 0.1, 0.0),
         {"dataset": "digits", "silos": 5, "method": "fgl-one-shot", "partition": "alpha=0.01"},
     ]
-    table = method_table(grid, rows, "digits", 5)
+    table = method_table(grid, rows, "digits", 5, "final")
+    assert "test accuracy (%, final)" in table[0]
     assert table[2] == "| method | iid | alpha=0.01 | MB up / silo | MB down / silo |"
     assert table[4] == "| fedavg | 85.00 ± 7.07 | 50.00 ± 0.00 | 2.67 | 3.33 |"  # sample std
     assert table[5] == "| fgl-one-shot | 60.00 ± 0.00 | failed | 0.10 | 0.00 |"
+
+
+def test_a_run_reports_each_protocol_over_the_one_shot_epochs_and_the_rounds(tmp_path):
+    from fgl_core.config import RunConfig
+    from fgl_server.results import RunRecorder
+
+    recorder = RunRecorder(RunConfig.from_flower({"output-dir": str(tmp_path), "run-name": "r"}))
+    recorder.set(
+        "one-shot-curve",
+        [
+            {"epoch": 1, "val-accuracy": 0.50, "test-accuracy": 0.48},
+            {"epoch": 2, "val-accuracy": 0.70, "test-accuracy": 0.66},
+            {"epoch": 3, "val-accuracy": 0.60, "test-accuracy": 0.75},
+        ],
+    )
+    recorder.log_round(0, {"val-accuracy": 0.60, "test-accuracy": 0.75})  # = the last epoch
+    recorder.log_round(1, {"val-accuracy": 0.70, "test-accuracy": 0.70})
+    recorder.log_round(2, {"val-accuracy": 0.65, "test-accuracy": 0.69})
+    summary = recorder.summarize()
+    assert summary == {
+        "final-test-accuracy": 0.69,
+        "test-accuracy-at-best-val": 0.66,  # epoch 2 and round 1 tie on val: the first wins
+        "best-val-at": "one-shot epoch 2",
+        "best-test-accuracy": 0.75,
+        "best-test-at": "one-shot epoch 3",
+    }

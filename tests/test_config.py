@@ -32,7 +32,7 @@ def test_unknown_key_is_named_with_a_suggestion(typo, meant):
         ("alpha", -0.5, "greater than 0"),
         ("lr", 0, "greater than 0"),
         ("num-server-rounds", 2.5, "integer"),
-        ("model", "vgg", "'cnn', 'resnet18' or 'resnet34'"),
+        ("model", "vgg", "'cnn', 'resnet18', 'resnet34' or 'resnet50'"),
         ("run-name", "../escape", "pattern"),
         ("device", "tpu", "pattern"),
     ],
@@ -127,3 +127,21 @@ def test_paths_that_exist_but_are_wrong_name_their_key(tmp_path):
     torch.save(poisoned, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match=r"nan\.pt' holds NaN or infinite values"):
         build_model_for(RunConfig.from_flower({"model-weights": str(tmp_path / "nan.pt")}), 10, 8)
+
+
+def test_the_paper_preset_fills_in_what_the_run_leaves_and_keeps_what_it_sets():
+    paper = RunConfig.from_flower({"preset": "paper", "batch-size": 64})
+    assert (paper.image_size, paper.crop_size, paper.resize) == (256, 224, "shorter-side")
+    assert (paper.augment, paper.normalization) == ("random-resized-crop", "imagenet")
+    assert paper.batch_size == 64  # set by the run: the preset does not touch it
+    assert paper.weight_decay == 1e-4 and paper.effective_synthetic_weight_decay == 2e-4
+    assert RunConfig.from_flower(paper.to_flower()) == paper  # resolving twice changes nothing
+    plain = RunConfig.from_flower({})
+    assert plain.effective_synthetic_weight_decay == plain.weight_decay == 5e-4
+    assert RunConfig.from_flower({"weight-decay": 0.001}).effective_synthetic_weight_decay == 0.001
+    with pytest.raises(ConfigError, match="crop-size 300 is larger than image-size 256"):
+        RunConfig.from_flower({"preset": "paper", "crop-size": 300})
+    with pytest.raises(ConfigError, match=r"'preset' = 'authors'"):
+        RunConfig.from_flower({"preset": "authors"})
+    with pytest.raises(ConfigError, match=r"crop-size 64 is larger than the images \(28 px\)"):
+        RunConfig.from_flower({"crop-size": 64}).model_input_size(28)

@@ -237,3 +237,22 @@ def test_an_image_folder_skips_a_decompression_bomb_and_refuses_an_empty_class(t
     (tmp_path / "test" / "bird").mkdir()
     with pytest.raises(DatasetError, match=r"class folders \['bird'\] hold no readable image"):
         load(dataset=str(tmp_path))
+
+
+def test_shorter_side_resize_keeps_the_aspect_ratio_and_the_centre(tmp_path):
+    stripes = np.zeros((20, 60, 3), np.uint8)  # red | green | blue, 20 px each, 60 px wide
+    for k in range(3):
+        stripes[:, 20 * k : 20 * (k + 1), k] = 255
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(stripes).save(tmp_path / split / name / "x.png")
+    centre = load_dataset(
+        RunConfig.from_flower(
+            {"dataset": str(tmp_path), "image-size": 16, "resize": "shorter-side"}
+        )
+    )
+    squashed = load_dataset(RunConfig.from_flower({"dataset": str(tmp_path), "image-size": 16}))
+    mean = centre.test.images.reshape(-1, 3).mean(0)
+    assert mean[1] > 250 and mean[0] < 5 and mean[2] < 5  # the green centre alone
+    assert (squashed.test.images.reshape(-1, 3).mean(0) > 60).all()  # all three stripes

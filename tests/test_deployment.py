@@ -21,6 +21,7 @@ from deploy.certs import make_node_key
 from deploy.federation import LocalFederation, Topology
 from deploy.flower_cli import FlowerCLI
 from deploy.quickstart import RUNS
+from fgl_core.datasets import MEDMNIST_CLASS_NAMES
 from tests.conftest import is_running, launch, silo_file, start_launcher
 
 
@@ -126,7 +127,7 @@ def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tm
 
 
 def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(blood_npz, tmp_path):
-    names = [f"blood cell type {c}" for c in range(8)]
+    names = MEDMNIST_CLASS_NAMES["bloodmnist"]  # a silo's file names the server's classes
     histograms = [
         silo_file(tmp_path / "silo-a.npz", blood_npz, [0, 1, 2, 3], 60, names),
         silo_file(tmp_path / "silo-b.npz", blood_npz, [4, 5, 6, 7], 40, names),

@@ -1,5 +1,6 @@
 """The silo's round-0 side: prompts, captions, generator-exact text embeddings, the payload."""
 
+import json
 import re
 from pathlib import Path
 
@@ -267,3 +268,93 @@ def test_an_encoder_narrower_than_the_generator_is_refused(pipeline, tmp_path):
     CLIPTextModel(tiny_clip_text_config(width=16)).save_pretrained(broken / "text_encoder")
     with pytest.raises(ModelRefError, match=r"width 16.*cross-attention width is 32"):
         TransformersTextEncoder(str(broken), tmp_path, CPU)
+
+
+def tiny_open_clip(tmp_path, seed: int):
+    """A tiny open_clip CLIP (text width of the offline generator) and its checkpoint file."""
+    import open_clip
+
+    from fgl_core.offline_models import TINY_TEXT_WIDTH
+
+    arch = tmp_path / "tiny-clip.json"
+    arch.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 16,
+                },
+                "text_cfg": {
+                    "context_length": 77,
+                    "vocab_size": 49408,
+                    "width": TINY_TEXT_WIDTH,
+                    "heads": 4,
+                    "layers": 3,
+                },
+            }
+        )
+    )
+    open_clip.add_model_config(arch)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-clip")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.5)
+    checkpoint = tmp_path / f"tiny-clip-{seed}.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return model, f"open_clip:{arch}:{checkpoint}"
+
+
+def test_silos_holding_open_clip_weights_join_an_fgl_run_through_the_probe_check(
+    tmp_path, cache_dir
+):
+    import shutil
+
+    from deploy.inprocess import run_in_process
+    from fgl_core.offline_models import offline_model_dir
+    from fgl_server.validation import PayloadLimits, PayloadRejected, check_encoder
+
+    model, spec = tiny_open_clip(tmp_path, seed=0)
+    generator = tmp_path / "generator"  # the offline generator, its text encoder from open_clip
+    shutil.copytree(offline_model_dir(Path(cache_dir), "generator"), generator)
+    shutil.rmtree(generator / "text_encoder")
+    open_clip_to_transformers(model).save_pretrained(generator / "text_encoder")
+    run_config = {
+        "strategy": "fgl",
+        "generator": str(generator),
+        "text-encoder": spec,
+        "images-per-class": 2,
+        "steps": 2,
+        "oneshot-epochs": 1,
+        "num-server-rounds": 0,
+        "min-nodes": 2,
+        "output-dir": str(tmp_path),
+        "cache-dir": cache_dir,
+        "run-name": "open-clip",
+    }
+    run_in_process(run_config, num_silos=2)
+    results = json.loads((tmp_path / "open-clip" / "results.json").read_text())
+    embedding = results["embedding"]
+    assert embedding["nodes-accepted"] == ["node 1", "node 2"] and not embedding["rejected"]
+
+    server = TransformersTextEncoder(str(generator), cache_dir, CPU)
+    probe = server.encode([PROBE_PROMPT])[0].numpy()
+    limits = PayloadLimits(width=server.width, num_classes=10, probe=probe)
+    _, other = tiny_open_clip(tmp_path, seed=1)  # another checkpoint of the same architecture
+    for checkpoint, fits in ((spec, True), (other, False)):
+        silo = text_encoder(str(generator), cache_dir, "cpu", checkpoint)
+        silo_probe = silo.encode([PROBE_PROMPT])[0].to(torch.float16).numpy()
+        if fits:
+            check_encoder("node 1", silo_probe, limits)
+        else:
+            with pytest.raises(
+                PayloadRejected, match="its text encoder differs from the generator"
+            ):
+                check_encoder("node 1", silo_probe, limits)
+    with pytest.raises(ModelRefError, match="open_clip cannot build it"):
+        text_encoder(str(generator), cache_dir, "cpu", f"open_clip:no-such-arch:{tmp_path}/x.pt")

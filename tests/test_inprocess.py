@@ -7,6 +7,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from deploy.inprocess import run_in_process
 from fgl_core.config import ConfigError
+from fgl_core.datasets import MEDMNIST_CLASS_NAMES
+from tests.conftest import silo_file
 
 
 def test_the_serverapp_runs_every_round_with_every_silo_in_this_process(tmp_path):
@@ -38,6 +40,55 @@ def test_a_bad_key_fails_before_any_silo_is_built(tmp_path):
     with pytest.raises(ConfigError, match=r"num-server-round.*did you mean 'num-server-rounds'"):
         run_in_process({"num-server-round": 2, "output-dir": str(tmp_path)}, num_silos=2)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_silo_whose_class_list_is_shifted_takes_part_in_no_round(tmp_path, blood_npz):
+    names = MEDMNIST_CLASS_NAMES["bloodmnist"]
+    shifted = names[1:] + names[:1]  # as an ImageFolder that lacks its first class folder
+    silo_file(tmp_path / "shifted.npz", blood_npz, list(range(8)), 10, shifted)
+    run_config = {
+        "dataset": str(blood_npz),
+        "train-subset": 400,
+        "eval-subset": 80,
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "min-nodes": 3,
+        "output-dir": str(tmp_path),
+        "run-name": "shifted",
+    }
+    run_in_process(run_config, 3, node_configs={3: {"data-path": str(tmp_path / "shifted.npz")}})
+    traffic = json.loads((tmp_path / "shifted" / "results.json").read_text())["traffic"]
+    trained = {(e["round"], e["node-id"]) for e in traffic["exchanges"] if not e["error"]}
+    assert trained == {(r, n) for r in (1, 2) for n in (1, 2)}
+    failed = traffic["failed-nodes"]["3"]
+    assert failed["rounds"] == [1, 2]
+    assert (
+        "first difference at label 0: the server has 'basophil', the silo the server's "
+        "'eosinophil' (the server's label 1)" in failed["first-error"]
+    )
+    assert sorted(traffic["silos"]) == ["1", "2"]
+
+
+def test_the_paper_preset_trains_on_crops_and_evaluates_on_centre_crops(tmp_path):
+    run_config = {
+        "preset": "paper",
+        "image-size": 40,  # set by the run: kept; the preset's other keys fill in
+        "crop-size": 32,
+        "train-subset": 300,
+        "eval-subset": 60,
+        "num-server-rounds": 1,
+        "local-epochs": 1,
+        "min-nodes": 2,
+        "output-dir": str(tmp_path),
+        "run-name": "paper",
+    }
+    run_in_process(run_config, num_silos=2)
+    results = json.loads((tmp_path / "paper" / "results.json").read_text())
+    config = results["config"]
+    assert (config["augment"], config["normalization"]) == ("random-resized-crop", "imagenet")
+    assert (config["image-size"], config["crop-size"], config["batch-size"]) == (40, 32, 128)
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    assert results["rounds"][1]["silo-eval-accuracy"] >= 0  # the silos evaluated centre crops
 
 
 class Crash(Exception):
@@ -82,7 +133,7 @@ def test_a_run_killed_in_round_2_resumes_there_and_ends_as_if_never_stopped(tmp_
     after = json.loads((tmp_path / "crashed" / "results.json").read_text())
     assert rounds_trained(after) == [2, 3]  # round 1 was not trained again
     assert [r["round"] for r in after["rounds"]] == [0, 1, 2, 3]
-    for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-round"):
+    for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-at"):
         assert after["summary"][key] == whole["summary"][key]
 
 
@@ -109,6 +160,11 @@ def test_an_fgl_run_killed_in_its_rounds_reuses_its_images_and_one_shot_model(tm
     results = json.loads((tmp_path / "fgl" / "results.json").read_text())
     assert results["synthesis"]["made"] == 0 and results["synthesis"]["reused"] == 40
     assert oneshot.stat().st_mtime_ns == trained_at  # the one-shot model was not trained again
+    curve = results["one-shot-curve"]  # kept from the run that died
+    assert [row["epoch"] for row in curve] == [1, 2]
+    assert curve[-1]["test-accuracy"] == results["one-shot"]["test-accuracy"]
+    best = max(row["test-accuracy"] for row in [*curve, *results["rounds"]])
+    assert results["summary"]["best-test-accuracy"] == best
     assert rounds_trained(results) == [2]
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
 
@@ -146,7 +202,7 @@ def test_a_centralized_run_killed_in_round_2_resumes_there_and_ends_as_if_never_
     assert trained == ["centralized round 1", "centralized round 2", "centralized round 3"]
     after = json.loads((tmp_path / "crashed" / "results.json").read_text())
     assert [r["round"] for r in after["rounds"]] == [0, 1, 2, 3]
-    for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-round"):
+    for key in ("final-test-accuracy", "test-accuracy-at-best-val", "best-val-at"):
         assert after["summary"][key] == whole["summary"][key]
 
 

@@ -8,18 +8,22 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from deploy.inprocess import InProcessGrid
+from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch, name_digests
+from fgl_core.payload import SILO_RECORD
 from fgl_server.ledger import RecordingGrid
 from strategies.fgl import collect_embeddings
 
 GONE = 202  # the silo that went away
+CLASSES = ["basophil", "eosinophil", "erythroblast", "platelet"]
 
 
 class GridWithALostNode(InProcessGrid):
     """Sets message IDs on push, as Flower's grids do; for node GONE the SuperLink answers,
     the others with a fixed reply instead of a ClientApp."""
 
-    def __init__(self, nodes: list[int]) -> None:
+    def __init__(self, nodes: list[int], silos: dict[int, ConfigRecord] | None = None) -> None:
         super().__init__(dict.fromkeys(nodes))
+        self.silos = silos or {}
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -29,12 +33,14 @@ class GridWithALostNode(InProcessGrid):
                 replies.append(create_message_error_unavailable_res_message(msg.metadata, "node"))
             else:
                 content = RecordDict({"metrics": MetricRecord({"num-examples": 5})})
+                if msg.metadata.dst_node_id in self.silos:
+                    content[SILO_RECORD] = self.silos[msg.metadata.dst_node_id]
                 replies.append(Message(content, reply_to=msg))
         return replies[::-1]  # replies come back in any order
 
 
 def test_a_node_unavailable_reply_is_charged_to_the_node_that_went_away(task_identity):
-    ledger = RecordingGrid(GridWithALostNode([201, GONE, 203]))
+    ledger = RecordingGrid(GridWithALostNode([201, GONE, 203]), CLASSES)
     messages = [
         Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), node, "train")
         for node in (201, GONE, 203)
@@ -55,3 +61,42 @@ def test_the_embedding_round_names_the_node_that_went_away(task_identity):
     result = collect_embeddings(grid, request, "request", 5, min_nodes=3, node_wait_timeout=5)
     assert sorted(result.replies) == [201, 203]
     assert list(result.failures) == [GONE] and "Node Unavailable" in result.failures[GONE]
+
+
+def test_a_shifted_class_list_is_named_by_its_first_difference():
+    assert class_list_mismatch(CLASSES, name_digests(CLASSES)) is None
+    shifted = class_list_mismatch(CLASSES, name_digests(CLASSES[1:]))  # one folder missing
+    assert "3 names against 4" in shifted
+    assert "label 0: the server has 'basophil', the silo the server's 'eosinophil'" in shifted
+    renamed = class_list_mismatch(CLASSES, name_digests([*CLASSES[:2], "red cell", "platelet"]))
+    assert "label 2: the server has 'erythroblast', the silo a name the server does not" in renamed
+    longer = class_list_mismatch(CLASSES, name_digests([*CLASSES, "lymphocyte"]))
+    assert "5 names against 4" in longer and "the server has no name (its list ends)" in longer
+    assert "sent no 'class-name-digests'" in class_list_mismatch(CLASSES, None)
+    assert "sent no" in class_list_mismatch(CLASSES, [1, 2, 3, 4])
+
+
+def test_a_reply_from_a_silo_with_another_class_list_reaches_the_strategy_as_an_error(
+    task_identity,
+):
+    silos = {
+        201: ConfigRecord({"num-train": 9, DIGESTS_KEY: name_digests(CLASSES)}),
+        203: ConfigRecord({"num-train": 7, DIGESTS_KEY: name_digests(CLASSES[1:])}),
+        204: ConfigRecord({"num-train": 8}),  # no digests at all
+    }
+    ledger = RecordingGrid(GridWithALostNode([201, 203, 204, 205], silos), CLASSES)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), node, "train")
+        for node in (201, 203, 204, 205)
+    ]
+    replies = {r.metadata.src_node_id: r for r in ledger.send_and_receive(messages, timeout=5)}
+    assert not replies[201].has_error() and not replies[205].has_error()  # 205: no silo record
+    assert replies[203].has_error() and replies[204].has_error()
+    assert replies[203].metadata.reply_to_message_id == messages[1].metadata.message_id
+    assert (
+        "node 203" in replies[203].error.reason and "first difference" in replies[203].error.reason
+    )
+    failed = ledger.failed_nodes()
+    assert sorted(failed) == ["203", "204"]
+    assert "3 names against 4" in failed["203"]["first-error"]
+    assert ledger.silos == {201: {"num-train": 9}}  # nothing from rejected replies, no digests

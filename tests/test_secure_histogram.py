@@ -103,6 +103,9 @@ def test_a_silo_sends_every_class_and_no_histogram(secure_payload):
     leaky = type(payload)(**{**payload.__dict__, "label_histogram": [1] * 10})
     with pytest.raises(PayloadRejected, match="sent its label histogram in the clear"):
         validate_payload("node 1", leaky, secure)
+    counted = type(payload)(**{**payload.__dict__, "weights": payload.weights * 7})
+    with pytest.raises(PayloadRejected, match="with secure-histograms every weight is 1"):
+        validate_payload("node 1", counted, secure)
 
 
 def test_the_plan_skips_classes_the_secure_sum_says_nobody_holds(secure_payload):

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from fgl_core.config import RunConfig
@@ -66,3 +67,73 @@ def test_resnets_use_the_small_stem_for_small_images_and_load_weights(tmp_path):
     other = build_model("resnet18", 8, 28, seed=1)
     load_weights(other, path)
     assert torch.equal(other.head.weight, small.head.weight)
+
+
+def test_a_torchvision_checkpoint_loads_and_predicts_as_torchvision_does(tmp_path):
+    from torchvision.models import resnet18, resnet50
+
+    torch.manual_seed(0)
+    reference = resnet18(num_classes=7).eval()
+    with torch.no_grad():  # running statistics other than the fresh ones, so they must load
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    torch.save(reference.state_dict(), tmp_path / "tv18.pt")
+    model = build_model("resnet18", 7, 224, weights=str(tmp_path / "tv18.pt"), seed=5).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+    imagenet = resnet50().eval()  # 1000 classes: the backbone loads, the head starts fresh
+    wrapped = {
+        "epoch": 90,
+        "state_dict": {f"module.{k}": v for k, v in imagenet.state_dict().items()},
+    }
+    torch.save(wrapped, tmp_path / "tv50.pth")
+    fresh = build_model("resnet50", 10, 224, seed=1)
+    loaded = build_model("resnet50", 10, 224, weights=str(tmp_path / "tv50.pth"), seed=1).eval()
+    imagenet.fc = torch.nn.Identity()
+    with torch.no_grad():
+        assert torch.allclose(loaded.backbone(x), imagenet(x), atol=1e-4)
+    assert torch.equal(loaded.head.weight, fresh.head.weight)
+
+    with pytest.raises(
+        ValueError, match=r"torchvision ResNet with conv1 \(64, 3, 7, 7\).*above 64 px"
+    ):
+        build_model("resnet18", 7, 28, weights=str(tmp_path / "tv18.pt"))
+    with pytest.raises(ValueError, match=r"tv50.pth' does not fit the model"):
+        build_model("resnet18", 7, 224, weights=str(tmp_path / "tv50.pth"))
+
+
+def test_random_resized_crops_are_boxes_of_the_image_resized_and_flipped():
+    # every pixel holds its own column: a box resized keeps each row monotonic in it
+    columns = torch.arange(64, dtype=torch.uint8).repeat(8, 3, 64, 1) * 4  # (8, 3, 64, 64)
+    a = augment_batch(columns, "random-resized-crop", torch.Generator().manual_seed(0), 48)
+    b = augment_batch(columns, "random-resized-crop", torch.Generator().manual_seed(0), 48)
+    c = augment_batch(columns, "random-resized-crop", torch.Generator().manual_seed(1), 48)
+    assert a.shape == (8, 3, 48, 48) and torch.equal(a, b) and not torch.equal(a, c)
+    rows = a[:, 0]  # (8, 48, 48): each row, left to right
+    steps = rows[:, :, 1:] - rows[:, :, :-1]
+    rising, falling = (steps >= -1e-5).all(dim=(1, 2)), (steps <= 1e-5).all(dim=(1, 2))
+    assert (rising | falling).all()  # a box, flipped or not
+    assert rising.any() and falling.any()  # some flipped, some not
+    span = rows.amax(dim=(1, 2)) - rows.amin(dim=(1, 2))
+    assert span.min() < span.max() - 0.1  # boxes of different sizes
+    assert rows.amin() >= -1 and rows.amax() <= 1  # inside the image, normalized
+
+
+def test_evaluation_takes_the_centre_crop_with_imagenet_statistics():
+    from fgl_core.training import IMAGENET_MEAN, IMAGENET_STD, InputSettings
+
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    inputs = InputSettings(augment="random-resized-crop", crop_size=224, normalization="imagenet")
+    x = inputs.for_evaluation(images)
+    centre = images[:, :, 16:240, 16:240].float() / 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert x.shape == (2, 3, 224, 224) and torch.allclose(x, (centre - mean) / std, atol=1e-5)
+    crop = augment_batch(images, "crop", torch.Generator().manual_seed(0), 224)
+    assert crop.shape == (2, 3, 224, 224)
+    with pytest.raises(ValueError, match="crop-size 300 is larger than the images"):
+        augment_batch(images, "crop-flip", torch.Generator(), 300)
