@@ -46,6 +46,14 @@ def blood_labels(blood_npz: Path) -> np.ndarray:
         return archive["train_labels"][:, 0].astype(np.int64)
 
 
+@pytest.fixture(scope="session")
+def blood_names(blood_npz: Path) -> list[str]:
+    """The class names the server reads for blood_npz (its `classes` array: 'ig', not the
+    MedMNIST table's 'immature granulocytes'); a silo's own file must carry the same."""
+    with np.load(blood_npz, allow_pickle=False) as archive:
+        return [str(name) for name in archive["classes"]]
+
+
 @pytest.fixture
 def task_identity():
     """Messages built outside a Flower runtime need the identity the runtime would set."""

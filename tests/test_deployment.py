@@ -21,7 +21,6 @@ from deploy.certs import make_node_key
 from deploy.federation import LocalFederation, Topology
 from deploy.flower_cli import FlowerCLI
 from deploy.quickstart import RUNS
-from fgl_core.datasets import MEDMNIST_CLASS_NAMES
 from tests.conftest import is_running, launch, silo_file, start_launcher
 
 
@@ -126,8 +125,10 @@ def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tm
     assert len(last_train) == 2 and not any(e["error"] for e in last_train)
 
 
-def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(blood_npz, tmp_path):
-    names = MEDMNIST_CLASS_NAMES["bloodmnist"]  # a silo's file names the server's classes
+def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(
+    blood_npz, blood_names, tmp_path
+):
+    names = blood_names  # a silo's file names the server's classes
     histograms = [
         silo_file(tmp_path / "silo-a.npz", blood_npz, [0, 1, 2, 3], 60, names),
         silo_file(tmp_path / "silo-b.npz", blood_npz, [4, 5, 6, 7], 40, names),

@@ -7,7 +7,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from deploy.inprocess import run_in_process
 from fgl_core.config import ConfigError
-from fgl_core.datasets import MEDMNIST_CLASS_NAMES
 from tests.conftest import silo_file
 
 
@@ -42,8 +41,10 @@ def test_a_bad_key_fails_before_any_silo_is_built(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_silo_whose_class_list_is_shifted_takes_part_in_no_round(tmp_path, blood_npz):
-    names = MEDMNIST_CLASS_NAMES["bloodmnist"]
+def test_a_silo_whose_class_list_is_shifted_takes_part_in_no_round(
+    tmp_path, blood_npz, blood_names
+):
+    names = blood_names
     shifted = names[1:] + names[:1]  # as an ImageFolder that lacks its first class folder
     silo_file(tmp_path / "shifted.npz", blood_npz, list(range(8)), 10, shifted)
     run_config = {
