@@ -167,7 +167,6 @@ def run_cell(grid: ExperimentGrid, cell: Cell, output: Path) -> dict[str, Any]:
     return {
         **row,
         "status": "reused" if done else "done",
-        "final-test-accuracy": rounds[-1]["test-accuracy"],
         **{key: results["summary"].get(key) for key in PROTOCOLS.values()},
         "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
         "bytes": sum(n["bytes-sent"] + n["bytes-received"] for n in traffic),

@@ -101,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     loss_fn, objective_metrics = _local_objective(config, model, context.state)
     received = {}
     if cfg.evaluate_in_train:  # the global model as received, before this round changes it
-        before = evaluate_model(model, silo.test, pick_device(cfg.device), settings.inputs)
+        before = evaluate_model(model, silo.test, pick_device(cfg.device), settings)
         received = {"eval-loss": float(before.loss), "eval-accuracy": float(before.accuracy)}
     stats = train_model(
         model,

@@ -58,7 +58,8 @@ class InputSettings(Settings):
 
 
 class TrainSettings(InputSettings):
-    """One call of `train_model`: the run's optimiser and input settings, epochs and seed."""
+    """One call of `train_model`: the run's optimiser and input settings, epochs and seed (it is
+    the `InputSettings` its model is then evaluated with, too)."""
 
     epochs: int
     seed: int
@@ -67,10 +68,6 @@ class TrainSettings(InputSettings):
     weight_decay: float
     batch_size: int
     lr_schedule: Literal["constant", "cosine"]
-
-    @property
-    def inputs(self) -> InputSettings:
-        return InputSettings(**{k: getattr(self, k) for k in InputSettings.model_fields})
 
 
 @dataclass(frozen=True)
@@ -112,13 +109,20 @@ def normalize(images: torch.Tensor, normalization: Normalization = "symmetric") 
     return images.float().div_(255.0).sub_(mean).div_(std)
 
 
+def _output_size(images: torch.Tensor, crop_size: int) -> int:
+    """The side of what a batch (N, C, H, W) becomes: `crop_size`, or 0: the height."""
+    h, w = images.shape[-2:]
+    if crop_size > min(h, w):
+        raise ValueError(f"crop-size {crop_size} is larger than the images ({h}x{w} px)")
+    return crop_size or h
+
+
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """The centre `size` x `size` of a batch (N, C, H, W); `size` 0: the batch itself."""
     h, w = images.shape[-2:]
     if not size or (size == h and size == w):
         return images
-    if size > min(h, w):
-        raise ValueError(f"crop-size {size} is larger than the images ({h}x{w} px)")
+    size = _output_size(images, size)
     top, left = (h - size) // 2, (w - size) // 2
     return images[..., top : top + size, left : left + size]
 
@@ -140,9 +144,7 @@ def augment_batch(
     if mode == "none":
         return center_crop(x, crop_size)
     b, _, h, w = x.shape
-    out = crop_size or h
-    if out > min(h, w):
-        raise ValueError(f"crop-size {out} is larger than the images ({h}x{w} px)")
+    out = _output_size(x, crop_size)
     if mode == "random-resized-crop":
         return _random_resized_crop(x, out, generator)
     pad = max(1, h // 8)

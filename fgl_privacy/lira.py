@@ -82,7 +82,7 @@ def train_on_halves(
         model = build()
         run = settings.model_copy(update={"seed": settings.seed + k})
         train_model(model, pool.take(np.flatnonzero(mask)), run, device, desc=f"shadow {k}")
-        confidences.append(model_confidence(model, pool, device, settings.inputs))
+        confidences.append(model_confidence(model, pool, device, settings))
     return np.stack(confidences)
 
 

@@ -300,7 +300,7 @@ def membership_section(
     size = cfg.model_input_size(data.image_size)
     build = lambda: build_model(cfg.model, data.num_classes, size)  # noqa: E731
     confidences = train_on_halves(pool, masks, build, settings, CPU)
-    target = model_confidence(model, pool, CPU, settings.inputs)
+    target = model_confidence(model, pool, CPU, settings)
     curves = {
         "online" if online else "offline": attack_result(
             lira_scores(target, confidences, masks, online), member

@@ -110,10 +110,9 @@ class RunRecorder:
             (f"one-shot epoch {row['epoch']}", row)
             for row in self.results.get("one-shot-curve", [])
         ] + [(f"round {row['round']}", row) for row in rounds]
-        order = {label: i for i, (label, _) in enumerate(candidates)}
 
         def best(key: str) -> tuple[str, dict]:
-            return max(candidates, key=lambda c: (c[1].get(key, 0.0), -order[c[0]]))
+            return max(candidates, key=lambda c: c[1].get(key, 0.0))  # max keeps the first
 
         by_val, by_test = best("val-accuracy"), best("test-accuracy")
         summary = {
