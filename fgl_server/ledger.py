@@ -126,9 +126,9 @@ class RecordingGrid(Grid):
                     {k: v for k, v in record.items() if isinstance(v, (int, float))}
                 )
             silo = reply.content.config_records.get(SILO_RECORD)
-            if silo is not None:  # what the silo says of its data, less the digests
-                described = {k: v for k, v in silo.items() if k != DIGESTS_KEY}
-                self.silos.setdefault(entry.node_id, {}).update(described)
+            described = {k: v for k, v in (silo or {}).items() if k != DIGESTS_KEY}
+            if described:  # the latest description of the silo's data (evaluate replies: none)
+                self.silos[entry.node_id] = described
         for entry in pending.values():
             entry.error = f"no reply within the timeout ({timeout} s)"
         return checked
