@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 
 from flwr.app import Context, Message, RecordDict
@@ -57,6 +58,9 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         from fgl_client.app import app as client_app
 
+        messages = list(messages)
+        for message in messages:  # as Flower's grids do when they push a message
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
         # each silo gets its own copy, as a transport would deliver it: a ServerApp may send
         # one RecordDict to many nodes, and a ClientApp (or a mod) may change what it received
         return [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fgl_client.embedding import embed_silo
+from fgl_client.embedding import embed_silo, keep_for_chunks, kept_chunk
 from fgl_client.objectives import fedprox_loss, moon_loss
 from fgl_client.secure_histogram import secure_histogram_mod
 from fgl_client.silo import Silo, open_silo
@@ -13,7 +13,7 @@ from fgl_core.class_list import DIGESTS_KEY, name_digests
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
-from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, EmbedRequest
+from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, ChunkRequest, EmbedRequest
 from fgl_core.seeds import derive_seed
 from fgl_core.training import (
     InputSettings,
@@ -68,7 +68,18 @@ def embed(msg: Message, context: Context) -> Message:
     request = EmbedRequest.from_record(msg.content[REQUEST_RECORD])
     silo = open_silo(cfg, context.node_config)
     payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)))
-    return Message(content=payload.to_records(), reply_to=msg)
+    if payload.num_chunks(request.chunk_bytes) > 1:  # the server asks for the rest by digest
+        keep_for_chunks(payload, cfg.cache_dir, context.node_id)
+    return Message(content=payload.to_records(request.chunk_bytes), reply_to=msg)
+
+
+@app.query("embed_chunk")
+def embed_chunk(msg: Message, context: Context) -> Message:
+    """Chunk k >= 1 of the payload this silo sent chunk 0 of (see `fgl_core.payload`)."""
+    configure_logging()
+    cfg = RunConfig.from_flower(context.run_config)
+    request = ChunkRequest.from_content(msg.content)
+    return Message(content=kept_chunk(request, cfg.cache_dir, context.node_id), reply_to=msg)
 
 
 def _local_objective(

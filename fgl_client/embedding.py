@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 
 from fgl_client.captioning import Captioner
 from fgl_client.prompts import class_prompts, instance_prompt
@@ -15,7 +17,16 @@ from fgl_client.silo import Silo
 from fgl_client.text_encoding import OpenClipTextEncoder, TextEncoder, TransformersTextEncoder
 from fgl_core.class_list import name_digests
 from fgl_core.dp import privatize
-from fgl_core.payload import PROBE_PROMPT, EmbeddingPayload, EmbedRequest
+from fgl_core.payload import (
+    CHUNK_RECORD,
+    PROBE_PROMPT,
+    ROW_ARRAYS,
+    ChunkRequest,
+    EmbeddingPayload,
+    EmbedRequest,
+    PayloadError,
+    chunk_records,
+)
 from fgl_core.pretrained import resolve_model_ref
 from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
 from fgl_core.seeds import derive_seed
@@ -33,8 +44,10 @@ def text_encoder(generator: str, cache_dir: str, device: str, spec: str = "") ->
 
 
 @functools.lru_cache(maxsize=2)
-def captioner(ref: str, cache_dir: str, device: str) -> Captioner:
-    return Captioner(resolve_model_ref(ref, "captioner", cache_dir), torch.device(device))
+def captioner(ref: str, cache_dir: str, device: str, max_tokens: int = 30) -> Captioner:
+    return Captioner(
+        resolve_model_ref(ref, "captioner", cache_dir), torch.device(device), max_tokens
+    )
 
 
 def pick_images_to_caption(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -117,5 +130,41 @@ def embed_silo(
 ) -> EmbeddingPayload:
     encoder = text_encoder(request.generator, str(cache_dir), device, request.text_encoder)
     return build_payload(
-        request, silo, encoder, lambda: captioner(request.captioner, str(cache_dir), device)
+        request,
+        silo,
+        encoder,
+        lambda: captioner(request.captioner, str(cache_dir), device, request.caption_max_tokens),
     )
+
+
+# A payload of several chunks waits on the silo's disk for the server's chunk requests (a
+# deployed silo answers each message in a fresh process): one per node, gone once every chunk
+# was served (the requests come all at once, in any order)
+KEPT_PAYLOADS = "embed-chunks"
+
+
+def keep_for_chunks(payload: EmbeddingPayload, cache_dir: str | Path, node_id: int) -> None:
+    """Keep a payload's rows until the server has fetched its chunks; replaces any kept before."""
+    node_dir = Path(cache_dir) / KEPT_PAYLOADS / str(node_id)
+    shutil.rmtree(node_dir, ignore_errors=True)
+    (node_dir / payload.digest).mkdir(parents=True)
+    for key, _ in ROW_ARRAYS:
+        np.save(node_dir / payload.digest / f"{key}.npy", getattr(payload, key))
+
+
+def kept_chunk(request: ChunkRequest, cache_dir: str | Path, node_id: int) -> RecordDict:
+    """Chunk `request.index` of the payload this node kept (its rows read from disk alone)."""
+    kept = Path(cache_dir) / KEPT_PAYLOADS / str(node_id) / request.digest
+    if not kept.is_dir():
+        raise PayloadError(
+            f"this silo keeps no payload {request.digest[:12]} (its chunks were all sent, or a "
+            "later embed request replaced it): ask again with query.embed"
+        )
+    rows = [
+        np.load(kept / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key, _ in ROW_ARRAYS
+    ]
+    content = chunk_records(*rows, request.index, request.chunk_bytes, request.digest)
+    if request.index == int(content[CHUNK_RECORD]["count"]) - 1:
+        del rows
+        shutil.rmtree(kept.parent, ignore_errors=True)
+    return content

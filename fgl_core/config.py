@@ -119,6 +119,7 @@ class RunConfig(BaseModel):
     prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
     max_captions_per_class: int = Field(20, ge=1, le=1_000_000)
     caption_batch_size: int = Field(16, ge=1, le=4096)
+    caption_max_tokens: int = Field(30, ge=1, le=75)  # a caption's length, at most
     # the silo-side noise defence (fgl_core.dp): each embedding clipped to this L2 norm, then
     # Gaussian noise of standard deviation embedding-noise x 2 x embedding-clip; 0 = off
     embedding_clip: float = Field(0.0, ge=0.0)
@@ -153,6 +154,9 @@ class RunConfig(BaseModel):
     server_finetune_epochs: int = Field(0, ge=0, le=100_000)
     embed_timeout: float = Field(600.0, gt=0.0)
     max_embeddings_per_silo: int = Field(10_000, ge=1, le=10_000_000)
+    max_payload_mib: float = Field(512.0, gt=0.0, le=2.0**20)  # a silo's whole payload
+    # a payload larger than this travels in several messages (chunks) of at most this size
+    embed_chunk_mib: float = Field(64.0, ge=0.01, le=1024.0)
     probe_tolerance: float = Field(0.02, gt=0.0)
 
     # Baselines: FedOpt (Flower's FedAdam), FedProx, MOON
@@ -292,6 +296,14 @@ class RunConfig(BaseModel):
     def projection_dim(self) -> int:
         """MOON's model carries a projection head; the others do not."""
         return self.moon_projection_dim if self.strategy == "moon" else 0
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_payload_mib * 2**20)
+
+    @property
+    def embed_chunk_bytes(self) -> int:
+        return int(self.embed_chunk_mib * 2**20)
 
     @property
     def effective_synthetic_weight_decay(self) -> float:

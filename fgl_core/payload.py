@@ -20,13 +20,26 @@ to at most its histogram's count there, and with `secure-histograms` (no histogr
 and a weight would tell a count) every weight is 1.
 Every array travels as a NumPy `.npy` buffer of exactly the dtype above; anything else is
 refused before a byte is allocated for it.
+
+Chunks: a payload larger than the request's `chunk-bytes` travels in several replies. The reply
+to `query.embed` is chunk 0: the records above with the first rows only, `summary` counting the
+whole payload, and a ConfigRecord `chunk` (`index` 0, `count`, `rows`, `payload-digest`). The
+server then asks for chunk k = 1..count-1 by `query.embed_chunk` (ConfigRecord `chunk-request`:
+`index`, `payload-digest`, `chunk-bytes`); each reply holds `embedding` (`embeds`, `labels`,
+`weights` of those rows) and its `chunk` record. Every chunk but the last holds exactly
+`rows_per_chunk(width, chunk-bytes)` rows, and the digest (SHA-256 of the whole payload's rows)
+ties the pieces together: the server accepts the reassembled payload only if it matches.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import io
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,6 +52,7 @@ from fgl_core.config import RunConfig, Settings, _kebab
 from fgl_core.npy import read_npy_header
 
 EMBED_MESSAGE_TYPE = "query.embed"
+CHUNK_MESSAGE_TYPE = "query.embed_chunk"  # the rest of a payload larger than one chunk
 # with secure-histograms, a silo's label histogram reaches the server only inside a SecAgg+ sum
 # (fgl_client.secure_histogram, strategies.secure_histogram), each count at most this
 SECURE_HISTOGRAM_MAX_COUNT = 2**20
@@ -49,6 +63,9 @@ REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
     "summary",
     "silo",
 )
+CHUNK_RECORD, CHUNK_REQUEST_RECORD = "chunk", "chunk-request"
+SEQUENCE_LENGTH = 77  # CLIP's: every embedding is (77, width)
+ROW_EXTRA_BYTES = 16  # a row's label and weight, beside its embedding
 
 
 TYPE_NAMES = {"int_type": "int", "string_type": "str", "bool_type": "bool"}  # pydantic's
@@ -69,15 +86,18 @@ class EmbedRequest(Settings):
     captioner: str
     max_captions_per_class: int
     caption_batch_size: int
+    caption_max_tokens: int
     seed: int
     embedding_clip: float  # 0: embeddings go as encoded; else clipped and noised (fgl_core.dp)
     embedding_noise: float
     secure_histograms: bool  # True: prompts for every class, the histogram only by SecAgg+
+    chunk_bytes: int  # the most payload bytes one reply carries (see "Chunks" above)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **values: Any) -> EmbedRequest:
         """The run's request: its template is the one the prompt mode takes if none is set."""
-        return super().from_config(cfg, **{"template": cfg.effective_prompt_template, **values})
+        defaults = {"template": cfg.effective_prompt_template, "chunk_bytes": cfg.embed_chunk_bytes}
+        return super().from_config(cfg, **{**defaults, **values})
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({_kebab(name): value for name, value in self})
@@ -116,29 +136,78 @@ class EmbeddingPayload:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.embeds, self.labels, self.weights, self.probe))
 
-    def to_records(self) -> RecordDict:
-        arrays = ArrayRecord(
-            {
-                "embeds": Array(self.embeds),
-                "labels": Array(self.labels),
-                "weights": Array(self.weights),
-                "probe": Array(self.probe),
-            }
-        )
-        summary = MetricRecord(
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the rows (embeds, labels, weights with their shapes): what ties chunks."""
+        return rows_digest(self.embeds, self.labels, self.weights)
+
+    def num_chunks(self, chunk_bytes: int) -> int:
+        return max(1, -(-len(self.labels) // rows_per_chunk(self.embeds.shape[-1], chunk_bytes)))
+
+    def to_records(self, chunk_bytes: int = 2**62) -> RecordDict:
+        """The reply to `query.embed`: the whole payload, or its chunk 0 when it is larger than
+        `chunk_bytes` (the rest: `chunk_records`)."""
+        content = chunk_records(self.embeds, self.labels, self.weights, 0, chunk_bytes, self.digest)
+        content.array_records[EMBEDDING_RECORD]["probe"] = Array(self.probe)
+        content[SUMMARY_RECORD] = MetricRecord(
             {
                 "num-embeddings": len(self.labels),
                 "payload-bytes": self.nbytes,
                 "captions-failed": self.captions_failed,
             }
         )
-        silo = ConfigRecord(
+        content[SILO_RECORD] = ConfigRecord(
             {
                 "label-histogram": [int(c) for c in self.label_histogram],
                 DIGESTS_KEY: list(self.class_name_digests),
             }
         )
-        return RecordDict({EMBEDDING_RECORD: arrays, SUMMARY_RECORD: summary, SILO_RECORD: silo})
+        return content
+
+    @classmethod
+    def from_chunks(cls, pieces: list[RecordDict], max_bytes: int = 2**62) -> EmbeddingPayload:
+        """The payload from its replies in order (chunk 0 first), decoded as `from_records`
+        decodes one; every chunk must be in its place, of the rows it should hold, and the
+        whole must have the digest chunk 0 announced."""
+        first = ChunkInfo.from_content(pieces[0])
+        if first.index != 0 or len(pieces) != first.count:
+            raise PayloadError(
+                f"chunk 0 announces {first.count} chunks (index {first.index}); "
+                f"{len(pieces)} arrived"
+            )
+        head = cls.from_records(pieces[0], max_bytes)
+        parts = [(head.embeds, head.labels, head.weights)]
+        total = head.nbytes
+        for index, piece in enumerate(pieces[1:], start=1):
+            info = ChunkInfo.from_content(piece)
+            if (info.index, info.count, info.digest) != (index, first.count, first.digest):
+                raise PayloadError(
+                    f"chunk {index} says it is chunk {info.index} of {info.count} of payload "
+                    f"{info.digest[:12]}; expected {index} of {first.count} of {first.digest[:12]}"
+                )
+            arrays = _record(piece, EMBEDDING_RECORD, "array_records", "an ArrayRecord")
+            total += _array_bytes(arrays)
+            if total > max_bytes:
+                raise PayloadError(f"chunks 0..{index} hold {total} bytes; at most {max_bytes}")
+            parts.append(tuple(read_npy(arrays, k, t) for k, t in ROW_ARRAYS))  # type: ignore[misc]
+        per_chunk = len(parts[0][1])
+        for index, (embeds, labels, weights) in enumerate(parts):
+            last = index == len(parts) - 1
+            if embeds.shape[1:] != head.embeds.shape[1:] or not (
+                len(embeds) == len(labels) == len(weights)
+                and (len(labels) == per_chunk or (last and 0 < len(labels) <= per_chunk))
+            ):
+                raise PayloadError(
+                    f"chunk {index} holds embeds {embeds.shape}, labels {labels.shape} and "
+                    f"weights {weights.shape}; chunk 0 holds {per_chunk} rows of "
+                    f"{head.embeds.shape[1:]}, and so must every chunk but the last"
+                )
+        if first.count > 1:
+            embeds, labels, weights = (np.concatenate(p) for p in zip(*parts, strict=True))
+            head = dataclasses.replace(head, embeds=embeds, labels=labels, weights=weights)
+        if len(head.labels) != first.rows:
+            raise PayloadError(f"chunk 0 announces {first.rows} rows; {len(head.labels)} arrived")
+        return head
 
     @classmethod
     def from_records(cls, content: RecordDict, max_bytes: int = 2**62) -> EmbeddingPayload:
@@ -148,10 +217,9 @@ class EmbeddingPayload:
         arrays = _record(content, EMBEDDING_RECORD, "array_records", "an ArrayRecord")
         summary = _record(content, SUMMARY_RECORD, "metric_records", "a MetricRecord")
         silo = _record(content, SILO_RECORD, "config_records", "a ConfigRecord")
-        sizes = {key: len(getattr(a, "data", b"")) for key, a in arrays.items()}
-        if sum(sizes.values()) > max_bytes:
+        if _array_bytes(arrays) > max_bytes:
             raise PayloadError(
-                f"{EMBEDDING_RECORD!r} holds {sum(sizes.values())} bytes; at most {max_bytes}"
+                f"{EMBEDDING_RECORD!r} holds {_array_bytes(arrays)} bytes; at most {max_bytes}"
             )
         histogram = silo.get("label-histogram")
         if not isinstance(histogram, list) or not all(_is_int(c) for c in histogram):
@@ -179,6 +247,124 @@ class EmbeddingPayload:
             captions_failed=int(failed),
             class_name_digests=tuple(digests),
         )
+
+
+ROW_ARRAYS = (("embeds", np.float16), ("labels", np.int64), ("weights", np.int64))
+
+
+def rows_per_chunk(width: int, chunk_bytes: int) -> int:
+    """Rows of width `width` one chunk of at most `chunk_bytes` holds (at least one)."""
+    return max(1, chunk_bytes // (SEQUENCE_LENGTH * width * 2 + ROW_EXTRA_BYTES))
+
+
+def rows_digest(embeds: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> str:
+    hasher = hashlib.sha256()
+    for array in (embeds, labels, weights):
+        hasher.update(f"{array.dtype.str}{array.shape}".encode())
+        hasher.update(np.ascontiguousarray(array).data)
+    return hasher.hexdigest()
+
+
+def chunk_records(
+    embeds: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    index: int,
+    chunk_bytes: int,
+    digest: str,
+) -> RecordDict:
+    """Chunk `index` of a payload's rows: its `embedding` arrays and its `chunk` record."""
+    per_chunk = rows_per_chunk(embeds.shape[-1], chunk_bytes)
+    count = max(1, -(-len(labels) // per_chunk))
+    if not 0 <= index < count:
+        raise PayloadError(f"chunk {index} does not exist: the payload has chunks 0..{count - 1}")
+    rows = slice(index * per_chunk, (index + 1) * per_chunk)
+    arrays = ArrayRecord(
+        {
+            key: Array(np.ascontiguousarray(a[rows]))
+            for key, a in zip(
+                ("embeds", "labels", "weights"), (embeds, labels, weights), strict=True
+            )
+        }
+    )
+    info = ChunkInfo(index=index, count=count, rows=len(labels), digest=digest)
+    return RecordDict({EMBEDDING_RECORD: arrays, CHUNK_RECORD: info.to_record()})
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """The server's ask for chunk `index` of the payload with `digest` (`query.embed_chunk`)."""
+
+    index: int
+    digest: str
+    chunk_bytes: int
+
+    def to_content(self) -> RecordDict:
+        record = {
+            "index": self.index,
+            "payload-digest": self.digest,
+            "chunk-bytes": self.chunk_bytes,
+        }
+        return RecordDict({CHUNK_REQUEST_RECORD: ConfigRecord(record)})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> ChunkRequest:
+        record = _record(content, CHUNK_REQUEST_RECORD, "config_records", "a ConfigRecord")
+        index, digest, size = (record.get(k) for k in ("index", "payload-digest", "chunk-bytes"))
+        if not (_is_int(index) and _is_int(size) and index >= 1 and size >= 1):
+            raise PayloadError(
+                f"{CHUNK_REQUEST_RECORD!r} should hold index >= 1 and chunk-bytes >= 1, got "
+                f"{_describe(dict(record))}"
+            )
+        if not _is_digest(digest):
+            raise PayloadError(f"{CHUNK_REQUEST_RECORD!r} holds no hex SHA-256 payload-digest")
+        return cls(index, digest, size)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Which piece of which payload a reply holds (its `chunk` record)."""
+
+    index: int
+    count: int
+    rows: int  # in the whole payload
+    digest: str  # rows_digest of the whole payload
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "index": self.index,
+                "count": self.count,
+                "rows": self.rows,
+                "payload-digest": self.digest,
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> ChunkInfo:
+        record = _record(content, CHUNK_RECORD, "config_records", "a ConfigRecord")
+        values = {k: record.get(k) for k in ("index", "count", "rows", "payload-digest")}
+        if not all(_is_int(values[k]) for k in ("index", "count", "rows")) or not _is_digest(
+            values["payload-digest"]
+        ):
+            raise PayloadError(
+                f"{CHUNK_RECORD!r} should hold integers index, count, rows and a hex SHA-256 "
+                f"payload-digest, got {_describe(dict(record))}"
+            )
+        info = cls(values["index"], values["count"], values["rows"], values["payload-digest"])
+        if not (0 <= info.index < info.count and 1 <= info.count <= max(1, info.rows)):
+            raise PayloadError(
+                f"{CHUNK_RECORD!r} says chunk {info.index} of {info.count} for {info.rows} rows"
+            )
+        return info
+
+
+def _is_digest(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
+
+
+def _array_bytes(arrays: ArrayRecord) -> int:
+    return sum(len(getattr(a, "data", b"")) for a in arrays.values())
 
 
 def _is_int(value: object) -> bool:

@@ -113,7 +113,7 @@ def silo_texts(
 
     def captioner_fn() -> Captioner:
         if not made:
-            made.append(captioner(request.captioner, cache_dir, "cpu"))
+            made.append(captioner(request.captioner, cache_dir, "cpu", request.caption_max_tokens))
         return made[0]
 
     prompts: list[str] = []

@@ -19,6 +19,7 @@ from fgl_core.datasets import DatasetSplits, ImageSet
 from fgl_core.dp import noise_std
 from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
+    CHUNK_MESSAGE_TYPE,
     EMBED_MESSAGE_TYPE,
     REQUEST_RECORD,
     EmbeddingPayload,
@@ -37,9 +38,14 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthesis_pool import RayShardPool
 from fgl_server.synthetic_store import ShardStream, SyntheticStore, synthesize_into_store
-from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload
+from fgl_server.validation import (
+    PayloadLimits,
+    PayloadRejected,
+    accept_payload,
+    announced_chunks,
+)
 from strategies.build import build_strategy
-from strategies.fgl import collect_embeddings
+from strategies.fgl import collect_embeddings, fetch_chunks
 from strategies.secure_histogram import secure_histogram_sum
 
 log = logging.getLogger(__name__)
@@ -67,17 +73,44 @@ def store_manifest(
 
 
 def validated_payloads(
-    replies: dict[int, RecordDict], limits: PayloadLimits
+    replies: dict[int, RecordDict],
+    limits: PayloadLimits,
+    grid: Grid | None = None,
+    timeout: float = 600.0,
 ) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
-    """Each reply through the boundary: accepted payloads and, by node, why the others were not."""
-    payloads, rejected = {}, {}
+    """Each reply through the boundary, with the rest of its chunks fetched through `grid` when
+    it announces more (and may send them; without a grid such a node is rejected): accepted
+    payloads and, by node, why the others were not."""
+    rejected: dict[str, str] = {}
+
+    def reject(node_id: int, reason: str) -> None:
+        rejected[f"node {node_id}"] = reason
+        log.warning("rejected %s", reason)
+
+    announced = {}
     for node_id, content in replies.items():
-        node = f"node {node_id}"
         try:
-            payloads[node] = accept_payload(node, content, limits)
+            info = announced_chunks(f"node {node_id}", content, limits)
+            if info.count > 1 and grid is None:
+                raise PayloadRejected(f"node {node_id}: sent chunk 0 of {info.count} alone")
+            announced[node_id] = (info.count, info.digest)
         except PayloadRejected as err:
-            rejected[node] = str(err)
-            log.warning("rejected %s", err)
+            reject(node_id, str(err))
+    pieces, failed = fetch_chunks(
+        grid,  # type: ignore[arg-type]  # only used for chunked payloads, which need one
+        {n: replies[n] for n in announced},
+        announced,
+        limits.chunk_bytes,
+        timeout,
+    )
+    for node_id, why in failed.items():
+        reject(node_id, f"node {node_id}: {why}")
+    payloads = {}
+    for node_id, content in pieces.items():
+        try:
+            payloads[f"node {node_id}"] = accept_payload(f"node {node_id}", content, limits)
+        except PayloadRejected as err:
+            reject(node_id, str(err))
     return payloads, rejected
 
 
@@ -102,6 +135,8 @@ def payload_limits(
         num_classes=len(class_names),
         probe=engine.probe,
         max_rows=cfg.max_embeddings_per_silo,
+        max_bytes=cfg.max_payload_bytes,
+        chunk_bytes=cfg.embed_chunk_bytes,
         probe_tolerance=cfg.probe_tolerance,
         class_prompts=engine.encode(texts).float().cpu().numpy(),
         class_prompt_rows=rows,
@@ -173,13 +208,15 @@ def embedding_round(
             min_nodes=cfg.min_nodes,
             node_wait_timeout=cfg.connect_timeout,
         )
-    payloads, rejected = validated_payloads(round0.replies, limits)
+        payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
     rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
-    received = {
-        f"node {e.node_id}": e.bytes_received
-        for e in grid.exchanges
-        if e.message_type == EMBED_MESSAGE_TYPE
-    }
+    received: dict[str, int] = {}
+    chunks: dict[str, int] = {}
+    for e in grid.exchanges:
+        if e.message_type in (EMBED_MESSAGE_TYPE, CHUNK_MESSAGE_TYPE):
+            node = f"node {e.node_id}"
+            received[node] = received.get(node, 0) + e.bytes_received
+            chunks[node] = chunks.get(node, 0) + (e.message_type == CHUNK_MESSAGE_TYPE)
     recorder.set(
         "embedding",
         {
@@ -187,6 +224,7 @@ def embedding_round(
             "nodes-accepted": sorted(payloads),
             "rejected": rejected,
             "bytes-per-node": received,
+            "chunks-per-node": {n: 1 + c for n, c in chunks.items() if n in payloads},
             "embeddings-per-node": {n: len(p.labels) for n, p in payloads.items()},
         },
     )

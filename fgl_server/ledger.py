@@ -23,7 +23,6 @@ from flwr.serverapp import Grid
 
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
 from fgl_core.payload import SILO_RECORD  # the ConfigRecord in which a silo describes its data
-from strategies.nodes import replying_node, sent_ids
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -92,32 +91,33 @@ class RecordingGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
-        pending: dict[int, Exchange] = {}
+        entries = []
         for msg in messages:
             config = msg.content.config_records.get("config")
             if config is not None and "server-round" in config:
                 self.current_round = int(config["server-round"])  # type: ignore[arg-type]
-            entry = Exchange(
-                self.current_round,
-                msg.metadata.message_type,
-                msg.metadata.dst_node_id,
-                payload_bytes(msg.content),
+            entries.append(
+                Exchange(
+                    self.current_round,
+                    msg.metadata.message_type,
+                    msg.metadata.dst_node_id,
+                    payload_bytes(msg.content),
+                )
             )
-            pending[entry.node_id] = entry
-            self.exchanges.append(entry)
+        self.exchanges.extend(entries)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        sent = sent_ids(messages)
-        by_node = {m.metadata.dst_node_id: m for m in messages}
+        # a node may get several messages (a payload's chunks): each reply answers one message
+        pending = {m.metadata.message_id: (m, e) for m, e in zip(messages, entries, strict=True)}
         checked = []
         for reply in replies:
-            node = replying_node(reply, sent)
-            entry = pending.pop(node, None)
-            if entry is not None and not reply.has_error():
-                entry.bytes_received = payload_bytes(reply.content)
-            reply = self._check_class_list(node, reply, by_node)
-            checked.append(reply)
-            if entry is None:
+            sent, entry = pending.pop(reply.metadata.reply_to_message_id, (None, None))
+            if sent is None or entry is None:
+                checked.append(reply)
                 continue
+            if not reply.has_error():
+                entry.bytes_received = payload_bytes(reply.content)
+            reply = self._check_class_list(entry.node_id, reply, sent)
+            checked.append(reply)
             if reply.has_error():
                 entry.error = reply.error.reason or f"error code {reply.error.code}"
                 continue
@@ -129,13 +129,13 @@ class RecordingGrid(Grid):
             described = {k: v for k, v in (silo or {}).items() if k != DIGESTS_KEY}
             if described:  # the latest description of the silo's data (evaluate replies: none)
                 self.silos[entry.node_id] = described
-        for entry in pending.values():
+        for _, entry in pending.values():
             entry.error = f"no reply within the timeout ({timeout} s)"
         return checked
 
-    def _check_class_list(self, node: int, reply: Message, by_node: dict[int, Message]) -> Message:
+    def _check_class_list(self, node: int, reply: Message, sent: Message) -> Message:
         """`reply`, or an error reply in its place if its silo has another class list."""
-        if reply.has_error() or node not in by_node:
+        if reply.has_error():
             return reply
         silo = reply.content.config_records.get(SILO_RECORD)
         if silo is None:  # a reply that does not describe the silo's data (a SecAgg+ stage)
@@ -145,7 +145,7 @@ class RecordingGrid(Grid):
             return reply
         reason = f"rejected by the server: node {node}: {problem}"
         log.warning("%s", reason)
-        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=by_node[node])
+        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent)
 
     # --- summaries for results.json ---
     def to_json(self) -> dict:

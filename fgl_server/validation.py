@@ -3,6 +3,9 @@
 `accept_payload` is the boundary: whatever bytes and records a silo sent, it returns a checked
 `EmbeddingPayload` or raises `PayloadRejected` with a reason that names the node and says what
 was expected and what arrived; the run goes on with the other silos. What it checks:
+- chunks: before asking for more than chunk 0, that the payload it announces is within the
+  limits and cut as the request said (`announced_chunks`); then that the chunks make the
+  payload whose digest chunk 0 announced;
 - structure: each record of its kind, each array of its wire dtype, shapes that account for the
   bytes (nothing is allocated beyond the bytes that arrived, which are capped);
 - claims: histogram counts and weights are integers in [0, MAX_COUNT]; a silo sends prompts only
@@ -22,9 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import RecordDict
 
-from fgl_core.payload import EmbeddingPayload, PayloadError
+from fgl_core.payload import (
+    ROW_EXTRA_BYTES,
+    SEQUENCE_LENGTH,
+    ChunkInfo,
+    EmbeddingPayload,
+    PayloadError,
+    rows_per_chunk,
+)
 
-SEQUENCE_LENGTH = 77
 MAX_COUNT = 10**9  # images a silo may claim per class: beyond any silo, far from int64's end
 
 
@@ -34,7 +43,8 @@ class PayloadLimits:
     num_classes: int
     probe: np.ndarray  # the server's own encoding of PROBE_PROMPT, (77, width) float32
     max_rows: int = 10_000
-    max_bytes: int = 512 * 2**20
+    max_bytes: int = 512 * 2**20  # a silo's whole payload, all its chunks
+    chunk_bytes: int = 64 * 2**20  # the request's: rows per chunk follow from it and the width
     # ||silo - server|| / ||server||: fp16 weights or another library stay near 1e-3, another
     # encoder is off by order 1
     probe_tolerance: float = 0.02
@@ -55,11 +65,49 @@ class PayloadRejected(ValueError):
     """A silo's reply that cannot be used; the message names the node and the reason."""
 
 
-def accept_payload(node: str, content: RecordDict, limits: PayloadLimits) -> EmbeddingPayload:
-    """The boundary: a checked payload, or `PayloadRejected` naming the node, whatever arrived."""
+def announced_chunks(node: str, first: RecordDict, limits: PayloadLimits) -> ChunkInfo:
+    """What chunk 0 announces, if the server should fetch it: no more rows and bytes than the
+    limits allow, cut into exactly the chunks the request's chunk size gives at this width."""
     try:
-        payload = EmbeddingPayload.from_records(content, max_bytes=limits.max_bytes)
+        info = ChunkInfo.from_content(first)
+    except PayloadError as err:
+        raise PayloadRejected(f"{node}: {err}") from None
+    row_bytes = SEQUENCE_LENGTH * limits.width * 2 + ROW_EXTRA_BYTES
+    expected = -(-info.rows // rows_per_chunk(limits.width, limits.chunk_bytes))
+    if info.rows > limits.max_rows:
+        raise PayloadRejected(
+            f"{node}: announces {info.rows} embeddings; at most {limits.max_rows} are accepted "
+            "per silo (max-embeddings-per-silo)"
+        )
+    if info.rows * row_bytes > limits.max_bytes:
+        raise PayloadRejected(
+            f"{node}: announces {info.rows} embeddings of width {limits.width}, "
+            f"{info.rows * row_bytes} bytes; at most {limits.max_bytes} are accepted per silo "
+            "(max-payload-mib)"
+        )
+    if info.count != max(1, expected):
+        raise PayloadRejected(
+            f"{node}: announces {info.rows} embeddings in {info.count} chunks; chunks of "
+            f"{limits.chunk_bytes} bytes at width {limits.width} make {expected}"
+        )
+    return info
+
+
+def accept_payload(
+    node: str, content: RecordDict | list[RecordDict], limits: PayloadLimits
+) -> EmbeddingPayload:
+    """The boundary: a checked payload, or `PayloadRejected` naming the node, whatever arrived
+    (one reply, or a chunked payload's replies in order)."""
+    pieces = content if isinstance(content, list) else [content]
+    try:
+        payload = EmbeddingPayload.from_chunks(pieces, max_bytes=limits.max_bytes)
         validate_payload(node, payload, limits)
+        announced = ChunkInfo.from_content(pieces[0]).digest
+        if payload.digest != announced:
+            raise PayloadRejected(
+                f"{node}: its {len(pieces)} chunk(s) do not make the payload it announced "
+                f"(digest {payload.digest[:12]}, announced {announced[:12]})"
+            )
     except PayloadRejected:
         raise
     except PayloadError as err:

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fgl_core.payload import EMBED_MESSAGE_TYPE
+from fgl_core.payload import CHUNK_MESSAGE_TYPE, EMBED_MESSAGE_TYPE, ChunkRequest
 from strategies.nodes import replying_node, sent_ids, wait_for_nodes
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
@@ -82,6 +82,59 @@ def collect_embeddings(
     for node in pending:
         result.failures[node] = f"no reply after {attempts} attempts of {timeout} s"
     return result
+
+
+def fetch_chunks(
+    grid: Grid,
+    first: dict[int, RecordDict],
+    announced: dict[int, tuple[int, str]],
+    chunk_bytes: int,
+    timeout: float,
+) -> tuple[dict[int, list[RecordDict]], dict[int, str]]:
+    """The rest of each chunked payload (`announced`: node -> count, digest): one
+    `query.embed_chunk` per missing chunk, all sent at once (a grid waits seconds between pulls,
+    so one round trip per chunk would cost that each time), all due within `timeout`.
+
+    Returns each node's replies in order (chunk 0 from `first`), and why nodes failed: an error
+    reply, a chunk larger than `chunk_bytes`, or chunks missing after `timeout`.
+    """
+    messages, wanted = [], {}
+    for node, (count, digest) in announced.items():
+        for index in range(1, count):
+            request = ChunkRequest(index, digest, chunk_bytes).to_content()
+            messages.append(Message(request, dst_node_id=node, message_type=CHUNK_MESSAGE_TYPE))
+            wanted[id(messages[-1])] = index
+    received: dict[int, dict[int, RecordDict]] = {node: {0: c} for node, c in first.items()}
+    failures: dict[int, str] = {}
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    chunk_of = {m.metadata.message_id: (m.metadata.dst_node_id, wanted[id(m)]) for m in messages}
+    for reply in replies:
+        node, index = chunk_of.get(reply.metadata.reply_to_message_id, (-1, -1))
+        if node not in received or node in failures:
+            continue
+        size = 0 if reply.has_error() else content_bytes(reply.content)
+        if reply.has_error():
+            failures[node] = f"error reply to chunk {index}: {reply.error.reason}"
+        elif size > chunk_bytes + CHUNK_OVERHEAD:
+            failures[node] = f"chunk {index} holds {size} bytes; chunks are {chunk_bytes}"
+        else:
+            received[node][index] = reply.content
+    for node, (count, _) in announced.items():
+        missing = [k for k in range(count) if k not in received[node]]
+        if missing and node not in failures:
+            failures[node] = (
+                f"{len(missing)} of its {count} chunks did not arrive within {timeout} s"
+            )
+    pieces = {n: [r[k] for k in sorted(r)] for n, r in received.items() if n not in failures}
+    return pieces, failures
+
+
+CHUNK_OVERHEAD = 4096  # the .npy headers and records around a chunk's rows
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The bytes of every array in a message's content."""
+    return sum(len(a.data) for r in content.array_records.values() for a in r.values())
 
 
 class FGL(FedAvg):

@@ -25,9 +25,12 @@ from fgl_core.offline_models import clip_tokenizer
 from fgl_core.payload import (
     PROBE_PROMPT,
     REQUEST_RECORD,
+    ChunkInfo,
+    ChunkRequest,
     EmbeddingPayload,
     EmbedRequest,
     PayloadError,
+    rows_per_chunk,
 )
 from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
 from tests.conftest import silo_file
@@ -200,6 +203,14 @@ def test_instance_level_gives_one_embedding_per_captioned_image(blood_npz, cache
     assert payload.captions_failed == 0
 
 
+def test_captions_end_at_caption_max_tokens(cache_dir):
+    images = [np.full((28, 28, 3), value, np.uint8) for value in (30, 200)]
+    full = captioner("offline-tiny", cache_dir, "cpu").caption(images, 2).texts
+    short = captioner("offline-tiny", cache_dir, "cpu", 2).caption(images, 2).texts
+    assert all(len(text.split()) > 2 for text in full)  # the random captioner rambles on
+    assert all(0 < len(text.split()) <= 2 for text in short)  # two tokens: two words at most
+
+
 def test_unreadable_images_are_skipped_counted_and_reported(cache_dir, blood_npz):
     model = Captioner(resolve_model_ref("offline-tiny", "captioner", cache_dir), CPU)
     images = [np.full((28, 28, 3), 80, np.uint8) for _ in range(4)]
@@ -358,3 +369,34 @@ def test_silos_holding_open_clip_weights_join_an_fgl_run_through_the_probe_check
                 check_encoder("node 1", silo_probe, limits)
     with pytest.raises(ModelRefError, match="open_clip cannot build it"):
         text_encoder(str(generator), cache_dir, "cpu", f"open_clip:no-such-arch:{tmp_path}/x.pt")
+
+
+def test_a_payload_larger_than_a_chunk_is_served_chunk_by_chunk_from_the_silos_disk(
+    blood_npz, cache_dir, tmp_path, task_identity
+):
+    cfg = config(
+        blood_npz,
+        cache_dir,
+        **{"prompt-mode": "instance", "max-captions-per-class": 10, "embed-chunk-mib": 0.05},
+    )
+    request = EmbedRequest.from_config(cfg)
+    context = silo_context({**cfg.to_flower(), "cache-dir": str(tmp_path)}, 7, 0, 2)
+    ask = Message(RecordDict({REQUEST_RECORD: request.to_record()}), 7, "query.embed")
+    first = app(ask, context).content
+    info = ChunkInfo.from_content(first)
+    per_chunk = rows_per_chunk(32, request.chunk_bytes)  # the tiny encoder's width
+    captioned = [min(10, n) for n in first["silo"]["label-histogram"]]
+    assert info.count == -(-info.rows // per_chunk) >= 3 and info.rows == sum(captioned)
+    kept = tmp_path / "embed-chunks" / "7" / info.digest
+    assert sorted(p.name for p in kept.iterdir()) == ["embeds.npy", "labels.npy", "weights.npy"]
+    pieces = [first]
+    for index in range(1, info.count):
+        chunk = ChunkRequest(index, info.digest, request.chunk_bytes)
+        pieces.append(app(Message(chunk.to_content(), 7, "query.embed_chunk"), context).content)
+    assert not kept.exists()  # gone with the last chunk
+    payload = EmbeddingPayload.from_chunks(pieces)
+    assert payload.digest == info.digest
+    assert np.bincount(payload.labels, minlength=8).tolist() == captioned
+    again = ChunkRequest(1, info.digest, request.chunk_bytes).to_content()
+    with pytest.raises(PayloadError, match="keeps no payload"):  # Flower's runtime replies it
+        app(Message(again, 7, "query.embed_chunk"), context)

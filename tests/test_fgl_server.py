@@ -1,6 +1,8 @@
 """The server's FGL side: validation, planning, the synthesis engine and store, a whole run."""
 
 import json
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,8 +14,10 @@ from fgl_client.embedding import build_payload, text_encoder
 from fgl_client.silo import load_silo
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
-from fgl_core.payload import EmbeddingPayload, EmbedRequest
-from fgl_server.fgl_run import payload_limits, run_fgl
+from fgl_core.offline_models import TINY_TEXT_WIDTH
+from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, rows_per_chunk
+from fgl_server.fgl_run import payload_limits, run_fgl, validated_payloads
+from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
     GpuTuning,
@@ -25,6 +29,7 @@ from fgl_server.synthesis import (
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import StoreError, SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+from strategies.fgl import collect_embeddings
 from tests.conftest import launch
 
 CPU = torch.device("cpu")
@@ -369,14 +374,48 @@ def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
     assert [r["round"] for r in results["rounds"]] == [0, 1]
 
 
+def test_chunked_payloads_are_fetched_whole_and_an_oversized_chunk_rejects_its_silo(
+    blood_npz, blood_names, cache_dir, engine, task_identity
+):
+    cfg = fgl_config(
+        blood_npz,
+        cache_dir,
+        **{"prompt-mode": "instance", "max-captions-per-class": 8, "embed-chunk-mib": 0.05},
+    )
+    contexts = {n: silo_context(cfg.to_flower(), n, i, 3) for i, n in enumerate((101, 102, 103))}
+
+    def inflate_102s_chunk_2(reply: Message) -> Message:
+        content = reply.content
+        if reply.metadata.src_node_id == 102 and content["chunk"]["index"] == 2:
+            embeds = content["embedding"]["embeds"].numpy()
+            content["embedding"]["embeds"] = Array(np.concatenate([embeds] * 3))
+        return reply
+
+    grid = RecordingGrid(InProcessGrid(contexts, inflate_102s_chunk_2), blood_names)
+    request = EmbedRequest.from_config(cfg).to_record()
+    first = collect_embeddings(grid, request, REQUEST_RECORD, 60.0, min_nodes=3).replies
+    limits_ = payload_limits(cfg, engine, blood_names)
+    payloads, rejected = validated_payloads(first, limits_, grid, 60.0)
+    assert sorted(payloads) == ["node 101", "node 103"]
+    assert re.search(r"^node 102: chunk 2 holds \d+ bytes; chunks are 52428$", rejected["node 102"])
+    fetched = Counter(e.node_id for e in grid.exchanges if e.message_type == "query.embed_chunk")
+    for node, payload in payloads.items():
+        captioned = sum(min(8, n) for n in payload.label_histogram)
+        assert len(payload.labels) == captioned > 2 * rows_per_chunk(engine.width, 52428)
+        assert fetched[int(node.split()[1])] == payload.num_chunks(52428) - 1 >= 2
+
+
 # --- a whole run through Flower --------------------------------------------------------------
 
 
 def test_three_silo_fgl_simulation_end_to_end(blood_npz, tmp_path):
+    """At instance level: every one of 10,000 training images captioned, and each silo's
+    payload (thousands of embeddings, 10-22 MB) sent in chunks of 1 MiB."""
     overrides = (
-        f'strategy="fgl" generator="offline-tiny" dataset="{blood_npz}" train-subset=1500 '
+        f'strategy="fgl" generator="offline-tiny" dataset="{blood_npz}" train-subset=10000 '
         "eval-subset=400 images-per-class=12 steps=3 oneshot-epochs=2 num-server-rounds=2 "
-        "local-epochs=1 "
+        'local-epochs=1 prompt-mode="instance" max-captions-per-class=10000 '
+        "caption-max-tokens=2 embed-chunk-mib=1.0 "
         'server-finetune-epochs=1 synthesis-shard-size=32 run-name="fgl-e2e" '
         f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
     )
@@ -388,7 +427,13 @@ def test_three_silo_fgl_simulation_end_to_end(blood_npz, tmp_path):
     embedding = results["embedding"]
     assert embedding["nodes-asked"] == 3 and len(embedding["nodes-accepted"]) == 3
     assert embedding["rejected"] == {}
-    assert all(b > 0 for b in embedding["bytes-per-node"].values())
+    rows = embedding["embeddings-per-node"]
+    assert sum(rows.values()) == 10_000  # every training image captioned, none lost
+    per_chunk = rows_per_chunk(TINY_TEXT_WIDTH, 2**20)  # 212 rows of 77 x 32 float16
+    assert embedding["chunks-per-node"] == {n: -(-r // per_chunk) for n, r in rows.items()}
+    for node, count in rows.items():
+        assert embedding["bytes-per-node"][node] > count * 77 * TINY_TEXT_WIDTH * 2
+    assert not list((tmp_path / "cache" / "embed-chunks").rglob("*.npy"))  # all served
     synthesis = results["synthesis"]
     assert synthesis["images"] == synthesis["made"] == 8 * 12
     assert synthesis["images-per-class"] == [12] * 8 and synthesis["images-per-second"] > 0

@@ -12,10 +12,23 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fgl_core.payload import EMBEDDING_RECORD, SILO_RECORD, SUMMARY_RECORD, EmbeddingPayload
+from fgl_core.payload import (
+    EMBEDDING_RECORD,
+    SILO_RECORD,
+    SUMMARY_RECORD,
+    EmbeddingPayload,
+    chunk_records,
+    rows_per_chunk,
+)
 from fgl_server.fgl_run import validated_payloads
 from fgl_server.synthesis_plan import merge_payloads, plan_images
-from fgl_server.validation import MAX_COUNT, PayloadLimits, PayloadRejected, accept_payload
+from fgl_server.validation import (
+    MAX_COUNT,
+    PayloadLimits,
+    PayloadRejected,
+    accept_payload,
+    announced_chunks,
+)
 
 WIDTH, CLASSES = 8, 4
 PROBE = np.random.default_rng(0).standard_normal((77, WIDTH)).astype(np.float32)
@@ -218,3 +231,98 @@ def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
     scales = silo_scales([1, 2, 1000, 3000], 0.3)
     masses = np.array([1, 2, 1000, 3000]) * scales
     assert masses.max() / masses.sum() == pytest.approx(0.3) and scales[:2] == [1.0, 1.0]
+
+
+# --- chunked payloads ----------------------------------------------------------------------
+
+CHUNK_BYTES = 50_000  # 40 rows of width 8 (1,248 bytes each) per chunk
+CHUNKED = PayloadLimits(
+    width=WIDTH, num_classes=CLASSES, probe=PROBE, max_rows=1_000, chunk_bytes=CHUNK_BYTES
+)
+
+
+def many_rows(rows: int = 500) -> EmbeddingPayload:
+    rng = np.random.default_rng(2)
+    return EmbeddingPayload(
+        embeds=rng.standard_normal((rows, 77, WIDTH)).astype(np.float16),
+        labels=rng.integers(0, CLASSES, rows).astype(np.int64),
+        weights=np.ones(rows, np.int64),
+        probe=PROBE.astype(np.float16),
+        label_histogram=[rows] * CLASSES,
+    )
+
+
+def pieces_of(payload: EmbeddingPayload, chunk_bytes: int = CHUNK_BYTES) -> list[RecordDict]:
+    rows = (payload.embeds, payload.labels, payload.weights)
+    return [payload.to_records(chunk_bytes)] + [
+        chunk_records(*rows, k, chunk_bytes, payload.digest)
+        for k in range(1, payload.num_chunks(chunk_bytes))
+    ]
+
+
+def test_a_payload_cut_into_chunks_is_reassembled_whole():
+    payload = many_rows()
+    assert rows_per_chunk(WIDTH, CHUNK_BYTES) == 40 and payload.num_chunks(CHUNK_BYTES) == 13
+    pieces = pieces_of(payload)
+    assert announced_chunks("node 1", pieces[0], CHUNKED).count == 13
+    assert [len(p["embedding"]["labels"].numpy()) for p in pieces] == [40] * 12 + [20]
+    whole = accept_payload("node 1", pieces, CHUNKED)
+    for key in ("embeds", "labels", "weights"):
+        assert np.array_equal(getattr(whole, key), getattr(payload, key)), key
+    assert whole.digest == payload.digest and whole.label_histogram == payload.label_histogram
+
+
+def _swap(pieces: list[RecordDict]) -> list[RecordDict]:
+    return [pieces[0], pieces[2], pieces[1], *pieces[3:]]
+
+
+def _from_another_payload(pieces: list[RecordDict]) -> list[RecordDict]:
+    other = many_rows()
+    other = EmbeddingPayload(**{**other.__dict__, "embeds": other.embeds + np.float16(1)})
+    return [*pieces[:5], pieces_of(other)[5], *pieces[6:]]
+
+
+def _altered_rows(pieces: list[RecordDict]) -> list[RecordDict]:
+    embeds = pieces[3]["embedding"]["embeds"].numpy().copy()
+    embeds[0, 0, 0] += 1
+    pieces[3]["embedding"]["embeds"] = Array(embeds)
+    return pieces
+
+
+def _short_middle(pieces: list[RecordDict]) -> list[RecordDict]:
+    for key in ("embeds", "labels", "weights"):
+        array = pieces[4]["embedding"][key].numpy()
+        pieces[4]["embedding"][key] = Array(np.ascontiguousarray(array[:39]))
+    return pieces
+
+
+CHUNK_BREAKS = {
+    "one-missing": (lambda p: p[:-1], "announces 13 chunks .*12 arrived"),
+    "out-of-order": (_swap, "chunk 1 says it is chunk 2 of 13"),
+    "another-payload": (_from_another_payload, r"chunk 5 says .* of payload \w+; expected"),
+    "altered-rows": (_altered_rows, "do not make the payload it announced"),
+    "short-middle": (_short_middle, "chunk 4 holds embeds .*39.*every chunk but the last"),
+}
+
+
+@pytest.mark.parametrize("name", CHUNK_BREAKS)
+def test_chunks_that_do_not_make_the_announced_payload_are_rejected_by_name(name):
+    damage, reason = CHUNK_BREAKS[name]
+    with pytest.raises(PayloadRejected, match=f"^node 6: .*{reason}"):
+        accept_payload("node 6", damage(pieces_of(many_rows())), CHUNKED)
+
+
+def test_an_announcement_past_the_limits_is_refused_before_any_chunk_is_fetched():
+    pieces = pieces_of(many_rows())
+    few_rows = PayloadLimits(**{**CHUNKED.__dict__, "max_rows": 499})
+    with pytest.raises(PayloadRejected, match="announces 500 embeddings; at most 499"):
+        announced_chunks("node 2", pieces[0], few_rows)
+    few_bytes = PayloadLimits(**{**CHUNKED.__dict__, "max_bytes": 600_000})
+    with pytest.raises(PayloadRejected, match="624000 bytes; at most 600000"):
+        announced_chunks("node 2", pieces[0], few_bytes)
+    tiny_chunks = pieces_of(many_rows(), chunk_bytes=1)  # one row each: 500 round trips
+    with pytest.raises(PayloadRejected, match=r"500 embeddings in 500 chunks; .* make 13"):
+        announced_chunks("node 2", tiny_chunks[0], CHUNKED)
+    pieces[0]["chunk"]["count"] = 10**9
+    with pytest.raises(PayloadRejected, match="chunk 0 of 1000000000 for 500 rows"):
+        announced_chunks("node 2", pieces[0], CHUNKED)
