@@ -28,6 +28,7 @@ def payload_bytes(num_embeddings: int, num_classes: int) -> int:
         embeds=rng.standard_normal((num_embeddings, 77, SD21_WIDTH)).astype(np.float16),
         labels=np.arange(num_embeddings, dtype=np.int64) % num_classes,
         weights=np.ones(num_embeddings, np.int64),
+        domains=np.zeros(num_embeddings, np.int64),
         probe=rng.standard_normal((77, SD21_WIDTH)).astype(np.float16),
         label_histogram=[100] * num_classes,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +58,62 @@ def pick_images_to_caption(labels: np.ndarray, per_class: int, seed: int) -> np.
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
 
 
-def silo_prompts(
-    request: EmbedRequest, silo: Silo, captioner_fn=None
-) -> tuple[list[str], list[int], int]:
-    """The texts a silo encodes, their labels, and how many captions failed. Class level: one
-    prompt per class present (every class with secure histograms). Instance level: one per
-    captioned image. They never leave the silo (`fgl_privacy` recomputes them to measure what
-    their embeddings give away)."""
-    if request.prompt_mode == "class":
-        histogram = silo.train.label_histogram(silo.num_classes)
-        if request.secure_histograms:  # every class: the prompts say nothing of which it holds
-            histogram = [1] * silo.num_classes
-        prompts, labels = class_prompts(
-            silo.class_names, histogram, request.template, request.prompt_style
+@dataclass(frozen=True)
+class SiloPrompts:
+    """The texts a silo encodes, with each one's label and domain (its index in the request's
+    `domain-names`; 0 without domains), and how many captions failed."""
+
+    texts: list[str]
+    labels: list[int]
+    domains: list[int]
+    captions_failed: int = 0
+
+
+def image_domains(request: EmbedRequest, silo: Silo) -> np.ndarray:
+    """Each training image's domain as the request numbers them (all 0 without domains)."""
+    if not request.domain_names:
+        return np.zeros(len(silo.train), np.int64)
+    if silo.train.domains is None:
+        raise PayloadError(
+            f"the run gives prompts per domain ({request.domain_names}), but {silo.name}'s data "
+            "has no domain level (<domain>/train/<class>/...)"
         )
-        return prompts, labels, 0
+    missing = [d for d in silo.domain_names if d not in request.domain_names]
+    if missing:
+        raise PayloadError(
+            f"{silo.name} holds domains {missing} that the run's domain-prompts do not name "
+            f"(it names {request.domain_names})"
+        )
+    numbering = np.asarray([request.domain_names.index(d) for d in silo.domain_names], np.int64)
+    return numbering[silo.train.domains]
+
+
+def silo_prompts(request: EmbedRequest, silo: Silo, captioner_fn=None) -> SiloPrompts:
+    """Class level: one prompt per class present in each of the silo's domains (every class
+    with secure histograms). Instance level: one per captioned image. Each in its domain's
+    style and template. They never leave the silo (`fgl_privacy` recomputes them to measure what
+    their embeddings give away)."""
+    domains = image_domains(request, silo)
+
+    def style_and_template(domain: int) -> tuple[str, str]:
+        if not request.domain_names:
+            return request.prompt_style, request.template
+        return request.domain_styles[domain], request.domain_templates[domain] or request.template
+
+    if request.prompt_mode == "class":
+        texts, labels, prompt_domains = [], [], []
+        for domain in np.unique(domains).tolist():
+            histogram = np.bincount(
+                silo.train.labels[domains == domain], minlength=silo.num_classes
+            )
+            if request.secure_histograms:  # every class: the prompts say nothing of which it holds
+                histogram = np.ones(silo.num_classes, np.int64)
+            style, template = style_and_template(domain)
+            more, more_labels = class_prompts(silo.class_names, histogram.tolist(), template, style)
+            texts += more
+            labels += more_labels
+            prompt_domains += [domain] * len(more)
+        return SiloPrompts(texts, labels, prompt_domains)
     check_template(request.template, INSTANCE_FIELDS)
     chosen = pick_images_to_caption(
         silo.train.labels,
@@ -83,20 +125,22 @@ def silo_prompts(
         request.caption_batch_size,
         f"{silo.name} captions",
     )
-    labels = [int(silo.train.labels[chosen[k]]) for k in captions.kept]
-    prompts = [
-        instance_prompt(silo.class_names[label], text, request.template, request.prompt_style)
-        for label, text in zip(labels, captions.texts, strict=True)
-    ]
-    return prompts, labels, len(captions.failed)
+    images = [int(chosen[k]) for k in captions.kept]
+    labels = [int(silo.train.labels[i]) for i in images]
+    prompt_domains = [int(domains[i]) for i in images]
+    texts = []
+    for label, domain, caption in zip(labels, prompt_domains, captions.texts, strict=True):
+        style, template = style_and_template(domain)
+        texts.append(instance_prompt(silo.class_names[label], caption, template, style))
+    return SiloPrompts(texts, labels, prompt_domains, len(captions.failed))
 
 
 def build_payload(
     request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
 ) -> EmbeddingPayload:
     """The silo's embedding payload: its prompts encoded (and noised if the request says so)."""
-    prompts, labels, failed = silo_prompts(request, silo, captioner_fn)
-    embeds = encoder.encode(prompts)
+    prompts = silo_prompts(request, silo, captioner_fn)
+    embeds = encoder.encode(prompts.texts)
     if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
         noisy = privatize(
             embeds.numpy(), request.embedding_clip, request.embedding_noise, np.random.default_rng()
@@ -106,21 +150,22 @@ def build_payload(
     log.info(
         "%s: %d %s-level embeddings of width %d (%d captions failed)",
         silo.name,
-        len(prompts),
+        len(prompts.texts),
         request.prompt_mode,
         encoder.width,
-        failed,
+        prompts.captions_failed,
     )
     return EmbeddingPayload(
         embeds=embeds.to(torch.float16).numpy(),
-        labels=np.asarray(labels, np.int64),
-        weights=np.ones(len(labels), np.int64),
+        labels=np.asarray(prompts.labels, np.int64),
+        weights=np.ones(len(prompts.labels), np.int64),
+        domains=np.asarray(prompts.domains, np.int64),
         probe=probe.to(torch.float16).numpy(),
         # with secure histograms the server gets only their sum, by SecAgg+
         label_histogram=(
             [] if request.secure_histograms else silo.train.label_histogram(silo.num_classes)
         ),
-        captions_failed=failed,
+        captions_failed=prompts.captions_failed,
         class_name_digests=tuple(name_digests(silo.class_names)),
     )
 

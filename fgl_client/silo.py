@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ class Silo:
     test: ImageSet
     class_names: list[str]
     image_size: int
+    domain_names: list[str] = field(default_factory=list)  # train.domains index these
 
     @property
     def num_classes(self) -> int:
@@ -129,17 +131,22 @@ def _write_silo(path: Path, silo: Silo) -> None:
         class_names=np.asarray(silo.class_names, dtype=str),
         name=np.asarray(silo.name),
         partition_id=np.asarray(silo.partition_id),
+        domain_names=np.asarray(silo.domain_names, dtype=str),
+        **({} if silo.train.domains is None else {"train_domains": silo.train.domains}),
     )
     os.replace(tmp, path)  # atomic: a process reading it sees the old file or the whole new one
 
 
 def _read_silo(path: Path) -> Silo:
     with np.load(path, allow_pickle=False) as f:
-        train = ImageSet(f["train_images"], f["train_labels"])
+        domains = f.get("train_domains")
+        train = ImageSet(f["train_images"], f["train_labels"], domains)
         test = ImageSet(f["test_images"], f["test_labels"])
         names = [str(n) for n in f["class_names"].tolist()]
         name, partition_id = str(f["name"]), int(f["partition_id"])
-    return _described(Silo(name, partition_id, train, test, names, int(train.images.shape[1])))
+        domain_names = [str(n) for n in f["domain_names"].tolist()]
+    size = int(train.images.shape[1])
+    return _described(Silo(name, partition_id, train, test, names, size, domain_names))
 
 
 def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
@@ -168,13 +175,15 @@ def _partition_silo(cfg: RunConfig, partition_id: int, num_partitions: int) -> S
     data = _shared_dataset(cfg)
     train, test = silo_data(cfg, data, partition_id, num_partitions)
     name = f"partition {partition_id}/{num_partitions}"
-    return _described(Silo(name, partition_id, train, test, data.class_names, data.image_size))
+    silo = Silo(name, partition_id, train, test, data.class_names, data.image_size)
+    return _described(dataclasses.replace(silo, domain_names=data.domain_names))
 
 
 @functools.lru_cache(maxsize=2)
 def _node_local_silo(cfg: RunConfig, data_path: str) -> Silo:
     data = load_dataset(cfg, source=data_path)
-    return _described(Silo(data_path, -1, data.train, data.test, data.class_names, data.image_size))
+    silo = Silo(data_path, -1, data.train, data.test, data.class_names, data.image_size)
+    return _described(dataclasses.replace(silo, domain_names=data.domain_names))
 
 
 def _described(silo: Silo) -> Silo:

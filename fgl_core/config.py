@@ -23,6 +23,8 @@ from pydantic import (
 
 from fgl_core.prompt_templates import (
     CLASS_FIELDS,
+    DOMAIN_INSTANCE_TEMPLATE,
+    DOMAIN_TEMPLATE,
     INSTANCE_FIELDS,
     INSTANCE_TEMPLATE,
     PAPER_TEMPLATE,
@@ -117,6 +119,9 @@ class RunConfig(BaseModel):
     prompt_mode: Literal["class", "instance"] = "class"
     prompt_template: str = ""  # "" = the paper's template for the prompt mode
     prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
+    # prompts per domain: a YAML file (domain -> style, template, negative) or "domainnet"
+    # (fgl_core.domain_prompts); read by the server alone; "" = one style for every silo
+    domain_prompts: str = ""
     max_captions_per_class: int = Field(20, ge=1, le=1_000_000)
     caption_batch_size: int = Field(16, ge=1, le=4096)
     caption_max_tokens: int = Field(30, ge=1, le=75)  # a caption's length, at most
@@ -226,6 +231,15 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _one_style_or_one_per_domain(self) -> RunConfig:
+        if self.domain_prompts and self.prompt_style:
+            raise ValueError(
+                "prompt-style and domain-prompts both set: with domain-prompts each domain's "
+                "style comes from its entry"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _noise_needs_a_clip(self) -> RunConfig:
         if self.embedding_noise and not self.embedding_clip:
             raise ValueError(
@@ -260,6 +274,8 @@ class RunConfig(BaseModel):
     def effective_prompt_template(self) -> str:
         if self.prompt_template:
             return self.prompt_template
+        if self.domain_prompts:  # the paper's feature-skew template: each domain's style in it
+            return DOMAIN_TEMPLATE if self.prompt_mode == "class" else DOMAIN_INSTANCE_TEMPLATE
         return PAPER_TEMPLATE if self.prompt_mode == "class" else INSTANCE_TEMPLATE
 
     @classmethod
@@ -332,8 +348,8 @@ class Settings(BaseModel):
 
     A subclass lists the fields it needs. Those named like a `RunConfig` field take the config's
     value (so they have no defaults of their own to disagree with it); the others, and any the
-    caller wants otherwise, are given to `from_config`. `defaults` builds one from the default
-    config, for tests and benchmarks.
+    caller wants otherwise, are given to `from_config` (or keep their own default). `defaults`
+    builds one from the default config, for tests and benchmarks.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -341,7 +357,9 @@ class Settings(BaseModel):
     @classmethod
     def from_config(cls, cfg: RunConfig, **values: Any) -> Self:
         names = set(cls.model_fields) - set(values)
-        missing = sorted(n for n in names if n not in RunConfig.model_fields)
+        own = {n for n in names if n not in RunConfig.model_fields}
+        missing = sorted(n for n in own if cls.model_fields[n].is_required())
+        names -= own  # those left keep their own defaults
         if missing:
             raise TypeError(f"{cls.__name__}.from_config needs {', '.join(missing)}")
         return cls(**{n: getattr(cfg, n) for n in names}, **values)

@@ -3,9 +3,10 @@
 Request (server -> silo, message type `query.embed`): one ConfigRecord `embed-request`.
 Reply (silo -> server):
 - ArrayRecord `embedding`: `embeds` (N, 77, D) float16, `labels` (N,) int64, `weights` (N,)
-  int64, `probe` (77, D) float16: the silo's encoding of the public `PROBE_PROMPT`, so the
-  server can check that the silo's encoder computes the same function as its own, whichever
-  library ran it;
+  int64, `domains` (N,) int64 (each prompt's domain, an index into the request's
+  `domain-names`; 0 where the run has none), `probe` (77, D) float16: the silo's encoding of
+  the public `PROBE_PROMPT`, so the server can check that the silo's encoder computes the same
+  function as its own, whichever library ran it;
 - MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
 - ConfigRecord `silo`: `label-histogram` (images per class in the silo; empty with
   `secure-histograms`, where the server gets only the silos' sum, by SecAgg+) and
@@ -26,7 +27,7 @@ to `query.embed` is chunk 0: the records above with the first rows only, `summar
 whole payload, and a ConfigRecord `chunk` (`index` 0, `count`, `rows`, `payload-digest`). The
 server then asks for chunk k = 1..count-1 by `query.embed_chunk` (ConfigRecord `chunk-request`:
 `index`, `payload-digest`, `chunk-bytes`); each reply holds `embedding` (`embeds`, `labels`,
-`weights` of those rows) and its `chunk` record. Every chunk but the last holds exactly
+`weights`, `domains` of those rows) and its `chunk` record. Every chunk but the last holds exactly
 `rows_per_chunk(width, chunk-bytes)` rows, and the digest (SHA-256 of the whole payload's rows)
 ties the pieces together: the server accepts the reassembled payload only if it matches.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
@@ -65,7 +66,7 @@ REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
 )
 CHUNK_RECORD, CHUNK_REQUEST_RECORD = "chunk", "chunk-request"
 SEQUENCE_LENGTH = 77  # CLIP's: every embedding is (77, width)
-ROW_EXTRA_BYTES = 16  # a row's label and weight, beside its embedding
+ROW_EXTRA_BYTES = 24  # a row's label, weight and domain, beside its embedding
 
 
 TYPE_NAMES = {"int_type": "int", "string_type": "str", "bool_type": "bool"}  # pydantic's
@@ -92,11 +93,22 @@ class EmbedRequest(Settings):
     embedding_noise: float
     secure_histograms: bool  # True: prompts for every class, the histogram only by SecAgg+
     chunk_bytes: int  # the most payload bytes one reply carries (see "Chunks" above)
+    # prompts per domain (`domain-prompts`; empty: none): each domain's name, as the silos'
+    # <domain>/ folders name it, its style and its template ("" = `template`)
+    domain_names: list[str]
+    domain_styles: list[str]
+    domain_templates: list[str]
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **values: Any) -> EmbedRequest:
         """The run's request: its template is the one the prompt mode takes if none is set."""
-        defaults = {"template": cfg.effective_prompt_template, "chunk_bytes": cfg.embed_chunk_bytes}
+        defaults = {
+            "template": cfg.effective_prompt_template,
+            "chunk_bytes": cfg.embed_chunk_bytes,
+            "domain_names": [],
+            "domain_styles": [],
+            "domain_templates": [],
+        }
         return super().from_config(cfg, **{**defaults, **values})
 
     def to_record(self) -> ConfigRecord:
@@ -127,6 +139,7 @@ class EmbeddingPayload:
     embeds: np.ndarray  # (N, 77, D) float16
     labels: np.ndarray  # (N,) int64
     weights: np.ndarray  # (N,) int64
+    domains: np.ndarray  # (N,) int64: each prompt's domain in the request's list (0 without)
     probe: np.ndarray  # (77, D) float16
     label_histogram: list[int]
     captions_failed: int = 0
@@ -134,12 +147,13 @@ class EmbeddingPayload:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.embeds, self.labels, self.weights, self.probe))
+        rows = (self.embeds, self.labels, self.weights, self.domains, self.probe)
+        return sum(a.nbytes for a in rows)
 
     @functools.cached_property
     def digest(self) -> str:
-        """SHA-256 of the rows (embeds, labels, weights with their shapes): what ties chunks."""
-        return rows_digest(self.embeds, self.labels, self.weights)
+        """SHA-256 of the rows (`ROW_KEYS`, with their shapes): what ties chunks together."""
+        return rows_digest(self.embeds, self.labels, self.weights, self.domains)
 
     def num_chunks(self, chunk_bytes: int) -> int:
         return max(1, -(-len(self.labels) // rows_per_chunk(self.embeds.shape[-1], chunk_bytes)))
@@ -147,7 +161,8 @@ class EmbeddingPayload:
     def to_records(self, chunk_bytes: int = 2**62) -> RecordDict:
         """The reply to `query.embed`: the whole payload, or its chunk 0 when it is larger than
         `chunk_bytes` (the rest: `chunk_records`)."""
-        content = chunk_records(self.embeds, self.labels, self.weights, 0, chunk_bytes, self.digest)
+        rows = (self.embeds, self.labels, self.weights, self.domains)
+        content = chunk_records(*rows, 0, chunk_bytes, self.digest)
         content.array_records[EMBEDDING_RECORD]["probe"] = Array(self.probe)
         content[SUMMARY_RECORD] = MetricRecord(
             {
@@ -176,7 +191,7 @@ class EmbeddingPayload:
                 f"{len(pieces)} arrived"
             )
         head = cls.from_records(pieces[0], max_bytes)
-        parts = [(head.embeds, head.labels, head.weights)]
+        parts = [(head.embeds, head.labels, head.weights, head.domains)]
         total = head.nbytes
         for index, piece in enumerate(pieces[1:], start=1):
             info = ChunkInfo.from_content(piece)
@@ -191,20 +206,21 @@ class EmbeddingPayload:
                 raise PayloadError(f"chunks 0..{index} hold {total} bytes; at most {max_bytes}")
             parts.append(tuple(read_npy(arrays, k, t) for k, t in ROW_ARRAYS))  # type: ignore[misc]
         per_chunk = len(parts[0][1])
-        for index, (embeds, labels, weights) in enumerate(parts):
+        for index, (embeds, labels, weights, domains) in enumerate(parts):
             last = index == len(parts) - 1
             if embeds.shape[1:] != head.embeds.shape[1:] or not (
-                len(embeds) == len(labels) == len(weights)
+                len(embeds) == len(labels) == len(weights) == len(domains)
                 and (len(labels) == per_chunk or (last and 0 < len(labels) <= per_chunk))
             ):
                 raise PayloadError(
-                    f"chunk {index} holds embeds {embeds.shape}, labels {labels.shape} and "
-                    f"weights {weights.shape}; chunk 0 holds {per_chunk} rows of "
+                    f"chunk {index} holds embeds {embeds.shape}, labels {labels.shape}, "
+                    f"weights {weights.shape} and domains {domains.shape}; chunk 0 holds "
+                    f"{per_chunk} rows of "
                     f"{head.embeds.shape[1:]}, and so must every chunk but the last"
                 )
         if first.count > 1:
-            embeds, labels, weights = (np.concatenate(p) for p in zip(*parts, strict=True))
-            head = dataclasses.replace(head, embeds=embeds, labels=labels, weights=weights)
+            joined = [np.concatenate(column) for column in zip(*parts, strict=True)]
+            head = dataclasses.replace(head, **dict(zip(ROW_KEYS, joined, strict=True)))
         if len(head.labels) != first.rows:
             raise PayloadError(f"chunk 0 announces {first.rows} rows; {len(head.labels)} arrived")
         return head
@@ -242,6 +258,7 @@ class EmbeddingPayload:
             embeds=read_npy(arrays, "embeds", np.float16),
             labels=read_npy(arrays, "labels", np.int64),
             weights=read_npy(arrays, "weights", np.int64),
+            domains=read_npy(arrays, "domains", np.int64),
             probe=read_npy(arrays, "probe", np.float16),
             label_histogram=[int(c) for c in histogram],
             captions_failed=int(failed),
@@ -249,7 +266,13 @@ class EmbeddingPayload:
         )
 
 
-ROW_ARRAYS = (("embeds", np.float16), ("labels", np.int64), ("weights", np.int64))
+ROW_ARRAYS = (
+    ("embeds", np.float16),
+    ("labels", np.int64),
+    ("weights", np.int64),
+    ("domains", np.int64),
+)
+ROW_KEYS = tuple(key for key, _ in ROW_ARRAYS)
 
 
 def rows_per_chunk(width: int, chunk_bytes: int) -> int:
@@ -257,9 +280,10 @@ def rows_per_chunk(width: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (SEQUENCE_LENGTH * width * 2 + ROW_EXTRA_BYTES))
 
 
-def rows_digest(embeds: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> str:
+def rows_digest(*rows: np.ndarray) -> str:
+    """SHA-256 of a payload's row arrays (`ROW_KEYS` order), with their dtypes and shapes."""
     hasher = hashlib.sha256()
-    for array in (embeds, labels, weights):
+    for array in rows:
         hasher.update(f"{array.dtype.str}{array.shape}".encode())
         hasher.update(np.ascontiguousarray(array).data)
     return hasher.hexdigest()
@@ -269,6 +293,7 @@ def chunk_records(
     embeds: np.ndarray,
     labels: np.ndarray,
     weights: np.ndarray,
+    domains: np.ndarray,
     index: int,
     chunk_bytes: int,
     digest: str,
@@ -282,9 +307,7 @@ def chunk_records(
     arrays = ArrayRecord(
         {
             key: Array(np.ascontiguousarray(a[rows]))
-            for key, a in zip(
-                ("embeds", "labels", "weights"), (embeds, labels, weights), strict=True
-            )
+            for key, a in zip(ROW_KEYS, (embeds, labels, weights, domains), strict=True)
         }
     )
     info = ChunkInfo(index=index, count=count, rows=len(labels), digest=digest)

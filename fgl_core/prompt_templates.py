@@ -7,6 +7,7 @@ import string
 
 PAPER_TEMPLATE = "{label}, real world images, high resolution"
 DOMAIN_TEMPLATE = "{label}, {style} with only one object in the picture"
+DOMAIN_INSTANCE_TEMPLATE = "{label}, {style}, {caption}, with only one object in the picture"
 INSTANCE_TEMPLATE = "{label}, {caption}, real world images, high resolution."
 
 CLASS_FIELDS = frozenset({"label", "style"})

@@ -118,7 +118,7 @@ def silo_texts(
 
     prompts: list[str] = []
     for silo in silos:
-        texts, _, _ = silo_prompts(request, silo, captioner_fn)
+        texts = silo_prompts(request, silo, captioner_fn).texts
         prompts += [t for t in texts[:per_silo] if t not in prompts]
     return prompts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,9 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from fgl_core.config import RunConfig
+from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
+from fgl_core.domain_prompts import DomainPrompt, DomainPromptsError, load_domain_prompts
 from fgl_core.dp import noise_std
 from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
@@ -61,6 +62,7 @@ def store_manifest(
         "steps": s.steps,
         "guidance": s.guidance,
         "negative-prompt": s.negative_prompt,
+        **({"domain-negative-prompts": s.negative_prompts} if s.domain_negatives else {}),
         "resolution": engine.resolution,
         "train-resolution": s.train_resolution,
         "device": engine.device.type,
@@ -115,21 +117,29 @@ def validated_payloads(
 
 
 def payload_limits(
-    cfg: RunConfig, engine: SynthesisEngine, class_names: list[str]
+    cfg: RunConfig,
+    engine: SynthesisEngine,
+    class_names: list[str],
+    domains: Sequence[DomainPrompt] = (),
 ) -> PayloadLimits:
     """What a silo's payload must satisfy. The server encodes each class's prompt itself (public
-    template, public class names). At instance level it encodes the template's part before
-    `{caption}`: the text encoder is causal, so those rows of an honest embedding are exactly
-    that encoding whatever the private caption says."""
-    template, style = cfg.effective_prompt_template, cfg.prompt_style
-    if cfg.prompt_mode == "instance":
-        prefix = template.split("{caption}")[0]
-        texts = [class_prompt(prefix, name, style).rstrip() for name in class_names]
-        # the prefix's tokens with the start token, without the end token
-        rows = tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids)
-    else:
-        texts = [class_prompt(template, name, style) for name in class_names]
-        rows = None
+    template, style and class names), in each domain's style with `domain-prompts`. At instance
+    level it encodes the template's part before `{caption}`: the text encoder is causal, so
+    those rows of an honest embedding are exactly that encoding whatever the private caption
+    says."""
+    styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
+        (cfg.prompt_style, cfg.effective_prompt_template)
+    ]
+    encodings, rows = [], []
+    for style, template in styles:
+        if cfg.prompt_mode == "instance":
+            prefix = template.split("{caption}")[0]
+            texts = [class_prompt(prefix, name, style).rstrip() for name in class_names]
+            # the prefix's tokens with the start token, without the end token
+            rows.append(tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids))
+        else:
+            texts = [class_prompt(template, name, style) for name in class_names]
+        encodings.append(engine.encode(texts).float().cpu().numpy())
     return PayloadLimits(
         width=engine.width,
         num_classes=len(class_names),
@@ -138,9 +148,10 @@ def payload_limits(
         max_bytes=cfg.max_payload_bytes,
         chunk_bytes=cfg.embed_chunk_bytes,
         probe_tolerance=cfg.probe_tolerance,
-        class_prompts=engine.encode(texts).float().cpu().numpy(),
-        class_prompt_rows=rows,
+        class_prompts=np.stack(encodings),
+        class_prompt_rows=tuple(rows) if cfg.prompt_mode == "instance" else None,
         class_names=tuple(class_names),
+        domain_names=tuple(d.name for d in domains),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
         secure_histograms=cfg.secure_histograms,
@@ -166,9 +177,14 @@ def run_fgl(
     keeps what it had done; a rerun of the same run resumes (see `fgl_server.checkpoint`).
     """
     grid = RecordingGrid(grid, data.class_names)
-    settings = SynthesisSettings.from_config(cfg, train_resolution=data.image_size)
+    domains = run_domains(cfg, data)
+    settings = SynthesisSettings.from_config(
+        cfg,
+        train_resolution=data.image_size,
+        domain_negatives=tuple(d.negative for d in domains),
+    )
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
-    payloads, histogram = embedding_round(grid, cfg, engine, data.class_names, recorder)
+    payloads, histogram = embedding_round(grid, cfg, engine, data.class_names, recorder, domains)
     synthetic = synthesize(engine, payloads, histogram, cfg, data, recorder)
     del engine
     if device.type == "cuda":
@@ -187,18 +203,49 @@ def run_fgl(
     return run_rounds(strategy, grid, model, cfg, data, recorder, device, await_nodes=False)
 
 
+def run_domains(cfg: RunConfig, data: DatasetSplits) -> list[DomainPrompt]:
+    """`domain-prompts`, checked before any silo is asked: every domain of the server's own
+    data must have its entry (the silos check theirs when they build their prompts)."""
+    if not cfg.domain_prompts:
+        return []
+    try:
+        domains = load_domain_prompts(cfg.domain_prompts, cfg.prompt_mode)
+    except DomainPromptsError as err:
+        raise ConfigError(f"domain-prompts: {err}") from None
+    for domain in domains:
+        template = domain.template or cfg.effective_prompt_template
+        if domain.style and "{style}" not in template:
+            raise ConfigError(
+                f"domain-prompts: domain {domain.name!r} has the style {domain.style!r}, but its "
+                f"template {template!r} has no {{style}} to put it in"
+            )
+    missing = [d for d in data.domain_names if d not in {p.name for p in domains}]
+    if missing:
+        raise ConfigError(
+            f"domain-prompts {cfg.domain_prompts!r} names {[d.name for d in domains]}; the "
+            f"dataset's domains {missing} have no entry"
+        )
+    return domains
+
+
 def embedding_round(
     grid: RecordingGrid,
     cfg: RunConfig,
     engine: SynthesisEngine,
     class_names: list[str],
     recorder: RunRecorder,
+    domains: Sequence[DomainPrompt] = (),
 ) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
     """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
     label histograms (else None: each payload carries its own); raises if no silo sent a
     usable payload."""
-    limits = payload_limits(cfg, engine, class_names)
-    request = EmbedRequest.from_config(cfg).to_record()
+    limits = payload_limits(cfg, engine, class_names, domains)
+    request = EmbedRequest.from_config(
+        cfg,
+        domain_names=[d.name for d in domains],
+        domain_styles=[d.style for d in domains],
+        domain_templates=[d.template for d in domains],
+    ).to_record()
     with recorder.phase("embed"):
         round0 = collect_embeddings(
             grid,

@@ -44,6 +44,13 @@ class SynthesisSettings(Settings):
     negative_prompt: str
     synthesis_resolution: int  # 0 = the pipeline's native size (512 for SD 2.1-base)
     train_resolution: int  # images are stored at the classifier's input size
+    # each domain's negative prompt (`domain-prompts`; "" = `negative_prompt`); () = no domains
+    domain_negatives: tuple[str, ...] = ()
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        """The negative prompt of each domain an image's prompt may come from."""
+        return [n or self.negative_prompt for n in self.domain_negatives] or [self.negative_prompt]
 
 
 def pipeline_dtype(device: torch.device) -> torch.dtype:
@@ -110,8 +117,8 @@ class SynthesisEngine:
         self.resolution = settings.synthesis_resolution or int(
             pipe.unet.config.sample_size * pipe.vae_scale_factor
         )
-        # the server encodes the negative prompt and the probe with the generator's own encoder
-        self.negative = self.encode([settings.negative_prompt])
+        # the server encodes the negative prompts and the probe with the generator's own encoder
+        self.negatives = self.encode(settings.negative_prompts)  # (domains, 77, width)
         self.probe = self.encode([PROBE_PROMPT])[0].float().cpu().numpy()
 
     @classmethod
@@ -132,12 +139,16 @@ class SynthesisEngine:
         return embeds
 
     @torch.no_grad()
-    def generate(self, embeds: np.ndarray, seeds: list[int]) -> np.ndarray:
-        """(B, 77, D) embeddings and B seeds -> (B, R, R, 3) uint8 at the training resolution."""
+    def generate(
+        self, embeds: np.ndarray, seeds: list[int], domains: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(B, 77, D) embeddings, B seeds and B domains (each image's negative prompt; None:
+        the first) -> (B, R, R, 3) uint8 at the training resolution."""
         s = self.settings
         prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
-        negative = self.negative.expand(len(seeds), -1, -1) if guided else None
+        which = torch.zeros(len(seeds), dtype=torch.long) if domains is None else domains
+        negative = self.negatives[torch.as_tensor(which, device=self.device)] if guided else None
         noise = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]  # per image
         images = self.pipe(
             prompt_embeds=prompt_embeds,

@@ -26,8 +26,10 @@ class Prompt:
     embedding: np.ndarray  # (77, D) float16
     label: int
     weight: float
-    digest: str  # sha256 of label and embedding bytes: the manifest's record of what was used
+    # sha256 of label, domain and embedding bytes: the manifest's record of what was used
+    digest: str
     sources: list[str] = field(default_factory=list)
+    domain: int = 0  # whose negative prompt its images get (`domain-prompts`)
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,15 @@ def merge_payloads(
                 100 * sum(payload.label_histogram) / sum(masses),
                 100 * max_silo_share,
             )
-        for embedding, label, weight in zip(
-            payload.embeds, payload.labels, payload.weights, strict=True
+        for embedding, label, weight, domain in zip(
+            payload.embeds, payload.labels, payload.weights, payload.domains, strict=True
         ):
-            digest = hashlib.sha256(
-                int(label).to_bytes(8, "little") + np.ascontiguousarray(embedding).tobytes()
-            ).hexdigest()
+            key = int(label).to_bytes(8, "little")
+            if domain:  # without domains, the digests stay what they were
+                key += b"domain" + int(domain).to_bytes(8, "little")
+            digest = hashlib.sha256(key + np.ascontiguousarray(embedding).tobytes()).hexdigest()
             if digest not in prompts:
-                prompts[digest] = Prompt(embedding, int(label), 0, digest)
+                prompts[digest] = Prompt(embedding, int(label), 0, digest, domain=int(domain))
             prompts[digest].weight += int(weight) if scale == 1.0 else int(weight) * scale
             prompts[digest].sources.append(node)
     merged = sorted(prompts.values(), key=lambda p: (p.label, p.digest))

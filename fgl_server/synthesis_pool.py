@@ -24,21 +24,23 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 
 log = logging.getLogger(__name__)
 
-# a shard's (embeddings (n, 77, D) float16, seeds) for the workers
-ShardInputs = Callable[[int], tuple[np.ndarray, list[int]]]
+# a shard's (embeddings (n, 77, D) float16, seeds, domains (n,)) for the workers
+ShardInputs = Callable[[int], tuple[np.ndarray, list[int], np.ndarray]]
 
 
 def make_shard(
     engine: SynthesisEngine,
     embeds: np.ndarray,
     seeds: list[int],
+    domains: np.ndarray,
     batch_size: int,
     progress: Callable[[int], object] = lambda n: None,
 ) -> np.ndarray:
     """One shard's images, in batches of `batch_size` cut from its start (the same everywhere)."""
     batches = []
     for b in range(0, len(seeds), batch_size):
-        batches.append(engine.generate(embeds[b : b + batch_size], seeds[b : b + batch_size]))
+        part = slice(b, b + batch_size)
+        batches.append(engine.generate(embeds[part], seeds[part], domains[part]))
         progress(len(batches[-1]))
     return np.concatenate(batches)
 
@@ -54,8 +56,10 @@ class _ShardWorker:
     def ready(self) -> bool:
         return True
 
-    def make(self, embeds: np.ndarray, seeds: list[int], batch_size: int) -> np.ndarray:
-        return make_shard(self.engine, embeds, seeds, batch_size)
+    def make(
+        self, embeds: np.ndarray, seeds: list[int], domains: np.ndarray, batch_size: int
+    ) -> np.ndarray:
+        return make_shard(self.engine, embeds, seeds, domains, batch_size)
 
 
 class RayShardPool:
@@ -103,8 +107,8 @@ class RayShardPool:
         while queue or running:
             while idle and queue:
                 worker, shard = idle.pop(), queue.popleft()
-                embeds, seeds = inputs(shard)
-                running[worker.make.remote(embeds, seeds, batch_size)] = (worker, shard)
+                embeds, seeds, domains = inputs(shard)
+                running[worker.make.remote(embeds, seeds, domains, batch_size)] = (worker, shard)
             (finished,), _ = ray.wait(list(running), num_returns=1)
             worker, shard = running.pop(finished)
             try:

@@ -226,10 +226,11 @@ def synthesize_into_store(
     if reused:
         log.info("synthetic store %s: reusing %d finished images", store.dir, reused)
 
-    def inputs(shard: int) -> tuple[np.ndarray, list[int]]:
+    def inputs(shard: int) -> tuple[np.ndarray, list[int], np.ndarray]:
         shard_jobs = jobs[slice(*store.shard_range(shard))]
         embeds = np.stack([prompts[job.prompt].embedding for job in shard_jobs])
-        return embeds, [job.seed for job in shard_jobs]
+        domains = np.asarray([prompts[job.prompt].domain for job in shard_jobs], np.int64)
+        return embeds, [job.seed for job in shard_jobs], domains
 
     def made_here(bar: tqdm) -> Iterator[tuple[int, np.ndarray]]:
         assert engine is not None

@@ -48,11 +48,13 @@ class PayloadLimits:
     # ||silo - server|| / ||server||: fp16 weights or another library stay near 1e-3, another
     # encoder is off by order 1
     probe_tolerance: float = 0.02
-    # the server's own encoding of each class's prompt, (classes, 77, width); at instance
-    # level only the first `class_prompt_rows[c]` rows (the template before the caption) count
+    # the server's own encoding of each class's prompt in each domain, (domains, classes, 77,
+    # width), one domain without `domain-prompts`; at instance level only the first
+    # `class_prompt_rows[d][c]` rows (the template before the caption) count
     class_prompts: np.ndarray | None = None
-    class_prompt_rows: tuple[int, ...] | None = None
+    class_prompt_rows: tuple[tuple[int, ...], ...] | None = None
     class_names: tuple[str, ...] = ()
+    domain_names: tuple[str, ...] = ()  # `domain-prompts`' domains; () = none
     # the silos' noise defence (fgl_core.dp): embeddings arrive clipped to `embedding_clip`
     # (0: not at all) with Gaussian noise of this standard deviation per value
     embedding_clip: float = 0.0
@@ -137,6 +139,14 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
     n = embeds.shape[0]
     if n == 0:
         reject("sent no embeddings")
+    domains, named = payload.domains, max(1, len(limits.domain_names))
+    if domains.shape != (n,):
+        reject(f"sent domains of shape {domains.shape} for {n} embeddings")
+    if domains.min() < 0 or domains.max() >= named:
+        reject(
+            f"sent domains in [{domains.min()}, {domains.max()}]; the run's domains are "
+            f"0..{named - 1}" + ("" if limits.domain_names else " (it has no domain-prompts)")
+        )
     if n > limits.max_rows:
         reject(f"sent {n} embeddings; at most {limits.max_rows} are accepted per silo")
     if payload.nbytes > limits.max_bytes:
@@ -174,7 +184,7 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
         check_claims(reject, labels, weights, histogram, limits.num_classes)
     check_encoder(node, probe, limits)
     if limits.class_prompts is not None:
-        check_class_prompts(node, embeds, labels, limits)
+        check_class_prompts(node, embeds, labels, limits, domains)
 
 
 def check_claims(
@@ -221,14 +231,19 @@ def check_encoder(node: str, probe: np.ndarray, limits: PayloadLimits) -> None:
 
 
 def check_class_prompts(
-    node: str, embeds: np.ndarray, labels: np.ndarray, limits: PayloadLimits
+    node: str,
+    embeds: np.ndarray,
+    labels: np.ndarray,
+    limits: PayloadLimits,
+    domains: np.ndarray | None = None,
 ) -> None:
-    """Every embedding is the server's own encoding of its class's prompt: whole at class
-    level, its rows up to the caption at instance level."""
+    """Every embedding is the server's own encoding of its class's prompt in its domain: whole
+    at class level, its rows up to the caption at instance level."""
     assert limits.class_prompts is not None
-    reference = limits.class_prompts[labels].astype(np.float64)
+    domains = np.zeros_like(labels) if domains is None else domains
+    reference = limits.class_prompts[domains, labels].astype(np.float64)
     if limits.class_prompt_rows is not None:
-        rows = np.asarray(limits.class_prompt_rows)[labels]
+        rows = np.asarray(limits.class_prompt_rows)[domains, labels]
         keep = np.arange(SEQUENCE_LENGTH)[None, :] < rows[:, None]  # (n, 77)
     else:
         keep = np.ones((len(labels), SEQUENCE_LENGTH), bool)
@@ -243,10 +258,13 @@ def check_class_prompts(
         label = int(labels[worst])
         name = limits.class_names[label] if label < len(limits.class_names) else str(label)
         part = "class prompt" if limits.class_prompt_rows is None else "prompt before the caption"
+        domain = (
+            f" in domain {limits.domain_names[domains[worst]]!r}" if limits.domain_names else ""
+        )
         raise PayloadRejected(
-            f"{node}: its embedding for class {label} ({name!r}) is not this task's {part} "
-            f"(off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}): "
-            f"another prompt, another class list or another template"
+            f"{node}: its embedding for class {label} ({name!r}){domain} is not this task's "
+            f"{part} (off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}"
+            "): another prompt, another class list, another template or another domain's style"
         )
 
 

@@ -25,6 +25,7 @@ from fgl_core.offline_models import clip_tokenizer
 from fgl_core.payload import (
     PROBE_PROMPT,
     REQUEST_RECORD,
+    ROW_KEYS,
     ChunkInfo,
     ChunkRequest,
     EmbeddingPayload,
@@ -388,7 +389,7 @@ def test_a_payload_larger_than_a_chunk_is_served_chunk_by_chunk_from_the_silos_d
     captioned = [min(10, n) for n in first["silo"]["label-histogram"]]
     assert info.count == -(-info.rows // per_chunk) >= 3 and info.rows == sum(captioned)
     kept = tmp_path / "embed-chunks" / "7" / info.digest
-    assert sorted(p.name for p in kept.iterdir()) == ["embeds.npy", "labels.npy", "weights.npy"]
+    assert sorted(p.name for p in kept.iterdir()) == [f"{k}.npy" for k in sorted(ROW_KEYS)]
     pieces = [first]
     for index in range(1, info.count):
         chunk = ChunkRequest(index, info.digest, request.chunk_bytes)

@@ -1,5 +1,6 @@
 """The server's FGL side: validation, planning, the synthesis engine and store, a whole run."""
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -89,7 +90,7 @@ def limits(engine, **overrides) -> PayloadLimits:
 
 
 def altered(payload: EmbeddingPayload, **changes) -> EmbeddingPayload:
-    return EmbeddingPayload(**{**payload.__dict__, **changes})
+    return dataclasses.replace(payload, **changes)
 
 
 def test_a_good_payload_passes(engine, payloads):

@@ -3,6 +3,7 @@ that names the node, and the run goes on with the other silos."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tracemalloc
 
@@ -42,6 +43,7 @@ def honest(histogram=(5, 0, 3, 2)) -> EmbeddingPayload:
         embeds=embeds.astype(np.float16),
         labels=labels.astype(np.int64),
         weights=np.ones(len(labels), np.int64),
+        domains=np.zeros(len(labels), np.int64),
         probe=PROBE.astype(np.float16),
         label_histogram=list(histogram),
     )
@@ -90,14 +92,14 @@ BREAKS = {  # the replies that stopped a whole run before this boundary existed
     "short-body": lambda: with_array("embeds", raw(npy_bytes((3, 77, WIDTH), "<f2", b"\0" * 10))),
     "negative-count": lambda: honest((5, -3, 3, 2)).to_records(),
     "count-2^62": lambda: honest((2**62, 0, 3, 2)).to_records(),
-    "weight-2^62": lambda: EmbeddingPayload(
-        **{**honest().__dict__, "weights": np.array([2**62, 1, 1], np.int64)}
+    "weight-2^62": lambda: dataclasses.replace(
+        honest(), weights=np.array([2**62, 1, 1], np.int64)
     ).to_records(),
-    "weight-above-count": lambda: EmbeddingPayload(
-        **{**honest().__dict__, "weights": np.array([1, 4, 1], np.int64)}
+    "weight-above-count": lambda: dataclasses.replace(
+        honest(), weights=np.array([1, 4, 1], np.int64)
     ).to_records(),
-    "prompt-for-an-absent-class": lambda: EmbeddingPayload(
-        **{**honest().__dict__, "labels": np.array([0, 1, 2], np.int64)}
+    "prompt-for-an-absent-class": lambda: dataclasses.replace(
+        honest(), labels=np.array([0, 1, 2], np.int64)
     ).to_records(),
 }
 
@@ -235,7 +237,7 @@ def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
 
 # --- chunked payloads ----------------------------------------------------------------------
 
-CHUNK_BYTES = 50_000  # 40 rows of width 8 (1,248 bytes each) per chunk
+CHUNK_BYTES = 50_240  # 40 rows of width 8 (1,256 bytes each) per chunk
 CHUNKED = PayloadLimits(
     width=WIDTH, num_classes=CLASSES, probe=PROBE, max_rows=1_000, chunk_bytes=CHUNK_BYTES
 )
@@ -247,13 +249,14 @@ def many_rows(rows: int = 500) -> EmbeddingPayload:
         embeds=rng.standard_normal((rows, 77, WIDTH)).astype(np.float16),
         labels=rng.integers(0, CLASSES, rows).astype(np.int64),
         weights=np.ones(rows, np.int64),
+        domains=np.zeros(rows, np.int64),
         probe=PROBE.astype(np.float16),
         label_histogram=[rows] * CLASSES,
     )
 
 
 def pieces_of(payload: EmbeddingPayload, chunk_bytes: int = CHUNK_BYTES) -> list[RecordDict]:
-    rows = (payload.embeds, payload.labels, payload.weights)
+    rows = (payload.embeds, payload.labels, payload.weights, payload.domains)
     return [payload.to_records(chunk_bytes)] + [
         chunk_records(*rows, k, chunk_bytes, payload.digest)
         for k in range(1, payload.num_chunks(chunk_bytes))
@@ -267,7 +270,7 @@ def test_a_payload_cut_into_chunks_is_reassembled_whole():
     assert announced_chunks("node 1", pieces[0], CHUNKED).count == 13
     assert [len(p["embedding"]["labels"].numpy()) for p in pieces] == [40] * 12 + [20]
     whole = accept_payload("node 1", pieces, CHUNKED)
-    for key in ("embeds", "labels", "weights"):
+    for key in ("embeds", "labels", "weights", "domains"):
         assert np.array_equal(getattr(whole, key), getattr(payload, key)), key
     assert whole.digest == payload.digest and whole.label_histogram == payload.label_histogram
 
@@ -278,7 +281,7 @@ def _swap(pieces: list[RecordDict]) -> list[RecordDict]:
 
 def _from_another_payload(pieces: list[RecordDict]) -> list[RecordDict]:
     other = many_rows()
-    other = EmbeddingPayload(**{**other.__dict__, "embeds": other.embeds + np.float16(1)})
+    other = dataclasses.replace(other, embeds=other.embeds + np.float16(1))
     return [*pieces[:5], pieces_of(other)[5], *pieces[6:]]
 
 
@@ -290,7 +293,7 @@ def _altered_rows(pieces: list[RecordDict]) -> list[RecordDict]:
 
 
 def _short_middle(pieces: list[RecordDict]) -> list[RecordDict]:
-    for key in ("embeds", "labels", "weights"):
+    for key in ("embeds", "labels", "weights", "domains"):
         array = pieces[4]["embedding"][key].numpy()
         pieces[4]["embedding"][key] = Array(np.ascontiguousarray(array[:39]))
     return pieces
@@ -318,7 +321,7 @@ def test_an_announcement_past_the_limits_is_refused_before_any_chunk_is_fetched(
     with pytest.raises(PayloadRejected, match="announces 500 embeddings; at most 499"):
         announced_chunks("node 2", pieces[0], few_rows)
     few_bytes = PayloadLimits(**{**CHUNKED.__dict__, "max_bytes": 600_000})
-    with pytest.raises(PayloadRejected, match="624000 bytes; at most 600000"):
+    with pytest.raises(PayloadRejected, match="628000 bytes; at most 600000"):
         announced_chunks("node 2", pieces[0], few_bytes)
     tiny_chunks = pieces_of(many_rows(), chunk_bytes=1)  # one row each: 500 round trips
     with pytest.raises(PayloadRejected, match=r"500 embeddings in 500 chunks; .* make 13"):

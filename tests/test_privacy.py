@@ -73,7 +73,7 @@ def test_the_class_prompt_check_passes_honest_noised_embeddings_and_refuses_othe
         width=encoder.width,
         num_classes=10,
         probe=reference[0],
-        class_prompts=reference,
+        class_prompts=reference[None],  # one domain
         class_names=tuple(DIGITS),
         embedding_clip=clip,
         noise_std=noise_std(clip, multiplier),
