@@ -17,6 +17,7 @@ from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.offline_models import TINY_TEXT_WIDTH
 from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, rows_per_chunk
+from fgl_core.pretrained import ModelRefError, resolve_model_ref
 from fgl_server.fgl_run import payload_limits, run_fgl, validated_payloads
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
@@ -26,6 +27,7 @@ from fgl_server.synthesis import (
     SynthesisSettings,
     apply_tuning,
     fused_attention,
+    generator_family,
 )
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import StoreError, SyntheticStore, synthesize_into_store
@@ -240,6 +242,33 @@ def test_any_image_can_be_regenerated_alone(engine, payloads):
     assert batch.shape == (4, 28, 28, 3) and batch.dtype == np.uint8
     assert np.abs(alone[0].astype(int) - batch[2].astype(int)).max() <= 1
     assert not np.array_equal(batch[0], batch[1])
+
+
+def test_few_step_unguided_synthesis_makes_images_of_the_planned_size(cache_dir):
+    """SD-Turbo's way: one step, guidance 0 (no negative prompt, one UNet pass per step)."""
+    settings = SynthesisSettings.defaults(
+        generator="offline-tiny", steps=1, guidance=0.0, train_resolution=20
+    )
+    engine = SynthesisEngine.load(settings, cache_dir, CPU)
+    calls = []
+    engine.pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    images = engine.generate(np.zeros((3, 77, engine.width), np.float16), [1, 2, 3])
+    assert images.shape == (3, 20, 20, 3) and images.dtype == np.uint8
+    assert len(calls) == 1 and calls[0][0] == 3  # one step, no unconditional batch beside it
+
+
+@pytest.mark.parametrize(
+    ("class_name", "named"),
+    [("StableDiffusionXLPipeline", "SDXL"), ("DiTPipeline", "DiT"), ("KandinskyPipeline", "a K")],
+)
+def test_the_engine_names_a_generator_family_it_cannot_run(tmp_path, cache_dir, class_name, named):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    settings = SynthesisSettings.defaults(generator=str(tmp_path), train_resolution=16)
+    with pytest.raises(ModelRefError, match=f"is {named}.*this version synthesizes with"):
+        SynthesisEngine.load(settings, tmp_path, CPU)
+    assert generator_family(resolve_model_ref("offline-tiny", "generator", cache_dir)) == (
+        "StableDiffusionPipeline"
+    )
 
 
 def test_gpu_tuning_switches_layout_and_fused_attention_without_changing_the_picture(cache_dir):
