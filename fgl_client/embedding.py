@@ -15,7 +15,12 @@ from flwr.app import RecordDict
 from fgl_client.captioning import Captioner
 from fgl_client.prompts import class_prompts, instance_prompt
 from fgl_client.silo import Silo
-from fgl_client.text_encoding import OpenClipTextEncoder, TextEncoder, TransformersTextEncoder
+from fgl_client.text_encoding import (
+    OpenClipTextEncoder,
+    TextEncoder,
+    TransformersTextEncoder,
+    XLTextEncoder,
+)
 from fgl_core.class_list import name_digests
 from fgl_core.dp import privatize
 from fgl_core.payload import (
@@ -28,7 +33,7 @@ from fgl_core.payload import (
     PayloadError,
     chunk_records,
 )
-from fgl_core.pretrained import resolve_model_ref
+from fgl_core.pretrained import generator_family, resolve_model_ref
 from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
 from fgl_core.seeds import derive_seed
 
@@ -41,6 +46,9 @@ def text_encoder(generator: str, cache_dir: str, device: str, spec: str = "") ->
     weights of the same function; the server's probe check tells whether they are."""
     if spec:
         return OpenClipTextEncoder.from_spec(spec, generator, cache_dir, torch.device(device))
+    ref = resolve_model_ref(generator, "generator", cache_dir)
+    if generator_family(ref) == "StableDiffusionXLPipeline":
+        return XLTextEncoder(generator, cache_dir, torch.device(device))
     return TransformersTextEncoder(generator, cache_dir, torch.device(device))
 
 
@@ -140,7 +148,12 @@ def build_payload(
 ) -> EmbeddingPayload:
     """The silo's embedding payload: its prompts encoded (and noised if the request says so)."""
     prompts = silo_prompts(request, silo, captioner_fn)
-    embeds = encoder.encode(prompts.texts)
+    embeds, pooled = encoder.encode_with_pooled(prompts.texts)
+    if request.embedding_clip and pooled.shape[-1]:
+        raise PayloadError(
+            "embedding-clip and embedding-noise do not yet cover SDXL's pooled embedding, "
+            "which would go unnoised: this silo sends nothing rather than that"
+        )
     if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
         noisy = privatize(
             embeds.numpy(), request.embedding_clip, request.embedding_noise, np.random.default_rng()
@@ -160,6 +173,7 @@ def build_payload(
         labels=np.asarray(prompts.labels, np.int64),
         weights=np.ones(len(prompts.labels), np.int64),
         domains=np.asarray(prompts.domains, np.int64),
+        pooled=pooled.to(torch.float16).numpy(),
         probe=probe.to(torch.float16).numpy(),
         # with secure histograms the server gets only their sum, by SecAgg+
         label_histogram=(
@@ -208,7 +222,7 @@ def kept_chunk(request: ChunkRequest, cache_dir: str | Path, node_id: int) -> Re
     rows = [
         np.load(kept / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key, _ in ROW_ARRAYS
     ]
-    content = chunk_records(*rows, request.index, request.chunk_bytes, request.digest)
+    content = chunk_records(rows, request.index, request.chunk_bytes, request.digest)
     if request.index == int(content[CHUNK_RECORD]["count"]) - 1:
         del rows
         shutil.rmtree(kept.parent, ignore_errors=True)

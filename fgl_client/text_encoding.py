@@ -23,13 +23,69 @@ ENCODE_BATCH = 64
 
 class TextEncoder(Protocol):
     width: int
+    pooled_width: int  # SDXL's pooled embedding; 0 for encoders that give the sequence alone
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(N, 77, width) float32 on the CPU."""
         ...
 
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 77, width) and (N, pooled_width) float32 on the CPU."""
+        ...
 
-class TransformersTextEncoder:
+
+class SequenceOnly:
+    """An encoder whose prompts have no pooled embedding (SD 1.x/2.x)."""
+
+    pooled_width = 0
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(prompts), torch.zeros(len(prompts), 0)
+
+
+class XLTextEncoder:
+    """SDXL's two text encoders, through the pipeline's own `encode_prompt` (loaded without its
+    UNet and VAE): the penultimate hidden states of both, concatenated, and the second's pooled
+    projection."""
+
+    def __init__(self, generator: str, cache_dir: str | Path, device: torch.device) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        ref = resolve_model_ref(generator, "generator", cache_dir)
+        self.pipe = load_component(
+            StableDiffusionXLPipeline, ref, None, "generator", unet=None, vae=None, scheduler=None
+        ).to(device)
+        self.device = device
+        self.width = int(self.pipe.text_encoder.config.hidden_size) + int(
+            self.pipe.text_encoder_2.config.hidden_size
+        )
+        self.pooled_width = int(self.pipe.text_encoder_2.config.projection_dim)
+        check_cross_attention_width(ref, self.width)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_with_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        sequences, pooled = [], []
+        for i in range(0, len(prompts), ENCODE_BATCH):
+            out = self.pipe.encode_prompt(
+                prompts[i : i + ENCODE_BATCH],
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            sequences.append(out[0].float().cpu())
+            pooled.append(out[2].float().cpu())
+        if not sequences:
+            return torch.empty(0, 77, self.width), torch.empty(0, self.pooled_width)
+        return torch.cat(sequences), torch.cat(pooled)
+
+
+class TransformersTextEncoder(SequenceOnly):
     def __init__(self, generator: str, cache_dir: str | Path, device: torch.device) -> None:
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -75,7 +131,7 @@ def check_cross_attention_width(generator: str, width: int) -> None:
         )
 
 
-class OpenClipTextEncoder:
+class OpenClipTextEncoder(SequenceOnly):
     """An open_clip text tower (a `CLIP` model or a `TextTransformer`), all blocks but the last."""
 
     def __init__(self, model: nn.Module, device: torch.device, context_length: int = 77) -> None:

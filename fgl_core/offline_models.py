@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 OFFLINE_TINY = "offline-tiny"
+OFFLINE_TINY_SDXL = "offline-tiny-sdxl"  # the SDXL family's stand-in: two encoders, pooled
 MARKER = "fgl-offline-model.json"
 BUILD_VERSION = 1  # bump when a builder changes, so cached copies are rebuilt
 TINY_TEXT_WIDTH = 32  # the tiny generator's text width = its UNet's cross-attention width
@@ -142,6 +143,65 @@ def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
         sample_size=16,
     )
     assemble_pipeline(unet, vae, text_encoder).save_pretrained(directory)
+    return directory
+
+
+TINY_SDXL_POOLED = 32  # text_encoder_2's projection: the pooled embedding's width
+
+
+def build_tiny_sdxl(directory: Path, seed: int = 0) -> Path:
+    """A Stable Diffusion XL-shaped pipeline with random weights: two CLIP text encoders whose
+    penultimate hidden states are concatenated (width 64) and the second's pooled projection
+    (32) with the size conditioning in the UNet's added embedding; 16 px images."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    first = CLIPTextModel(tiny_clip_text_config())
+    second = CLIPTextModelWithProjection(tiny_clip_text_config())
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        cross_attention_dim=2 * TINY_TEXT_WIDTH,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=TINY_SDXL_POOLED + 6 * time_dim,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = clip_tokenizer(Path(scratch))
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=first,
+        text_encoder_2=second,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    ).save_pretrained(directory)
     return directory
 
 
@@ -274,7 +334,11 @@ def sd21_base_random(seed: int = 0):  # -> StableDiffusionPipeline
 
 def offline_model_dir(cache_dir: Path, kind: str, seed: int = 0) -> Path:
     """Build the stand-in once into the cache; later calls (and other processes) reuse it."""
-    builders = {"generator": build_tiny_generator, "captioner": build_tiny_captioner}
+    builders = {
+        "generator": build_tiny_generator,
+        "generator-sdxl": build_tiny_sdxl,
+        "captioner": build_tiny_captioner,
+    }
     target = Path(cache_dir) / f"{OFFLINE_TINY}-{kind}-v{BUILD_VERSION}-seed{seed}"
     if (target / MARKER).is_file():
         return target

@@ -4,7 +4,8 @@ Request (server -> silo, message type `query.embed`): one ConfigRecord `embed-re
 Reply (silo -> server):
 - ArrayRecord `embedding`: `embeds` (N, 77, D) float16, `labels` (N,) int64, `weights` (N,)
   int64, `domains` (N,) int64 (each prompt's domain, an index into the request's
-  `domain-names`; 0 where the run has none), `probe` (77, D) float16: the silo's encoding of
+  `domain-names`; 0 where the run has none), `pooled` (N, P) float16 (SDXL's pooled embedding,
+  P = 1280; P = 0 for SD 1.x/2.x), `probe` (77, D) float16: the silo's encoding of
   the public `PROBE_PROMPT`, so the server can check that the silo's encoder computes the same
   function as its own, whichever library ran it;
 - MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
@@ -27,9 +28,10 @@ to `query.embed` is chunk 0: the records above with the first rows only, `summar
 whole payload, and a ConfigRecord `chunk` (`index` 0, `count`, `rows`, `payload-digest`). The
 server then asks for chunk k = 1..count-1 by `query.embed_chunk` (ConfigRecord `chunk-request`:
 `index`, `payload-digest`, `chunk-bytes`); each reply holds `embedding` (`embeds`, `labels`,
-`weights`, `domains` of those rows) and its `chunk` record. Every chunk but the last holds exactly
-`rows_per_chunk(width, chunk-bytes)` rows, and the digest (SHA-256 of the whole payload's rows)
-ties the pieces together: the server accepts the reassembled payload only if it matches.
+`weights`, `domains`, `pooled` of those rows) and its `chunk` record. Every chunk but the last
+holds exactly `rows_per_chunk(width, chunk-bytes, pooled width)` rows, and the digest (SHA-256
+of the whole payload's rows) ties the pieces together: the server accepts the reassembled
+payload only if it matches.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
 """
 
@@ -41,6 +43,7 @@ import hashlib
 import io
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,25 +147,35 @@ class EmbeddingPayload:
     label_histogram: list[int]
     captions_failed: int = 0
     class_name_digests: tuple[str, ...] = ()  # checked by the server's grid (fgl_core.class_list)
+    # (N, P) float16: SDXL's pooled embedding of each prompt (P = 1280); (N, 0) for SD 1.x/2.x
+    pooled: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.pooled is None:  # frozen: set once, here
+            object.__setattr__(self, "pooled", np.zeros((len(self.labels), 0), np.float16))
+
+    @property
+    def rows(self) -> tuple[np.ndarray, ...]:
+        """The per-prompt arrays, in `ROW_KEYS` order."""
+        return tuple(getattr(self, key) for key in ROW_KEYS)
 
     @property
     def nbytes(self) -> int:
-        rows = (self.embeds, self.labels, self.weights, self.domains, self.probe)
-        return sum(a.nbytes for a in rows)
+        return sum(a.nbytes for a in (*self.rows, self.probe))
 
     @functools.cached_property
     def digest(self) -> str:
         """SHA-256 of the rows (`ROW_KEYS`, with their shapes): what ties chunks together."""
-        return rows_digest(self.embeds, self.labels, self.weights, self.domains)
+        return rows_digest(*self.rows)
 
     def num_chunks(self, chunk_bytes: int) -> int:
-        return max(1, -(-len(self.labels) // rows_per_chunk(self.embeds.shape[-1], chunk_bytes)))
+        per_chunk = rows_per_chunk(self.embeds.shape[-1], chunk_bytes, self.pooled.shape[-1])
+        return max(1, -(-len(self.labels) // per_chunk))
 
     def to_records(self, chunk_bytes: int = 2**62) -> RecordDict:
         """The reply to `query.embed`: the whole payload, or its chunk 0 when it is larger than
         `chunk_bytes` (the rest: `chunk_records`)."""
-        rows = (self.embeds, self.labels, self.weights, self.domains)
-        content = chunk_records(*rows, 0, chunk_bytes, self.digest)
+        content = chunk_records(self.rows, 0, chunk_bytes, self.digest)
         content.array_records[EMBEDDING_RECORD]["probe"] = Array(self.probe)
         content[SUMMARY_RECORD] = MetricRecord(
             {
@@ -191,7 +204,7 @@ class EmbeddingPayload:
                 f"{len(pieces)} arrived"
             )
         head = cls.from_records(pieces[0], max_bytes)
-        parts = [(head.embeds, head.labels, head.weights, head.domains)]
+        parts = [head.rows]
         total = head.nbytes
         for index, piece in enumerate(pieces[1:], start=1):
             info = ChunkInfo.from_content(piece)
@@ -206,10 +219,13 @@ class EmbeddingPayload:
                 raise PayloadError(f"chunks 0..{index} hold {total} bytes; at most {max_bytes}")
             parts.append(tuple(read_npy(arrays, k, t) for k, t in ROW_ARRAYS))  # type: ignore[misc]
         per_chunk = len(parts[0][1])
-        for index, (embeds, labels, weights, domains) in enumerate(parts):
+        for index, (embeds, labels, weights, domains, pooled) in enumerate(parts):
             last = index == len(parts) - 1
-            if embeds.shape[1:] != head.embeds.shape[1:] or not (
-                len(embeds) == len(labels) == len(weights) == len(domains)
+            if (embeds.shape[1:], pooled.shape[1:]) != (
+                head.embeds.shape[1:],
+                head.pooled.shape[1:],
+            ) or not (
+                len(embeds) == len(labels) == len(weights) == len(domains) == len(pooled)
                 and (len(labels) == per_chunk or (last and 0 < len(labels) <= per_chunk))
             ):
                 raise PayloadError(
@@ -259,6 +275,7 @@ class EmbeddingPayload:
             labels=read_npy(arrays, "labels", np.int64),
             weights=read_npy(arrays, "weights", np.int64),
             domains=read_npy(arrays, "domains", np.int64),
+            pooled=read_npy(arrays, "pooled", np.float16),
             probe=read_npy(arrays, "probe", np.float16),
             label_histogram=[int(c) for c in histogram],
             captions_failed=int(failed),
@@ -271,13 +288,16 @@ ROW_ARRAYS = (
     ("labels", np.int64),
     ("weights", np.int64),
     ("domains", np.int64),
+    ("pooled", np.float16),
 )
 ROW_KEYS = tuple(key for key, _ in ROW_ARRAYS)
 
 
-def rows_per_chunk(width: int, chunk_bytes: int) -> int:
-    """Rows of width `width` one chunk of at most `chunk_bytes` holds (at least one)."""
-    return max(1, chunk_bytes // (SEQUENCE_LENGTH * width * 2 + ROW_EXTRA_BYTES))
+def rows_per_chunk(width: int, chunk_bytes: int, pooled_width: int = 0) -> int:
+    """Rows of width `width` (and pooled embeddings of `pooled_width`) one chunk of at most
+    `chunk_bytes` holds (at least one)."""
+    row = (SEQUENCE_LENGTH * width + pooled_width) * 2 + ROW_EXTRA_BYTES
+    return max(1, chunk_bytes // row)
 
 
 def rows_digest(*rows: np.ndarray) -> str:
@@ -290,27 +310,20 @@ def rows_digest(*rows: np.ndarray) -> str:
 
 
 def chunk_records(
-    embeds: np.ndarray,
-    labels: np.ndarray,
-    weights: np.ndarray,
-    domains: np.ndarray,
-    index: int,
-    chunk_bytes: int,
-    digest: str,
+    rows: Sequence[np.ndarray], index: int, chunk_bytes: int, digest: str
 ) -> RecordDict:
-    """Chunk `index` of a payload's rows: its `embedding` arrays and its `chunk` record."""
-    per_chunk = rows_per_chunk(embeds.shape[-1], chunk_bytes)
-    count = max(1, -(-len(labels) // per_chunk))
+    """Chunk `index` of a payload's rows (`ROW_KEYS` order): its `embedding` arrays and its
+    `chunk` record."""
+    embeds, pooled = rows[0], rows[-1]
+    per_chunk = rows_per_chunk(embeds.shape[-1], chunk_bytes, pooled.shape[-1])
+    count = max(1, -(-len(embeds) // per_chunk))
     if not 0 <= index < count:
         raise PayloadError(f"chunk {index} does not exist: the payload has chunks 0..{count - 1}")
-    rows = slice(index * per_chunk, (index + 1) * per_chunk)
+    part = slice(index * per_chunk, (index + 1) * per_chunk)
     arrays = ArrayRecord(
-        {
-            key: Array(np.ascontiguousarray(a[rows]))
-            for key, a in zip(ROW_KEYS, (embeds, labels, weights, domains), strict=True)
-        }
+        {key: Array(np.ascontiguousarray(a[part])) for key, a in zip(ROW_KEYS, rows, strict=True)}
     )
-    info = ChunkInfo(index=index, count=count, rows=len(labels), digest=digest)
+    info = ChunkInfo(index=index, count=count, rows=len(embeds), digest=digest)
     return RecordDict({EMBEDDING_RECORD: arrays, CHUNK_RECORD: info.to_record()})
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fgl_core.mini import FGL_MINI, weights_dir
-from fgl_core.offline_models import OFFLINE_TINY, offline_model_dir
+from fgl_core.offline_models import OFFLINE_TINY, OFFLINE_TINY_SDXL, offline_model_dir
 
 T = TypeVar("T")
 
@@ -28,6 +28,10 @@ def resolve_model_ref(ref: str, kind: str, cache_dir: str | Path) -> str:
     pipeline's directory; anything else unchanged."""
     if ref == OFFLINE_TINY:
         return str(offline_model_dir(Path(cache_dir), kind))
+    if ref == OFFLINE_TINY_SDXL:  # a generator whose silos encode with its own two encoders
+        if kind == "captioner":
+            raise ModelRefError(f"{OFFLINE_TINY_SDXL!r} is a generator; it cannot caption")
+        return str(offline_model_dir(Path(cache_dir), "generator-sdxl"))
     if ref == FGL_MINI:
         if kind != "generator":
             raise ModelRefError(f"{FGL_MINI!r} is a generator; it cannot serve as the {kind}")
@@ -77,3 +81,35 @@ def load_component(cls: type[T], ref: str, subfolder: str | None, what: str, **k
             f"{what} {ref!r} could not be loaded from the model hub: offline, or no such model "
             f"({type(err).__name__}: {err}); {advice}"
         ) from None
+
+
+# The generator's family, by the pipeline class its own model_index.json names (never by its
+# name): Stable Diffusion 1.x and 2.x, few-step SD-Turbo among them (guidance 0, steps 1-4), and
+# SDXL (two text encoders: each prompt is a (77, 2048) embedding and a pooled (1280,) one).
+FAMILIES = {
+    "StableDiffusionPipeline": "stable-diffusion",
+    "StableDiffusionXLPipeline": "stable-diffusion-xl",
+}
+NOT_YET = {  # families the issue tracker plans; a clear refusal until then
+    "DiTPipeline": "DiT (class-conditional: the payload would be ImageNet class ids)",
+}
+
+
+def generator_family(ref: str) -> str | None:
+    """The pipeline class `ref`'s model_index.json names, if it can be read here (None: let
+    loading say why not); `ModelRefError` for a family this engine cannot run."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(ref, local_files_only=True)
+    except Exception:
+        return None
+    name = str(config.get("_class_name", ""))
+    if name in FAMILIES:
+        return name
+    known = ", ".join(sorted(FAMILIES))
+    what = NOT_YET.get(name, f"a {name or 'pipeline of no _class_name'}")
+    raise ModelRefError(
+        f"generator {ref!r} is {what}: this version synthesizes with {known} (Stable Diffusion "
+        "1.x/2.x, SD-Turbo with guidance 0 and 1-4 steps, SDXL)"
+    )

@@ -130,7 +130,7 @@ def payload_limits(
     styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
         (cfg.prompt_style, cfg.effective_prompt_template)
     ]
-    encodings, rows = [], []
+    encodings, pooled, rows = [], [], []
     for style, template in styles:
         if cfg.prompt_mode == "instance":
             prefix = template.split("{caption}")[0]
@@ -139,7 +139,9 @@ def payload_limits(
             rows.append(tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids))
         else:
             texts = [class_prompt(template, name, style) for name in class_names]
-        encodings.append(engine.encode(texts).float().cpu().numpy())
+        sequence, summary = engine.encode_with_pooled(texts)
+        encodings.append(sequence.float().cpu().numpy())
+        pooled.append(summary.float().cpu().numpy())
     return PayloadLimits(
         width=engine.width,
         num_classes=len(class_names),
@@ -152,6 +154,11 @@ def payload_limits(
         class_prompt_rows=tuple(rows) if cfg.prompt_mode == "instance" else None,
         class_names=tuple(class_names),
         domain_names=tuple(d.name for d in domains),
+        pooled_width=engine.pooled_width,
+        # the pooled embedding summarizes the whole prompt: checkable at class level only
+        class_pooled=(
+            np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "class" else None
+        ),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
         secure_histograms=cfg.secure_histograms,

@@ -20,38 +20,9 @@ import torch.nn.functional as F
 
 from fgl_core.config import Settings
 from fgl_core.payload import PROBE_PROMPT
-from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
+from fgl_core.pretrained import generator_family, load_component, resolve_model_ref
 
 log = logging.getLogger(__name__)
-
-# The generator's family, by the pipeline class its own model_index.json names (never by its
-# name): Stable Diffusion 1.x and 2.x, few-step SD-Turbo among them (guidance 0, steps 1-4).
-FAMILIES = {"StableDiffusionPipeline": "stable-diffusion"}
-NOT_YET = {  # families the issue tracker plans; a clear refusal until then
-    "StableDiffusionXLPipeline": "SDXL (two text encoders and a pooled embedding per prompt)",
-    "DiTPipeline": "DiT (class-conditional: the payload would be ImageNet class ids)",
-}
-
-
-def generator_family(ref: str) -> str | None:
-    """The pipeline class `ref`'s model_index.json names, if it can be read here (None: let
-    loading say why not); `ModelRefError` for a family this engine cannot run."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(ref, local_files_only=True)
-    except Exception:
-        return None
-    name = str(config.get("_class_name", ""))
-    if name in FAMILIES:
-        return name
-    known = ", ".join(sorted(FAMILIES))
-    what = NOT_YET.get(name, f"a {name or 'pipeline of no _class_name'}")
-    raise ModelRefError(
-        f"generator {ref!r} is {what}: this version synthesizes with {known} (Stable Diffusion "
-        "1.x/2.x, SD-Turbo with guidance 0 and 1-4 steps)"
-    )
-
 
 SCHEDULERS = {  # config name -> diffusers class name; "default" keeps the model's own
     "pndm": "PNDMScheduler",
@@ -119,8 +90,16 @@ def apply_tuning(pipe: Any, tuning: GpuTuning) -> None:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True)
 
 
+def pooled_width(pipe: Any) -> int:
+    """The width of a pipeline's pooled prompt embedding: SDXL's second text encoder's
+    projection; 0 for a pipeline that conditions on the sequence alone."""
+    second = getattr(pipe, "text_encoder_2", None)
+    return int(second.config.projection_dim) if second is not None else 0
+
+
 class SynthesisEngine:
-    """Wraps a loaded `StableDiffusionPipeline`; `SynthesisEngine.load` loads one by reference."""
+    """Wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline`;
+    `SynthesisEngine.load` loads one by reference."""
 
     def __init__(
         self,
@@ -143,11 +122,13 @@ class SynthesisEngine:
         if tuning is not None and device.type == "cuda":
             apply_tuning(self.pipe, tuning)
         self.width = int(pipe.unet.config.cross_attention_dim)
+        self.pooled_width = pooled_width(pipe)
         self.resolution = settings.synthesis_resolution or int(
             pipe.unet.config.sample_size * pipe.vae_scale_factor
         )
         # the server encodes the negative prompts and the probe with the generator's own encoder
-        self.negatives = self.encode(settings.negative_prompts)  # (domains, 77, width)
+        # (domains, 77, width) and (domains, pooled width)
+        self.negatives, self.negatives_pooled = self.encode_with_pooled(settings.negative_prompts)
         self.probe = self.encode([PROBE_PROMPT])[0].float().cpu().numpy()
 
     @classmethod
@@ -166,24 +147,50 @@ class SynthesisEngine:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
-        return embeds
+        return self.encode_with_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 77, width) and (N, pooled width) embeddings, as the pipeline computes them."""
+        out = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        if self.pooled_width:
+            return out[0], out[2]
+        return out[0], torch.zeros(len(prompts), 0, device=self.device, dtype=out[0].dtype)
 
     @torch.no_grad()
     def generate(
-        self, embeds: np.ndarray, seeds: list[int], domains: np.ndarray | None = None
+        self,
+        embeds: np.ndarray,
+        seeds: list[int],
+        domains: np.ndarray | None = None,
+        pooled: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(B, 77, D) embeddings, B seeds and B domains (each image's negative prompt; None:
-        the first) -> (B, R, R, 3) uint8 at the training resolution."""
+        """(B, 77, D) embeddings, B seeds, B domains (each image's negative prompt; None: the
+        first) and (SDXL) B pooled embeddings -> (B, R, R, 3) uint8 at the training resolution."""
         s = self.settings
         prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
-        which = torch.zeros(len(seeds), dtype=torch.long) if domains is None else domains
-        negative = self.negatives[torch.as_tensor(which, device=self.device)] if guided else None
+        which = torch.as_tensor(np.zeros(len(seeds), np.int64) if domains is None else domains)
+        negative = self.negatives[which.to(self.device)] if guided else None
+        extra = {}
+        if self.pooled_width:
+            if pooled is None or pooled.shape != (len(seeds), self.pooled_width):
+                raise ValueError(
+                    f"this SDXL generator needs ({len(seeds)}, {self.pooled_width}) pooled "
+                    f"embeddings, got {None if pooled is None else pooled.shape}"
+                )
+            extra["pooled_prompt_embeds"] = torch.from_numpy(pooled).to(self.device, self.dtype)
+            if guided:
+                extra["negative_pooled_prompt_embeds"] = self.negatives_pooled[
+                    which.to(self.device)
+                ]
         noise = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]  # per image
         images = self.pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative,
+            **extra,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,
             height=self.resolution,

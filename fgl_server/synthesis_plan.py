@@ -30,6 +30,7 @@ class Prompt:
     digest: str
     sources: list[str] = field(default_factory=list)
     domain: int = 0  # whose negative prompt its images get (`domain-prompts`)
+    pooled: np.ndarray | None = None  # (P,) float16: SDXL's pooled embedding; None for SD
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,22 @@ def merge_payloads(
                 100 * sum(payload.label_histogram) / sum(masses),
                 100 * max_silo_share,
             )
-        for embedding, label, weight, domain in zip(
-            payload.embeds, payload.labels, payload.weights, payload.domains, strict=True
-        ):
+        for embedding, label, weight, domain, pooled in zip(*payload.rows, strict=True):
             key = int(label).to_bytes(8, "little")
-            if domain:  # without domains, the digests stay what they were
+            if domain:  # without domains or pooled embeddings, the digests stay what they were
                 key += b"domain" + int(domain).to_bytes(8, "little")
+            if pooled.size:
+                key += b"pooled" + np.ascontiguousarray(pooled).tobytes()
             digest = hashlib.sha256(key + np.ascontiguousarray(embedding).tobytes()).hexdigest()
             if digest not in prompts:
-                prompts[digest] = Prompt(embedding, int(label), 0, digest, domain=int(domain))
+                prompts[digest] = Prompt(
+                    embedding,
+                    int(label),
+                    0,
+                    digest,
+                    domain=int(domain),
+                    pooled=pooled if pooled.size else None,
+                )
             prompts[digest].weight += int(weight) if scale == 1.0 else int(weight) * scale
             prompts[digest].sources.append(node)
     merged = sorted(prompts.values(), key=lambda p: (p.label, p.digest))

@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,23 +25,28 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 
 log = logging.getLogger(__name__)
 
-# a shard's (embeddings (n, 77, D) float16, seeds, domains (n,)) for the workers
-ShardInputs = Callable[[int], tuple[np.ndarray, list[int], np.ndarray]]
+
+class ShardInputs(NamedTuple):
+    """What a shard's images are made from, one row per image."""
+
+    embeds: np.ndarray  # (n, 77, D) float16
+    seeds: list[int]
+    domains: np.ndarray  # (n,) int64: whose negative prompt
+    pooled: np.ndarray  # (n, P) float16: SDXL's pooled embeddings; P = 0 for SD
 
 
 def make_shard(
     engine: SynthesisEngine,
-    embeds: np.ndarray,
-    seeds: list[int],
-    domains: np.ndarray,
+    inputs: ShardInputs,
     batch_size: int,
     progress: Callable[[int], object] = lambda n: None,
 ) -> np.ndarray:
     """One shard's images, in batches of `batch_size` cut from its start (the same everywhere)."""
     batches = []
-    for b in range(0, len(seeds), batch_size):
+    for b in range(0, len(inputs.seeds), batch_size):
         part = slice(b, b + batch_size)
-        batches.append(engine.generate(embeds[part], seeds[part], domains[part]))
+        embeds, seeds, domains, pooled = (column[part] for column in inputs)
+        batches.append(engine.generate(embeds, seeds, domains, pooled))
         progress(len(batches[-1]))
     return np.concatenate(batches)
 
@@ -56,10 +62,8 @@ class _ShardWorker:
     def ready(self) -> bool:
         return True
 
-    def make(
-        self, embeds: np.ndarray, seeds: list[int], domains: np.ndarray, batch_size: int
-    ) -> np.ndarray:
-        return make_shard(self.engine, embeds, seeds, domains, batch_size)
+    def make(self, inputs: ShardInputs, batch_size: int) -> np.ndarray:
+        return make_shard(self.engine, ShardInputs(*inputs), batch_size)
 
 
 class RayShardPool:
@@ -95,7 +99,7 @@ class RayShardPool:
         log.info("synthesis: %d Ray workers ready (%s each)", workers, resources)
 
     def make(
-        self, shards: list[int], inputs: ShardInputs, batch_size: int
+        self, shards: list[int], inputs: Callable[[int], ShardInputs], batch_size: int
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Each shard's images as soon as a worker finishes it; a dead worker's shard goes to
         another. Raises `RuntimeError` once no worker is left."""
@@ -107,8 +111,7 @@ class RayShardPool:
         while queue or running:
             while idle and queue:
                 worker, shard = idle.pop(), queue.popleft()
-                embeds, seeds, domains = inputs(shard)
-                running[worker.make.remote(embeds, seeds, domains, batch_size)] = (worker, shard)
+                running[worker.make.remote(inputs(shard), batch_size)] = (worker, shard)
             (finished,), _ = ray.wait(list(running), num_returns=1)
             worker, shard = running.pop(finished)
             try:

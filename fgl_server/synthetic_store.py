@@ -28,7 +28,7 @@ from fgl_core.datasets import ImageSet
 from fgl_core.training import to_device
 from fgl_server.synthesis import SynthesisEngine
 from fgl_server.synthesis_plan import ImageJob, Prompt
-from fgl_server.synthesis_pool import RayShardPool, make_shard
+from fgl_server.synthesis_pool import RayShardPool, ShardInputs, make_shard
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,19 @@ def synthesize_into_store(
     if reused:
         log.info("synthetic store %s: reusing %d finished images", store.dir, reused)
 
-    def inputs(shard: int) -> tuple[np.ndarray, list[int], np.ndarray]:
-        shard_jobs = jobs[slice(*store.shard_range(shard))]
-        embeds = np.stack([prompts[job.prompt].embedding for job in shard_jobs])
-        domains = np.asarray([prompts[job.prompt].domain for job in shard_jobs], np.int64)
-        return embeds, [job.seed for job in shard_jobs], domains
+    def inputs(shard: int) -> ShardInputs:
+        chosen = [prompts[job.prompt] for job in jobs[slice(*store.shard_range(shard))]]
+        return ShardInputs(
+            np.stack([p.embedding for p in chosen]),
+            [job.seed for job in jobs[slice(*store.shard_range(shard))]],
+            np.asarray([p.domain for p in chosen], np.int64),
+            np.stack([np.zeros(0, np.float16) if p.pooled is None else p.pooled for p in chosen]),
+        )
 
     def made_here(bar: tqdm) -> Iterator[tuple[int, np.ndarray]]:
         assert engine is not None
         for shard in todo:
-            yield shard, make_shard(engine, *inputs(shard), batch_size, bar.update)
+            yield shard, make_shard(engine, inputs(shard), batch_size, bar.update)
 
     start = time.perf_counter()
     made = 0

@@ -55,6 +55,10 @@ class PayloadLimits:
     class_prompt_rows: tuple[tuple[int, ...], ...] | None = None
     class_names: tuple[str, ...] = ()
     domain_names: tuple[str, ...] = ()  # `domain-prompts`' domains; () = none
+    # SDXL: the width of each prompt's pooled embedding (0 for SD 1.x/2.x), and at class level
+    # the server's own pooled encoding of each class's prompt, (domains, classes, width)
+    pooled_width: int = 0
+    class_pooled: np.ndarray | None = None
     # the silos' noise defence (fgl_core.dp): embeddings arrive clipped to `embedding_clip`
     # (0: not at all) with Gaussian noise of this standard deviation per value
     embedding_clip: float = 0.0
@@ -74,8 +78,9 @@ def announced_chunks(node: str, first: RecordDict, limits: PayloadLimits) -> Chu
         info = ChunkInfo.from_content(first)
     except PayloadError as err:
         raise PayloadRejected(f"{node}: {err}") from None
-    row_bytes = SEQUENCE_LENGTH * limits.width * 2 + ROW_EXTRA_BYTES
-    expected = -(-info.rows // rows_per_chunk(limits.width, limits.chunk_bytes))
+    row_bytes = (SEQUENCE_LENGTH * limits.width + limits.pooled_width) * 2 + ROW_EXTRA_BYTES
+    per_chunk = rows_per_chunk(limits.width, limits.chunk_bytes, limits.pooled_width)
+    expected = -(-info.rows // per_chunk)
     if info.rows > limits.max_rows:
         raise PayloadRejected(
             f"{node}: announces {info.rows} embeddings; at most {limits.max_rows} are accepted "
@@ -167,6 +172,13 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
     if not np.isfinite(embeds).all():
         bad = int((~np.isfinite(embeds)).any(axis=(1, 2)).sum())
         reject(f"sent {bad} embeddings with NaN or infinite values")
+    pooled = payload.pooled
+    if pooled.shape != (n, limits.pooled_width) or not np.isfinite(pooled).all():
+        reject(
+            f"sent pooled embeddings of shape {pooled.shape}; the generator needs "
+            f"({n}, {limits.pooled_width}) with finite values"
+            + (" (an SDXL generator: its second text encoder's)" if limits.pooled_width else "")
+        )
     histogram = payload.label_histogram
     if limits.secure_histograms:
         if histogram:
@@ -185,6 +197,8 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
     check_encoder(node, probe, limits)
     if limits.class_prompts is not None:
         check_class_prompts(node, embeds, labels, limits, domains)
+    if limits.class_pooled is not None:
+        check_class_prompts(node, pooled[:, None, :], labels, limits, domains, pooled=True)
 
 
 def check_claims(
@@ -236,21 +250,25 @@ def check_class_prompts(
     labels: np.ndarray,
     limits: PayloadLimits,
     domains: np.ndarray | None = None,
+    pooled: bool = False,
 ) -> None:
     """Every embedding is the server's own encoding of its class's prompt in its domain: whole
-    at class level, its rows up to the caption at instance level."""
-    assert limits.class_prompts is not None
+    at class level, its rows up to the caption at instance level (`pooled`: the (n, 1, width)
+    pooled embeddings, class level only)."""
     domains = np.zeros_like(labels) if domains is None else domains
-    reference = limits.class_prompts[domains, labels].astype(np.float64)
-    if limits.class_prompt_rows is not None:
+    known = limits.class_pooled[:, :, None, :] if pooled else limits.class_prompts
+    assert known is not None
+    reference = known[domains, labels].astype(np.float64)
+    sequence = reference.shape[1]
+    if limits.class_prompt_rows is not None and not pooled:
         rows = np.asarray(limits.class_prompt_rows)[domains, labels]
         keep = np.arange(SEQUENCE_LENGTH)[None, :] < rows[:, None]  # (n, 77)
     else:
-        keep = np.ones((len(labels), SEQUENCE_LENGTH), bool)
+        keep = np.ones((len(labels), sequence), bool)
     got = (embeds.astype(np.float64) * keep[..., None]).reshape(len(labels), -1)
     want = (reference * keep[..., None]).reshape(len(labels), -1)
     if limits.embedding_clip:
-        gaps = noisy_gaps(got, want, keep.sum(axis=1) * limits.width, limits)
+        gaps = noisy_gaps(got, want, keep.sum(axis=1) * reference.shape[-1], limits)
     else:
         gaps = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
     worst = int(np.argmax(gaps))
@@ -258,6 +276,7 @@ def check_class_prompts(
         label = int(labels[worst])
         name = limits.class_names[label] if label < len(limits.class_names) else str(label)
         part = "class prompt" if limits.class_prompt_rows is None else "prompt before the caption"
+        part = "class prompt's pooled embedding" if pooled else part
         domain = (
             f" in domain {limits.domain_names[domains[worst]]!r}" if limits.domain_names else ""
         )

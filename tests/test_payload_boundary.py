@@ -256,9 +256,9 @@ def many_rows(rows: int = 500) -> EmbeddingPayload:
 
 
 def pieces_of(payload: EmbeddingPayload, chunk_bytes: int = CHUNK_BYTES) -> list[RecordDict]:
-    rows = (payload.embeds, payload.labels, payload.weights, payload.domains)
+    rows = payload.rows
     return [payload.to_records(chunk_bytes)] + [
-        chunk_records(*rows, k, chunk_bytes, payload.digest)
+        chunk_records(rows, k, chunk_bytes, payload.digest)
         for k in range(1, payload.num_chunks(chunk_bytes))
     ]
 
@@ -270,7 +270,7 @@ def test_a_payload_cut_into_chunks_is_reassembled_whole():
     assert announced_chunks("node 1", pieces[0], CHUNKED).count == 13
     assert [len(p["embedding"]["labels"].numpy()) for p in pieces] == [40] * 12 + [20]
     whole = accept_payload("node 1", pieces, CHUNKED)
-    for key in ("embeds", "labels", "weights", "domains"):
+    for key in ("embeds", "labels", "weights", "domains", "pooled"):
         assert np.array_equal(getattr(whole, key), getattr(payload, key)), key
     assert whole.digest == payload.digest and whole.label_histogram == payload.label_histogram
 
@@ -293,7 +293,7 @@ def _altered_rows(pieces: list[RecordDict]) -> list[RecordDict]:
 
 
 def _short_middle(pieces: list[RecordDict]) -> list[RecordDict]:
-    for key in ("embeds", "labels", "weights", "domains"):
+    for key in ("embeds", "labels", "weights", "domains", "pooled"):
         array = pieces[4]["embedding"][key].numpy()
         pieces[4]["embedding"][key] = Array(np.ascontiguousarray(array[:39]))
     return pieces

@@ -1,0 +1,145 @@
+"""The SDXL family: two text encoders and a pooled embedding per prompt, through the same
+payload, validation, plan, store and one-shot path as SD 2.x (on a tiny random SDXL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deploy.inprocess import run_in_process
+from fgl_client.embedding import build_payload, text_encoder
+from fgl_client.silo import load_silo
+from fgl_client.text_encoding import XLTextEncoder
+from fgl_core.config import RunConfig
+from fgl_core.offline_models import OFFLINE_TINY_SDXL, TINY_SDXL_POOLED, TINY_TEXT_WIDTH
+from fgl_core.payload import EmbeddingPayload, EmbedRequest, PayloadError, chunk_records
+from fgl_server.fgl_run import payload_limits
+from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.validation import (
+    PayloadLimits,
+    PayloadRejected,
+    accept_payload,
+    validate_payload,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("fgl-cache"))
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir) -> SynthesisEngine:
+    settings = SynthesisSettings.defaults(
+        generator=OFFLINE_TINY_SDXL, steps=2, guidance=2.0, train_resolution=20
+    )
+    return SynthesisEngine.load(settings, cache_dir, CPU)
+
+
+def config(blood_npz, cache_dir, **overrides) -> RunConfig:
+    values = {
+        "dataset": str(blood_npz),
+        "train-subset": 300,
+        "eval-subset": 100,
+        "cache-dir": cache_dir,
+        "generator": OFFLINE_TINY_SDXL,
+    }
+    return RunConfig.from_flower({**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def payload(blood_npz, cache_dir) -> EmbeddingPayload:
+    cfg = config(blood_npz, cache_dir)
+    silo = load_silo(cfg, {"partition-id": 0, "num-partitions": 2})
+    encoder = text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
+    return build_payload(EmbedRequest.from_config(cfg), silo, encoder)
+
+
+def test_a_silo_encodes_with_both_encoders_as_the_pipeline_does(engine, payload, cache_dir):
+    assert engine.width == 2 * TINY_TEXT_WIDTH and engine.pooled_width == TINY_SDXL_POOLED
+    silo_encoder = text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
+    assert isinstance(silo_encoder, XLTextEncoder)
+    texts = ["a cat, real world images", "an owl"]
+    ours, ours_pooled = silo_encoder.encode_with_pooled(texts)
+    theirs, theirs_pooled = engine.encode_with_pooled(texts)
+    assert torch.equal(ours, theirs) and torch.equal(ours_pooled, theirs_pooled)
+    n = len(payload.labels)
+    assert payload.embeds.shape == (n, 77, 64) and payload.pooled.shape == (n, TINY_SDXL_POOLED)
+    assert np.abs(payload.pooled).sum() > 0
+
+
+def test_the_server_checks_the_pooled_embeddings_too(engine, payload, blood_npz, blood_names):
+    cfg = config(blood_npz, ".")
+    limits = payload_limits(cfg, engine, blood_names)
+    validate_payload("node 1", payload, limits)
+    rolled = dataclasses.replace(payload, pooled=np.roll(payload.pooled, 1, axis=0))
+    with pytest.raises(PayloadRejected, match="is not this task's class prompt's pooled"):
+        validate_payload("node 1", rolled, limits)
+    missing = dataclasses.replace(payload, pooled=None)  # as an SD 2.x silo sends it
+    with pytest.raises(PayloadRejected, match=r"pooled embeddings of shape \(\d+, 0\).*SDXL"):
+        validate_payload("node 1", missing, limits)
+
+
+def test_an_sdxl_payload_travels_in_chunks_with_its_pooled_rows(engine, payload):
+    small = 3 * (77 * 64 + 32) * 2 + 100  # three rows a chunk
+    pieces = [payload.to_records(small)] + [
+        chunk_records(payload.rows, k, small, payload.digest)
+        for k in range(1, payload.num_chunks(small))
+    ]
+    assert len(pieces) == -(-len(payload.labels) // 3) >= 2
+    whole = accept_payload(
+        "node 1", pieces, dataclasses.replace(_limits(engine), chunk_bytes=small)
+    )
+    assert np.array_equal(whole.pooled, payload.pooled)
+
+
+def _limits(engine):
+    return PayloadLimits(
+        width=engine.width, num_classes=8, probe=engine.probe, pooled_width=engine.pooled_width
+    )
+
+
+def test_images_come_from_the_embedding_and_its_pooled_embedding(engine, payload):
+    embeds, pooled = payload.embeds[:2], payload.pooled[:2]
+    images = engine.generate(embeds, [3, 3], np.zeros(2, np.int64), pooled)
+    assert images.shape == (2, 20, 20, 3) and images.dtype == np.uint8
+    swapped = engine.generate(embeds, [3, 3], np.zeros(2, np.int64), pooled[::-1].copy())
+    assert not np.array_equal(images, swapped)  # the pooled embedding conditions the image
+    with pytest.raises(ValueError, match=r"needs \(2, 32\) pooled embeddings, got None"):
+        engine.generate(embeds, [3, 3])
+
+
+def test_noise_is_refused_rather_than_leaving_the_pooled_embedding_bare(blood_npz, cache_dir):
+    cfg = config(blood_npz, cache_dir, **{"embedding-clip": 5.0, "embedding-noise": 0.1})
+    silo = load_silo(cfg, {"partition-id": 0, "num-partitions": 2})
+    with pytest.raises(PayloadError, match="pooled embedding"):
+        build_payload(
+            EmbedRequest.from_config(cfg), silo, text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
+        )
+
+
+def test_an_fgl_run_synthesizes_and_trains_with_an_sdxl_generator(blood_npz, tmp_path):
+    run_config = {
+        **config(blood_npz, str(tmp_path / "cache")).to_flower(),
+        "strategy": "fgl",
+        "min-nodes": 2,
+        "images-per-class": 2,
+        "steps": 2,
+        "oneshot-epochs": 1,
+        "num-server-rounds": 0,
+        "output-dir": str(tmp_path),
+        "run-name": "sdxl",
+    }
+    run_in_process(run_config, num_silos=2)
+    results = json.loads((tmp_path / "sdxl" / "results.json").read_text())
+    assert results["embedding"]["rejected"] == {}
+    assert len(results["embedding"]["nodes-accepted"]) == 2
+    synthesis = results["synthesis"]
+    assert synthesis["made"] == synthesis["images"] == 2 * len(synthesis["images-per-class"])
+    assert 0 <= results["one-shot"]["test-accuracy"] <= 1
