@@ -223,7 +223,8 @@ def kept_chunk(request: ChunkRequest, cache_dir: str | Path, node_id: int) -> Re
         np.load(kept / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key, _ in ROW_ARRAYS
     ]
     content = chunk_records(rows, request.index, request.chunk_bytes, request.digest)
-    if request.index == int(content[CHUNK_RECORD]["count"]) - 1:
-        del rows
+    (kept / f"served-{request.index}").touch()
+    count = int(content[CHUNK_RECORD]["count"])  # type: ignore[arg-type]
+    if all((kept / f"served-{k}").exists() for k in range(1, count)):
         shutil.rmtree(kept.parent, ignore_errors=True)
     return content

@@ -390,12 +390,13 @@ def test_a_payload_larger_than_a_chunk_is_served_chunk_by_chunk_from_the_silos_d
     assert info.count == -(-info.rows // per_chunk) >= 3 and info.rows == sum(captioned)
     kept = tmp_path / "embed-chunks" / "7" / info.digest
     assert sorted(p.name for p in kept.iterdir()) == [f"{k}.npy" for k in sorted(ROW_KEYS)]
-    pieces = [first]
-    for index in range(1, info.count):
+    served = {}
+    for index in [info.count - 1, *range(1, info.count - 1)]:  # in any order: the last first
+        assert kept.is_dir()
         chunk = ChunkRequest(index, info.digest, request.chunk_bytes)
-        pieces.append(app(Message(chunk.to_content(), 7, "query.embed_chunk"), context).content)
-    assert not kept.exists()  # gone with the last chunk
-    payload = EmbeddingPayload.from_chunks(pieces)
+        served[index] = app(Message(chunk.to_content(), 7, "query.embed_chunk"), context).content
+    assert not kept.exists()  # gone once every chunk was served
+    payload = EmbeddingPayload.from_chunks([first] + [served[k] for k in sorted(served)])
     assert payload.digest == info.digest
     assert np.bincount(payload.labels, minlength=8).tolist() == captioned
     again = ChunkRequest(1, info.digest, request.chunk_bytes).to_content()
