@@ -56,6 +56,16 @@ class DomainPrompt:
     negative: str  # "" = the run's negative prompt
 
 
+def request_fields(domains: list[DomainPrompt]) -> dict[str, list[str]]:
+    """What the silos need of the domains, as the embed request carries it (names, styles,
+    templates; the negative prompts stay with the server)."""
+    return {
+        "domain_names": [d.name for d in domains],
+        "domain_styles": [d.style for d in domains],
+        "domain_templates": [d.template for d in domains],
+    }
+
+
 def load_domain_prompts(ref: str, prompt_mode: str) -> list[DomainPrompt]:
     """The domains of `ref` (a YAML file, or a built-in name), in the file's order, each checked:
     strings only, known keys only, templates that fit `prompt_mode`."""

@@ -112,9 +112,25 @@ def tiny_clip_text_config(width: int = TINY_TEXT_WIDTH, layers: int = 2):  # -> 
     )
 
 
+def tiny_vae():  # -> AutoencoderKL
+    """The stand-ins' VAE: 16 px images, 4 latent channels at 8 px."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+    )
+
+
 def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
     """A Stable Diffusion 2.x-shaped pipeline with random weights; 16 px images by default."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -132,16 +148,7 @@ def build_tiny_generator(directory: Path, seed: int = 0) -> Path:
         use_linear_projection=True,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     assemble_pipeline(unet, vae, text_encoder).save_pretrained(directory)
     return directory
 
@@ -154,7 +161,6 @@ def build_tiny_sdxl(directory: Path, seed: int = 0) -> Path:
     penultimate hidden states are concatenated (width 64) and the second's pooled projection
     (32) with the size conditioning in the UNet's added embedding; 16 px images."""
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -181,16 +187,7 @@ def build_tiny_sdxl(directory: Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=TINY_SDXL_POOLED + 6 * time_dim,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = clip_tokenizer(Path(scratch))
     StableDiffusionXLPipeline(

@@ -170,7 +170,7 @@ class EmbeddingPayload:
 
     def num_chunks(self, chunk_bytes: int) -> int:
         per_chunk = rows_per_chunk(self.embeds.shape[-1], chunk_bytes, self.pooled.shape[-1])
-        return max(1, -(-len(self.labels) // per_chunk))
+        return chunk_count(len(self.labels), per_chunk)
 
     def to_records(self, chunk_bytes: int = 2**62) -> RecordDict:
         """The reply to `query.embed`: the whole payload, or its chunk 0 when it is larger than
@@ -293,11 +293,20 @@ ROW_ARRAYS = (
 ROW_KEYS = tuple(key for key, _ in ROW_ARRAYS)
 
 
+def row_bytes(width: int, pooled_width: int = 0) -> int:
+    """The bytes of one payload row: its embedding, pooled embedding, label, weight and domain."""
+    return (SEQUENCE_LENGTH * width + pooled_width) * 2 + ROW_EXTRA_BYTES
+
+
 def rows_per_chunk(width: int, chunk_bytes: int, pooled_width: int = 0) -> int:
     """Rows of width `width` (and pooled embeddings of `pooled_width`) one chunk of at most
     `chunk_bytes` holds (at least one)."""
-    row = (SEQUENCE_LENGTH * width + pooled_width) * 2 + ROW_EXTRA_BYTES
-    return max(1, chunk_bytes // row)
+    return max(1, chunk_bytes // row_bytes(width, pooled_width))
+
+
+def chunk_count(rows: int, per_chunk: int) -> int:
+    """The chunks `rows` rows take, `per_chunk` a chunk (one, even for none)."""
+    return max(1, -(-rows // per_chunk))
 
 
 def rows_digest(*rows: np.ndarray) -> str:
@@ -316,7 +325,7 @@ def chunk_records(
     `chunk` record."""
     embeds, pooled = rows[0], rows[-1]
     per_chunk = rows_per_chunk(embeds.shape[-1], chunk_bytes, pooled.shape[-1])
-    count = max(1, -(-len(embeds) // per_chunk))
+    count = chunk_count(len(embeds), per_chunk)
     if not 0 <= index < count:
         raise PayloadError(f"chunk {index} does not exist: the payload has chunks 0..{count - 1}")
     part = slice(index * per_chunk, (index + 1) * per_chunk)
@@ -401,6 +410,11 @@ def _is_digest(value: object) -> bool:
 
 def _array_bytes(arrays: ArrayRecord) -> int:
     return sum(len(getattr(a, "data", b"")) for a in arrays.values())
+
+
+def array_bytes(content: RecordDict) -> int:
+    """The bytes of every array in a message's content (their data, without framing)."""
+    return sum(_array_bytes(record) for record in content.array_records.values())
 
 
 def _is_int(value: object) -> bool:

@@ -16,7 +16,12 @@ from torch import nn
 
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
-from fgl_core.domain_prompts import DomainPrompt, DomainPromptsError, load_domain_prompts
+from fgl_core.domain_prompts import (
+    DomainPrompt,
+    DomainPromptsError,
+    load_domain_prompts,
+    request_fields,
+)
 from fgl_core.dp import noise_std
 from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
@@ -226,7 +231,8 @@ def run_domains(cfg: RunConfig, data: DatasetSplits) -> list[DomainPrompt]:
                 f"domain-prompts: domain {domain.name!r} has the style {domain.style!r}, but its "
                 f"template {template!r} has no {{style}} to put it in"
             )
-    missing = [d for d in data.domain_names if d not in {p.name for p in domains}]
+    named = {d.name for d in domains}
+    missing = [d for d in data.domain_names if d not in named]
     if missing:
         raise ConfigError(
             f"domain-prompts {cfg.domain_prompts!r} names {[d.name for d in domains]}; the "
@@ -247,12 +253,7 @@ def embedding_round(
     label histograms (else None: each payload carries its own); raises if no silo sent a
     usable payload."""
     limits = payload_limits(cfg, engine, class_names, domains)
-    request = EmbedRequest.from_config(
-        cfg,
-        domain_names=[d.name for d in domains],
-        domain_styles=[d.style for d in domains],
-        domain_templates=[d.template for d in domains],
-    ).to_record()
+    request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()
     with recorder.phase("embed"):
         round0 = collect_embeddings(
             grid,

@@ -22,7 +22,10 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
-from fgl_core.payload import SILO_RECORD  # the ConfigRecord in which a silo describes its data
+from fgl_core.payload import (
+    SILO_RECORD,
+    array_bytes,
+)  # SILO_RECORD: where a silo describes its data
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -31,9 +34,8 @@ def payload_bytes(content: RecordDict) -> int:
     Array records are counted by their data alone (protobuf framing adds well under 0.1%),
     which avoids serializing a whole model just to measure it.
     """
-    arrays = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
     rest = RecordDict({**content.metric_records, **content.config_records})
-    return arrays + recorddict_to_proto(rest).ByteSize()
+    return array_bytes(content) + recorddict_to_proto(rest).ByteSize()
 
 
 @dataclass

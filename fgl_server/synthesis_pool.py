@@ -63,7 +63,7 @@ class _ShardWorker:
         return True
 
     def make(self, inputs: ShardInputs, batch_size: int) -> np.ndarray:
-        return make_shard(self.engine, ShardInputs(*inputs), batch_size)
+        return make_shard(self.engine, inputs, batch_size)
 
 
 class RayShardPool:

@@ -227,10 +227,11 @@ def synthesize_into_store(
         log.info("synthetic store %s: reusing %d finished images", store.dir, reused)
 
     def inputs(shard: int) -> ShardInputs:
-        chosen = [prompts[job.prompt] for job in jobs[slice(*store.shard_range(shard))]]
+        shard_jobs = jobs[slice(*store.shard_range(shard))]
+        chosen = [prompts[job.prompt] for job in shard_jobs]
         return ShardInputs(
             np.stack([p.embedding for p in chosen]),
-            [job.seed for job in jobs[slice(*store.shard_range(shard))]],
+            [job.seed for job in shard_jobs],
             np.asarray([p.domain for p in chosen], np.int64),
             np.stack([np.zeros(0, np.float16) if p.pooled is None else p.pooled for p in chosen]),
         )

@@ -26,11 +26,12 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fgl_core.payload import (
-    ROW_EXTRA_BYTES,
     SEQUENCE_LENGTH,
     ChunkInfo,
     EmbeddingPayload,
     PayloadError,
+    chunk_count,
+    row_bytes,
     rows_per_chunk,
 )
 
@@ -78,21 +79,21 @@ def announced_chunks(node: str, first: RecordDict, limits: PayloadLimits) -> Chu
         info = ChunkInfo.from_content(first)
     except PayloadError as err:
         raise PayloadRejected(f"{node}: {err}") from None
-    row_bytes = (SEQUENCE_LENGTH * limits.width + limits.pooled_width) * 2 + ROW_EXTRA_BYTES
+    size = info.rows * row_bytes(limits.width, limits.pooled_width)
     per_chunk = rows_per_chunk(limits.width, limits.chunk_bytes, limits.pooled_width)
-    expected = -(-info.rows // per_chunk)
+    expected = chunk_count(info.rows, per_chunk)
     if info.rows > limits.max_rows:
         raise PayloadRejected(
             f"{node}: announces {info.rows} embeddings; at most {limits.max_rows} are accepted "
             "per silo (max-embeddings-per-silo)"
         )
-    if info.rows * row_bytes > limits.max_bytes:
+    if size > limits.max_bytes:
         raise PayloadRejected(
             f"{node}: announces {info.rows} embeddings of width {limits.width}, "
-            f"{info.rows * row_bytes} bytes; at most {limits.max_bytes} are accepted per silo "
+            f"{size} bytes; at most {limits.max_bytes} are accepted per silo "
             "(max-payload-mib)"
         )
-    if info.count != max(1, expected):
+    if info.count != expected:
         raise PayloadRejected(
             f"{node}: announces {info.rows} embeddings in {info.count} chunks; chunks of "
             f"{limits.chunk_bytes} bytes at width {limits.width} make {expected}"

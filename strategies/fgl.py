@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fgl_core.payload import CHUNK_MESSAGE_TYPE, EMBED_MESSAGE_TYPE, ChunkRequest
+from fgl_core.payload import CHUNK_MESSAGE_TYPE, EMBED_MESSAGE_TYPE, ChunkRequest, array_bytes
 from strategies.nodes import replying_node, sent_ids, wait_for_nodes
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
@@ -98,21 +98,31 @@ def fetch_chunks(
     Returns each node's replies in order (chunk 0 from `first`), and why nodes failed: an error
     reply, a chunk larger than `chunk_bytes`, or chunks missing after `timeout`.
     """
-    messages, wanted = [], {}
-    for node, (count, digest) in announced.items():
-        for index in range(1, count):
-            request = ChunkRequest(index, digest, chunk_bytes).to_content()
-            messages.append(Message(request, dst_node_id=node, message_type=CHUNK_MESSAGE_TYPE))
-            wanted[id(messages[-1])] = index
+    wanted = [
+        (node, index, digest)
+        for node, (count, digest) in announced.items()
+        for index in range(1, count)
+    ]
+    messages = [
+        Message(
+            ChunkRequest(index, digest, chunk_bytes).to_content(),
+            dst_node_id=node,
+            message_type=CHUNK_MESSAGE_TYPE,
+        )
+        for node, index, digest in wanted
+    ]
     received: dict[int, dict[int, RecordDict]] = {node: {0: c} for node, c in first.items()}
     failures: dict[int, str] = {}
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    chunk_of = {m.metadata.message_id: (m.metadata.dst_node_id, wanted[id(m)]) for m in messages}
+    # the grid gives each message its id as it sends it
+    chunk_of = {
+        m.metadata.message_id: (n, k) for m, (n, k, _) in zip(messages, wanted, strict=True)
+    }
     for reply in replies:
         node, index = chunk_of.get(reply.metadata.reply_to_message_id, (-1, -1))
         if node not in received or node in failures:
             continue
-        size = 0 if reply.has_error() else content_bytes(reply.content)
+        size = 0 if reply.has_error() else array_bytes(reply.content)
         if reply.has_error():
             failures[node] = f"error reply to chunk {index}: {reply.error.reason}"
         elif size > chunk_bytes + CHUNK_OVERHEAD:
@@ -130,11 +140,6 @@ def fetch_chunks(
 
 
 CHUNK_OVERHEAD = 4096  # the .npy headers and records around a chunk's rows
-
-
-def content_bytes(content: RecordDict) -> int:
-    """The bytes of every array in a message's content."""
-    return sum(len(a.data) for r in content.array_records.values() for a in r.values())
 
 
 class FGL(FedAvg):

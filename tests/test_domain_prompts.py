@@ -15,7 +15,7 @@ from deploy.inprocess import run_in_process
 from fgl_client.embedding import build_payload, silo_prompts, text_encoder
 from fgl_client.silo import load_silo
 from fgl_core.config import ConfigError, RunConfig
-from fgl_core.domain_prompts import DomainPromptsError, load_domain_prompts
+from fgl_core.domain_prompts import DomainPromptsError, load_domain_prompts, request_fields
 from fgl_core.payload import EmbedRequest, PayloadError
 from fgl_server.fgl_run import payload_limits
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
@@ -59,12 +59,7 @@ def config(tree, cache_dir, **overrides) -> RunConfig:
 
 def request_for(cfg: RunConfig) -> EmbedRequest:
     domains = load_domain_prompts(cfg.domain_prompts, cfg.prompt_mode)
-    return EmbedRequest.from_config(
-        cfg,
-        domain_names=[d.name for d in domains],
-        domain_styles=[d.style for d in domains],
-        domain_templates=[d.template for d in domains],
-    )
+    return EmbedRequest.from_config(cfg, **request_fields(domains))
 
 
 def test_the_built_in_domainnet_setting_and_a_file_load_in_their_order(tree):
