@@ -16,6 +16,7 @@ from fgl_client.captioning import Captioner
 from fgl_client.prompts import class_prompts, instance_prompt
 from fgl_client.silo import Silo
 from fgl_client.text_encoding import (
+    GeneratorClasses,
     OpenClipTextEncoder,
     TextEncoder,
     TransformersTextEncoder,
@@ -33,7 +34,12 @@ from fgl_core.payload import (
     PayloadError,
     chunk_records,
 )
-from fgl_core.pretrained import generator_family, resolve_model_ref
+from fgl_core.pretrained import (
+    CLASS_CONDITIONAL,
+    ModelRefError,
+    generator_family,
+    resolve_model_ref,
+)
 from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
 from fgl_core.seeds import derive_seed
 
@@ -47,8 +53,11 @@ def text_encoder(generator: str, cache_dir: str, device: str, spec: str = "") ->
     if spec:
         return OpenClipTextEncoder.from_spec(spec, generator, cache_dir, torch.device(device))
     ref = resolve_model_ref(generator, "generator", cache_dir)
-    if generator_family(ref) == "StableDiffusionXLPipeline":
+    family = generator_family(ref)
+    if family == "StableDiffusionXLPipeline":
         return XLTextEncoder(generator, cache_dir, torch.device(device))
+    if family == CLASS_CONDITIONAL:
+        return GeneratorClasses(generator, cache_dir)
     return TransformersTextEncoder(generator, cache_dir, torch.device(device))
 
 
@@ -146,7 +155,20 @@ def silo_prompts(request: EmbedRequest, silo: Silo, captioner_fn=None) -> SiloPr
 def build_payload(
     request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
 ) -> EmbeddingPayload:
-    """The silo's embedding payload: its prompts encoded (and noised if the request says so)."""
+    """The silo's embedding payload: its prompts encoded (and noised if the request says so);
+    for a class-conditional generator, each prompt's class id in the generator's label set."""
+    class_ids = None
+    if isinstance(encoder, GeneratorClasses):
+        if request.prompt_mode != "class" or request.embedding_clip:
+            raise PayloadError(
+                f"generator {request.generator!r} is class-conditional (DiT): it takes class "
+                "ids, which no caption can refine and no noise can protect; this silo sends "
+                "only class-level prompts without embedding-clip"
+            )
+        try:
+            class_ids = np.asarray(encoder.class_ids(silo.class_names), np.int64)
+        except ModelRefError as err:
+            raise PayloadError(f"{silo.name}: {err}") from None
     prompts = silo_prompts(request, silo, captioner_fn)
     embeds, pooled = encoder.encode_with_pooled(prompts.texts)
     if request.embedding_clip and pooled.shape[-1]:
@@ -174,6 +196,7 @@ def build_payload(
         weights=np.ones(len(prompts.labels), np.int64),
         domains=np.asarray(prompts.domains, np.int64),
         pooled=pooled.to(torch.float16).numpy(),
+        class_ids=None if class_ids is None else class_ids[np.asarray(prompts.labels, np.int64)],
         probe=probe.to(torch.float16).numpy(),
         # with secure histograms the server gets only their sum, by SecAgg+
         label_histogram=(

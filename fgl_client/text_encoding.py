@@ -6,6 +6,8 @@ SD 2.x conditions on `CLIPTextModel(...).last_hidden_state` of the pipeline's ow
 output passed as `prompt_embeds` gives bit-identical images to `prompt=`.
 `OpenClipTextEncoder` computes the same function from open_clip weights (ViT-H-14 through 23 of
 its 24 blocks, then `ln_final`) for silos that hold those (`text-encoder = "open_clip:..."`).
+A class-conditional generator (DiT) reads no text: `GeneratorClasses` gives each prompt an empty
+(77, 0) embedding and each class its id in the generator's own label set.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
+from fgl_core.pretrained import (
+    ModelRefError,
+    class_ids_for,
+    generator_labels,
+    load_component,
+    resolve_model_ref,
+)
 
 ENCODE_BATCH = 64
 
@@ -44,6 +52,25 @@ class SequenceOnly:
 
     def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(prompts), torch.zeros(len(prompts), 0)
+
+
+class GeneratorClasses(SequenceOnly):
+    """A class-conditional generator's (DiT's) side of a silo: no text encoder at all. Its
+    prompts are (77, 0) embeddings; what the silo sends is each class's id in the generator's
+    label set (model_index.json's `id2label`), which `class_ids` maps its class names to."""
+
+    width = 0
+
+    def __init__(self, generator: str, cache_dir: str | Path) -> None:
+        ref = resolve_model_ref(generator, "generator", cache_dir)
+        self.generator = generator
+        self.id2label = generator_labels(ref)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(prompts), 77, 0)
+
+    def class_ids(self, class_names: list[str]) -> list[int]:
+        return class_ids_for(self.id2label, class_names, f"generator {self.generator!r}")
 
 
 class XLTextEncoder:

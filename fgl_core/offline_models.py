@@ -20,6 +20,7 @@ import torch
 
 OFFLINE_TINY = "offline-tiny"
 OFFLINE_TINY_SDXL = "offline-tiny-sdxl"  # the SDXL family's stand-in: two encoders, pooled
+OFFLINE_TINY_DIT = "offline-tiny-dit"  # the DiT family's: class-conditional, ImageNet labels
 MARKER = "fgl-offline-model.json"
 BUILD_VERSION = 1  # bump when a builder changes, so cached copies are rebuilt
 TINY_TEXT_WIDTH = 32  # the tiny generator's text width = its UNet's cross-attention width
@@ -202,6 +203,39 @@ def build_tiny_sdxl(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def build_tiny_dit(directory: Path, seed: int = 0) -> Path:
+    """A DiT-shaped pipeline with random weights: a class-conditional `DiTTransformer2DModel`
+    (adaLN-zero on a class embedding of ImageNet's 1000 classes plus the null class that
+    guidance contrasts with, learned sigma) over an 8 px latent, 16 px images. Its `id2label`
+    is ImageNet's class list as torchvision names it (the published DiT models list synonyms:
+    "tench, Tinca tinca")."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from torchvision.models import ResNet18_Weights
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+    DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler()).save_pretrained(
+        directory
+    )
+    # the published models keep their labels in model_index.json, which from_pretrained hands
+    # to the pipeline; save_pretrained does not write them
+    index = directory / "model_index.json"
+    config = json.loads(index.read_text())
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    config["id2label"] = {str(i): name for i, name in enumerate(categories)}
+    index.write_text(json.dumps(config, indent=2))
+    return directory
+
+
 def assemble_pipeline(unet, vae, text_encoder, scheduler=None):  # type: ignore[no-untyped-def]
     """A StableDiffusionPipeline from its parts, with SD 2.x's tokenizer and (by default) its
     scheduler."""
@@ -334,6 +368,7 @@ def offline_model_dir(cache_dir: Path, kind: str, seed: int = 0) -> Path:
     builders = {
         "generator": build_tiny_generator,
         "generator-sdxl": build_tiny_sdxl,
+        "generator-dit": build_tiny_dit,
         "captioner": build_tiny_captioner,
     }
     target = Path(cache_dir) / f"{OFFLINE_TINY}-{kind}-v{BUILD_VERSION}-seed{seed}"

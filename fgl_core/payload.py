@@ -5,7 +5,9 @@ Reply (silo -> server):
 - ArrayRecord `embedding`: `embeds` (N, 77, D) float16, `labels` (N,) int64, `weights` (N,)
   int64, `domains` (N,) int64 (each prompt's domain, an index into the request's
   `domain-names`; 0 where the run has none), `pooled` (N, P) float16 (SDXL's pooled embedding,
-  P = 1280; P = 0 for SD 1.x/2.x), `probe` (77, D) float16: the silo's encoding of
+  P = 1280; P = 0 for SD 1.x/2.x), `class_ids` (N,) int64 (a class-conditional generator's
+  own class id for each prompt, DiT's ImageNet index, whose embeds are then (N, 77, 0); -1 for
+  generators conditioned on text), `probe` (77, D) float16: the silo's encoding of
   the public `PROBE_PROMPT`, so the server can check that the silo's encoder computes the same
   function as its own, whichever library ran it;
 - MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
@@ -27,11 +29,11 @@ Chunks: a payload larger than the request's `chunk-bytes` travels in several rep
 to `query.embed` is chunk 0: the records above with the first rows only, `summary` counting the
 whole payload, and a ConfigRecord `chunk` (`index` 0, `count`, `rows`, `payload-digest`). The
 server then asks for chunk k = 1..count-1 by `query.embed_chunk` (ConfigRecord `chunk-request`:
-`index`, `payload-digest`, `chunk-bytes`); each reply holds `embedding` (`embeds`, `labels`,
-`weights`, `domains`, `pooled` of those rows) and its `chunk` record. Every chunk but the last
-holds exactly `rows_per_chunk(width, chunk-bytes, pooled width)` rows, and the digest (SHA-256
-of the whole payload's rows) ties the pieces together: the server accepts the reassembled
-payload only if it matches.
+`index`, `payload-digest`, `chunk-bytes`); each reply holds `embedding` (the rows' `embeds`,
+`labels`, `weights`, `domains`, `pooled` and `class_ids`) and its `chunk` record. Every chunk but
+the last holds exactly `rows_per_chunk(width, chunk-bytes, pooled width)` rows, and the digest
+(SHA-256 of the whole payload's rows) ties the pieces together: the server accepts the
+reassembled payload only if it matches.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
 """
 
@@ -69,7 +71,7 @@ REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
 )
 CHUNK_RECORD, CHUNK_REQUEST_RECORD = "chunk", "chunk-request"
 SEQUENCE_LENGTH = 77  # CLIP's: every embedding is (77, width)
-ROW_EXTRA_BYTES = 24  # a row's label, weight and domain, beside its embedding
+ROW_EXTRA_BYTES = 32  # a row's label, weight, domain and class id, beside its embeddings
 
 
 TYPE_NAMES = {"int_type": "int", "string_type": "str", "bool_type": "bool"}  # pydantic's
@@ -149,10 +151,14 @@ class EmbeddingPayload:
     class_name_digests: tuple[str, ...] = ()  # checked by the server's grid (fgl_core.class_list)
     # (N, P) float16: SDXL's pooled embedding of each prompt (P = 1280); (N, 0) for SD 1.x/2.x
     pooled: np.ndarray = None  # type: ignore[assignment]
+    # (N,) int64: a class-conditional generator's class id of each prompt; -1 for text ones
+    class_ids: np.ndarray = None  # type: ignore[assignment]
 
-    def __post_init__(self) -> None:
-        if self.pooled is None:  # frozen: set once, here
+    def __post_init__(self) -> None:  # frozen: the defaults are set once, here
+        if self.pooled is None:
             object.__setattr__(self, "pooled", np.zeros((len(self.labels), 0), np.float16))
+        if self.class_ids is None:
+            object.__setattr__(self, "class_ids", np.full(len(self.labels), -1, np.int64))
 
     @property
     def rows(self) -> tuple[np.ndarray, ...]:
@@ -219,18 +225,24 @@ class EmbeddingPayload:
                 raise PayloadError(f"chunks 0..{index} hold {total} bytes; at most {max_bytes}")
             parts.append(tuple(read_npy(arrays, k, t) for k, t in ROW_ARRAYS))  # type: ignore[misc]
         per_chunk = len(parts[0][1])
-        for index, (embeds, labels, weights, domains, pooled) in enumerate(parts):
+        for index, (embeds, labels, weights, domains, pooled, class_ids) in enumerate(parts):
             last = index == len(parts) - 1
             if (embeds.shape[1:], pooled.shape[1:]) != (
                 head.embeds.shape[1:],
                 head.pooled.shape[1:],
             ) or not (
-                len(embeds) == len(labels) == len(weights) == len(domains) == len(pooled)
+                len(embeds)
+                == len(labels)
+                == len(weights)
+                == len(domains)
+                == len(pooled)
+                == len(class_ids)
                 and (len(labels) == per_chunk or (last and 0 < len(labels) <= per_chunk))
             ):
                 raise PayloadError(
                     f"chunk {index} holds embeds {embeds.shape}, labels {labels.shape}, "
-                    f"weights {weights.shape} and domains {domains.shape}; chunk 0 holds "
+                    f"weights {weights.shape}, domains {domains.shape} and class ids "
+                    f"{class_ids.shape}; chunk 0 holds "
                     f"{per_chunk} rows of "
                     f"{head.embeds.shape[1:]}, and so must every chunk but the last"
                 )
@@ -276,6 +288,7 @@ class EmbeddingPayload:
             weights=read_npy(arrays, "weights", np.int64),
             domains=read_npy(arrays, "domains", np.int64),
             pooled=read_npy(arrays, "pooled", np.float16),
+            class_ids=read_npy(arrays, "class_ids", np.int64),
             probe=read_npy(arrays, "probe", np.float16),
             label_histogram=[int(c) for c in histogram],
             captions_failed=int(failed),
@@ -289,12 +302,14 @@ ROW_ARRAYS = (
     ("weights", np.int64),
     ("domains", np.int64),
     ("pooled", np.float16),
+    ("class_ids", np.int64),
 )
 ROW_KEYS = tuple(key for key, _ in ROW_ARRAYS)
 
 
 def row_bytes(width: int, pooled_width: int = 0) -> int:
-    """The bytes of one payload row: its embedding, pooled embedding, label, weight and domain."""
+    """The bytes of one payload row: its embedding, pooled embedding, label, weight, domain and
+    class id."""
     return (SEQUENCE_LENGTH * width + pooled_width) * 2 + ROW_EXTRA_BYTES
 
 
@@ -323,7 +338,7 @@ def chunk_records(
 ) -> RecordDict:
     """Chunk `index` of a payload's rows (`ROW_KEYS` order): its `embedding` arrays and its
     `chunk` record."""
-    embeds, pooled = rows[0], rows[-1]
+    embeds, pooled = rows[ROW_KEYS.index("embeds")], rows[ROW_KEYS.index("pooled")]
     per_chunk = rows_per_chunk(embeds.shape[-1], chunk_bytes, pooled.shape[-1])
     count = chunk_count(len(embeds), per_chunk)
     if not 0 <= index < count:

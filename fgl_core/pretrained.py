@@ -9,14 +9,21 @@ that does not hold what `from_pretrained` needs).
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fgl_core.mini import FGL_MINI, weights_dir
-from fgl_core.offline_models import OFFLINE_TINY, OFFLINE_TINY_SDXL, offline_model_dir
+from fgl_core.offline_models import (
+    OFFLINE_TINY,
+    OFFLINE_TINY_DIT,
+    OFFLINE_TINY_SDXL,
+    offline_model_dir,
+)
 
 T = TypeVar("T")
+GENERATOR_STAND_INS = {OFFLINE_TINY_SDXL: "generator-sdxl", OFFLINE_TINY_DIT: "generator-dit"}
 
 
 class ModelRefError(RuntimeError):
@@ -28,10 +35,10 @@ def resolve_model_ref(ref: str, kind: str, cache_dir: str | Path) -> str:
     pipeline's directory; anything else unchanged."""
     if ref == OFFLINE_TINY:
         return str(offline_model_dir(Path(cache_dir), kind))
-    if ref == OFFLINE_TINY_SDXL:  # a generator whose silos encode with its own two encoders
+    if ref in GENERATOR_STAND_INS:  # generators of the other families
         if kind == "captioner":
-            raise ModelRefError(f"{OFFLINE_TINY_SDXL!r} is a generator; it cannot caption")
-        return str(offline_model_dir(Path(cache_dir), "generator-sdxl"))
+            raise ModelRefError(f"{ref!r} is a generator; it cannot caption")
+        return str(offline_model_dir(Path(cache_dir), GENERATOR_STAND_INS[ref]))
     if ref == FGL_MINI:
         if kind != "generator":
             raise ModelRefError(f"{FGL_MINI!r} is a generator; it cannot serve as the {kind}")
@@ -84,32 +91,84 @@ def load_component(cls: type[T], ref: str, subfolder: str | None, what: str, **k
 
 
 # The generator's family, by the pipeline class its own model_index.json names (never by its
-# name): Stable Diffusion 1.x and 2.x, few-step SD-Turbo among them (guidance 0, steps 1-4), and
-# SDXL (two text encoders: each prompt is a (77, 2048) embedding and a pooled (1280,) one).
+# name): Stable Diffusion 1.x and 2.x, few-step SD-Turbo among them (guidance 0, steps 1-4),
+# SDXL (two text encoders: each prompt is a (77, 2048) embedding and a pooled (1280,) one) and
+# DiT (class-conditional: no text at all; each prompt is a class id of the generator's own
+# label set, ImageNet's 1000 for the published DiT models).
 FAMILIES = {
     "StableDiffusionPipeline": "stable-diffusion",
     "StableDiffusionXLPipeline": "stable-diffusion-xl",
+    "DiTPipeline": "dit",
 }
-NOT_YET = {  # families the issue tracker plans; a clear refusal until then
-    "DiTPipeline": "DiT (class-conditional: the payload would be ImageNet class ids)",
-}
+CLASS_CONDITIONAL = "DiTPipeline"
 
 
 def generator_family(ref: str) -> str | None:
     """The pipeline class `ref`'s model_index.json names, if it can be read here (None: let
     loading say why not); `ModelRefError` for a family this engine cannot run."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        config = DiffusionPipeline.load_config(ref, local_files_only=True)
-    except Exception:
+    config = _model_index(ref)
+    if config is None:
         return None
     name = str(config.get("_class_name", ""))
     if name in FAMILIES:
         return name
     known = ", ".join(sorted(FAMILIES))
-    what = NOT_YET.get(name, f"a {name or 'pipeline of no _class_name'}")
     raise ModelRefError(
-        f"generator {ref!r} is {what}: this version synthesizes with {known} (Stable Diffusion "
-        "1.x/2.x, SD-Turbo with guidance 0 and 1-4 steps, SDXL)"
+        f"generator {ref!r} is a {name or 'pipeline of no _class_name'}: this version "
+        f"synthesizes with {known} (Stable Diffusion 1.x/2.x, SD-Turbo with guidance 0 and 1-4 "
+        "steps, SDXL, DiT)"
     )
+
+
+def _model_index(ref: str) -> dict | None:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(ref, local_files_only=True))
+    except Exception:
+        return None
+
+
+def generator_labels(ref: str) -> dict[str, str]:
+    """A class-conditional generator's own label set: model_index.json's `id2label` (the
+    published DiT models keep ImageNet's there); {} if it has none."""
+    return {str(k): str(v) for k, v in ((_model_index(ref) or {}).get("id2label") or {}).items()}
+
+
+def generator_class_ids(ref: str, class_names: list[str]) -> list[int]:
+    """Each class name's id in `ref`'s label set (`class_ids_for`)."""
+    return class_ids_for(generator_labels(ref), class_names, f"generator {ref!r}")
+
+
+def class_ids_for(id2label: dict[str, str], class_names: list[str], what: str) -> list[int]:
+    """Each class name's id in a class-conditional generator's label set, whose entries list
+    synonyms ("tench, Tinca tinca"), matched whole, ignoring case and with `_` as a space.
+    `ModelRefError` names every class that matches no label or several (ImageNet has two
+    "crane"s: name the class by another synonym)."""
+    ids: dict[str, set[int]] = {}
+    for key, synonyms in id2label.items():
+        for synonym in str(synonyms).split(","):
+            ids.setdefault(_label_key(synonym), set()).add(int(key))
+    found, problems = [], []
+    for name in class_names:
+        matches = sorted(ids.get(_label_key(name), ()))
+        if len(matches) == 1:
+            found.append(matches[0])
+            continue
+        if matches:
+            problems.append(f"{name!r} names classes {matches} (use another synonym)")
+        else:
+            near = difflib.get_close_matches(_label_key(name), list(ids), n=3)
+            hint = f" (near: {near})" if near else ""
+            problems.append(f"{name!r} is none of its labels{hint}")
+    if problems or not id2label:
+        raise ModelRefError(
+            f"{what} draws the classes of its own label set ({len(id2label)} in its "
+            "model_index.json's id2label); the task's class names must each name one: "
+            + ("; ".join(problems) or "it has none")
+        )
+    return found
+
+
+def _label_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()

@@ -131,7 +131,10 @@ def payload_limits(
     template, style and class names), in each domain's style with `domain-prompts`. At instance
     level it encodes the template's part before `{caption}`: the text encoder is causal, so
     those rows of an honest embedding are exactly that encoding whatever the private caption
-    says."""
+    says. A class-conditional generator (DiT) reads no text: each class's id in its label set
+    is what a prompt must carry, and there is nothing else to prompt with."""
+    if engine.class_conditional:
+        return class_conditional_limits(cfg, engine, class_names, domains)
     styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
         (cfg.prompt_style, cfg.effective_prompt_template)
     ]
@@ -166,6 +169,37 @@ def payload_limits(
         ),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
+        secure_histograms=cfg.secure_histograms,
+    )
+
+
+def class_conditional_limits(
+    cfg: RunConfig,
+    engine: SynthesisEngine,
+    class_names: list[str],
+    domains: Sequence[DomainPrompt] = (),
+) -> PayloadLimits:
+    """The limits for a class-conditional generator, after refusing what needs text."""
+    needs_text = {
+        'prompt-mode = "instance" (captions)': cfg.prompt_mode == "instance",
+        "domain-prompts (styles)": bool(domains),
+        "embedding-clip (noise on embeddings)": bool(cfg.embedding_clip),
+    }
+    asked = [what for what, wanted in needs_text.items() if wanted]
+    if asked:
+        raise ConfigError(
+            f"generator {cfg.generator!r} is class-conditional (DiT): it reads no text, so "
+            f"{', '.join(asked)} cannot apply; silos send each class's id in its label set"
+        )
+    return PayloadLimits(
+        width=0,
+        num_classes=len(class_names),
+        probe=engine.probe,
+        max_rows=cfg.max_embeddings_per_silo,
+        max_bytes=cfg.max_payload_bytes,
+        chunk_bytes=cfg.embed_chunk_bytes,
+        class_names=tuple(class_names),
+        class_ids=engine.class_ids(class_names),  # type: ignore[attr-defined]
         secure_histograms=cfg.secure_histograms,
     )
 

@@ -4,7 +4,9 @@ Follow one image: its prompt embedding (77 x D, float16 from a silo) and its see
 Stable Diffusion pipeline as `prompt_embeds` with the cached `negative_prompt_embeds`, one torch
 Generator per image (so an image does not depend on its batch-mates' noise); the pipeline denoises
 with the chosen scheduler and decodes; the image is resized to the training resolution and kept
-as uint8. Few-step SD 2.x models (SD-Turbo: guidance 0, 1-4 steps) take the same path.
+as uint8. Few-step SD 2.x models (SD-Turbo: guidance 0, 1-4 steps) take the same path, and SDXL
+adds each prompt's pooled embedding. A class-conditional DiT (`ClassConditionalEngine`) takes the
+prompt's class id instead of an embedding; guidance contrasts it with DiT's null class.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fgl_core.config import Settings
-from fgl_core.payload import PROBE_PROMPT
-from fgl_core.pretrained import generator_family, load_component, resolve_model_ref
+from fgl_core.config import ConfigError, Settings
+from fgl_core.payload import PROBE_PROMPT, SEQUENCE_LENGTH
+from fgl_core.pretrained import (
+    CLASS_CONDITIONAL,
+    ModelRefError,
+    class_ids_for,
+    generator_family,
+    generator_labels,
+    load_component,
+    resolve_model_ref,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +109,9 @@ def pooled_width(pipe: Any) -> int:
 
 class SynthesisEngine:
     """Wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline`;
-    `SynthesisEngine.load` loads one by reference."""
+    `SynthesisEngine.load` loads one by reference (a DiT as a `ClassConditionalEngine`)."""
+
+    class_conditional = False  # images from text embeddings, not class ids
 
     def __init__(
         self,
@@ -109,16 +121,7 @@ class SynthesisEngine:
         tuning: GpuTuning | None = GpuTuning(),
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.settings = settings
-        self.device = device
-        self.dtype = dtype or pipeline_dtype(device)
-        if settings.scheduler != "default":
-            import diffusers
-
-            scheduler_class = getattr(diffusers, SCHEDULERS[settings.scheduler])
-            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(device, self.dtype)
+        self._place(pipe, settings, device, dtype)
         if tuning is not None and device.type == "cuda":
             apply_tuning(self.pipe, tuning)
         self.width = int(pipe.unet.config.cross_attention_dim)
@@ -140,10 +143,31 @@ class SynthesisEngine:
         import diffusers
 
         ref = resolve_model_ref(settings.generator, "generator", cache_dir)
-        pipeline_class = getattr(diffusers, generator_family(ref) or "StableDiffusionPipeline")
+        family = generator_family(ref) or "StableDiffusionPipeline"
         dtype = pipeline_dtype(device)
-        pipe = load_component(pipeline_class, ref, None, "generator", torch_dtype=dtype)
+        pipe = load_component(getattr(diffusers, family), ref, None, "generator", torch_dtype=dtype)
+        if family == CLASS_CONDITIONAL:
+            return ClassConditionalEngine(pipe, settings, device, generator_labels(ref))
         return cls(pipe, settings, device)
+
+    def _place(
+        self,
+        pipe: Any,
+        settings: SynthesisSettings,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> None:
+        """The pipeline on its device and dtype, with the chosen scheduler, no progress bars."""
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype or pipeline_dtype(device)
+        if settings.scheduler != "default":
+            import diffusers
+
+            scheduler_class = getattr(diffusers, SCHEDULERS[settings.scheduler])
+            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device, self.dtype)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -166,9 +190,11 @@ class SynthesisEngine:
         seeds: list[int],
         domains: np.ndarray | None = None,
         pooled: np.ndarray | None = None,
+        class_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """(B, 77, D) embeddings, B seeds, B domains (each image's negative prompt; None: the
-        first) and (SDXL) B pooled embeddings -> (B, R, R, 3) uint8 at the training resolution."""
+        first) and (SDXL) B pooled embeddings -> (B, R, R, 3) uint8 at the training resolution
+        (`class_ids`: a class-conditional engine's, unused here)."""
         s = self.settings
         prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
@@ -197,10 +223,83 @@ class SynthesisEngine:
             width=self.resolution,
             generator=noise,
             output_type="pt",
-        ).images  # (B, 3, H, W) floats in [0, 1]
-        if images.shape[-1] != s.train_resolution:
+        ).images
+        return self.stored(images)
+
+    def stored(self, images: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) floats in [0, 1] -> (B, R, R, 3) uint8 at the training resolution."""
+        size = self.settings.train_resolution
+        if images.shape[-1] != size:
             images = F.interpolate(
-                images.float(), size=(s.train_resolution,) * 2, mode="bilinear", antialias=True
+                images.float(), size=(size, size), mode="bilinear", antialias=True
             )
         images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ClassConditionalEngine(SynthesisEngine):
+    """Wraps a loaded `DiTPipeline`: each image from its prompt's class id in the generator's own
+    label set (`id2label`, ImageNet's for the published DiT models). It reads no text, so there
+    is no text encoder to check silos against (width 0), no negative prompt (guidance contrasts
+    the class with DiT's null class), and it draws at its native size only."""
+
+    class_conditional = True
+
+    def __init__(
+        self,
+        pipe: Any,
+        settings: SynthesisSettings,
+        device: torch.device,
+        id2label: dict[str, str],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self._place(pipe, settings, device, dtype)
+        self.id2label = id2label
+        self.width = self.pooled_width = 0
+        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        native = int(pipe.transformer.config.sample_size) * scale
+        if settings.synthesis_resolution not in (0, native):
+            raise ConfigError(
+                f"synthesis-resolution = {settings.synthesis_resolution}: generator "
+                f"{settings.generator!r} (DiT) draws at its native {native} px only; set 0"
+            )
+        self.resolution = native
+        self.probe = np.zeros((SEQUENCE_LENGTH, 0), np.float32)  # no text, nothing to probe
+
+    def class_ids(self, class_names: list[str]) -> np.ndarray:
+        """Each class's id in the generator's label set; `ConfigError` naming those it lacks."""
+        try:
+            ids = class_ids_for(
+                self.id2label, class_names, f"generator {self.settings.generator!r}"
+            )
+        except ModelRefError as err:
+            raise ConfigError(str(err)) from None
+        return np.asarray(ids, np.int64)
+
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(len(prompts), SEQUENCE_LENGTH, 0), torch.zeros(len(prompts), 0)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        embeds: np.ndarray,
+        seeds: list[int],
+        domains: np.ndarray | None = None,
+        pooled: np.ndarray | None = None,
+        class_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """B class ids and B seeds -> (B, R, R, 3) uint8 (the embeddings are (B, 77, 0))."""
+        if class_ids is None or len(class_ids) != len(seeds) or (class_ids < 0).any():
+            raise ValueError(
+                f"a class-conditional generator needs a class id >= 0 for each of the "
+                f"{len(seeds)} images, got {class_ids}"
+            )
+        s = self.settings
+        images = self.pipe(
+            class_labels=[int(c) for c in class_ids],
+            guidance_scale=s.guidance,
+            generator=[torch.Generator(self.device).manual_seed(seed) for seed in seeds],
+            num_inference_steps=s.steps,
+            output_type="pt",
+        ).images
+        return self.stored(images)

@@ -31,6 +31,7 @@ class Prompt:
     sources: list[str] = field(default_factory=list)
     domain: int = 0  # whose negative prompt its images get (`domain-prompts`)
     pooled: np.ndarray | None = None  # (P,) float16: SDXL's pooled embedding; None for SD
+    class_id: int = -1  # a class-conditional generator's (DiT's) class; -1 for text generators
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,15 @@ def merge_payloads(
                 100 * sum(payload.label_histogram) / sum(masses),
                 100 * max_silo_share,
             )
-        for embedding, label, weight, domain, pooled in zip(*payload.rows, strict=True):
+        for embedding, label, weight, domain, pooled, class_id in zip(*payload.rows, strict=True):
             key = int(label).to_bytes(8, "little")
-            if domain:  # without domains or pooled embeddings, the digests stay what they were
+            # without domains, pooled embeddings or class ids, the digests stay what they were
+            if domain:
                 key += b"domain" + int(domain).to_bytes(8, "little")
             if pooled.size:
                 key += b"pooled" + np.ascontiguousarray(pooled).tobytes()
+            if class_id >= 0:
+                key += b"class" + int(class_id).to_bytes(8, "little")
             digest = hashlib.sha256(key + np.ascontiguousarray(embedding).tobytes()).hexdigest()
             if digest not in prompts:
                 prompts[digest] = Prompt(
@@ -104,6 +108,7 @@ def merge_payloads(
                     digest,
                     domain=int(domain),
                     pooled=pooled if pooled.size else None,
+                    class_id=int(class_id),
                 )
             prompts[digest].weight += int(weight) if scale == 1.0 else int(weight) * scale
             prompts[digest].sources.append(node)

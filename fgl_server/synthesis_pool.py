@@ -33,6 +33,7 @@ class ShardInputs(NamedTuple):
     seeds: list[int]
     domains: np.ndarray  # (n,) int64: whose negative prompt
     pooled: np.ndarray  # (n, P) float16: SDXL's pooled embeddings; P = 0 for SD
+    class_ids: np.ndarray  # (n,) int64: a class-conditional generator's (DiT); -1 for the others
 
 
 def make_shard(
@@ -45,8 +46,7 @@ def make_shard(
     batches = []
     for b in range(0, len(inputs.seeds), batch_size):
         part = slice(b, b + batch_size)
-        embeds, seeds, domains, pooled = (column[part] for column in inputs)
-        batches.append(engine.generate(embeds, seeds, domains, pooled))
+        batches.append(engine.generate(*(column[part] for column in inputs)))
         progress(len(batches[-1]))
     return np.concatenate(batches)
 

@@ -234,6 +234,7 @@ def synthesize_into_store(
             [job.seed for job in shard_jobs],
             np.asarray([p.domain for p in chosen], np.int64),
             np.stack([np.zeros(0, np.float16) if p.pooled is None else p.pooled for p in chosen]),
+            np.asarray([p.class_id for p in chosen], np.int64),
         )
 
     def made_here(bar: tqdm) -> Iterator[tuple[int, np.ndarray]]:

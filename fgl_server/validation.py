@@ -14,7 +14,9 @@ was expected and what arrived; the run goes on with the other silos. What it che
 - the encoder: the silo's encoding of the public probe prompt matches the server's own;
 - prompts: each class-level embedding matches the server's own encoding of that class's prompt
   (the template and class names are public); each instance-level one matches it in the rows
-  before the caption (the encoder is causal), so a silo cannot pass off other prompts or labels.
+  before the caption (the encoder is causal), so a silo cannot pass off other prompts or labels;
+  with a class-conditional generator (DiT: no text, width 0) each prompt's class id is the one
+  the generator's label set gives its class's name.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class PayloadLimits:
     # the server's own pooled encoding of each class's prompt, (domains, classes, width)
     pooled_width: int = 0
     class_pooled: np.ndarray | None = None
+    # a class-conditional generator (DiT): each task class's id in its label set, (classes,);
+    # None for generators conditioned on text, whose payloads carry class id -1
+    class_ids: np.ndarray | None = None
     # the silos' noise defence (fgl_core.dp): embeddings arrive clipped to `embedding_clip`
     # (0: not at all) with Gaussian noise of this standard deviation per value
     embedding_clip: float = 0.0
@@ -170,6 +175,7 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
         reject(
             f"sent weights in [{weights.min()}, {weights.max()}]; each must be in 1..{MAX_COUNT}"
         )
+    check_class_ids(reject, payload.class_ids, labels, limits)
     if not np.isfinite(embeds).all():
         bad = int((~np.isfinite(embeds)).any(axis=(1, 2)).sum())
         reject(f"sent {bad} embeddings with NaN or infinite values")
@@ -195,7 +201,8 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
             )
     else:
         check_claims(reject, labels, weights, histogram, limits.num_classes)
-    check_encoder(node, probe, limits)
+    if limits.width:  # a generator that reads no text has no encoder to compare
+        check_encoder(node, probe, limits)
     if limits.class_prompts is not None:
         check_class_prompts(node, embeds, labels, limits, domains)
     if limits.class_pooled is not None:
@@ -227,6 +234,32 @@ def check_claims(
                 f"sent prompts of weight {weight} for class {label}, where its histogram "
                 f"counts {count} images; the weights in a class may not exceed its count"
             )
+
+
+def check_class_ids(
+    reject: Callable[[str], None], class_ids: np.ndarray, labels: np.ndarray, limits: PayloadLimits
+) -> None:
+    """Each prompt's class id is its class's in a class-conditional generator's label set, and
+    -1 (none) for a generator conditioned on text."""
+    n = len(labels)
+    if class_ids.shape != (n,):
+        reject(f"sent class ids of shape {class_ids.shape} for {n} embeddings")
+    if limits.class_ids is None:
+        if (class_ids != -1).any():
+            reject(
+                f"sent class ids in [{class_ids.min()}, {class_ids.max()}]; this run's generator "
+                "is conditioned on text, so every class id is -1"
+            )
+        return
+    expected = limits.class_ids[labels]
+    wrong = np.flatnonzero(class_ids != expected)
+    if len(wrong):
+        row, label = int(wrong[0]), int(labels[wrong[0]])
+        name = limits.class_names[label] if label < len(limits.class_names) else str(label)
+        reject(
+            f"sent class id {class_ids[row]} for class {label} ({name!r}) in {len(wrong)} "
+            f"prompt(s); the generator's label set draws that class as {expected[row]}"
+        )
 
 
 def check_encoder(node: str, probe: np.ndarray, limits: PayloadLimits) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fgl_core.payload import (
     EMBEDDING_RECORD,
+    ROW_KEYS,
     SILO_RECORD,
     SUMMARY_RECORD,
     EmbeddingPayload,
@@ -237,7 +238,7 @@ def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
 
 # --- chunked payloads ----------------------------------------------------------------------
 
-CHUNK_BYTES = 50_240  # 40 rows of width 8 (1,256 bytes each) per chunk
+CHUNK_BYTES = 50_560  # 40 rows of width 8 (1,264 bytes each) per chunk
 CHUNKED = PayloadLimits(
     width=WIDTH, num_classes=CLASSES, probe=PROBE, max_rows=1_000, chunk_bytes=CHUNK_BYTES
 )
@@ -270,7 +271,7 @@ def test_a_payload_cut_into_chunks_is_reassembled_whole():
     assert announced_chunks("node 1", pieces[0], CHUNKED).count == 13
     assert [len(p["embedding"]["labels"].numpy()) for p in pieces] == [40] * 12 + [20]
     whole = accept_payload("node 1", pieces, CHUNKED)
-    for key in ("embeds", "labels", "weights", "domains", "pooled"):
+    for key in ROW_KEYS:
         assert np.array_equal(getattr(whole, key), getattr(payload, key)), key
     assert whole.digest == payload.digest and whole.label_histogram == payload.label_histogram
 
@@ -293,7 +294,7 @@ def _altered_rows(pieces: list[RecordDict]) -> list[RecordDict]:
 
 
 def _short_middle(pieces: list[RecordDict]) -> list[RecordDict]:
-    for key in ("embeds", "labels", "weights", "domains", "pooled"):
+    for key in ROW_KEYS:
         array = pieces[4]["embedding"][key].numpy()
         pieces[4]["embedding"][key] = Array(np.ascontiguousarray(array[:39]))
     return pieces
@@ -321,7 +322,7 @@ def test_an_announcement_past_the_limits_is_refused_before_any_chunk_is_fetched(
     with pytest.raises(PayloadRejected, match="announces 500 embeddings; at most 499"):
         announced_chunks("node 2", pieces[0], few_rows)
     few_bytes = PayloadLimits(**{**CHUNKED.__dict__, "max_bytes": 600_000})
-    with pytest.raises(PayloadRejected, match="628000 bytes; at most 600000"):
+    with pytest.raises(PayloadRejected, match="632000 bytes; at most 600000"):
         announced_chunks("node 2", pieces[0], few_bytes)
     tiny_chunks = pieces_of(many_rows(), chunk_bytes=1)  # one row each: 500 round trips
     with pytest.raises(PayloadRejected, match=r"500 embeddings in 500 chunks; .* make 13"):
