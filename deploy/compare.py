@@ -3,7 +3,7 @@
 Every cell runs as its own Flower simulation (deploy/launch.py). A cell that fails is marked
 failed with its reason and the others go on; a rerun skips cells that already finished.
 
-    python -m deploy.compare grid.yaml [--protocol validation-selected|final|best-test]
+    python -m deploy.compare grid.yaml [--protocol validation-selected|final|best-test] [--reduced]
 
 grid.yaml (every key but `datasets` and `methods` optional):
 
@@ -16,6 +16,12 @@ grid.yaml (every key but `datasets` and `methods` optional):
     run-config: {train-subset: 3000, num-server-rounds: 5}     # for every cell
     method-config: {fgl: {images-per-class: 50}}               # per method
     timeout: 3600                                              # seconds per cell
+    reduced: {datasets: [digits], run-config: {model: cnn}}    # what --reduced changes
+
+`--reduced` runs the grid's `reduced` form: the same grid with the keys that block names
+replaced (`run-config` and each method's `method-config` updated key by key instead), into
+`<output>-reduced` unless it names an `output`. The paper's grids (`benchmarks/paper/`) use it for
+a form that runs on a CPU without the paper's data or weights.
 
 A method is a strategy name, or any label whose method-config names its strategy, so variants of
 one strategy sit side by side: `methods: [fgl-one-shot, fgl-4-rounds]` with `method-config:
@@ -68,6 +74,27 @@ class ExperimentGrid(BaseModel):
     run_config: dict[str, Any] = Field(default_factory=dict, alias="run-config")
     method_config: dict[str, dict[str, Any]] = Field(default_factory=dict, alias="method-config")
     timeout: float = 3600.0
+    reduced: dict[str, Any] = Field(default_factory=dict)
+
+    def reduced_form(self) -> ExperimentGrid:
+        """The grid as its `reduced` block changes it (see the module's docstring)."""
+        if not self.reduced:
+            raise ValueError("it has no `reduced` block")
+        changes = dict(self.reduced)
+        run_config = {**self.run_config, **changes.pop("run-config", {})}
+        more = changes.pop("method-config", {})
+        method_config = {
+            m: {**self.method_config.get(m, {}), **more.get(m, {})}
+            for m in {*self.method_config, *more}
+        }
+        values = {
+            **self.model_dump(by_alias=True, exclude={"reduced"}),
+            "output": f"{self.output}-reduced",
+            **changes,
+            "run-config": run_config,
+            "method-config": method_config,
+        }
+        return ExperimentGrid.model_validate(values)
 
 
 @dataclass(frozen=True)
@@ -108,8 +135,9 @@ def cells(grid: ExperimentGrid) -> list[Cell]:
     return out
 
 
-def overrides(grid: ExperimentGrid, cell: Cell, output: Path) -> str:
-    values = {
+def cell_config(grid: ExperimentGrid, cell: Cell, output: Path) -> dict[str, Any]:
+    """The run config one cell runs with."""
+    return {
         **grid.run_config,
         "strategy": cell.method,
         **grid.method_config.get(cell.method, {}),
@@ -121,6 +149,10 @@ def overrides(grid: ExperimentGrid, cell: Cell, output: Path) -> str:
         "run-name": cell.run_name,
         "output-dir": str(output),
     }
+
+
+def overrides(grid: ExperimentGrid, cell: Cell, output: Path) -> str:
+    values = cell_config(grid, cell, output)
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
@@ -333,11 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         default="validation-selected",
         help="which test accuracy the tables show (the CSV has all)",
     )
+    parser.add_argument(
+        "--reduced", action="store_true", help="run the grid's `reduced` form (small, on a CPU)"
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the cell in flight stops its SuperLink and simulation
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         grid = ExperimentGrid.model_validate(yaml.safe_load(args.grid.read_text()))
+        if args.reduced:
+            grid = grid.reduced_form()
         all_cells = cells(grid)
     except (OSError, yaml.YAMLError, ValidationError, ValueError) as err:
         print(f"error: grid {args.grid}: {err}", file=sys.stderr)

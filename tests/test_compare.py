@@ -3,8 +3,13 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
-from deploy.compare import Cell, ExperimentGrid, method_table, overrides
+import pytest
+import yaml
+
+from deploy.compare import Cell, ExperimentGrid, cell_config, cells, method_table, overrides
+from fgl_core.config import RunConfig
 from tests.conftest import project_env
 
 GRID = """
@@ -139,3 +144,27 @@ def test_a_run_reports_each_protocol_over_the_one_shot_epochs_and_the_rounds(tmp
         "best-test-accuracy": 0.75,
         "best-test-at": "one-shot epoch 3",
     }
+
+
+PAPER_GRIDS = sorted((Path(__file__).parent.parent / "benchmarks" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_GRIDS, ids=lambda p: p.stem)
+def test_every_paper_grid_and_its_reduced_form_give_valid_run_configs(path, tmp_path):
+    grid = ExperimentGrid.model_validate(yaml.safe_load(path.read_text()))
+    reduced = grid.reduced_form()
+    assert reduced.output == grid.reduced.get("output", f"{grid.output}-reduced")
+    for form in (grid, reduced):
+        for cell in cells(form):
+            values = cell_config(form, cell, tmp_path)
+            cfg = RunConfig.from_flower(values)  # raises ConfigError naming any bad key
+            assert cfg.strategy in ("fedavg", "fedopt", "fedprox", "moon", "centralized", "fgl")
+    assert reduced.run_config["device"] == "cpu" and grid.run_config["device"] == "cuda"
+
+
+def test_reduced_names_a_grid_without_a_reduced_form(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(GRID.format(output=tmp_path / "out"))
+    done = compare(grid_file, "--reduced")
+    assert done.returncode == 2 and "it has no `reduced` block" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
