@@ -133,8 +133,20 @@ def payload_limits(
     those rows of an honest embedding are exactly that encoding whatever the private caption
     says. A class-conditional generator (DiT) reads no text: each class's id in its label set
     is what a prompt must carry, and there is nothing else to prompt with."""
+    common = {
+        "width": engine.width,
+        "num_classes": len(class_names),
+        "probe": engine.probe,
+        "max_rows": cfg.max_embeddings_per_silo,
+        "max_bytes": cfg.max_payload_bytes,
+        "chunk_bytes": cfg.embed_chunk_bytes,
+        "probe_tolerance": cfg.probe_tolerance,
+        "class_names": tuple(class_names),
+        "secure_histograms": cfg.secure_histograms,
+    }
     if engine.class_conditional:
-        return class_conditional_limits(cfg, engine, class_names, domains)
+        refuse_text_settings(cfg, domains)
+        return PayloadLimits(**common, class_ids=engine.class_ids(class_names))  # type: ignore[attr-defined]
     styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
         (cfg.prompt_style, cfg.effective_prompt_template)
     ]
@@ -151,16 +163,9 @@ def payload_limits(
         encodings.append(sequence.float().cpu().numpy())
         pooled.append(summary.float().cpu().numpy())
     return PayloadLimits(
-        width=engine.width,
-        num_classes=len(class_names),
-        probe=engine.probe,
-        max_rows=cfg.max_embeddings_per_silo,
-        max_bytes=cfg.max_payload_bytes,
-        chunk_bytes=cfg.embed_chunk_bytes,
-        probe_tolerance=cfg.probe_tolerance,
+        **common,
         class_prompts=np.stack(encodings),
         class_prompt_rows=tuple(rows) if cfg.prompt_mode == "instance" else None,
-        class_names=tuple(class_names),
         domain_names=tuple(d.name for d in domains),
         pooled_width=engine.pooled_width,
         # the pooled embedding summarizes the whole prompt: checkable at class level only
@@ -169,17 +174,11 @@ def payload_limits(
         ),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
-        secure_histograms=cfg.secure_histograms,
     )
 
 
-def class_conditional_limits(
-    cfg: RunConfig,
-    engine: SynthesisEngine,
-    class_names: list[str],
-    domains: Sequence[DomainPrompt] = (),
-) -> PayloadLimits:
-    """The limits for a class-conditional generator, after refusing what needs text."""
+def refuse_text_settings(cfg: RunConfig, domains: Sequence[DomainPrompt]) -> None:
+    """`ConfigError` naming each setting that needs text, for a class-conditional generator."""
     needs_text = {
         'prompt-mode = "instance" (captions)': cfg.prompt_mode == "instance",
         "domain-prompts (styles)": bool(domains),
@@ -191,17 +190,6 @@ def class_conditional_limits(
             f"generator {cfg.generator!r} is class-conditional (DiT): it reads no text, so "
             f"{', '.join(asked)} cannot apply; silos send each class's id in its label set"
         )
-    return PayloadLimits(
-        width=0,
-        num_classes=len(class_names),
-        probe=engine.probe,
-        max_rows=cfg.max_embeddings_per_silo,
-        max_bytes=cfg.max_payload_bytes,
-        chunk_bytes=cfg.embed_chunk_bytes,
-        class_names=tuple(class_names),
-        class_ids=engine.class_ids(class_names),  # type: ignore[attr-defined]
-        secure_histograms=cfg.secure_histograms,
-    )
 
 
 def run_fgl(
