@@ -126,3 +126,26 @@ def silo_file(path: Path, source: Path, classes: list[int], per_class: int, name
         out[f"{split}_labels"] = arrays[f"{split}_labels"][keep]
     np.savez(path, **out)
     return np.bincount(out["train_labels"][:, 0], minlength=len(names)).tolist()
+
+
+def small_fgl_run(base: dict, tmp_path: Path, name: str, **overrides) -> dict:
+    """A two-silo FGL run in one process (`deploy.inprocess`), as small as the path allows: 2
+    images per class, 2 steps, 1 one-shot epoch, no rounds. Returns its results.json."""
+    import json
+
+    from deploy.inprocess import run_in_process
+
+    run_config = {
+        **base,
+        "strategy": "fgl",
+        "min-nodes": 2,
+        "images-per-class": 2,
+        "steps": 2,
+        "oneshot-epochs": 1,
+        "num-server-rounds": 0,
+        "output-dir": str(tmp_path),
+        "run-name": name,
+        **overrides,
+    }
+    run_in_process(run_config, num_silos=2)
+    return json.loads((tmp_path / name / "results.json").read_text())

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.inprocess import run_in_process
 from fgl_client.embedding import build_payload, text_encoder
 from fgl_client.silo import load_silo
 from fgl_client.text_encoding import GeneratorClasses
@@ -22,6 +21,7 @@ from fgl_core.pretrained import ModelRefError, generator_class_ids, resolve_mode
 from fgl_server.fgl_run import payload_limits
 from fgl_server.synthesis import ClassConditionalEngine, SynthesisEngine, SynthesisSettings
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload, validate_payload
+from tests.conftest import small_fgl_run
 
 CPU = torch.device("cpu")
 # eight ImageNet classes for BloodMNIST's eight labels: DiT draws ImageNet's classes only
@@ -154,19 +154,7 @@ def test_images_come_from_the_class_ids(engine):
 
 
 def test_an_fgl_run_synthesizes_and_trains_with_a_dit_generator(blood_npz, tmp_path):
-    run_config = {
-        **config(blood_npz, str(tmp_path / "cache")).to_flower(),
-        "strategy": "fgl",
-        "min-nodes": 2,
-        "images-per-class": 2,
-        "steps": 2,
-        "oneshot-epochs": 1,
-        "num-server-rounds": 0,
-        "output-dir": str(tmp_path),
-        "run-name": "dit",
-    }
-    run_in_process(run_config, num_silos=2)
-    results = json.loads((tmp_path / "dit" / "results.json").read_text())
+    results = small_fgl_run(config(blood_npz, str(tmp_path / "cache")).to_flower(), tmp_path, "dit")
     assert results["embedding"]["rejected"] == {}
     assert len(results["embedding"]["nodes-accepted"]) == 2
     synthesis = results["synthesis"]

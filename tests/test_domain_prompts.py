@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from deploy.inprocess import run_in_process
 from fgl_client.embedding import build_payload, silo_prompts, text_encoder
 from fgl_client.silo import load_silo
 from fgl_core.config import ConfigError, RunConfig
@@ -20,6 +19,7 @@ from fgl_core.payload import EmbedRequest, PayloadError
 from fgl_server.fgl_run import payload_limits
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.validation import PayloadRejected, validate_payload
+from tests.conftest import small_fgl_run
 from tests.test_datasets import write_tree
 
 CPU = torch.device("cpu")
@@ -147,20 +147,8 @@ def test_each_image_is_denoised_against_its_domains_negative_prompt(cache_dir):
 
 
 def test_an_fgl_run_prompts_and_synthesizes_per_domain(tree, tmp_path):
-    run_config = {
-        **config(tree, str(tmp_path / "cache")).to_flower(),
-        "strategy": "fgl",
-        "partition": "domain",
-        "min-nodes": 2,
-        "images-per-class": 2,
-        "steps": 2,
-        "oneshot-epochs": 1,
-        "num-server-rounds": 0,
-        "output-dir": str(tmp_path),
-        "run-name": "domains",
-    }
-    run_in_process(run_config, num_silos=2)
-    results = json.loads((tmp_path / "domains" / "results.json").read_text())
+    base = {**config(tree, str(tmp_path / "cache")).to_flower(), "partition": "domain"}
+    results = small_fgl_run(base, tmp_path, "domains")
     assert results["embedding"]["rejected"] == {}
     assert results["embedding"]["embeddings-per-node"] == {"node 1": 3, "node 2": 3}
     assert results["synthesis"]["prompts"] == 6  # 3 classes x 2 domains, one silo each
@@ -168,4 +156,6 @@ def test_an_fgl_run_prompts_and_synthesizes_per_domain(tree, tmp_path):
     assert manifest["domain-negative-prompts"] == ["colorful, photo", "low quality, low resolution"]
     with pytest.raises(ConfigError, match=r"the dataset's domains \['photo'\] have no entry"):
         (tree / "sketch-only.yaml").write_text("sketch: {style: a sketch}")
-        run_in_process({**run_config, "domain-prompts": str(tree / "sketch-only.yaml")}, 2)
+        small_fgl_run(
+            base, tmp_path, "domains", **{"domain-prompts": str(tree / "sketch-only.yaml")}
+        )

@@ -4,13 +4,11 @@ payload, validation, plan, store and one-shot path as SD 2.x (on a tiny random S
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from deploy.inprocess import run_in_process
 from fgl_client.embedding import build_payload, text_encoder
 from fgl_client.silo import load_silo
 from fgl_client.text_encoding import XLTextEncoder
@@ -25,6 +23,7 @@ from fgl_server.validation import (
     accept_payload,
     validate_payload,
 )
+from tests.conftest import small_fgl_run
 
 CPU = torch.device("cpu")
 
@@ -125,19 +124,9 @@ def test_noise_is_refused_rather_than_leaving_the_pooled_embedding_bare(blood_np
 
 
 def test_an_fgl_run_synthesizes_and_trains_with_an_sdxl_generator(blood_npz, tmp_path):
-    run_config = {
-        **config(blood_npz, str(tmp_path / "cache")).to_flower(),
-        "strategy": "fgl",
-        "min-nodes": 2,
-        "images-per-class": 2,
-        "steps": 2,
-        "oneshot-epochs": 1,
-        "num-server-rounds": 0,
-        "output-dir": str(tmp_path),
-        "run-name": "sdxl",
-    }
-    run_in_process(run_config, num_silos=2)
-    results = json.loads((tmp_path / "sdxl" / "results.json").read_text())
+    results = small_fgl_run(
+        config(blood_npz, str(tmp_path / "cache")).to_flower(), tmp_path, "sdxl"
+    )
     assert results["embedding"]["rejected"] == {}
     assert len(results["embedding"]["nodes-accepted"]) == 2
     synthesis = results["synthesis"]
