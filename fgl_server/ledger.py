@@ -13,6 +13,7 @@ labels mean other classes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,7 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
+from flwr.superlink.grid import HttpGrid
 
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
 from fgl_core.payload import (
@@ -53,6 +55,32 @@ class Exchange:
 
 
 log = logging.getLogger(__name__)
+
+POLL_SECONDS = (0.05, 1.0)  # first and longest wait between two pulls for replies
+
+
+def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Flower's `send_and_receive`, pulling replies after 50 ms, then backing off to 1 s.
+
+    Flower 1.41's deployed grid (`HttpGrid`) sleeps 3 s between two pulls, so every exchange of
+    a deployed run waited up to 3 s after its last reply had arrived (the simulation's grid
+    sleeps 0.1 s). A reply that comes while the server waits is now seen within the wait,
+    which grows from 50 ms to 1 s while none comes: long rounds poll once a second.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    wait, replies = POLL_SECONDS[0], []
+    while pending:
+        pulled = list(grid.pull_messages(pending))
+        replies += pulled
+        pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        if pulled:
+            wait = POLL_SECONDS[0]
+        time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+        wait = min(2 * wait, POLL_SECONDS[1])
+    return replies
 
 
 class RecordingGrid(Grid):
@@ -107,7 +135,10 @@ class RecordingGrid(Grid):
                 )
             )
         self.exchanges.extend(entries)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if isinstance(self._grid, HttpGrid):  # deployed: pull sooner than Flower's 3 s
+            replies = send_and_poll(self._grid, messages, timeout)
+        else:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         # a node may get several messages (a payload's chunks): each reply answers one message
         pending = {m.metadata.message_id: (m, e) for m, e in zip(messages, entries, strict=True)}
         checked = []

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from uuid import uuid4
 
+import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from deploy.inprocess import InProcessGrid
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch, name_digests
 from fgl_core.payload import SILO_RECORD
-from fgl_server.ledger import RecordingGrid
+from fgl_server import ledger
+from fgl_server.ledger import RecordingGrid, send_and_poll
 from strategies.fgl import collect_embeddings
 
 GONE = 202  # the silo that went away
@@ -100,3 +103,49 @@ def test_a_reply_from_a_silo_with_another_class_list_reaches_the_strategy_as_an_
     assert sorted(failed) == ["203", "204"]
     assert "3 names against 4" in failed["203"]["first-error"]
     assert ledger.silos == {201: {"num-train": 9}}  # nothing from rejected replies, no digests
+
+
+class ScriptedGrid:
+    """push/pull as a deployed grid has them: reply i can be pulled from pull number at[i]."""
+
+    def __init__(self, at: list[int | None]) -> None:
+        self.at, self.pulls = at, 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ready = [f"m{i}" for i, at in enumerate(self.at) if at == self.pulls]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now, self.waits = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(round(seconds, 3))
+        self.now += seconds
+
+
+def test_replies_are_pulled_soon_and_less_often_while_none_comes(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(ledger, "time", clock)
+    grid = ScriptedGrid([2, 8, 9])
+    replies = send_and_poll(grid, ["a", "b", "c"], timeout=None)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    # from 50 ms, doubling to at most 1 s while no reply comes; 50 ms again after one came
+    assert clock.waits == [0.05, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 0.05]
+    assert grid.pulls == 9  # Flower's deployed grid sleeps 3 s between pulls: 8 x 3 s here
+
+
+def test_polling_stops_at_the_timeout_with_the_replies_that_came(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(ledger, "time", clock)
+    replies = send_and_poll(ScriptedGrid([1, None]), ["a", "b"], timeout=5.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert clock.now == pytest.approx(5.0) and max(clock.waits) <= 1.0
