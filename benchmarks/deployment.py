@@ -2,11 +2,14 @@
 
 The run is the quickstart's FGL run (digits, offline tiny generator, small CNN) with 3 silos:
 simulated (one SuperLink in simulation mode) and deployed (a SuperLink and 3 SuperNodes on
-loopback, each message in a fresh ClientApp process; `--tls` adds TLS and SuperNode auth).
-Each runtime runs with the silos' evaluation as a separate evaluate round (Flower's default) and
-inside the train reply (`evaluate-in-train`: one message, so one ClientApp process, per silo per
-round instead of two), each twice: with `--rounds` FedAvg rounds, and with none (the embedding
-round, synthesis and one-shot alone). It also times a fresh interpreter importing the ClientApp.
+loopback, each message in a fresh ClientApp process that hands it to the node's warm worker, the
+launcher's default; `--tls` adds TLS and SuperNode auth). Each runtime runs with the silos'
+evaluation as a separate evaluate round (Flower's default) and inside the train reply
+(`evaluate-in-train`: one message, so one ClientApp process, per silo per round instead of two);
+the deployment with `evaluate-in-train` runs once more without warm workers (`--warm-worker 0`:
+each message imports PyTorch in its own process). Each row runs twice: with `--rounds` FedAvg
+rounds, and with none (the embedding round, synthesis and one-shot alone). It also times a fresh
+interpreter importing the ClientApp.
 Per phase it reports:
 
 - wall seconds (results.json's phase timer);
@@ -57,8 +60,9 @@ def payload_bytes(results: dict, rounds: bool) -> dict[str, int]:
 
 
 def clientapp_import_seconds(repeats: int = 3) -> dict[str, float]:
-    """Wall seconds of a fresh interpreter importing the ClientApp, beside a bare interpreter
-    (the median of a few): what each deployed message pays before it reads its message."""
+    """Wall seconds of a fresh interpreter importing the ClientApp, and the handlers a message
+    imports when it runs without a warm worker, beside a bare interpreter (the median of a
+    few): what each deployed message pays before it reads its message."""
 
     def median_wall(code: str) -> float:
         walls = []
@@ -68,11 +72,16 @@ def clientapp_import_seconds(repeats: int = 3) -> dict[str, float]:
             walls.append(time.perf_counter() - start)
         return round(statistics.median(walls), 2)
 
-    return {"import-fgl_client.app": median_wall("import fgl_client.app"), "bare": median_wall("")}
+    return {
+        "import-fgl_client.app": median_wall("import fgl_client.app"),  # with a warm worker
+        "import-fgl_client.handlers": median_wall("import fgl_client.handlers"),  # without
+        "bare": median_wall(""),
+    }
 
 
-def measure(runtime: list[str], label: str, rounds: int, extra: str = "") -> dict:
-    base = f"{RUNS['fgl']} seed=0 {extra}"
+def measure(runtime: list[str], label: str, rounds: int, extra: str = "", run: str = "") -> dict:
+    base = f"{run or RUNS['fgl']} seed=0 {extra}"
+    label = f"custom-{label}" if run else label
     full_name, embed_name = f"bench-deploy-{label}-r{rounds}", f"bench-deploy-{label}-r0"
     wall_full, full = launch(SILOS, f"{base} num-server-rounds={rounds}", full_name, runtime)
     wall_embed, _ = launch(SILOS, f"{base} num-server-rounds=0", embed_name, runtime)
@@ -84,7 +93,7 @@ def measure(runtime: list[str], label: str, rounds: int, extra: str = "") -> dic
         "launcher-wall-seconds-without-rounds": round(wall_embed, 1),
         "phase-seconds": {k: round(v, 2) for k, v in phases.items()},
         "embedding-round": {
-            "seconds": round(phases["embed"], 2),
+            "seconds": round(phases.get("embed", 0.0), 2),  # none without FGL
             "payload-bytes": payload_bytes(full, rounds=False),
             "wire-bytes": wire_embed,
         },
@@ -102,32 +111,61 @@ def measure(runtime: list[str], label: str, rounds: int, extra: str = "") -> dic
     }
 
 
+def ratios(sim: dict, dep: dict) -> dict[str, float]:
+    """Deployed over simulated: launch to results, the embedding round, the FedAvg rounds."""
+    return {
+        "launcher-wall": round(dep["launcher-wall-seconds"] / sim["launcher-wall-seconds"], 2),
+        "embedding-round-seconds": (
+            round(dep["embedding-round"]["seconds"] / sim["embedding-round"]["seconds"], 2)
+            if sim["embedding-round"]["seconds"]
+            else None
+        ),
+        "fedavg-rounds-seconds": round(
+            dep["fedavg-rounds"]["seconds"] / sim["fedavg-rounds"]["seconds"], 2
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tls", action="store_true", help="deploy with TLS and SuperNode auth")
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="the run to time instead of the quickstart's FGL run, e.g. 'strategy=\"fedavg\" "
+        'dataset="../shared/datasets/bloodmnist_28.npz"\'',
+    )
+    parser.add_argument(
+        "--in-train-only",
+        action="store_true",
+        help="only the simulation and the deployment with evaluate-in-train and warm workers",
+    )
     args = parser.parse_args()
     deployed = ["--supernodes", str(SILOS), *(["--tls"] if args.tls else [])]
+    fresh = [*deployed, "--warm-worker", "0"]  # a fresh ClientApp process per message
     simulated = ["--simulation", str(SILOS)]
     dep_label = "deployment-tls" if args.tls else "deployment"
     in_train = "evaluate-in-train=true"
+    run = args.run_config
+    if args.in_train_only:
+        rows = [
+            measure(simulated, "simulation-evaluate-in-train", args.rounds, in_train, run),
+            measure(deployed, f"{dep_label}-evaluate-in-train", args.rounds, in_train, run),
+        ]
+        write(
+            "deployment-in-train",
+            {"silos": SILOS, "run-config": run or RUNS["fgl"], "rows": rows}
+            | {"with-evaluate-in-train": ratios(rows[0], rows[1])},
+        )
+        return
     rows = [
-        measure(simulated, "simulation", args.rounds),
-        measure(deployed, dep_label, args.rounds),
-        measure(simulated, "simulation-evaluate-in-train", args.rounds, in_train),
-        measure(deployed, f"{dep_label}-evaluate-in-train", args.rounds, in_train),
+        measure(simulated, "simulation", args.rounds, "", run),
+        measure(deployed, dep_label, args.rounds, "", run),
+        measure(simulated, "simulation-evaluate-in-train", args.rounds, in_train, run),
+        measure(deployed, f"{dep_label}-evaluate-in-train", args.rounds, in_train, run),
+        measure(fresh, f"{dep_label}-evaluate-in-train-no-warm-worker", args.rounds, in_train, run),
     ]
-
-    def ratios(sim: dict, dep: dict) -> dict[str, float]:
-        return {
-            "launcher-wall": round(dep["launcher-wall-seconds"] / sim["launcher-wall-seconds"], 2),
-            "embedding-round-seconds": round(
-                dep["embedding-round"]["seconds"] / sim["embedding-round"]["seconds"], 2
-            ),
-            "fedavg-rounds-seconds": round(
-                dep["fedavg-rounds"]["seconds"] / sim["fedavg-rounds"]["seconds"], 2
-            ),
-        }
 
     write(
         "deployment",
@@ -137,6 +175,7 @@ def main() -> None:
             "rows": rows,
             "deployment-over-simulation": ratios(rows[0], rows[1]),
             "with-evaluate-in-train": ratios(rows[2], rows[3]),
+            "with-evaluate-in-train-no-warm-worker": ratios(rows[2], rows[4]),
             "deployed-rounds-evaluate-in-train-over-separate": round(
                 rows[3]["fedavg-rounds"]["seconds"] / rows[1]["fedavg-rounds"]["seconds"], 2
             ),

@@ -7,7 +7,9 @@
 `--simulation N` starts one SuperLink in simulation mode with N virtual silos. `--supernodes N`
 starts a SuperLink and N `flower-supernode` processes on loopback, each with its own FLWR_HOME
 and port, each given `partition-id`/`num-partitions`; `--node-data PATH` (repeatable) starts one
-SuperNode per PATH that trains and embeds from that node-local dataset alone. `--tls` makes a CA,
+SuperNode per PATH that trains and embeds from that node-local dataset alone. Each SuperNode runs
+its messages in a warm worker (`--warm-worker SECONDS`, default 300; 0 for a fresh ClientApp
+process per message), and the machine's cores are split among them. `--tls` makes a CA,
 a server certificate and one key pair per SuperNode (deploy/certs.py), starts the SuperLink with
 TLS and `--enable-supernode-auth`, and registers every SuperNode's public key before it starts.
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from deploy.federation import LocalFederation, LogEcho, Progress, Topology
+from deploy.federation import WARM_WORKER_SECONDS, LocalFederation, LogEcho, Progress, Topology
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetError, load_dataset
 from fgl_core.partition import PartitionError, partition_dataset
@@ -135,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         "--certs", type=Path, help="keep (or reuse) the CA and keys here instead of a temp dir"
     )
     parser.add_argument(
+        "--warm-worker",
+        type=float,
+        default=WARM_WORKER_SECONDS,
+        metavar="SECONDS",
+        help="each SuperNode runs its messages in a resident worker that exits after SECONDS "
+        "without one (node config worker-idle-seconds; default 300); 0: a fresh ClientApp "
+        "process per message, as Flower runs it",
+    )
+    parser.add_argument(
         "--run-config",
         action="append",
         default=[],
@@ -164,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         topology = Topology.partitions(args.supernodes, **secure)
     else:
         topology = Topology.node_local(args.node_data, **secure)
+    if args.warm_worker < 0:
+        parser.error("--warm-worker takes seconds >= 0")
+    if args.simulation is None:
+        topology = topology.with_warm_workers(args.warm_worker)
     output = "log" if args.log else "quiet" if args.quiet else "progress"
     try:
         return launch(args.app.resolve(), topology, args.run_config, args.timeout, output)

@@ -1,13 +1,17 @@
-"""ClientApp: a silo trains and evaluates the global model on its own data."""
+"""What a silo does with each message: embed its prompts, train and evaluate on its own data.
+
+`fgl_client.app` routes each message here, in its own process or through the node's warm worker
+(`fgl_client.worker`); these functions are the same either way.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fgl_client.embedding import embed_silo, keep_for_chunks, kept_chunk
 from fgl_client.objectives import fedprox_loss, moon_loss
-from fgl_client.secure_histogram import secure_histogram_mod
 from fgl_client.silo import Silo, open_silo
 from fgl_core.class_list import DIGESTS_KEY, name_digests
 from fgl_core.config import RunConfig
@@ -25,7 +29,6 @@ from fgl_core.training import (
     train_model,
 )
 
-app = ClientApp(mods=[secure_histogram_mod])  # SecAgg+ stages go to Flower's secaggplus_mod
 MOON_PREVIOUS = "moon-previous-model"
 
 
@@ -60,7 +63,6 @@ def _silo_record(silo: Silo, cfg: RunConfig) -> ConfigRecord:
     return record
 
 
-@app.query("embed")
 def embed(msg: Message, context: Context) -> Message:
     """Round 0: answer the server's embed request with the silo's embedding payload."""
     configure_logging()
@@ -73,7 +75,6 @@ def embed(msg: Message, context: Context) -> Message:
     return Message(content=payload.to_records(request.chunk_bytes), reply_to=msg)
 
 
-@app.query("embed_chunk")
 def embed_chunk(msg: Message, context: Context) -> Message:
     """Chunk k >= 1 of the payload this silo sent chunk 0 of (see `fgl_core.payload`)."""
     configure_logging()
@@ -101,7 +102,6 @@ def _local_objective(
     return cross_entropy, {}
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, silo, model = _setup(msg, context)
     config = msg.content["config"]
@@ -144,7 +144,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, silo, model = _setup(msg, context)
     stats = evaluate_model(
@@ -159,3 +158,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     silo_record = ConfigRecord({DIGESTS_KEY: name_digests(silo.class_names)})
     return Message(content=RecordDict({"metrics": metrics, SILO_RECORD: silo_record}), reply_to=msg)
+
+
+HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
+    "query.embed": embed,
+    "query.embed_chunk": embed_chunk,
+    "train": train,
+    "evaluate": evaluate,
+}

@@ -24,7 +24,6 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from fgl_client.silo import open_silo
 from fgl_core.config import RunConfig
 from fgl_core.payload import SECURE_HISTOGRAM_MAX_COUNT
 
@@ -49,6 +48,8 @@ def histogram_reply(msg: Message, context: Context) -> Message:
             "the server asked for this silo's label histogram by secure aggregation, but the "
             "run config has secure-histograms = false"
         )
+    from fgl_client.silo import open_silo  # PyTorch: only for this stage's message
+
     silo = open_silo(cfg, context.node_config)
     histogram = np.asarray(silo.train.label_histogram(silo.num_classes), np.float64)
     if histogram.max(initial=0) > SECURE_HISTOGRAM_MAX_COUNT:

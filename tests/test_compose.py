@@ -20,7 +20,13 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as sup
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
 
 from deploy.certs import Certificates
-from deploy.federation import Topology, node_config_string, superlink_args, supernode_args
+from deploy.federation import (
+    WARM_WORKER_SECONDS,
+    Topology,
+    node_config_string,
+    superlink_args,
+    supernode_args,
+)
 from tests.conftest import ROOT
 
 SILOS = 3
@@ -84,7 +90,7 @@ def check(services: dict, certs: Certificates | None) -> None:
     assert flags(link["command"]) - COMPOSE_ONLY == flags(superlink_args(port, certs))
 
     runtime_of = {"superlink": port}
-    partitions = Topology.partitions(SILOS).node_configs
+    partitions = Topology.partitions(SILOS).with_warm_workers(WARM_WORKER_SECONDS).node_configs
     for i in range(1, SILOS + 1):
         node = services[f"supernode-{i}"]
         assert node["image"] == f"flwr/supernode:{version}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -38,7 +39,17 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls-and-auth"])
+def warm_worker_pids(run_dir: Path, nodes: int) -> list[list[int]]:
+    """Per SuperNode, the warm workers its ClientApps said they started."""
+    return [
+        [int(pid) for pid in re.findall(r"started a warm worker \(pid (\d+)\)", log)]
+        for log in ((run_dir / f"supernode-{i}.log").read_text() for i in range(nodes))
+    ]
+
+
+# insecure: each node's messages in its warm worker (the launcher's default); TLS: each message
+# in a fresh ClientApp process, as Flower runs it
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure-warm", "tls-and-auth-fresh"])
 def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
     # the quickstart's FGL run with a smaller synthesis: this tests the deployment, not fgl-mini
     quickstart = dict(item.split("=", 1) for item in RUNS["fgl"].split())
@@ -49,19 +60,29 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
         f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
     )
     args = ["--supernodes", "3", "--quiet", "--run-config", overrides]
-    proc = launch([*args, "--tls"] if tls else args, cwd=tmp_path, timeout=900)
+    proc = launch(
+        [*args, "--tls", "--warm-worker", "0"] if tls else args, cwd=tmp_path, timeout=900
+    )
     run_dir = tmp_path / "deployed"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished:completed" in proc.stdout
     assert_nothing_left(run_dir)
+    workers = warm_worker_pids(run_dir, 3)
+    if tls:
+        assert workers == [[], [], []]
+    else:  # one worker per node served its embed, train and evaluate messages, and is gone
+        assert [len(pids) for pids in workers] == [1, 1, 1]
+        pids = [pid for node in workers for pid in node]
+        wait_for(lambda: not any(is_running(pid) for pid in pids), 30, "the workers to exit")
 
     launched = json.loads((run_dir / "launch.json").read_text())
     assert launched["run"]["status"] == "finished:completed"
     link_args = launched["superlink"]["args"]
     node_args = [n["args"] for n in launched["supernodes"]]
     assert "--simulation" not in link_args
+    warm = "" if tls else " worker-idle-seconds=300.0"
     assert [n["node-config"] for n in launched["supernodes"]] == [
-        f"partition-id={i} num-partitions=3" for i in range(3)
+        f"partition-id={i} num-partitions=3{warm}" for i in range(3)
     ]
     if tls:
         assert "--insecure" not in link_args and "--enable-supernode-auth" in link_args
