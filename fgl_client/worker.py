@@ -60,6 +60,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 IDLE_KEY = "worker-idle-seconds"  # node config: 0 (the default) runs each message in its process
 START_SECONDS = 120.0  # how long a ClientApp waits for a new worker to listen
 _FRAME = struct.Struct("!Q")  # each part of a request or answer: its length, then its bytes
+MAX_PART_BYTES = 16 << 30  # a larger announced part is garbage, not a model
 log = logging.getLogger(__name__)
 
 
@@ -107,8 +108,16 @@ def code_root() -> Path:
 
 # --- framing: length-prefixed parts, the first a JSON header ---
 def _send(conn: socket.socket, header: dict, *parts: bytes) -> None:
-    chunks = [json.dumps({**header, "parts": len(parts)}).encode(), *parts]
-    conn.sendall(b"".join(_FRAME.pack(len(c)) + c for c in chunks))
+    for chunk in (json.dumps({**header, "parts": len(parts)}).encode(), *parts):
+        conn.sendall(_FRAME.pack(len(chunk)))
+        conn.sendall(chunk)
+
+
+def _receive_part(conn: socket.socket) -> bytes:
+    (size,) = _FRAME.unpack(_receive_exactly(conn, _FRAME.size))
+    if size > MAX_PART_BYTES:
+        raise ValueError(f"a part of {size} bytes announced (at most {MAX_PART_BYTES})")
+    return _receive_exactly(conn, size)
 
 
 def _receive_exactly(conn: socket.socket, size: int) -> bytes:
@@ -124,15 +133,10 @@ def _receive_exactly(conn: socket.socket, size: int) -> bytes:
 
 def _receive(conn: socket.socket, parts: int) -> tuple[dict, list[bytes]]:
     """A header and the parts it announces: `parts` of them, or none after a failure."""
-    (size,) = _FRAME.unpack(_receive_exactly(conn, _FRAME.size))
-    header = json.loads(_receive_exactly(conn, size))
-    if header.get("parts") not in (0, parts):
-        raise ValueError(f"expected {parts} parts, the header announces {header.get('parts')!r}")
-    blobs = []
-    for _ in range(header["parts"]):
-        (size,) = _FRAME.unpack(_receive_exactly(conn, _FRAME.size))
-        blobs.append(_receive_exactly(conn, size))
-    return header, blobs
+    header = json.loads(_receive_part(conn))
+    if not isinstance(header, dict) or header.get("parts") not in (0, parts):
+        raise ValueError(f"expected a header announcing {parts} parts, got {header!r:.200}")
+    return header, [_receive_part(conn) for _ in range(header["parts"])]
 
 
 # --- the ClientApp's side ---

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from deploy.certs import make_node_key
-from deploy.federation import LocalFederation, Topology
+from deploy.federation import LocalFederation, Topology, threads_per_node
 from deploy.flower_cli import FlowerCLI
 from deploy.quickstart import RUNS
 from tests.conftest import is_running, launch, silo_file, start_launcher
@@ -222,3 +222,18 @@ def test_a_status_poll_that_times_out_on_a_busy_machine_is_asked_again(tmp_path,
     monkeypatch.setattr(FlowerCLI, "__call__", busy)
     assert federation.flwr.run_info("7") == {"status": "unknown"}
     assert federation.flwr.online_nodes() == 0
+
+
+def test_supernodes_on_one_machine_split_its_cores_unless_told(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
+    assert threads_per_node(3) == {"OMP_NUM_THREADS": "2"}
+    assert threads_per_node(20) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert threads_per_node(3) == {}  # the user's choice stands
+
+
+def test_a_negative_warm_worker_time_is_refused_before_anything_starts(tmp_path):
+    proc = launch(["--supernodes", "2", "--warm-worker", "-1"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--warm-worker takes seconds >= 0" in proc.stderr
+    assert not list(tmp_path.iterdir())  # no run folder, nothing started
