@@ -201,7 +201,10 @@ def _connect_or_start(path: Path, idle: float) -> socket.socket:
             return conn
         paths = [str(code_root()), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-        args = [sys.executable, "-m", "fgl_client.worker", str(path), str(os.getppid()), str(idle)]
+        # -P: not the working folder first on sys.path, where a same-named package could shadow
+        # the installed app (the worker keeps the ClientApp's working folder: relative paths)
+        args = [sys.executable, "-P", "-m", "fgl_client.worker", str(path), str(os.getppid())]
+        args.append(str(idle))
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)  # logs: the node's
         log.info("started a warm worker (pid %d) for this node's messages", proc.pid)
         deadline = time.monotonic() + START_SECONDS
