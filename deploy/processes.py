@@ -55,8 +55,11 @@ class Descendants:
                 for proc in process_tree(root.pid):
                     self.seen.setdefault(proc.pid, proc)
 
-    def kill_survivors(self, stopped: list[int]) -> list[int]:
-        """SIGKILL those seen, not stopped with their tree, and still the same process."""
+    def kill_survivors(self, stopped: list[int], grace: float = 2.0) -> list[int]:
+        """Stop those seen, not stopped with their tree, and still the same process: SIGTERM
+        (a node's warm worker removes its socket), SIGKILL after `grace` seconds."""
         survivors = [p for pid, p in self.seen.items() if pid not in stopped and p.is_running()]
-        signal_all(survivors, signal.SIGKILL)
+        signal_all(survivors, signal.SIGTERM)
+        _, alive = psutil.wait_procs(survivors, timeout=grace)
+        signal_all(alive, signal.SIGKILL)
         return [p.pid for p in survivors]

@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import stat
 import struct
@@ -291,6 +292,7 @@ def main(argv: list[str]) -> None:
     from fgl_core.console import configure_logging
 
     configure_logging()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped: remove the socket first
     path, watch_pid, idle = Path(argv[0]), int(argv[1]), float(argv[2])
     serve(path, watch_pid, idle)
     log.info("warm worker %d stopped (idle %.0f s, or its node stopped)", os.getpid(), idle)

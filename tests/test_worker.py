@@ -151,7 +151,20 @@ def test_a_killed_worker_is_replaced_by_the_next_message(tmp_path, sockets):
     assert replacement.pid != proc.pid
 
 
-def test_a_worker_exits_when_idle_and_when_its_node_stops(tmp_path, sockets):
+def listening_worker(path, watch_pid: int) -> subprocess.Popen:
+    """A worker on `path` watching `watch_pid`, once it listens."""
+    served = subprocess.Popen(
+        [sys.executable, "-m", "fgl_client.worker", str(path), str(watch_pid), "600"],
+        env=project_env(),
+    )
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert served.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    return served
+
+
+def test_a_worker_exits_when_idle_when_its_node_stops_and_on_sigterm(tmp_path, sockets):
     idle = context_for(tmp_path, 2.0)
     send(train_message({}), idle)
     path = worker.socket_path(idle, worker.code_root())
@@ -161,18 +174,15 @@ def test_a_worker_exits_when_idle_and_when_its_node_stops(tmp_path, sockets):
 
     node = subprocess.Popen(["sleep", "60"])  # stands for the node's SuperExec
     path = worker.socket_dir() / "watch.sock"
-    served = subprocess.Popen(
-        [sys.executable, "-m", "fgl_client.worker", str(path), str(node.pid), "600"],
-        env=project_env(),
-    )
-    deadline = time.monotonic() + 120
-    while not path.exists():
-        assert served.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    served = listening_worker(path, node.pid)
     node.kill()
     node.wait()
     assert served.wait(30) == 0  # within a second or two of its node
     assert not path.exists() and not is_running(served.pid)
+
+    served = listening_worker(path, os.getpid())
+    served.terminate()  # SIGTERM, as the launcher stops what is left of a node
+    assert served.wait(30) == 0 and not path.exists()
 
 
 def test_a_socket_folder_others_can_enter_is_refused_and_the_message_runs_here(
