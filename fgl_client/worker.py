@@ -200,14 +200,17 @@ def _connect_or_start(path: Path, idle: float) -> socket.socket:
     with _locked(path):
         if (conn := _connect(path)) is not None:  # another ClientApp started it meanwhile
             return conn
-        paths = [str(code_root()), os.environ.get("PYTHONPATH", "")]
+        root = code_root()  # the worker runs the same copy of the app
+        paths = [str(root), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         # -P: not the working folder first on sys.path, where a same-named package could shadow
         # the installed app (the worker keeps the ClientApp's working folder: relative paths)
         args = [sys.executable, "-P", "-m", "fgl_client.worker", str(path), str(os.getppid())]
         args.append(str(idle))
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)  # logs: the node's
-        log.info("started a warm worker (pid %d) for this node's messages", proc.pid)
+        log.info(
+            "started a warm worker (pid %d) for this node's messages (app in %s)", proc.pid, root
+        )
         deadline = time.monotonic() + START_SECONDS
         while (conn := _connect(path)) is None:
             if proc.poll() is not None:
@@ -294,7 +297,10 @@ def main(argv: list[str]) -> None:
     configure_logging()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped: remove the socket first
     path, watch_pid, idle = Path(argv[0]), int(argv[1]), float(argv[2])
-    serve(path, watch_pid, idle)
+    try:
+        serve(path, watch_pid, idle)
+    finally:  # the socket is gone: a SIGTERM during the interpreter's exit just ends it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     log.info("warm worker %d stopped (idle %.0f s, or its node stopped)", os.getpid(), idle)
 
 
