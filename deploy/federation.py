@@ -24,6 +24,7 @@ from pathlib import Path
 from deploy.certs import Certificates, make_certificates
 from deploy.flower_cli import BIN, FlowerCLI
 from deploy.processes import Descendants, stop_process
+from fgl_client.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
 from fgl_client.worker import IDLE_KEY
 from fgl_core.polling import poll_until
 
@@ -36,6 +37,8 @@ class Topology:
     node_configs: list[dict[str, str | int | float]] = field(default_factory=list)
     tls: bool = False
     certs_dir: Path | None = None  # None: a fresh CA and keys for this launch only
+    fork_clientapp: bool = True  # each SuperNode's SuperExec is fgl_client.superexec
+    node_poll: float = POLL_SECONDS  # an idle SuperNode's wait; 3.0: Flower's own SuperNode
 
     @classmethod
     def partitions(cls, n: int, tls: bool = False, certs_dir: Path | None = None) -> Topology:
@@ -101,9 +104,13 @@ def supernode_args(
     node_config: str,
     certs: Certificates | None,
     private_key: Path | None = None,
+    own_superexec: bool = False,
 ) -> list[str]:
-    """flower-supernode's flags: its SuperLink, its own Runtime API port, its node config."""
+    """flower-supernode's flags: its SuperLink, its own Runtime API port, its node config;
+    `own_superexec`: it starts no SuperExec, one is started beside it (`--isolation process`)."""
     args = ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    if own_superexec:
+        args += ["--isolation", "process"]
     if certs is None:
         args.append("--insecure")
     else:
@@ -115,6 +122,17 @@ def supernode_args(
 
 WARM_WORKER_SECONDS = 300.0  # how long the launcher's and compose's node workers wait idle
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.41's, in seconds
+
+
+def superexec_args(runtime_port: int, supernode_pid: int) -> list[str]:
+    """`fgl_client.superexec` beside a SuperNode: its Runtime API (loopback, no TLS, as the
+    SuperExec that flower-supernode starts itself uses it), and the SuperNode to outlive not."""
+    return [
+        sys.executable, "-P", "-m", "fgl_client.superexec",
+        "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+        "--insecure",
+        "--parent-pid", str(supernode_pid),
+    ]  # fmt: skip
 
 
 def threads_per_node(nodes: int) -> dict[str, str]:
@@ -160,6 +178,7 @@ class LocalFederation:
         self.certs: Certificates | None = None
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
+        self.superexecs: list[subprocess.Popen] = []  # one per SuperNode, with fork_clientapp
         self._helpers: list[subprocess.Popen] = []  # log streamers
         self._descendants = Descendants()
         self.launch_record: dict = {
@@ -179,7 +198,7 @@ class LocalFederation:
 
     def stop(self) -> list[int]:
         stopped: list[int] = []
-        for proc in [*self._helpers, *self.supernodes]:
+        for proc in [*self._helpers, *self.supernodes, *self.superexecs]:
             stopped += stop_process(proc, grace=5.0)
         if self.superlink is not None:
             stopped += stop_process(self.superlink)
@@ -189,12 +208,12 @@ class LocalFederation:
         self.launch_record["stopped-pids"] = sorted({*stopped, *survivors, *seen})
         self._write_launch_record()
         shutil.rmtree(self.home, ignore_errors=True)
-        self.superlink, self.supernodes, self._helpers = None, [], []
+        self.superlink, self.supernodes, self.superexecs, self._helpers = None, [], [], []
         return self.launch_record["stopped-pids"]
 
     def track_descendants(self) -> None:
         """Remember every process below the ones we started (call often while running)."""
-        roots = [p for p in [self.superlink, *self.supernodes] if p is not None]
+        roots = [p for p in [self.superlink, *self.supernodes, *self.superexecs] if p is not None]
         self._descendants.refresh(roots)
 
     def _write_launch_record(self) -> None:
@@ -241,29 +260,40 @@ class LocalFederation:
     def start_supernode(
         self, index: int, node_config: dict[str, str | int], private_key: Path | None = None
     ) -> subprocess.Popen:
-        """Start one `flower-supernode` with its own FLWR_HOME and Runtime API port."""
+        """Start one `flower-supernode` with its own FLWR_HOME and Runtime API port (and, with
+        `fork_clientapp`, `fgl_client.superexec` beside it: superexec-<index>.log)."""
         home = self.home / f"supernode-{index}"
         home.mkdir(exist_ok=True)
         port = free_port()
         config = node_config_string(node_config)
+        fork, poll = self.topology.fork_clientapp, self.topology.node_poll
+        command = [str(BIN / "flower-supernode")]
+        if poll < FLOWER_POLL_SECONDS:
+            command = [sys.executable, "-P", "-m", "fgl_client.supernode", "--poll", str(poll)]
         args = [
-            str(BIN / "flower-supernode"),
-            *supernode_args(f"127.0.0.1:{self.port}", port, config, self.certs, private_key),
+            *command,
+            *supernode_args(f"127.0.0.1:{self.port}", port, config, self.certs, private_key, fork),
         ]
         log = self.run_dir / f"supernode-{index}.log"
         threads = threads_per_node(len(self.topology.node_configs))
-        proc = self._popen(args, log, {**self.env, **threads, "FLWR_HOME": str(home)})
+        env = {**self.env, **threads, "FLWR_HOME": str(home)}
+        proc = self._popen(args, log, env)
         self.supernodes.append(proc)
-        self.launch_record["supernodes"].append(
-            {
-                "index": index,
-                "pid": proc.pid,
-                "port": port,
-                "node-config": config,
-                "log": str(log),
-                "args": args[1:],
-            }
-        )
+        entry = {
+            "index": index,
+            "pid": proc.pid,
+            "port": port,
+            "node-config": config,
+            "log": str(log),
+            "args": args[len(command) :],
+            "command": command,
+        }
+        if fork:
+            superexec_log = self.run_dir / f"superexec-{index}.log"
+            superexec = self._popen(superexec_args(port, proc.pid), superexec_log, env)
+            self.superexecs.append(superexec)
+            entry["superexec"] = {"pid": superexec.pid, "log": str(superexec_log)}
+        self.launch_record["supernodes"].append(entry)
         self._write_launch_record()
         return proc
 
@@ -282,10 +312,9 @@ class LocalFederation:
         def all_online() -> bool:
             nonlocal online
             self.track_descendants()
-            for index, code in self.exited_supernodes().items():
+            for index, what in self.exited_supernodes().items():
                 raise RuntimeError(
-                    f"SuperNode {index} exited with code {code} before the run started; "
-                    f"see {self.run_dir / f'supernode-{index}.log'}"
+                    f"{what} before the run started; see {self.run_dir / f'supernode-{index}.log'}"
                 )
             online = self.flwr.online_nodes()
             return online >= len(self.supernodes)
@@ -299,13 +328,19 @@ class LocalFederation:
             ),
         )
 
-    def exited_supernodes(self) -> dict[int, int]:
-        """SuperNode index -> exit code, for those no longer running."""
-        return {
-            entry["index"]: proc.returncode
-            for entry, proc in zip(self.launch_record["supernodes"], self.supernodes, strict=True)
-            if proc.poll() is not None
-        }
+    def exited_supernodes(self) -> dict[int, str]:
+        """SuperNode index -> what exited and its code, for nodes that can no longer work (the
+        SuperNode, or the SuperExec started beside it, exited)."""
+        exited = {}
+        for index, proc in enumerate(self.supernodes):
+            superexec = self.superexecs[index] if self.superexecs else None
+            if proc.poll() is not None:
+                exited[index] = f"SuperNode {index} exited with code {proc.returncode}"
+            elif superexec is not None and superexec.poll() is not None:
+                exited[index] = f"the SuperExec of SuperNode {index} exited with code " + str(
+                    superexec.returncode
+                )
+        return exited
 
     # --- the run ---
     def submit(self, app: Path, values: dict) -> str:
@@ -329,10 +364,10 @@ class LocalFederation:
             nonlocal status
             show()
             self.track_descendants()
-            for index, code in self.exited_supernodes().items():
+            for index, what in self.exited_supernodes().items():
                 if index not in reported:
                     reported.add(index)
-                    print(f"SuperNode {index} exited with code {code}; the run goes on without it")
+                    print(f"{what}; the run goes on without it")
             if self.superlink is not None and self.superlink.poll() is not None:
                 status = f"the SuperLink exited with code {self.superlink.returncode}"
                 return True

@@ -9,7 +9,11 @@ starts a SuperLink and N `flower-supernode` processes on loopback, each with its
 and port, each given `partition-id`/`num-partitions`; `--node-data PATH` (repeatable) starts one
 SuperNode per PATH that trains and embeds from that node-local dataset alone. Each SuperNode runs
 its messages in a warm worker (`--warm-worker SECONDS`, default 300; 0 for a fresh ClientApp
-process per message), and the machine's cores are split among them. `--tls` makes a CA,
+process per message), and the machine's cores are split among them. Each SuperNode is Flower's,
+asking for work every `--node-poll` seconds (default 0.2; Flower's hard-coded 3 s with
+`--node-poll 3`, which starts Flower's own `flower-supernode`), and its ClientApps are forks of a
+process with Flower loaded (`fgl_client.superexec`; `--flower-superexec`: Flower's SuperExec,
+a new interpreter per message). `--tls` makes a CA,
 a server certificate and one key pair per SuperNode (deploy/certs.py), starts the SuperLink with
 TLS and `--enable-supernode-auth`, and registers every SuperNode's public key before it starts.
 
@@ -25,6 +29,7 @@ as it starts and the PIDs stopped at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import time
@@ -34,6 +39,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from deploy.federation import WARM_WORKER_SECONDS, LocalFederation, LogEcho, Progress, Topology
+from fgl_client.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS, poll_seconds
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetError, load_dataset
 from fgl_core.partition import PartitionError, partition_dataset
@@ -146,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         "process per message, as Flower runs it",
     )
     parser.add_argument(
+        "--node-poll",
+        type=poll_seconds,
+        default=POLL_SECONDS,
+        metavar="SECONDS",
+        help=f"an idle SuperNode asks the SuperLink for work every SECONDS (default "
+        f"{POLL_SECONDS}); {FLOWER_POLL_SECONDS:g}: Flower's own flower-supernode, which waits 3 s",
+    )
+    parser.add_argument(
+        "--flower-superexec",
+        action="store_true",
+        help="each SuperNode starts Flower's SuperExec (a new flwr-clientapp interpreter per "
+        "message) instead of fgl_client.superexec beside it (a fork per message)",
+    )
+    parser.add_argument(
         "--run-config",
         action="append",
         default=[],
@@ -179,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warm-worker takes seconds >= 0")
     if args.simulation is None:
         topology = topology.with_warm_workers(args.warm_worker)
+        topology = dataclasses.replace(
+            topology, fork_clientapp=not args.flower_superexec, node_poll=args.node_poll
+        )
     output = "log" if args.log else "quiet" if args.quiet else "progress"
     try:
         return launch(args.app.resolve(), topology, args.run_config, args.timeout, output)

@@ -27,6 +27,7 @@ from deploy.federation import (
     superlink_args,
     supernode_args,
 )
+from fgl_client.superexec import argument_parser as fork_superexec_parser
 from tests.conftest import ROOT
 
 SILOS = 3
@@ -109,6 +110,13 @@ def check(services: dict, certs: Certificates | None) -> None:
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert service["build"]["args"]["FLWR_VERSION"] == version
         exec_args = parse(superexec_parser(), service["command"])
+        if name.startswith("superexec-clientapp"):  # our SuperExec, with Flower's flags
+            assert service["entrypoint"] == ["python", "-P", "-m", "fgl_client.superexec"]
+            ours = parse(fork_superexec_parser(), service["command"])
+            fields = ("runtime_api_address", "insecure", "root_certificates")
+            assert [getattr(ours, f) for f in fields] == [getattr(exec_args, f) for f in fields]
+        else:
+            assert "entrypoint" not in service  # the image's: flower-superexec
         host, exec_port = exec_args.runtime_api_address.split(":")
         assert runtime_of[host] == int(exec_port), f"{name} points at {host}:{exec_port}"
         served.append(host)

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from deploy.certs import make_node_key
@@ -27,7 +28,9 @@ from tests.conftest import is_running, launch, silo_file, start_launcher
 
 def assert_nothing_left(run_dir: Path) -> None:
     launched = json.loads((run_dir / "launch.json").read_text())
-    pids = [launched["superlink"]["pid"], *(n["pid"] for n in launched["supernodes"])]
+    nodes = launched["supernodes"]
+    pids = [launched["superlink"]["pid"], *(n["pid"] for n in nodes)]
+    pids += [n["superexec"]["pid"] for n in nodes if "superexec" in n]
     assert set(pids) <= set(launched["stopped-pids"])
     assert [pid for pid in launched["stopped-pids"] if is_running(pid)] == []
 
@@ -40,16 +43,23 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def warm_worker_pids(run_dir: Path, nodes: int) -> list[list[int]]:
-    """Per SuperNode, the warm workers its ClientApps said they started."""
+    """Per SuperNode, the warm workers its ClientApps said they started (they log where their
+    SuperExec does: beside the SuperNode's log, or in it when the SuperNode started it)."""
+    logs = [run_dir / f"superexec-{i}.log" for i in range(nodes)]
+    logs = [log if log.exists() else run_dir / f"supernode-{i}.log" for i, log in enumerate(logs)]
     return [
-        [int(pid) for pid in re.findall(r"started a warm worker \(pid (\d+)\)", log)]
-        for log in ((run_dir / f"supernode-{i}.log").read_text() for i in range(nodes))
+        [int(pid) for pid in re.findall(r"started a warm worker \(pid (\d+)\)", log.read_text())]
+        for log in logs
     ]
 
 
-# insecure: each node's messages in its warm worker (the launcher's default); TLS: each message
-# in a fresh ClientApp process, as Flower runs it
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure-warm", "tls-and-auth-fresh"])
+# insecure: the launcher's defaults (each SuperNode polls every 0.2 s, its ClientApps are forks
+# of fgl_client.superexec and hand their messages to the node's warm worker); TLS: Flower's own
+# SuperNode and SuperExec, and each message in a fresh ClientApp process, as Flower runs it
+PLAIN_FLOWER = ["--warm-worker", "0", "--node-poll", "3", "--flower-superexec"]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure-ours", "tls-and-auth-plain-flower"])
 def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
     # the quickstart's FGL run with a smaller synthesis: this tests the deployment, not fgl-mini
     quickstart = dict(item.split("=", 1) for item in RUNS["fgl"].split())
@@ -60,9 +70,7 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
         f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
     )
     args = ["--supernodes", "3", "--quiet", "--run-config", overrides]
-    proc = launch(
-        [*args, "--tls", "--warm-worker", "0"] if tls else args, cwd=tmp_path, timeout=900
-    )
+    proc = launch([*args, "--tls", *PLAIN_FLOWER] if tls else args, cwd=tmp_path, timeout=900)
     run_dir = tmp_path / "deployed"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished:completed" in proc.stdout
@@ -87,10 +95,21 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
     if tls:
         assert "--insecure" not in link_args and "--enable-supernode-auth" in link_args
         for args in node_args:
-            assert "--insecure" not in args
+            assert "--insecure" not in args and "--isolation" not in args
             assert "--root-certificates" in args and "--auth-supernode-private-key" in args
+        for node in launched["supernodes"]:
+            assert Path(node["command"][0]).name == "flower-supernode" and "superexec" not in node
     else:
         assert "--insecure" in link_args and all("--insecure" in a for a in node_args)
+        for node in launched["supernodes"]:
+            assert node["command"][-4:] == ["-m", "fgl_client.supernode", "--poll", "0.2"]
+            assert node["args"][-3:-1] == ["--isolation", "process"]
+            superexec = Path(node["superexec"]["log"]).read_text()
+            assert "is a fork of a process with Flower loaded" in superexec
+            assert "Traceback" not in superexec
+            # a fork runs the app from the run's FAB, as flwr-clientapp does, not this checkout
+            (app,) = re.findall(r"started a warm worker \(pid \d+\).* \(app in (.+)\)", superexec)
+            assert "fgl-flwr-home-" in app and "/apps/" in app, app
 
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["embedding"]["nodes-accepted"]) == 3 and not results["embedding"]["rejected"]
@@ -233,7 +252,43 @@ def test_supernodes_on_one_machine_split_its_cores_unless_told(monkeypatch):
     assert threads_per_node(3) == {}  # the user's choice stands
 
 
-def test_a_negative_warm_worker_time_is_refused_before_anything_starts(tmp_path):
-    proc = launch(["--supernodes", "2", "--warm-worker", "-1"], cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2 and "--warm-worker takes seconds >= 0" in proc.stderr
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--warm-worker", "-1"], "--warm-worker takes seconds >= 0"),
+        (["--node-poll", "0"], "argument --node-poll: 0 s: give seconds in (0, 3]"),
+    ],
+    ids=["warm-worker", "node-poll"],
+)
+def test_a_bad_node_setting_is_refused_before_anything_starts(flags, error, tmp_path):
+    proc = launch(["--supernodes", "2", *flags], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and error in proc.stderr
     assert not list(tmp_path.iterdir())  # no run folder, nothing started
+
+
+def test_a_dead_superexec_is_reported_and_a_dead_supernode_takes_its_superexec_along(tmp_path):
+    with LocalFederation(tmp_path, Topology.partitions(2)) as federation:
+        federation.start_superlink()
+        federation.start_supernodes()
+        federation.wait_for_supernodes()
+        superexecs = [psutil.Process(p.pid) for p in federation.superexecs]
+        # its fork server (and multiprocessing's resource tracker), started before any task
+        helpers = [s.children() for s in superexecs]
+        assert all(helpers)
+        assert federation.exited_supernodes() == {}
+
+        superexecs[0].kill()  # node 0 can no longer run a ClientApp: the launcher says so
+        wait_for(lambda: 0 in federation.exited_supernodes(), 30, "the SuperExec to be reaped")
+        assert federation.exited_supernodes() == {
+            0: "the SuperExec of SuperNode 0 exited with code -9"
+        }
+        os.kill(federation.supernodes[1].pid, signal.SIGKILL)
+
+        def node_1_gone() -> bool:
+            federation.exited_supernodes()  # reaps SuperNode 1, as the launcher's polls do
+            return not any(is_running(p.pid) for p in [superexecs[1], *helpers[1]])
+
+        wait_for(node_1_gone, 30, "SuperNode 1's SuperExec and its helpers to exit by themselves")
+        assert federation.exited_supernodes()[1] == "SuperNode 1 exited with code -9"
+        wait_for(lambda: not any(is_running(p.pid) for p in helpers[0]), 30, "orphans to exit")
+    assert_nothing_left(tmp_path)
