@@ -2,14 +2,17 @@
 
 The run is the quickstart's FGL run (digits, offline tiny generator, small CNN) with 3 silos:
 simulated (one SuperLink in simulation mode) and deployed (a SuperLink and 3 SuperNodes on
-loopback, each message in a fresh ClientApp process that hands it to the node's warm worker, the
-launcher's default; `--tls` adds TLS and SuperNode auth). Each runtime runs with the silos'
-evaluation as a separate evaluate round (Flower's default) and inside the train reply
-(`evaluate-in-train`: one message, so one ClientApp process, per silo per round instead of two);
-the deployment with `evaluate-in-train` runs once more without warm workers (`--warm-worker 0`:
-each message imports PyTorch in its own process). Each row runs twice: with `--rounds` FedAvg
-rounds, and with none (the embedding round, synthesis and one-shot alone). It also times a fresh
-interpreter importing the ClientApp.
+loopback, as the launcher starts them by default: each SuperNode asks for work every 0.2 s, each
+message's ClientApp is a fork of a process with Flower loaded, `fgl_client.superexec`, and hands
+the message to the node's warm worker; `--tls` adds TLS and SuperNode auth). Each runtime runs
+with the silos' evaluation as a separate evaluate round (Flower's default) and inside the train
+reply (`evaluate-in-train`: one message, so one ClientApp, per silo per round instead of two).
+The deployment with `evaluate-in-train` runs twice more: on Flower's own SuperNode and SuperExec
+(`--node-poll 3 --flower-superexec`: a 3 s wait when idle, a new interpreter per message) with
+warm workers, and with nothing of ours (also `--warm-worker 0`: each message imports PyTorch in
+its own process). Each row runs twice: with `--rounds` FedAvg rounds, and with none (the
+embedding round, synthesis and one-shot alone). It also times a fresh interpreter importing the
+ClientApp.
 Per phase it reports:
 
 - wall seconds (results.json's phase timer);
@@ -23,12 +26,14 @@ Per phase it reports:
 The synthetic set comes from the store when an earlier run made the same one (the phase then
 takes no time); synthesis runs on the server alone and is the same in both runtimes.
 
-    python -m benchmarks.deployment [--rounds 3] [--tls]   # -> outputs/benchmarks/deployment.json
+    python -m benchmarks.deployment [--rounds 3] [--tls] [--repeats N]
+    # -> outputs/benchmarks/deployment.json (--in-train-only: deployment-in-train.json)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -79,17 +84,32 @@ def clientapp_import_seconds(repeats: int = 3) -> dict[str, float]:
     }
 
 
-def measure(runtime: list[str], label: str, rounds: int, extra: str = "", run: str = "") -> dict:
+def measure(
+    runtime: list[str], label: str, rounds: int, extra: str = "", run: str = "", repeats: int = 1
+) -> dict:
+    """One row: the run with `rounds` rounds (`repeats` times: the medians, and every sample of
+    the rounds' seconds) and once without rounds (the wire bytes of the embedding round)."""
     base = f"{run or RUNS['fgl']} seed=0 {extra}"
     label = f"custom-{label}" if run else label
     full_name, embed_name = f"bench-deploy-{label}-r{rounds}", f"bench-deploy-{label}-r0"
-    wall_full, full = launch(SILOS, f"{base} num-server-rounds={rounds}", full_name, runtime)
+    samples = [
+        launch(SILOS, f"{base} num-server-rounds={rounds}", f"{full_name}{suffix}", runtime)
+        for suffix in ["", *(f"-{k}" for k in range(1, repeats))]
+    ]
     wall_embed, _ = launch(SILOS, f"{base} num-server-rounds=0", embed_name, runtime)
     wire_full, wire_embed = wire_bytes(full_name), wire_bytes(embed_name)
-    phases = full["phase-seconds"]
+    full = samples[0][1]
+    phases = {
+        phase: statistics.median(result["phase-seconds"][phase] for _, result in samples)
+        for phase in full["phase-seconds"]
+    }
     return {
         "runtime": label,
-        "launcher-wall-seconds": round(wall_full, 1),
+        "repeats": repeats,
+        "fedavg-rounds-seconds-samples": [
+            round(r["phase-seconds"]["rounds"], 2) for _, r in samples
+        ],
+        "launcher-wall-seconds": round(statistics.median(wall for wall, _ in samples), 1),
         "launcher-wall-seconds-without-rounds": round(wall_embed, 1),
         "phase-seconds": {k: round(v, 2) for k, v in phases.items()},
         "embedding-round": {
@@ -137,34 +157,46 @@ def main() -> None:
         'dataset="../shared/datasets/bloodmnist_28.npz"\'',
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each row's launch with rounds this many times and report the medians "
+        "(3 rounds of the quickstart take about a second each: one run is noisy)",
+    )
+    parser.add_argument(
         "--in-train-only",
         action="store_true",
-        help="only the simulation and the deployment with evaluate-in-train and warm workers",
+        help="only the simulation and the deployment (the launcher's defaults) with "
+        "evaluate-in-train",
     )
     args = parser.parse_args()
     deployed = ["--supernodes", str(SILOS), *(["--tls"] if args.tls else [])]
-    fresh = [*deployed, "--warm-worker", "0"]  # a fresh ClientApp process per message
+    flower_nodes = [*deployed, "--node-poll", "3", "--flower-superexec"]  # Flower's own
+    plain = [*flower_nodes, "--warm-worker", "0"]  # and a fresh ClientApp process per message
     simulated = ["--simulation", str(SILOS)]
     dep_label = "deployment-tls" if args.tls else "deployment"
     in_train = "evaluate-in-train=true"
-    run = args.run_config
+    if args.repeats < 1:
+        parser.error("--repeats takes at least 1")
+    row = functools.partial(measure, rounds=args.rounds, run=args.run_config, repeats=args.repeats)
     if args.in_train_only:
         rows = [
-            measure(simulated, "simulation-evaluate-in-train", args.rounds, in_train, run),
-            measure(deployed, f"{dep_label}-evaluate-in-train", args.rounds, in_train, run),
+            row(simulated, "simulation-evaluate-in-train", extra=in_train),
+            row(deployed, f"{dep_label}-evaluate-in-train", extra=in_train),
         ]
         write(
             "deployment-in-train",
-            {"silos": SILOS, "run-config": run or RUNS["fgl"], "rows": rows}
+            {"silos": SILOS, "run-config": args.run_config or RUNS["fgl"], "rows": rows}
             | {"with-evaluate-in-train": ratios(rows[0], rows[1])},
         )
         return
     rows = [
-        measure(simulated, "simulation", args.rounds, "", run),
-        measure(deployed, dep_label, args.rounds, "", run),
-        measure(simulated, "simulation-evaluate-in-train", args.rounds, in_train, run),
-        measure(deployed, f"{dep_label}-evaluate-in-train", args.rounds, in_train, run),
-        measure(fresh, f"{dep_label}-evaluate-in-train-no-warm-worker", args.rounds, in_train, run),
+        row(simulated, "simulation"),
+        row(deployed, dep_label),
+        row(simulated, "simulation-evaluate-in-train", extra=in_train),
+        row(deployed, f"{dep_label}-evaluate-in-train", extra=in_train),
+        row(flower_nodes, f"{dep_label}-evaluate-in-train-flower-nodes", extra=in_train),
+        row(plain, f"{dep_label}-evaluate-in-train-plain-flower", extra=in_train),
     ]
 
     write(
@@ -175,7 +207,8 @@ def main() -> None:
             "rows": rows,
             "deployment-over-simulation": ratios(rows[0], rows[1]),
             "with-evaluate-in-train": ratios(rows[2], rows[3]),
-            "with-evaluate-in-train-no-warm-worker": ratios(rows[2], rows[4]),
+            "with-evaluate-in-train-flower-nodes": ratios(rows[2], rows[4]),
+            "with-evaluate-in-train-plain-flower": ratios(rows[2], rows[5]),
             "deployed-rounds-evaluate-in-train-over-separate": round(
                 rows[3]["fedavg-rounds"]["seconds"] / rows[1]["fedavg-rounds"]["seconds"], 2
             ),
