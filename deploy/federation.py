@@ -312,10 +312,8 @@ class LocalFederation:
         def all_online() -> bool:
             nonlocal online
             self.track_descendants()
-            for index, what in self.exited_supernodes().items():
-                raise RuntimeError(
-                    f"{what} before the run started; see {self.run_dir / f'supernode-{index}.log'}"
-                )
+            for what in self.exited_supernodes().values():
+                raise RuntimeError(f"{what} before the run started")
             online = self.flwr.online_nodes()
             return online >= len(self.supernodes)
 
@@ -329,17 +327,21 @@ class LocalFederation:
         )
 
     def exited_supernodes(self) -> dict[int, str]:
-        """SuperNode index -> what exited and its code, for nodes that can no longer work (the
-        SuperNode, or the SuperExec started beside it, exited)."""
+        """SuperNode index -> what exited, its code and its log, for nodes that can no longer
+        work (the SuperNode, or the SuperExec started beside it, exited)."""
         exited = {}
         for index, proc in enumerate(self.supernodes):
             superexec = self.superexecs[index] if self.superexecs else None
             if proc.poll() is not None:
-                exited[index] = f"SuperNode {index} exited with code {proc.returncode}"
+                what, code, log = f"SuperNode {index}", proc.returncode, "supernode"
             elif superexec is not None and superexec.poll() is not None:
-                exited[index] = f"the SuperExec of SuperNode {index} exited with code " + str(
-                    superexec.returncode
-                )
+                what, code = f"the SuperExec of SuperNode {index}", superexec.returncode
+                log = "superexec"
+            else:
+                continue
+            exited[index] = (
+                f"{what} exited with code {code}; see {self.run_dir / f'{log}-{index}.log'}"
+            )
         return exited
 
     # --- the run ---

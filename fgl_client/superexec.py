@@ -11,8 +11,8 @@ the logs are Flower's; only the interpreter start and the imports are gone. Task
 go to Flower's subprocess executor. The app itself is not preloaded: each fork loads the FAB the
 run installed, as `flwr-clientapp` does.
 
-Run it beside a SuperNode started with `--isolation process` (the launcher does, unless
-`--fork-clientapp` is off):
+Run it beside a SuperNode started with `--isolation process` (the launcher does, unless given
+`--flower-superexec`):
 
     flower-supernode --isolation process --port 9094 --insecure --superlink ... &
     python -P -m fgl_client.superexec --runtime-api-address 127.0.0.1:9094 --insecure \
@@ -35,14 +35,15 @@ if TYPE_CHECKING:
 
 # what `flwr-clientapp` imports before its first request, loaded once into the fork server
 PRELOAD = ["flwr.supernode.runtime.run_clientapp", "flwr.supercore.tls"]
-PROJECT_PACKAGES = {"fgl_client", "fgl_core", "fgl_server", "strategies", "fgl_privacy"}
+# all a fork imports of this project (not __name__'s: a fork runs this module as __mp_main__)
+PACKAGE = "fgl_client"
 
 
 def forget_this_project() -> None:
-    """Drop this project's modules from a fork's import cache (a fork imports this module to
-    find its target), so that Flower loads the app from the run's FAB, as a new `flwr-clientapp`
-    does, and not from the copy installed beside this SuperExec."""
-    for name in [n for n in sys.modules if n.split(".")[0] in PROJECT_PACKAGES]:
+    """Drop this package from a fork's import cache (a fork imports this module to find its
+    target), so that Flower loads the app from the run's FAB, as a new `flwr-clientapp` does,
+    and not from the copy installed beside this SuperExec."""
+    for name in [n for n in sys.modules if n.split(".")[0] == PACKAGE]:
         del sys.modules[name]
 
 

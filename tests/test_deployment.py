@@ -279,8 +279,9 @@ def test_a_dead_superexec_is_reported_and_a_dead_supernode_takes_its_superexec_a
 
         superexecs[0].kill()  # node 0 can no longer run a ClientApp: the launcher says so
         wait_for(lambda: 0 in federation.exited_supernodes(), 30, "the SuperExec to be reaped")
+        log = tmp_path / "superexec-0.log"
         assert federation.exited_supernodes() == {
-            0: "the SuperExec of SuperNode 0 exited with code -9"
+            0: f"the SuperExec of SuperNode 0 exited with code -9; see {log}"
         }
         os.kill(federation.supernodes[1].pid, signal.SIGKILL)
 
@@ -289,6 +290,8 @@ def test_a_dead_superexec_is_reported_and_a_dead_supernode_takes_its_superexec_a
             return not any(is_running(p.pid) for p in [superexecs[1], *helpers[1]])
 
         wait_for(node_1_gone, 30, "SuperNode 1's SuperExec and its helpers to exit by themselves")
-        assert federation.exited_supernodes()[1] == "SuperNode 1 exited with code -9"
+        assert federation.exited_supernodes()[1] == (
+            f"SuperNode 1 exited with code -9; see {tmp_path / 'supernode-1.log'}"
+        )
         wait_for(lambda: not any(is_running(p.pid) for p in helpers[0]), 30, "orphans to exit")
     assert_nothing_left(tmp_path)
