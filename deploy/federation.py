@@ -122,13 +122,28 @@ def supernode_args(
 
 WARM_WORKER_SECONDS = 300.0  # how long the launcher's and compose's node workers wait idle
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.41's, in seconds
+SUPEREXEC_POLL_SECONDS = "0.1"  # a SuperExec looks for a new task this often (Flower: 1 s)
+
+
+def app_module(module: str, python: str = sys.executable) -> list[str]:
+    """Run one of the app's modules; -P: the working folder is not first on sys.path, where a
+    same-named package could shadow the installed app."""
+    return [python, "-P", "-m", module]
+
+
+def supernode_command(poll: float, python: str = sys.executable) -> list[str]:
+    """The SuperNode program, before its flags: ours, asking for work every `poll` s, or
+    Flower's own flower-supernode where `poll` is Flower's 3 s."""
+    if poll >= FLOWER_POLL_SECONDS:
+        return [str(BIN / "flower-supernode")]
+    return [*app_module("fgl_client.supernode", python), "--poll", f"{poll:g}"]
 
 
 def superexec_args(runtime_port: int, supernode_pid: int) -> list[str]:
     """`fgl_client.superexec` beside a SuperNode: its Runtime API (loopback, no TLS, as the
     SuperExec that flower-supernode starts itself uses it), and the SuperNode to outlive not."""
     return [
-        sys.executable, "-P", "-m", "fgl_client.superexec",
+        *app_module("fgl_client.superexec"),
         "--runtime-api-address", f"127.0.0.1:{runtime_port}",
         "--insecure",
         "--parent-pid", str(supernode_pid),
@@ -172,8 +187,7 @@ class LocalFederation:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        # a SuperExec looks for a new message every second by default; on loopback, every 0.1 s
-        self.env.setdefault(SUPEREXEC_POLL_ENV, "0.1")
+        self.env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
         self.flwr = FlowerCLI(self.home, self.env)
         self.certs: Certificates | None = None
         self.superlink: subprocess.Popen | None = None
@@ -266,10 +280,8 @@ class LocalFederation:
         home.mkdir(exist_ok=True)
         port = free_port()
         config = node_config_string(node_config)
-        fork, poll = self.topology.fork_clientapp, self.topology.node_poll
-        command = [str(BIN / "flower-supernode")]
-        if poll < FLOWER_POLL_SECONDS:
-            command = [sys.executable, "-P", "-m", "fgl_client.supernode", "--poll", str(poll)]
+        fork = self.topology.fork_clientapp
+        command = supernode_command(self.topology.node_poll)
         args = [
             *command,
             *supernode_args(f"127.0.0.1:{self.port}", port, config, self.certs, private_key, fork),

@@ -54,14 +54,19 @@ def poll_seconds(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """`--poll`; `parse_known_args` leaves flower-supernode's flags."""
     parser = argparse.ArgumentParser(
         prog="python -m fgl_client.supernode",
         description=__doc__.split("\n\n")[0],
         epilog="Every other flag is flower-supernode's.",
     )
     parser.add_argument("--poll", type=poll_seconds, default=POLL_SECONDS, metavar="SECONDS")
-    args, flower_args = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, flower_args = argument_parser().parse_known_args(argv)
     cap_supernode_sleeps(args.poll)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

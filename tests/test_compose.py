@@ -21,13 +21,18 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 
 from deploy.certs import Certificates
 from deploy.federation import (
+    SUPEREXEC_POLL_ENV,
+    SUPEREXEC_POLL_SECONDS,
     WARM_WORKER_SECONDS,
     Topology,
+    app_module,
     node_config_string,
     superlink_args,
     supernode_args,
+    supernode_command,
 )
 from fgl_client.superexec import argument_parser as fork_superexec_parser
+from fgl_client.supernode import argument_parser as fast_supernode_parser
 from tests.conftest import ROOT
 
 SILOS = 3
@@ -74,6 +79,14 @@ def mounts(service: dict) -> dict[str, str]:
     return {target: source for source, target in pairs}
 
 
+def assert_app_image(service: dict) -> None:
+    """Built from deploy/Dockerfile on the pinned Flower (its superexec image), its SuperExecs
+    looking for tasks as often as the launcher's."""
+    assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert service["build"]["args"]["FLWR_VERSION"] == flwr_pin()
+    assert service["environment"][SUPEREXEC_POLL_ENV] == SUPEREXEC_POLL_SECONDS
+
+
 def check(services: dict, certs: Certificates | None) -> None:
     version = flwr_pin()
     names = {"superlink", "superexec-serverapp"}
@@ -94,24 +107,28 @@ def check(services: dict, certs: Certificates | None) -> None:
     partitions = Topology.partitions(SILOS).with_warm_workers(WARM_WORKER_SECONDS).node_configs
     for i in range(1, SILOS + 1):
         node = services[f"supernode-{i}"]
-        assert node["image"] == f"flwr/supernode:{version}"
-        node_args = parse(supernode_parser(), node["command"])
+        assert_app_image(node)
+        # the launcher's SuperNode program (ours, polling every 0.2 s), then Flower's flags
+        program = supernode_command(Topology().node_poll, python="python")
+        assert [*node["entrypoint"], *node["command"][:2]] == program
+        ours, flower_flags = fast_supernode_parser().parse_known_args(node["command"])
+        assert ours.poll == Topology().node_poll and flower_flags == node["command"][2:]
+        node_args = parse(supernode_parser(), flower_flags)
         assert node_args.superlink == f"superlink:{port}"
         assert node_args.isolation == "process" and node_args.host == "0.0.0.0"
         assert node_args.node_config == node_config_string(partitions[i - 1])
         key = certs.node_key(i - 1) if certs else None
         expected = supernode_args(f"superlink:{port}", node_args.port, "", certs, key)
-        assert flags(node["command"]) - COMPOSE_ONLY == flags(expected)
+        assert flags(flower_flags) - COMPOSE_ONLY == flags(expected)
         runtime_of[f"supernode-{i}"] = node_args.port
 
     served = []
     for name in ["superexec-serverapp", *(f"superexec-clientapp-{i}" for i in (1, 2, 3))]:
         service = services[name]
-        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
-        assert service["build"]["args"]["FLWR_VERSION"] == version
+        assert_app_image(service)
         exec_args = parse(superexec_parser(), service["command"])
         if name.startswith("superexec-clientapp"):  # our SuperExec, with Flower's flags
-            assert service["entrypoint"] == ["python", "-P", "-m", "fgl_client.superexec"]
+            assert service["entrypoint"] == app_module("fgl_client.superexec", python="python")
             ours = parse(fork_superexec_parser(), service["command"])
             fields = ("runtime_api_address", "insecure", "root_certificates")
             assert [getattr(ours, f) for f in fields] == [getattr(exec_args, f) for f in fields]
