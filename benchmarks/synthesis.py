@@ -11,7 +11,9 @@ generates at 512 x 512, in one run and on one pipeline:
 4. the fastest setting at 50 steps (the paper's).
 
 Each row is written to the JSON as soon as it is measured, so a run stopped early keeps its rows.
-With --tiny (CPU, CI) it uses the offline tiny generator instead, to check that it runs.
+With --tiny (CPU, CI) it uses the offline tiny generator instead, to check that it runs. On a CPU
+the rows are plain diffusers, the engine, and the engine with its UNet compiled
+(`synthesis-compile`; `--no-compile` leaves that row out).
 
     python -m benchmarks.synthesis                 # -> outputs/benchmarks/synthesis_cuda.json
     python -m benchmarks.synthesis --tiny --steps 2 --batch-sizes 1 2
@@ -34,7 +36,13 @@ from fgl_core.offline_models import (
     SD21_VAE_DECODE_TFLOP,
     sd21_base_random,
 )
-from fgl_server.synthesis import GpuTuning, SynthesisEngine, SynthesisSettings, apply_tuning
+from fgl_server.synthesis import (
+    GpuTuning,
+    SynthesisEngine,
+    SynthesisSettings,
+    apply_tuning,
+    compile_denoiser,
+)
 
 DENSE_FP16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -174,20 +182,22 @@ def main() -> None:
         bf16 = SynthesisEngine(engine.pipe, settings, device, tuning=tuning, dtype=torch.bfloat16)
         row("+ bfloat16", big[0], *engine_rate(bf16, big[0], args.images))
         engine = SynthesisEngine(bf16.pipe, settings, device, tuning=tuning)  # float16 again
-        if not args.no_compile:
-            layout = "channels_last" if tuning.channels_last else "NCHW"
-            label = f"fused QKV, {layout}, torch.compile(unet)"
-            try:
-                apply_tuning(engine.pipe, dataclasses.replace(tuning, compile_unet=True))
-                for batch in big:
-                    row(label, batch, *engine_rate(engine, batch, args.images))
-            except Exception as error:
-                record["compile-error"] = f"{type(error).__name__}: {error}"[:2000]
-                print(record["compile-error"], flush=True)
-                engine.pipe.unet = getattr(engine.pipe.unet, "_orig_mod", engine.pipe.unet)
+        layout = "channels_last" if tuning.channels_last else "NCHW"
+        label = f"fused QKV, {layout}, torch.compile(unet)"
+    else:
+        label = "engine, torch.compile(unet)"
+    if not args.no_compile:  # what `synthesis-compile = true` does; warm-up-s holds the compile
+        try:
+            compile_denoiser(engine.pipe)
+            for batch in big:
+                row(label, batch, *engine_rate(engine, batch, args.images))
+        except Exception as error:
+            record["compile-error"] = f"{type(error).__name__}: {error}"[:2000]
+            print(record["compile-error"], flush=True)
+            engine.pipe.unet = getattr(engine.pipe.unet, "_orig_mod", engine.pipe.unet)
     if final_steps != steps:
         best = max(record["rows"], key=lambda r: r["images-per-second"])
-        engine.settings = dataclasses.replace(settings, steps=final_steps)
+        engine.settings = settings.model_copy(update={"steps": final_steps})
         batch = best["batch-size"]
         row(
             f"{best['setting']} (fastest)",

