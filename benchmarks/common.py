@@ -1,8 +1,13 @@
-"""Helpers for the benchmarks: run the launcher, read what the run left, write JSON."""
+"""Helpers for the benchmarks: run the launcher, read what the run left, write JSON.
+
+JSON goes to outputs/benchmarks/ (FGL_BENCHMARK_OUT: another folder); the datasets are read from
+../shared/datasets/ beside the checkout (FGL_DATASETS: another folder).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,14 +19,14 @@ import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "outputs" / "benchmarks"
-DATASETS = ROOT.parent / "shared" / "datasets"
+OUT = Path(os.environ.get("FGL_BENCHMARK_OUT") or ROOT / "outputs" / "benchmarks")
+DATASETS = Path(os.environ.get("FGL_DATASETS") or ROOT.parent / "shared" / "datasets")
 
 
 def machine() -> dict:
     return {
         "host": platform.node(),
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

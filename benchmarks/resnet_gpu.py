@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side")
+    parser.add_argument("--train-subset", type=int, default=0, help="0: the whole split")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     common = {
@@ -64,6 +65,7 @@ def main() -> None:
         "augment": "crop-flip",
         "min-partition-size": 20,
         "min-nodes": args.silos,
+        "train-subset": args.train_subset,
         "output-dir": str(args.out / "resnet_gpu"),
     }
     record = {

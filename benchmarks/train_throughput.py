@@ -91,9 +91,12 @@ def main() -> None:
     parser.add_argument("--model", default="cnn", choices=["cnn", "resnet18"])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--train-subset", type=int, default=0, help="0: all 11,959 images")
     args = parser.parse_args()
     device = pick_device(args.device)
-    cfg = RunConfig.from_flower({"dataset": str(DATASETS / "bloodmnist_28.npz")})
+    cfg = RunConfig.from_flower(
+        {"dataset": str(DATASETS / "bloodmnist_28.npz"), "train-subset": args.train_subset}
+    )
     data = load_dataset(cfg)
     settings = TrainSettings.from_config(cfg, epochs=args.epochs, seed=0)
     images = torch.from_numpy(data.train.images).permute(0, 3, 1, 2).contiguous()

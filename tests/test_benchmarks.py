@@ -64,3 +64,58 @@ def test_peak_memory_sums_a_process_and_its_descendants():
     peak = sampler.stop()
     assert peak["processes"] == 2
     assert 300 * 2**20 < peak["pss-bytes"] <= peak["rss-bytes"] < 600 * 2**20
+
+
+def run_benchmark(module: str, args: list[str], out) -> dict:  # type: ignore[no-untyped-def]
+    """Run `python -m benchmarks.<module> ARGS` writing into `out`; its one JSON record."""
+    env = {**project_env(), "FGL_BENCHMARK_OUT": str(out)}
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+# What a GPU session runs, at its smallest on this CPU: a lent GPU's few minutes must not be
+# spent finding that a benchmark no longer starts. The CUDA-only lines still run only there.
+
+
+def test_train_throughput_benchmark_compares_the_loop_with_dataloaders(tmp_path):
+    args = ["--epochs", "1", "--train-subset", "400", "--device", "cpu"]
+    record = run_benchmark("train_throughput", args, tmp_path)
+    rates = record["images-per-second"]
+    assert set(rates) == {"project-loop", "dataloader-0-workers", "dataloader-2-workers"}
+    assert all(rate > 0 for rate in rates.values()) and record["images"] == 400
+    assert record["project-over-fastest-dataloader"] > 0
+
+
+def test_captioning_benchmark_runs_the_tiny_and_the_blip_base_sized_captioner(tmp_path):
+    record = run_benchmark("captioning", ["--images", "2", "--base-size"], tmp_path)
+    for name in ("offline-tiny", "blip-base-sized"):
+        assert record[name]["images"] == 2 and record[name]["failed"] == 0, name
+        assert record[name]["images-per-second"] > 0
+    assert record["blip-base-sized"]["parameters"] > 100 * record["offline-tiny"]["parameters"]
+
+
+def test_resnet_table_benchmark_writes_a_cell_beside_the_papers_figure(tmp_path):
+    args = ["--model", "cnn", "--silos", "2", "--rounds", "1", "--local-epochs", "1"]
+    args += ["--cells", "alpha-0.5", "--train-subset", "400"]
+    record = run_benchmark("resnet_gpu", args, tmp_path)
+    (name,) = record["cells"]
+    cell = record["cells"][name]
+    assert name == "alpha-0.5" and cell["paper"] == 83.14 and cell["seconds"] > 0
+    assert 0 <= cell["final-test-accuracy"] <= 100
+    assert 0 <= cell["test-accuracy-at-best-val"] <= 100
+
+
+def test_synthesis_workers_benchmark_makes_the_same_images_three_ways(tmp_path):
+    record = run_benchmark("synthesis_workers", ["--per-class", "8"], tmp_path)  # 2 shards
+    modes = [row["mode"] for row in record["rows"]]
+    assert modes == ["one-process", "ray-1-worker", "ray-2-workers"]
+    assert record["identical-images"] is True
+    assert all(row["images"] == 80 and row["images-per-second"] > 0 for row in record["rows"])
