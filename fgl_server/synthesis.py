@@ -113,6 +113,7 @@ def compile_denoiser(pipe: Any) -> None:
     model = getattr(pipe, name)
     if not hasattr(model, "_orig_mod"):  # not compiled yet
         setattr(pipe, name, torch.compile(model, fullgraph=True))
+        log.info("synthesis-compile: the first batch of each shape compiles the %s first", name)
 
 
 def pooled_width(pipe: Any) -> int:
