@@ -24,6 +24,7 @@ from pathlib import Path
 from deploy.certs import Certificates, make_certificates
 from deploy.flower_cli import BIN, FlowerCLI
 from deploy.processes import Descendants, stop_process
+from fgl_client import app_module
 from fgl_client.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
 from fgl_client.worker import IDLE_KEY
 from fgl_core.polling import poll_until
@@ -123,12 +124,6 @@ def supernode_args(
 WARM_WORKER_SECONDS = 300.0  # how long the launcher's and compose's node workers wait idle
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.41's, in seconds
 SUPEREXEC_POLL_SECONDS = "0.1"  # a SuperExec looks for a new task this often (Flower: 1 s)
-
-
-def app_module(module: str, python: str = sys.executable) -> list[str]:
-    """Run one of the app's modules; -P: the working folder is not first on sys.path, where a
-    same-named package could shadow the installed app."""
-    return [python, "-P", "-m", module]
 
 
 def supernode_command(poll: float, python: str = sys.executable) -> list[str]:

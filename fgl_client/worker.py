@@ -58,6 +58,8 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fgl_client import app_module
+
 IDLE_KEY = "worker-idle-seconds"  # node config: 0 (the default) runs each message in its process
 START_SECONDS = 120.0  # how long a ClientApp waits for a new worker to listen
 _FRAME = struct.Struct("!Q")  # each part of a request or answer: its length, then its bytes
@@ -203,10 +205,8 @@ def _connect_or_start(path: Path, idle: float) -> socket.socket:
         root = code_root()  # the worker runs the same copy of the app
         paths = [str(root), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-        # -P: not the working folder first on sys.path, where a same-named package could shadow
-        # the installed app (the worker keeps the ClientApp's working folder: relative paths)
-        args = [sys.executable, "-P", "-m", "fgl_client.worker", str(path), str(os.getppid())]
-        args.append(str(idle))
+        # the worker keeps the ClientApp's working folder (relative paths), so -P matters
+        args = [*app_module("fgl_client.worker"), str(path), str(os.getppid()), str(idle)]
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)  # logs: the node's
         log.info(
             "started a warm worker (pid %d) for this node's messages (app in %s)", proc.pid, root

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,34 +20,26 @@ def test_sd21_architecture_in_code_rebuilds_the_published_parameter_counts():
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 1024
 
 
-def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
+def run_benchmark(module: str, args: list[str], out: Path, timeout: float = 600) -> dict:
+    """Run `python -m benchmarks.<module> ARGS` writing into `out`; its one JSON record."""
+    env = {**project_env(), "FGL_BENCHMARK_OUT": str(out)}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.synthesis",
-            "--tiny",
-            "--device",
-            "cpu",
-            "--steps",
-            "2",
-            "3",
-            "--batch-sizes",
-            "1",
-            "3",
-            "--images",
-            "3",
-            "--no-compile",  # compiling is tested in test_fgl_server.py
-            "--out",
-            str(tmp_path),
-        ],
-        env=project_env(),
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads((tmp_path / "synthesis_tiny.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
+    args = ["--tiny", "--device", "cpu", "--steps", "2", "3", "--batch-sizes", "1", "3"]
+    args += ["--images", "3", "--no-compile"]  # compiling is tested in test_fgl_server.py
+    record = run_benchmark("synthesis", args, tmp_path, timeout=300)
+    assert record["benchmark"] == "synthesis_tiny"
     rows = [(r["setting"], r["steps"], r["batch-size"]) for r in record["rows"]]
     engine = "engine, float32"
     fastest = max(record["rows"], key=lambda r: r["images-per-second"])
@@ -64,21 +57,6 @@ def test_peak_memory_sums_a_process_and_its_descendants():
     peak = sampler.stop()
     assert peak["processes"] == 2
     assert 300 * 2**20 < peak["pss-bytes"] <= peak["rss-bytes"] < 600 * 2**20
-
-
-def run_benchmark(module: str, args: list[str], out) -> dict:  # type: ignore[no-untyped-def]
-    """Run `python -m benchmarks.<module> ARGS` writing into `out`; its one JSON record."""
-    env = {**project_env(), "FGL_BENCHMARK_OUT": str(out)}
-    proc = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = out.glob("*.json")
-    return json.loads(path.read_text())
 
 
 # What a GPU session runs, at its smallest on this CPU: a lent GPU's few minutes must not be

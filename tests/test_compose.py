@@ -25,12 +25,12 @@ from deploy.federation import (
     SUPEREXEC_POLL_SECONDS,
     WARM_WORKER_SECONDS,
     Topology,
-    app_module,
     node_config_string,
     superlink_args,
     supernode_args,
     supernode_command,
 )
+from fgl_client import app_module
 from fgl_client.superexec import argument_parser as fork_superexec_parser
 from fgl_client.supernode import argument_parser as fast_supernode_parser
 from tests.conftest import ROOT
