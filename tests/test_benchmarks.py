@@ -95,5 +95,16 @@ def test_synthesis_workers_benchmark_makes_the_same_images_three_ways(tmp_path):
     record = run_benchmark("synthesis_workers", ["--per-class", "8"], tmp_path)  # 2 shards
     modes = [row["mode"] for row in record["rows"]]
     assert modes == ["one-process", "ray-1-worker", "ray-2-workers"]
-    assert record["identical-images"] is True
+    assert record["identical-images"] is True and record["max-pixel-difference"] == 0
     assert all(row["images"] == 80 and row["images-per-second"] > 0 for row in record["rows"])
+    assert record["two-over-one-worker"] > 0
+
+
+def test_synthesis_workers_benchmark_gives_each_worker_a_whole_gpu(monkeypatch):
+    from benchmarks.synthesis_workers import worker_counts
+
+    assert worker_counts(None, torch.device("cpu")) == [1, 2]
+    assert worker_counts([3], torch.device("cpu")) == [3]
+    for gpus, counts in ((1, [1]), (2, [1, 2]), (8, [1, 2])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        assert worker_counts(None, torch.device("cuda")) == counts
