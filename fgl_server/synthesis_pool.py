@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fgl_core.config import ConfigError
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,19 @@ class _ShardWorker:
         return make_shard(self.engine, inputs, batch_size)
 
 
+def check_local_cluster(total: dict[str, float], device_type: str, workers: int) -> None:
+    """`ConfigError` when a local Ray cluster of `total` resources cannot hold `workers`
+    workers at once (one GPU each on CUDA, one CPU each otherwise)."""
+    kind = "GPU" if device_type == "cuda" else "CPU"
+    have = int(total.get(kind, 0))
+    if have < workers:
+        raise ConfigError(
+            f"synthesis-workers = {workers}: each worker takes one {kind}, and the local Ray "
+            f"cluster has {have}; set synthesis-workers to at most {max(have, 1)}, or point "
+            "synthesis-ray-address at a cluster with more"
+        )
+
+
 class RayShardPool:
     """N Ray actors making shards; `make` yields each finished shard as it arrives."""
 
@@ -83,6 +97,8 @@ class RayShardPool:
         if not ray.is_initialized():
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
         resources = {"num_gpus": 1} if device_type == "cuda" else {"num_cpus": 1}
+        if not address:  # a local cluster never grows: waiting cannot place what it lacks
+            check_local_cluster(ray.cluster_resources(), device_type, workers)
         actor = ray.remote(**resources)(_ShardWorker)
         self.actors = [actor.remote(settings, str(cache_dir), device_type) for _ in range(workers)]
         ready = [a.ready.remote() for a in self.actors]

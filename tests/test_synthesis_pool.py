@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from fgl_core.config import ConfigError, RunConfig
+from fgl_server.fgl_run import make_images
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import Prompt, plan_images
 from fgl_server.synthesis_pool import RayShardPool
@@ -61,12 +63,63 @@ def test_two_ray_workers_make_the_same_store_and_a_lost_worker_costs_one_shard(s
     assert rerun["made"] == 0 and rerun["reused"] == len(jobs)
 
 
-def test_a_pool_that_cannot_be_placed_says_what_it_needs(setup):
+def test_the_run_config_sends_synthesis_to_the_pool_and_refuses_more_workers_than_cpus(
+    setup, tmp_path
+):
+    cache, _, engine, prompts, jobs, manifest = setup
+    import ray
+
+    keys = {"cache-dir": cache, "synthesis-batch-size": BATCH, "synthesis-workers": 2}
+    store = SyntheticStore(tmp_path / "pool", manifest, SHARD)
+    stats = make_images(engine, prompts, jobs, store, RunConfig.from_flower(keys))
+    alone = SyntheticStore(tmp_path / "one", manifest, SHARD)
+    synthesize_into_store(engine, prompts, jobs, alone, BATCH)
+    assert stats["made"] == len(jobs)
+    assert np.array_equal(store.load().images, alone.load().images)
+
+    too_many = int(ray.cluster_resources()["CPU"]) + 1
+    fresh = SyntheticStore(tmp_path / "too-many", manifest, SHARD)
+    with pytest.raises(ConfigError, match=f"synthesis-workers = {too_many}"):
+        make_images(
+            engine,
+            prompts,
+            jobs,
+            fresh,
+            RunConfig.from_flower({**keys, "synthesis-workers": too_many, "connect-timeout": 30.0}),
+        )
+    assert fresh.missing() == list(range(fresh.num_shards))
+
+
+def test_a_local_cluster_too_small_for_the_pool_is_a_config_error_at_once(setup, tmp_path):
     _, settings, _, _, _, _ = setup
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    workers = 1 + int(ray.cluster_resources().get("GPU", 0))  # one more than there are GPUs
-    with pytest.raises(RuntimeError, match=rf"placed \d+ of {workers} synthesis workers.*num_gpus"):
-        RayShardPool(settings, "unused", "cuda", workers=workers, ready_timeout=3)
+    total = ray.cluster_resources()
+    for device, kind in (("cpu", "CPU"), ("cuda", "GPU")):
+        have = int(total.get(kind, 0))
+        message = rf"synthesis-workers = {have + 1}: each worker takes one {kind}.* has {have};"
+        with pytest.raises(ConfigError, match=message):
+            RayShardPool(settings, tmp_path, device, workers=have + 1, ready_timeout=30)
+
+
+def test_a_pool_that_cannot_be_placed_in_time_says_what_it_needs(setup, tmp_path):
+    _, settings, _, _, _, _ = setup
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+    class Holder:  # defined here so that Ray ships it by value
+        def ready(self) -> bool:
+            return True
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    holder = ray.remote(num_cpus=cpus)(Holder).remote()  # as a simulation's ClientApps would
+    ray.get(holder.ready.remote())
+    try:
+        with pytest.raises(RuntimeError, match=r"placed 0 of 1 synthesis workers.*num_cpus"):
+            RayShardPool(settings, tmp_path, "cpu", workers=1, ready_timeout=3)
+    finally:
+        ray.kill(holder)
