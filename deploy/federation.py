@@ -207,7 +207,10 @@ class LocalFederation:
 
     def stop(self) -> list[int]:
         stopped: list[int] = []
-        for proc in [*self._helpers, *self.supernodes, *self.superexecs]:
+        # a SuperExec before its SuperNode: stopped after it, a SuperExec would get two signals
+        # (its parent watch raises SIGINT when the SuperNode is gone, then our SIGTERM), and a
+        # second signal in the middle of Flower's exit handler is printed as a traceback
+        for proc in [*self._helpers, *self.superexecs, *self.supernodes]:
             stopped += stop_process(proc, grace=5.0)
         if self.superlink is not None:
             stopped += stop_process(self.superlink)

@@ -231,6 +231,19 @@ def test_tls_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path)
     assert_nothing_left(tmp_path)
 
 
+def test_a_stopped_federation_stops_each_superexec_with_one_signal_its_own(tmp_path):
+    # stopped after its SuperNode, a SuperExec got two signals (its parent watch's SIGINT, then
+    # our SIGTERM): the second killed it in Flower's exit handler (-15) or printed a traceback
+    with LocalFederation(tmp_path, Topology.partitions(1)) as federation:
+        federation.start_superlink()
+        federation.start_supernodes()
+        federation.wait_for_supernodes()
+        (superexec,) = federation.superexecs
+    assert superexec.returncode == 0  # graceful (Flower exits 0 for SIGTERM), not killed
+    assert "Traceback" not in (tmp_path / "superexec-0.log").read_text()
+    assert_nothing_left(tmp_path)
+
+
 def test_a_status_poll_that_times_out_on_a_busy_machine_is_asked_again(tmp_path, monkeypatch):
     # seen on a loaded 2-core machine: `flwr ls` took over 60 s once and killed the whole launch
     federation = LocalFederation(tmp_path, Topology.partitions(1))
