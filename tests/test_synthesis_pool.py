@@ -32,6 +32,17 @@ def setup(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_cluster(setup):
+    """The module's local Ray cluster (started here unless a pool already started it); `setup`
+    shuts it down after the module."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    return ray
+
+
 def test_two_ray_workers_make_the_same_store_and_a_lost_worker_costs_one_shard(setup, tmp_path):
     cache, settings, engine, prompts, jobs, manifest = setup
     alone = SyntheticStore(tmp_path / "one", manifest, SHARD)
@@ -64,11 +75,9 @@ def test_two_ray_workers_make_the_same_store_and_a_lost_worker_costs_one_shard(s
 
 
 def test_the_run_config_sends_synthesis_to_the_pool_and_refuses_more_workers_than_cpus(
-    setup, tmp_path
+    setup, ray_cluster, tmp_path
 ):
     cache, _, engine, prompts, jobs, manifest = setup
-    import ray
-
     keys = {"cache-dir": cache, "synthesis-batch-size": BATCH, "synthesis-workers": 2}
     store = SyntheticStore(tmp_path / "pool", manifest, SHARD)
     stats = make_images(engine, prompts, jobs, store, RunConfig.from_flower(keys))
@@ -77,7 +86,7 @@ def test_the_run_config_sends_synthesis_to_the_pool_and_refuses_more_workers_tha
     assert stats["made"] == len(jobs)
     assert np.array_equal(store.load().images, alone.load().images)
 
-    too_many = int(ray.cluster_resources()["CPU"]) + 1
+    too_many = int(ray_cluster.cluster_resources()["CPU"]) + 1
     fresh = SyntheticStore(tmp_path / "too-many", manifest, SHARD)
     with pytest.raises(ConfigError, match=f"synthesis-workers = {too_many}"):
         make_images(
@@ -90,13 +99,11 @@ def test_the_run_config_sends_synthesis_to_the_pool_and_refuses_more_workers_tha
     assert fresh.missing() == list(range(fresh.num_shards))
 
 
-def test_a_local_cluster_too_small_for_the_pool_is_a_config_error_at_once(setup, tmp_path):
+def test_a_local_cluster_too_small_for_the_pool_is_a_config_error_at_once(
+    setup, ray_cluster, tmp_path
+):
     _, settings, _, _, _, _ = setup
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    total = ray.cluster_resources()
+    total = ray_cluster.cluster_resources()
     for device, kind in (("cpu", "CPU"), ("cuda", "GPU")):
         have = int(total.get(kind, 0))
         message = rf"synthesis-workers = {have + 1}: each worker takes one {kind}.* has {have};"
@@ -104,22 +111,18 @@ def test_a_local_cluster_too_small_for_the_pool_is_a_config_error_at_once(setup,
             RayShardPool(settings, tmp_path, device, workers=have + 1, ready_timeout=30)
 
 
-def test_a_pool_that_cannot_be_placed_in_time_says_what_it_needs(setup, tmp_path):
+def test_a_pool_that_cannot_be_placed_in_time_says_what_it_needs(setup, ray_cluster, tmp_path):
     _, settings, _, _, _, _ = setup
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
 
     class Holder:  # defined here so that Ray ships it by value
         def ready(self) -> bool:
             return True
 
-    cpus = int(ray.cluster_resources()["CPU"])
-    holder = ray.remote(num_cpus=cpus)(Holder).remote()  # as a simulation's ClientApps would
-    ray.get(holder.ready.remote())
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    holder = ray_cluster.remote(num_cpus=cpus)(Holder).remote()  # every CPU, as ClientApps hold
+    ray_cluster.get(holder.ready.remote())
     try:
         with pytest.raises(RuntimeError, match=r"placed 0 of 1 synthesis workers.*num_cpus"):
             RayShardPool(settings, tmp_path, "cpu", workers=1, ready_timeout=3)
     finally:
-        ray.kill(holder)
+        ray_cluster.kill(holder)
