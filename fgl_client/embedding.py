@@ -23,7 +23,7 @@ from fgl_client.text_encoding import (
     XLTextEncoder,
 )
 from fgl_core.class_list import name_digests
-from fgl_core.dp import privatize
+from fgl_core.dp import privatize_together
 from fgl_core.payload import (
     CHUNK_RECORD,
     PROBE_PROMPT,
@@ -171,16 +171,14 @@ def build_payload(
             raise PayloadError(f"{silo.name}: {err}") from None
     prompts = silo_prompts(request, silo, captioner_fn)
     embeds, pooled = encoder.encode_with_pooled(prompts.texts)
-    if request.embedding_clip and pooled.shape[-1]:
-        raise PayloadError(
-            "embedding-clip and embedding-noise do not yet cover SDXL's pooled embedding, "
-            "which would go unnoised: this silo sends nothing rather than that"
-        )
     if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
-        noisy = privatize(
-            embeds.numpy(), request.embedding_clip, request.embedding_noise, np.random.default_rng()
+        noisy = privatize_together(
+            [embeds.numpy(), pooled.numpy()],  # SDXL's pooled embedding is part of the release
+            request.embedding_clip,
+            request.embedding_noise,
+            np.random.default_rng(),
         )
-        embeds = torch.from_numpy(noisy)
+        embeds, pooled = (torch.from_numpy(part) for part in noisy)
     probe = encoder.encode([PROBE_PROMPT])[0]  # public: never noised
     log.info(
         "%s: %d %s-level embeddings of width %d (%d captions failed)",

@@ -1,7 +1,8 @@
 """The silo-side noise defence: clip each embedding, add Gaussian noise, account (epsilon, delta).
 
-Each embedding a silo sends (one 77 x D matrix) is one release. It is clipped to L2 norm `clip`
-(over all its 77 x D values), so replacing the data behind it changes it by at most 2 x clip
+Each embedding a silo sends (one 77 x D matrix; with SDXL, together with the same prompt's pooled
+vector) is one release. It is clipped to L2 norm `clip` (over all its values, the pooled ones
+included), so replacing the data behind it changes it by at most 2 x clip
 (the sensitivity); then every value gets Gaussian noise of standard deviation
 `noise_multiplier x sensitivity`. That is the Gaussian mechanism, and its privacy is exactly
 that of a Gaussian with mu = 1 / noise_multiplier (Balle and Wang 2018, "analytic Gaussian"):
@@ -14,6 +15,7 @@ that of a Gaussian with mu = 1 / noise_multiplier (Balle and Wang 2018, "analyti
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,6 +39,20 @@ def privatize(
     """Clip each embedding and add the mechanism's noise; float64 (the caller casts)."""
     clipped = clip_rows(embeds, clip)
     return clipped + rng.normal(0.0, noise_std(clip, noise_multiplier), size=clipped.shape)
+
+
+def privatize_together(
+    parts: Sequence[np.ndarray], clip: float, noise_multiplier: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """`privatize` with row i of every part as one release: SDXL's embedding and its pooled
+    embedding describe the same prompt, so they share one clip norm (one scale factor) and one
+    sensitivity. Each part comes back in its own shape (a part may have no values), float64."""
+    rows = len(parts[0])
+    flat = [part.reshape(rows, -1) for part in parts]
+    joint = privatize(np.concatenate(flat, axis=1), clip, noise_multiplier, rng)
+    cuts = np.cumsum([piece.shape[1] for piece in flat])[:-1]
+    pieces = np.split(joint, cuts, axis=1)
+    return [piece.reshape(part.shape) for piece, part in zip(pieces, parts, strict=True)]
 
 
 def delta_for(epsilon: float, noise_multiplier: float) -> float:

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from fgl_client.text_encoding import TransformersTextEncoder
-from fgl_core.dp import clip_rows, delta_for, epsilon_for, noise_std, privatize
+from fgl_core.dp import (
+    clip_rows,
+    delta_for,
+    epsilon_for,
+    noise_std,
+    privatize,
+    privatize_together,
+)
 from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
 from fgl_privacy.inversion import PromptInverter
 from fgl_server.validation import PayloadLimits, PayloadRejected, check_class_prompts
@@ -59,6 +66,20 @@ def test_clipping_bounds_each_embedding_and_keeps_small_ones():
     norms = np.linalg.norm(clipped.reshape(2, -1), axis=1)
     assert norms[0] == pytest.approx(1.0) and np.allclose(clipped[1], rows[1])
     assert noise_std(clip=1.0, noise_multiplier=0.5) == 1.0  # sensitivity 2 x clip
+
+
+def test_parts_released_together_share_one_clip_and_each_get_the_noise():
+    sequence, pooled = np.full((2, 77, 4), 1.0), np.full((2, 300), 10.0)  # norm 175
+    clipped = privatize_together([sequence, pooled], 1.0, 0.0, np.random.default_rng(0))
+    assert [part.shape for part in clipped] == [(2, 77, 4), (2, 300)]
+    joint = np.sqrt(np.square(clipped[0]).sum(axis=(1, 2)) + np.square(clipped[1]).sum(axis=1))
+    assert np.allclose(joint, 1.0)  # one norm over both parts, not 1.0 each
+    assert np.allclose(clipped[0] / sequence, clipped[1][:, :1, None] / pooled[:, :1, None])
+    noisy = privatize_together([sequence, pooled], 1.0, 0.5, np.random.default_rng(0))
+    for part, kept in zip(noisy, clipped, strict=True):  # std 0.5 x 2 x 1.0 on every value
+        assert np.std(part - kept) == pytest.approx(1.0, rel=0.2)
+    alone = privatize_together([sequence, np.zeros((2, 0))], 1.0, 0.0, np.random.default_rng(0))
+    assert alone[1].shape == (2, 0) and np.allclose(alone[0], clip_rows(sequence, 1.0))
 
 
 def test_the_class_prompt_check_passes_honest_noised_embeddings_and_refuses_other_prompts(

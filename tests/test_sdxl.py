@@ -14,7 +14,7 @@ from fgl_client.silo import load_silo
 from fgl_client.text_encoding import XLTextEncoder
 from fgl_core.config import RunConfig
 from fgl_core.offline_models import OFFLINE_TINY_SDXL, TINY_SDXL_POOLED, TINY_TEXT_WIDTH
-from fgl_core.payload import EmbeddingPayload, EmbedRequest, PayloadError, chunk_records
+from fgl_core.payload import EmbeddingPayload, EmbedRequest, chunk_records
 from fgl_server.fgl_run import payload_limits
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.validation import (
@@ -54,10 +54,7 @@ def config(blood_npz, cache_dir, **overrides) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def payload(blood_npz, cache_dir) -> EmbeddingPayload:
-    cfg = config(blood_npz, cache_dir)
-    silo = load_silo(cfg, {"partition-id": 0, "num-partitions": 2})
-    encoder = text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
-    return build_payload(EmbedRequest.from_config(cfg), silo, encoder)
+    return _silo_payload(blood_npz, cache_dir)
 
 
 def test_a_silo_encodes_with_both_encoders_as_the_pipeline_does(engine, payload, cache_dir):
@@ -114,13 +111,44 @@ def test_images_come_from_the_embedding_and_its_pooled_embedding(engine, payload
         engine.generate(embeds, [3, 3])
 
 
-def test_noise_is_refused_rather_than_leaving_the_pooled_embedding_bare(blood_npz, cache_dir):
-    cfg = config(blood_npz, cache_dir, **{"embedding-clip": 5.0, "embedding-noise": 0.1})
+def test_noise_clips_the_pooled_embedding_with_its_sequence_as_one_release(
+    payload, blood_npz, cache_dir
+):
+    joint = np.sqrt(
+        np.square(payload.embeds.astype(np.float64)).sum(axis=(1, 2))
+        + np.square(payload.pooled.astype(np.float64)).sum(axis=1)
+    )
+    clip = 0.5 * float(joint.min())  # binds for every prompt
+    clipped = _silo_payload(blood_npz, cache_dir, **{"embedding-clip": clip})
+    sequence_scale = np.linalg.norm(
+        clipped.embeds.astype(np.float64), axis=(1, 2)
+    ) / np.linalg.norm(payload.embeds.astype(np.float64), axis=(1, 2))
+    pooled_scale = np.linalg.norm(clipped.pooled.astype(np.float64), axis=1) / np.linalg.norm(
+        payload.pooled.astype(np.float64), axis=1
+    )
+    assert np.allclose(sequence_scale, clip / joint, rtol=2e-3)  # the joint norm is the clip
+    assert np.allclose(pooled_scale, sequence_scale, rtol=2e-3)  # one factor for both parts
+
+
+def test_the_server_accepts_noised_pooled_embeddings_and_refuses_another_class_s(
+    engine, payload, blood_npz, blood_names, cache_dir
+):
+    clip = 0.5 * float(np.linalg.norm(payload.embeds[0].astype(np.float64)))
+    noise = {"embedding-clip": clip, "embedding-noise": 1e-4}
+    noised = _silo_payload(blood_npz, cache_dir, **noise)
+    assert not np.allclose(noised.pooled, payload.pooled, rtol=0.1)  # clipped and noised
+    limits = payload_limits(config(blood_npz, ".", **noise), engine, blood_names)
+    validate_payload("node 1", noised, limits)
+    rolled = dataclasses.replace(noised, pooled=np.roll(noised.pooled, 1, axis=0))
+    with pytest.raises(PayloadRejected, match="is not this task's class prompt's pooled"):
+        validate_payload("node 1", rolled, limits)
+
+
+def _silo_payload(blood_npz, cache_dir, **overrides) -> EmbeddingPayload:
+    cfg = config(blood_npz, cache_dir, **overrides)
     silo = load_silo(cfg, {"partition-id": 0, "num-partitions": 2})
-    with pytest.raises(PayloadError, match="pooled embedding"):
-        build_payload(
-            EmbedRequest.from_config(cfg), silo, text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
-        )
+    encoder = text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
+    return build_payload(EmbedRequest.from_config(cfg), silo, encoder)
 
 
 def test_an_fgl_run_synthesizes_and_trains_with_an_sdxl_generator(blood_npz, tmp_path):
