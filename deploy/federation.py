@@ -23,7 +23,7 @@ from pathlib import Path
 
 from deploy.certs import Certificates, make_certificates
 from deploy.flower_cli import BIN, FlowerCLI
-from deploy.processes import Descendants, stop_process
+from deploy.processes import Descendants, ServerAppWatch, stop_process
 from fgl_client import app_module
 from fgl_client.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
 from fgl_client.worker import IDLE_KEY
@@ -371,6 +371,7 @@ class LocalFederation:
         self._helpers.append(self._popen(self.flwr.log_command(run_id), log, self.env))
         reported: set[int] = set()
         status = "unknown"
+        serverapp = ServerAppWatch()
 
         def finished() -> bool:
             nonlocal status
@@ -388,6 +389,11 @@ class LocalFederation:
             if status.startswith("finished:"):
                 # wall time and bytes on the wire, as Flower counts them
                 self.launch_record["run"] = info
+                return True
+            died = serverapp.died(self.superlink) if self.superlink is not None else None
+            if died:  # the SuperLink would say so only when the heartbeats lapse
+                self.flwr.stop(run_id)
+                status = died
                 return True
             return False
 

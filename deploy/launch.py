@@ -20,10 +20,10 @@ TLS and `--enable-supernode-auth`, and registers every SuperNode's public key be
 The launcher validates the run config before starting anything, waits until the SuperLink and
 every SuperNode are up, submits the run with `flwr run`, prints a line per phase and per round
 (`--log`: the run's whole log instead), polls `flwr ls` until the run is finished (`flwr run
---stream` exits 0 even when a run fails), stops every process it started (and everything they
-started) by PID, and exits 0 only when the run ended `finished:completed`. Results land in
-`<output-dir>/<run-name>/`, with one log per process and `launch.json`, which lists every PID
-as it starts and the PIDs stopped at the end.
+--stream` exits 0 even when a run fails) or its ServerApp process has died, stops every process
+it started (and everything they started) by PID, and exits 0 only when the run ended
+`finished:completed`. Results land in `<output-dir>/<run-name>/`, with one log per process and
+`launch.json`, which lists every PID as it starts and the PIDs stopped at the end.
 """
 
 from __future__ import annotations

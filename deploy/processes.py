@@ -63,3 +63,45 @@ class Descendants:
         _, alive = psutil.wait_procs(survivors, timeout=grace)
         signal_all(alive, signal.SIGKILL)
         return [p.pid for p in survivors]
+
+
+SERVERAPP_COMMANDS = ("flwr-serverapp", "flwr-simulation")  # Flower's ServerApp processes
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Running, and not a zombie that its parent has yet to reap."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class ServerAppWatch:
+    """Notices that the process running the ServerApp (Flower's `flwr-serverapp`, or
+    `flwr-simulation` in a simulation, below the SuperLink) is gone while its run is unfinished:
+    killed, or out of memory. Flower's SuperLink notices only when the process's heartbeats
+    lapse, a minute or more later; a ServerApp that ends on its own reports its status first."""
+
+    def __init__(self, grace: float = 10.0) -> None:
+        self.grace = grace
+        self.processes: dict[int, psutil.Process] = {}
+        self._gone_since: float | None = None
+
+    def died(self, superlink: subprocess.Popen) -> str | None:
+        """Call at each poll while the run is unfinished: what died, once the ServerApp
+        processes seen so far have all been gone for `grace` seconds; else None."""
+        for proc in process_tree(superlink.pid):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if proc.pid not in self.processes and any(
+                    part.endswith(SERVERAPP_COMMANDS) for part in proc.cmdline()
+                ):
+                    self.processes[proc.pid] = proc
+        if not self.processes or any(alive(proc) for proc in self.processes.values()):
+            self._gone_since = None
+            return None
+        now = time.monotonic()
+        self._gone_since = self._gone_since or now
+        if now - self._gone_since < self.grace:
+            return None
+        pids = ", ".join(str(pid) for pid in sorted(self.processes))
+        return f"the ServerApp process (PID {pids}) exited before the run finished"

@@ -10,13 +10,17 @@ process, with results compared to an uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from deploy.processes import ServerAppWatch, alive, stop_process
 from tests.conftest import start_launcher
 from tests.test_deployment import assert_nothing_left, wait_for
 
@@ -80,7 +84,7 @@ def test_a_killed_serverapp_resumes_from_its_shards_one_shot_model_and_last_roun
         kill_serverapp(launcher)
     finally:
         output = finish(launcher, 300)
-    assert launcher.returncode != 0, output
+    assert launcher.returncode != 0 and "the ServerApp process (PID" in output, output
     assert_nothing_left(run_dir)
     made_before = {path: path.stat().st_mtime_ns for path in shards()}
     assert 2 <= len(made_before) < 20 and "synthesis" not in results(run_dir)
@@ -93,7 +97,7 @@ def test_a_killed_serverapp_resumes_from_its_shards_one_shot_model_and_last_roun
         kill_serverapp(launcher)
     finally:
         output = finish(launcher, 300)
-    assert launcher.returncode != 0, output
+    assert launcher.returncode != 0 and "the ServerApp process (PID" in output, output
     assert_nothing_left(run_dir)
     synthesis = results(run_dir)["synthesis"]
     assert synthesis["reused"] == 10 * len(made_before)
@@ -115,3 +119,34 @@ def test_a_killed_serverapp_resumes_from_its_shards_one_shot_model_and_last_roun
     assert rounds_trained(final) == list(range(done + 1, ROUNDS + 1))
     assert [r["round"] for r in final["rounds"]] == list(range(ROUNDS + 1))
     assert "resumed-at" in final and "finished-at" in final
+
+
+def test_a_serverapp_gone_before_its_run_finished_is_noticed_after_the_grace():
+    # a stand-in SuperLink whose child bears a ServerApp's command name; the child is killed and
+    # left unreaped, a zombie, as its SuperExec may leave it for a while
+    child_code = "import time; time.sleep(120)"
+    parent_code = (
+        "import subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {child_code!r}, 'flwr-simulation']); "
+        "print(child.pid, flush=True); time.sleep(120)"
+    )
+    superlink = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
+    )
+    bare = subprocess.Popen([sys.executable, "-c", child_code])
+    try:
+        assert ServerAppWatch(grace=0.0).died(bare) is None  # no ServerApp seen: no verdict
+        child = int(superlink.stdout.readline())
+        watch = ServerAppWatch(grace=1.0)
+        assert watch.died(superlink) is None and list(watch.processes) == [child]
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: not alive(watch.processes[child]), 10, "the ServerApp gone")
+        assert psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        assert watch.died(superlink) is None  # gone, but within the grace
+        time.sleep(1.1)
+        assert watch.died(superlink) == (
+            f"the ServerApp process (PID {child}) exited before the run finished"
+        )
+    finally:
+        stop_process(superlink)
+        stop_process(bare)
