@@ -41,12 +41,17 @@ class Recovery:
 
 
 class PromptInverter:
-    """Greedy token-by-token inversion with a `CLIPTextModel` and its tokenizer."""
+    """Greedy token-by-token inversion with a `CLIPTextModel` and its tokenizer. `penultimate`:
+    the rows are the encoder's penultimate hidden states, before its last layer and final norm
+    (SDXL conditions on those)."""
 
-    def __init__(self, tokenizer, model, device: torch.device, batch: int = 16384) -> None:  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self, tokenizer, model, device: torch.device, batch: int = 16384, penultimate: bool = False
+    ) -> None:
         self.tokenizer, self.device, self.batch = tokenizer, device, batch
         self.model = copy.deepcopy(model).float().to(device).eval()
-        self.layers = list(self.model.encoder.layers)
+        self.penultimate = penultimate
+        self.layers = list(self.model.encoder.layers)[: -1 if penultimate else None]
         self.vocab = torch.arange(int(self.model.config.vocab_size), device=device)
         self.bos = int(tokenizer.bos_token_id)
         self.eos = int(tokenizer.eos_token_id)
@@ -75,7 +80,7 @@ class PromptInverter:
             x = x + attn.out_proj(mixed.reshape(len(tokens), -1))
             x = x + layer.mlp(layer.layer_norm2(x))
             new.append((k, v))
-        return self.model.final_layer_norm(x), new
+        return (x if self.penultimate else self.model.final_layer_norm(x)), new
 
     @torch.no_grad()
     def invert(self, rows: torch.Tensor, max_tokens: int = 77) -> tuple[list[int], list[float]]:

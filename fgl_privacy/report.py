@@ -38,9 +38,10 @@ from torch import nn
 from fgl_client.captioning import Captioner
 from fgl_client.embedding import captioner, silo_prompts, text_encoder
 from fgl_client.silo import Silo, load_silo
+from fgl_client.text_encoding import GeneratorClasses, TextEncoder, XLTextEncoder
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
-from fgl_core.dp import epsilon_for, privatize
+from fgl_core.dp import epsilon_for, privatize_together
 from fgl_core.models import build_model, build_model_for
 from fgl_core.payload import EmbedRequest
 from fgl_core.plotting import headless_pyplot
@@ -73,19 +74,35 @@ class InversionRow:
     example: tuple[str, str]  # (the prompt, what the server read)
 
 
+def server_inverter(encoder: TextEncoder) -> tuple[PromptInverter, int] | None:
+    """The server's inversion for the silos' encoder, and the columns of each embedding it reads
+    (SDXL's first text encoder fills the first ones, with its penultimate states); None for a
+    class-conditional generator, whose silos send no text."""
+    if isinstance(encoder, GeneratorClasses):
+        return None
+    if isinstance(encoder, XLTextEncoder):
+        first = encoder.pipe.text_encoder
+        inverter = PromptInverter(encoder.pipe.tokenizer, first, CPU, penultimate=True)
+        return inverter, int(first.config.hidden_size)
+    return PromptInverter(encoder.tokenizer, encoder.model, CPU), encoder.width  # type: ignore[attr-defined]
+
+
 def measure(
     inverter: PromptInverter,
     prompts: list[str],
-    rows: np.ndarray,
+    parts: list[np.ndarray],
+    columns: int,
     mode: str,
     clip: float,
     multiplier: float,
     delta: float,
     rng: np.random.Generator,
 ) -> InversionRow:
-    """Invert every prompt's (noised) float16 rows; the mean token accuracy and exact share."""
-    sent = privatize(rows, clip, multiplier, rng) if multiplier else rows
-    sent = sent.astype(np.float16).astype(np.float32)
+    """Invert every prompt's (noised) float16 rows, the first `columns` of each; the mean token
+    accuracy and exact share. `parts`: the embeddings, and SDXL's pooled ones (noised with
+    them as one release, as the silo does)."""
+    sent = privatize_together(parts, clip, multiplier, rng)[0] if multiplier else parts[0]
+    sent = sent[..., :columns].astype(np.float16).astype(np.float32)
     recoveries = [
         inverter.recover(prompt, torch.from_numpy(row))
         for prompt, row in zip(prompts, sent, strict=True)
@@ -123,14 +140,10 @@ def silo_texts(
     return prompts
 
 
-def write_report(
-    run_dir: Path,
-    rows: list[InversionRow],
-    histograms: list[list[int]],
-    cfg: RunConfig,
-    delta: float,
-    extra: tuple[str, ...] = (),
-) -> Path:
+def inversion_section(
+    run_dir: Path, rows: list[InversionRow], cfg: RunConfig, delta: float
+) -> list[str]:
+    """The inversion table and its plot (privacy_inversion.png)."""
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in ("class", "instance"):
@@ -155,8 +168,6 @@ def write_report(
         else "the median embedding norm (the run clipped none)"
     )
     lines = [
-        f"# What the server learns: {run_dir.name}",
-        "",
         f"Generator (its text encoder is the silos'): `{cfg.generator}`. Each embedding is one "
         f"release; epsilon at delta = {delta:g} for the Gaussian mechanism (fgl_core.dp), with "
         f"each embedding clipped to L2 norm {clipped_to}. "
@@ -175,13 +186,27 @@ def write_report(
             f"| {r.mode} level | {r.noise_multiplier:g} | {epsilon} | {r.prompts} | "
             f"{r.token_accuracy:.2f} | {r.exact:.2f} | `{sent}` / `{read}` |"
         )
-    lines += [
-        "",
-        "![inversion against noise](privacy_inversion.png)",
-        "",
-        "## What the server could not compute itself",
-        "",
-    ]
+    return [*lines, "", "![inversion against noise](privacy_inversion.png)"]
+
+
+def write_report(
+    run_dir: Path,
+    rows: list[InversionRow],
+    histograms: list[list[int]],
+    cfg: RunConfig,
+    delta: float,
+    extra: tuple[str, ...] = (),
+) -> Path:
+    lines = [f"# What the server learns: {run_dir.name}", ""]
+    if rows:
+        lines += inversion_section(run_dir, rows, cfg, delta)
+    else:
+        lines += [
+            f"Generator `{cfg.generator}` is class-conditional: each silo sends the ids of its "
+            "classes in the generator's label set, and no text, so there is no prompt to read "
+            "back.",
+        ]
+    lines += ["", "## What the server could not compute itself", ""]
     if cfg.secure_histograms:
         total = [sum(counts) for counts in zip(*histograms, strict=True)]
         lines += [
@@ -340,22 +365,28 @@ def report(
     count = len(results.get("traffic", {}).get("silos", {})) or cfg.min_nodes
     cache_dir = cfg.cache_dir if Path(cfg.cache_dir).is_dir() else tempfile.mkdtemp()
     encoder = text_encoder(cfg.generator, cache_dir, "cpu")
-    inverter = PromptInverter(encoder.tokenizer, encoder.model, CPU)
+    target = server_inverter(encoder)
     rng = np.random.default_rng(seed)
     silos = [load_silo(cfg, {"partition-id": p, "num-partitions": count}) for p in range(count)]
     histograms = [silo.train.label_histogram(silo.num_classes) for silo in silos]
     rows = []
     start = time.perf_counter()
-    for mode in modes:
-        prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
-        encoded = encoder.encode(prompts).numpy()
-        # the run's clip; if it had none, the median norm (it scales few embeddings down)
-        norms = np.linalg.norm(encoded.reshape(len(encoded), -1), axis=1)
-        clip = cfg.embedding_clip or float(np.median(norms))
-        for multiplier in sorted({*multipliers, cfg.embedding_noise}):
-            row = measure(inverter, prompts, encoded, mode, clip, multiplier, delta, rng)
-            log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
-            rows.append(row)
+    if target is None:
+        log.info("a class-conditional generator: its silos send class ids, no text to invert")
+    else:
+        inverter, columns = target
+        for mode in modes:
+            prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
+            parts = [t.numpy() for t in encoder.encode_with_pooled(prompts)]
+            # the run's clip; if it had none, the median norm (it scales few embeddings down)
+            norms = np.linalg.norm(
+                np.concatenate([p.reshape(len(p), -1) for p in parts], 1), axis=1
+            )
+            clip = cfg.embedding_clip or float(np.median(norms))
+            for multiplier in sorted({*multipliers, cfg.embedding_noise}):
+                row = measure(inverter, prompts, parts, columns, mode, clip, multiplier, delta, rng)
+                log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
+                rows.append(row)
     log.info("inversion: %.0f s", time.perf_counter() - start)
     data = load_dataset(cfg)
     train = _union([silo.train for silo in silos])

@@ -165,3 +165,40 @@ def test_the_report_reads_prompts_back_lists_disclosures_and_audits_the_run(tmp_
     assert "| online | " in text and "| offline | " in text
     for png in ("inversion", "replication_hist", "replication_pairs", "lira"):
         assert (run_dir / f"privacy_{png}.png").stat().st_size > 5_000, png
+
+
+def test_the_server_reads_an_sdxl_prompt_back_from_its_first_encoders_columns(tmp_path):
+    from fgl_client.embedding import text_encoder
+    from fgl_core.offline_models import OFFLINE_TINY_SDXL, TINY_TEXT_WIDTH
+    from fgl_privacy.report import server_inverter
+
+    encoder = text_encoder(OFFLINE_TINY_SDXL, str(tmp_path), "cpu")
+    inverter, columns = server_inverter(encoder)
+    assert columns == TINY_TEXT_WIDTH < encoder.width  # the second encoder's columns follow
+    prompt = class_prompt(PAPER_TEMPLATE, "7", "")
+    ids = inverter.token_ids(prompt)
+    with torch.no_grad():  # SDXL conditions on the penultimate hidden states, unnormed
+        states = inverter.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        first = inverter.layers[0].self_attn
+        empty = torch.empty(1, first.num_heads, 0, first.head_dim)
+        hidden, _ = inverter.step(
+            torch.tensor([ids[0]]), 0, [(empty, empty)] * len(inverter.layers)
+        )
+    assert torch.allclose(hidden[0], states[-2][0, 0], atol=1e-5)
+    sent = encoder.encode([prompt])[0, :, :columns]  # what the silo's payload carries there
+    recovery = inverter.recover(prompt, wire(sent))
+    assert recovery.exact and inverter.decode(recovery.recovered_ids) == prompt
+
+
+def test_the_report_says_a_class_conditional_generators_silos_send_no_text(tmp_path):
+    from fgl_client.embedding import text_encoder
+    from fgl_core.config import RunConfig
+    from fgl_core.offline_models import OFFLINE_TINY_DIT
+    from fgl_privacy.report import server_inverter, write_report
+
+    assert server_inverter(text_encoder(OFFLINE_TINY_DIT, str(tmp_path), "cpu")) is None
+    cfg = RunConfig.from_flower({"generator": OFFLINE_TINY_DIT})
+    text = write_report(tmp_path, [], [[3, 0, 2]], cfg, 1e-5).read_text()
+    assert "is class-conditional" in text and "| prompts | noise multiplier" not in text
+    assert "\n| 0 | 3 | 0 | 2 |" in text  # the histogram it learns is still listed
+    assert not (tmp_path / "privacy_inversion.png").exists()
