@@ -7,6 +7,7 @@ Every call has a timeout, and the calls that poll answer "not yet" (0 nodes, sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -83,7 +84,10 @@ class FlowerCLI:
             return {"status": "unknown"}  # a poll that timed out on a busy machine: ask again
 
     def stop(self, run_id: str) -> None:
-        self(["stop", run_id, CONNECTION], timeout=60)
+        """Ask the SuperLink to stop the run; best effort: the launcher stops the SuperLink next,
+        which ends the run either way."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self(["stop", run_id, CONNECTION], timeout=60)
 
     def log_command(self, run_id: str) -> list[str]:
         """The command that streams the run's log (the launcher runs it as a helper process)."""

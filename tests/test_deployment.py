@@ -254,6 +254,7 @@ def test_a_status_poll_that_times_out_on_a_busy_machine_is_asked_again(tmp_path,
     monkeypatch.setattr(FlowerCLI, "__call__", busy)
     assert federation.flwr.run_info("7") == {"status": "unknown"}
     assert federation.flwr.online_nodes() == 0
+    federation.flwr.stop("7")  # after a time-out or a dead ServerApp: the SuperLink goes next
 
 
 def test_supernodes_on_one_machine_split_its_cores_unless_told(monkeypatch):
