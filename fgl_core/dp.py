@@ -41,16 +41,20 @@ def privatize(
     return clipped + rng.normal(0.0, noise_std(clip, noise_multiplier), size=clipped.shape)
 
 
+def joint_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Row i of every part, flattened and side by side: one release per row, (rows, values)."""
+    rows = len(parts[0])
+    return np.concatenate([part.reshape(rows, -1) for part in parts], axis=1)
+
+
 def privatize_together(
     parts: Sequence[np.ndarray], clip: float, noise_multiplier: float, rng: np.random.Generator
 ) -> list[np.ndarray]:
     """`privatize` with row i of every part as one release: SDXL's embedding and its pooled
     embedding describe the same prompt, so they share one clip norm (one scale factor) and one
     sensitivity. Each part comes back in its own shape (a part may have no values), float64."""
-    rows = len(parts[0])
-    flat = [part.reshape(rows, -1) for part in parts]
-    joint = privatize(np.concatenate(flat, axis=1), clip, noise_multiplier, rng)
-    cuts = np.cumsum([piece.shape[1] for piece in flat])[:-1]
+    joint = privatize(joint_rows(parts), clip, noise_multiplier, rng)
+    cuts = np.cumsum([math.prod(part.shape[1:]) for part in parts])[:-1]
     pieces = np.split(joint, cuts, axis=1)
     return [piece.reshape(part.shape) for piece, part in zip(pieces, parts, strict=True)]
 

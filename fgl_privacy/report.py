@@ -41,7 +41,7 @@ from fgl_client.silo import Silo, load_silo
 from fgl_client.text_encoding import GeneratorClasses, TextEncoder, XLTextEncoder
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
-from fgl_core.dp import epsilon_for, privatize_together
+from fgl_core.dp import epsilon_for, joint_rows, privatize_together
 from fgl_core.models import build_model, build_model_for
 from fgl_core.payload import EmbedRequest
 from fgl_core.plotting import headless_pyplot
@@ -379,9 +379,7 @@ def report(
             prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
             parts = [t.numpy() for t in encoder.encode_with_pooled(prompts)]
             # the run's clip; if it had none, the median norm (it scales few embeddings down)
-            norms = np.linalg.norm(
-                np.concatenate([p.reshape(len(p), -1) for p in parts], 1), axis=1
-            )
+            norms = np.linalg.norm(joint_rows(parts), axis=1)
             clip = cfg.embedding_clip or float(np.median(norms))
             for multiplier in sorted({*multipliers, cfg.embedding_noise}):
                 row = measure(inverter, prompts, parts, columns, mode, clip, multiplier, delta, rng)
