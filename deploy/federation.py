@@ -390,7 +390,7 @@ class LocalFederation:
                 # wall time and bytes on the wire, as Flower counts them
                 self.launch_record["run"] = info
                 return True
-            died = serverapp.died(self.superlink) if self.superlink is not None else None
+            died = serverapp.died(self._descendants.seen)
             if died:  # the SuperLink would say so only when the heartbeats lapse
                 self.flwr.stop(run_id)
                 status = died

@@ -85,22 +85,24 @@ class ServerAppWatch:
     def __init__(self, grace: float = 10.0) -> None:
         self.grace = grace
         self.processes: dict[int, psutil.Process] = {}
+        self._looked_at: set[int] = set()  # the PIDs whose command line was read
         self._gone_since: float | None = None
 
-    def died(self, superlink: subprocess.Popen) -> str | None:
-        """Call at each poll while the run is unfinished: what died, once the ServerApp
-        processes seen so far have all been gone for `grace` seconds; else None."""
-        for proc in process_tree(superlink.pid):
+    def died(self, seen: dict[int, psutil.Process]) -> str | None:
+        """Call at each poll while the run is unfinished, with the processes seen so far
+        (`Descendants.seen`): what died, once the ServerApp processes among them have all been
+        gone for `grace` seconds; else None."""
+        for pid in seen.keys() - self._looked_at:
+            self._looked_at.add(pid)
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                if proc.pid not in self.processes and any(
-                    part.endswith(SERVERAPP_COMMANDS) for part in proc.cmdline()
-                ):
-                    self.processes[proc.pid] = proc
+                if any(part.endswith(SERVERAPP_COMMANDS) for part in seen[pid].cmdline()):
+                    self.processes[pid] = seen[pid]
         if not self.processes or any(alive(proc) for proc in self.processes.values()):
             self._gone_since = None
             return None
         now = time.monotonic()
-        self._gone_since = self._gone_since or now
+        if self._gone_since is None:
+            self._gone_since = now
         if now - self._gone_since < self.grace:
             return None
         pids = ", ".join(str(pid) for pid in sorted(self.processes))

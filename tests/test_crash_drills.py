@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deploy.processes import ServerAppWatch, alive, stop_process
+from deploy.processes import Descendants, ServerAppWatch, alive, stop_process
 from tests.conftest import start_launcher
 from tests.test_deployment import assert_nothing_left, wait_for
 
@@ -134,17 +134,23 @@ def test_a_serverapp_gone_before_its_run_finished_is_noticed_after_the_grace():
         [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True
     )
     bare = subprocess.Popen([sys.executable, "-c", child_code])
+    descendants = Descendants()
+
+    def seen(root: subprocess.Popen) -> dict[int, psutil.Process]:  # as the launcher's poll does
+        descendants.refresh([root])
+        return descendants.seen
+
     try:
-        assert ServerAppWatch(grace=0.0).died(bare) is None  # no ServerApp seen: no verdict
+        assert ServerAppWatch(grace=0.0).died(seen(bare)) is None  # no ServerApp seen: no verdict
         child = int(superlink.stdout.readline())
         watch = ServerAppWatch(grace=1.0)
-        assert watch.died(superlink) is None and list(watch.processes) == [child]
+        assert watch.died(seen(superlink)) is None and list(watch.processes) == [child]
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: not alive(watch.processes[child]), 10, "the ServerApp gone")
         assert psutil.Process(child).status() == psutil.STATUS_ZOMBIE
-        assert watch.died(superlink) is None  # gone, but within the grace
+        assert watch.died(seen(superlink)) is None  # gone, but within the grace
         time.sleep(1.1)
-        assert watch.died(superlink) == (
+        assert watch.died(seen(superlink)) == (
             f"the ServerApp process (PID {child}) exited before the run finished"
         )
     finally:
