@@ -1,19 +1,22 @@
-"""A real loopback deployment beside the same run in simulation: wall time and bytes per phase.
+"""A real loopback deployment beside the same run in simulation, on Flower's own processes and
+on the launcher's accelerated ones: wall time and bytes per phase.
 
-The run is the quickstart's FGL run (digits, offline tiny generator, small CNN) with 3 silos:
-simulated (one SuperLink in simulation mode) and deployed (a SuperLink and 3 SuperNodes on
-loopback, as the launcher starts them by default: each SuperNode asks for work every 0.2 s, each
-message's ClientApp is a fork of a process with Flower loaded, `fgl_client.superexec`, and hands
-the message to the node's warm worker; `--tls` adds TLS and SuperNode auth). Each runtime runs
-with the silos' evaluation as a separate evaluate round (Flower's default) and inside the train
-reply (`evaluate-in-train`: one message, so one ClientApp, per silo per round instead of two).
-The deployment with `evaluate-in-train` runs twice more: on Flower's own SuperNode and SuperExec
-(`--node-poll 3 --flower-superexec`: a 3 s wait when idle, a new interpreter per message) with
-warm workers, and with nothing of ours (also `--warm-worker 0`: each message imports PyTorch in
-its own process). Each row runs twice: with `--rounds` FedAvg rounds, and with none (the
-embedding round, synthesis and one-shot alone). It also times a fresh interpreter importing the
-ClientApp.
-Per phase it reports:
+The run is the quickstart's FGL run (digits, fgl-mini, small CNN) with 3 silos, each silo's
+evaluation inside its train reply (`evaluate-in-train`: one message per silo per round), or the
+run `--run-config` names (e.g. FedAvg on bloodmnist with 5 local epochs). Three rows, in one run
+of this benchmark:
+
+- simulation: one SuperLink in simulation mode;
+- deployed, stock Flower (`--stock-flower`): a SuperLink and 3 SuperNodes on loopback running
+  Flower's `flower-supernode` and its SuperExec as Flower ships them (a 3 s wait when idle, a new
+  `flwr-clientapp` interpreter per message), as the compose files and a real deployment run;
+- deployed, accelerated (the launcher's default): each SuperNode asks for work every 0.2 s
+  (`fgl_accel.supernode`) and each message's ClientApp is a fork of a process with Flower and
+  PyTorch loaded (`fgl_accel.superexec`).
+
+`--tls` adds TLS and SuperNode auth to both deployments. Each row runs twice: with `--rounds`
+FedAvg rounds, and with none (the embedding round, synthesis and one-shot alone). It also times a
+fresh interpreter importing the ClientApp and its handlers. Per phase it reports:
 
 - wall seconds (results.json's phase timer);
 - payload bytes, as the server's ledger counts them (array data plus records);
@@ -24,10 +27,10 @@ Per phase it reports:
   silos send (the same class prompt) crosses the wire once: the wire can be below the payload.
 
 The synthetic set comes from the store when an earlier run made the same one (the phase then
-takes no time); synthesis runs on the server alone and is the same in both runtimes.
+takes no time); synthesis runs on the server alone and is the same in every runtime.
 
-    python -m benchmarks.deployment [--rounds 3] [--tls] [--repeats N]
-    # -> outputs/benchmarks/deployment.json (--in-train-only: deployment-in-train.json)
+    python -m benchmarks.deployment [--rounds 3] [--tls] [--repeats N] [--run-config '...']
+    # -> outputs/benchmarks/deployment.json (--run-config: deployment-custom.json)
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ def payload_bytes(results: dict, rounds: bool) -> dict[str, int]:
 
 
 def clientapp_import_seconds(repeats: int = 3) -> dict[str, float]:
-    """Wall seconds of a fresh interpreter importing the ClientApp, and the handlers a message
-    imports when it runs without a warm worker, beside a bare interpreter (the median of a
-    few): what each deployed message pays before it reads its message."""
+    """Wall seconds of a fresh interpreter importing the ClientApp, and the handlers its first
+    message imports (PyTorch among them), beside a bare interpreter (the median of a few): what
+    each message of a stock deployment pays before it reads its message."""
 
     def median_wall(code: str) -> float:
         walls = []
@@ -78,8 +81,8 @@ def clientapp_import_seconds(repeats: int = 3) -> dict[str, float]:
         return round(statistics.median(walls), 2)
 
     return {
-        "import-fgl_client.app": median_wall("import fgl_client.app"),  # with a warm worker
-        "import-fgl_client.handlers": median_wall("import fgl_client.handlers"),  # without
+        "import-fgl_client.app": median_wall("import fgl_client.app"),
+        "import-fgl_client.handlers": median_wall("import fgl_client.handlers"),
         "bare": median_wall(""),
     }
 
@@ -163,54 +166,32 @@ def main() -> None:
         help="run each row's launch with rounds this many times and report the medians "
         "(3 rounds of the quickstart take about a second each: one run is noisy)",
     )
-    parser.add_argument(
-        "--in-train-only",
-        action="store_true",
-        help="only the simulation and the deployment (the launcher's defaults) with "
-        "evaluate-in-train",
-    )
     args = parser.parse_args()
-    deployed = ["--supernodes", str(SILOS), *(["--tls"] if args.tls else [])]
-    flower_nodes = [*deployed, "--node-poll", "3", "--flower-superexec"]  # Flower's own
-    plain = [*flower_nodes, "--warm-worker", "0"]  # and a fresh ClientApp process per message
-    simulated = ["--simulation", str(SILOS)]
-    dep_label = "deployment-tls" if args.tls else "deployment"
-    in_train = "evaluate-in-train=true"
     if args.repeats < 1:
         parser.error("--repeats takes at least 1")
-    row = functools.partial(measure, rounds=args.rounds, run=args.run_config, repeats=args.repeats)
-    if args.in_train_only:
-        rows = [
-            row(simulated, "simulation-evaluate-in-train", extra=in_train),
-            row(deployed, f"{dep_label}-evaluate-in-train", extra=in_train),
-        ]
-        write(
-            "deployment-in-train",
-            {"silos": SILOS, "run-config": args.run_config or RUNS["fgl"], "rows": rows}
-            | {"with-evaluate-in-train": ratios(rows[0], rows[1])},
-        )
-        return
-    rows = [
-        row(simulated, "simulation"),
-        row(deployed, dep_label),
-        row(simulated, "simulation-evaluate-in-train", extra=in_train),
-        row(deployed, f"{dep_label}-evaluate-in-train", extra=in_train),
-        row(flower_nodes, f"{dep_label}-evaluate-in-train-flower-nodes", extra=in_train),
-        row(plain, f"{dep_label}-evaluate-in-train-plain-flower", extra=in_train),
-    ]
-
+    deployed = ["--supernodes", str(SILOS), *(["--tls"] if args.tls else [])]
+    dep_label = "deployment-tls" if args.tls else "deployment"
+    row = functools.partial(
+        measure,
+        rounds=args.rounds,
+        extra="evaluate-in-train=true",
+        run=args.run_config,
+        repeats=args.repeats,
+    )
+    simulated = row(["--simulation", str(SILOS)], "simulation")
+    stock = row([*deployed, "--stock-flower"], f"{dep_label}-stock-flower")
+    accelerated = row(deployed, f"{dep_label}-accelerated")
     write(
-        "deployment",
+        "deployment-custom" if args.run_config else "deployment",
         {
             "silos": SILOS,
+            "run-config": args.run_config or RUNS["fgl"],
             "clientapp-import-seconds": clientapp_import_seconds(),
-            "rows": rows,
-            "deployment-over-simulation": ratios(rows[0], rows[1]),
-            "with-evaluate-in-train": ratios(rows[2], rows[3]),
-            "with-evaluate-in-train-flower-nodes": ratios(rows[2], rows[4]),
-            "with-evaluate-in-train-plain-flower": ratios(rows[2], rows[5]),
-            "deployed-rounds-evaluate-in-train-over-separate": round(
-                rows[3]["fedavg-rounds"]["seconds"] / rows[1]["fedavg-rounds"]["seconds"], 2
+            "rows": [simulated, stock, accelerated],
+            "stock-over-simulation": ratios(simulated, stock),
+            "accelerated-over-simulation": ratios(simulated, accelerated),
+            "stock-rounds-over-accelerated-rounds": round(
+                stock["fedavg-rounds"]["seconds"] / accelerated["fedavg-rounds"]["seconds"], 2
             ),
         },
     )

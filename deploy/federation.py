@@ -8,7 +8,6 @@ process as it starts and the PIDs stopped at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +23,8 @@ from pathlib import Path
 from deploy.certs import Certificates, make_certificates
 from deploy.flower_cli import BIN, FlowerCLI
 from deploy.processes import Descendants, ServerAppWatch, stop_process
-from fgl_client import app_module
-from fgl_client.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
-from fgl_client.worker import IDLE_KEY
+from fgl_accel import module_command
+from fgl_accel.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
 from fgl_core.polling import poll_until
 
 
@@ -38,7 +36,7 @@ class Topology:
     node_configs: list[dict[str, str | int | float]] = field(default_factory=list)
     tls: bool = False
     certs_dir: Path | None = None  # None: a fresh CA and keys for this launch only
-    fork_clientapp: bool = True  # each SuperNode's SuperExec is fgl_client.superexec
+    fork_clientapp: bool = True  # each SuperNode's SuperExec is fgl_accel.superexec
     node_poll: float = POLL_SECONDS  # an idle SuperNode's wait; 3.0: Flower's own SuperNode
 
     @classmethod
@@ -52,14 +50,6 @@ class Topology:
     ) -> Topology:
         configs = [{"data-path": str(Path(p).expanduser().resolve())} for p in paths]
         return cls(node_configs=configs, tls=tls, certs_dir=certs_dir)  # type: ignore[arg-type]
-
-    def with_warm_workers(self, idle_seconds: float) -> Topology:
-        """Every SuperNode runs its messages in a warm worker (`fgl_client.worker`) that waits
-        `idle_seconds` for the next one; 0 leaves each message in its own ClientApp process."""
-        if idle_seconds <= 0:
-            return self
-        configs = [{**c, IDLE_KEY: idle_seconds} for c in self.node_configs]
-        return dataclasses.replace(self, node_configs=configs)  # type: ignore[arg-type]
 
     @property
     def num_silos(self) -> int:
@@ -121,24 +111,23 @@ def supernode_args(
     return args
 
 
-WARM_WORKER_SECONDS = 300.0  # how long the launcher's and compose's node workers wait idle
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.41's, in seconds
 SUPEREXEC_POLL_SECONDS = "0.1"  # a SuperExec looks for a new task this often (Flower: 1 s)
 
 
 def supernode_command(poll: float, python: str = sys.executable) -> list[str]:
-    """The SuperNode program, before its flags: ours, asking for work every `poll` s, or
-    Flower's own flower-supernode where `poll` is Flower's 3 s."""
+    """The SuperNode program, before its flags: `fgl_accel.supernode`, asking for work every
+    `poll` s, or Flower's own flower-supernode where `poll` is Flower's 3 s."""
     if poll >= FLOWER_POLL_SECONDS:
         return [str(BIN / "flower-supernode")]
-    return [*app_module("fgl_client.supernode", python), "--poll", f"{poll:g}"]
+    return [*module_command("fgl_accel.supernode", python), "--poll", f"{poll:g}"]
 
 
 def superexec_args(runtime_port: int, supernode_pid: int) -> list[str]:
-    """`fgl_client.superexec` beside a SuperNode: its Runtime API (loopback, no TLS, as the
+    """`fgl_accel.superexec` beside a SuperNode: its Runtime API (loopback, no TLS, as the
     SuperExec that flower-supernode starts itself uses it), and the SuperNode to outlive not."""
     return [
-        *app_module("fgl_client.superexec"),
+        *module_command("fgl_accel.superexec"),
         "--runtime-api-address", f"127.0.0.1:{runtime_port}",
         "--insecure",
         "--parent-pid", str(supernode_pid),
@@ -273,7 +262,7 @@ class LocalFederation:
         self, index: int, node_config: dict[str, str | int], private_key: Path | None = None
     ) -> subprocess.Popen:
         """Start one `flower-supernode` with its own FLWR_HOME and Runtime API port (and, with
-        `fork_clientapp`, `fgl_client.superexec` beside it: superexec-<index>.log)."""
+        `fork_clientapp`, `fgl_accel.superexec` beside it: superexec-<index>.log)."""
         home = self.home / f"supernode-{index}"
         home.mkdir(exist_ok=True)
         port = free_port()

@@ -7,13 +7,13 @@
 `--simulation N` starts one SuperLink in simulation mode with N virtual silos. `--supernodes N`
 starts a SuperLink and N `flower-supernode` processes on loopback, each with its own FLWR_HOME
 and port, each given `partition-id`/`num-partitions`; `--node-data PATH` (repeatable) starts one
-SuperNode per PATH that trains and embeds from that node-local dataset alone. Each SuperNode runs
-its messages in a warm worker (`--warm-worker SECONDS`, default 300; 0 for a fresh ClientApp
-process per message), and the machine's cores are split among them. Each SuperNode is Flower's,
-asking for work every `--node-poll` seconds (default 0.2; Flower's hard-coded 3 s with
-`--node-poll 3`, which starts Flower's own `flower-supernode`), and its ClientApps are forks of a
-process with Flower loaded (`fgl_client.superexec`; `--flower-superexec`: Flower's SuperExec,
-a new interpreter per message). `--tls` makes a CA,
+SuperNode per PATH that trains and embeds from that node-local dataset alone; the machine's cores
+are split among them. Each SuperNode is Flower's, asking for work every `--node-poll` seconds
+(default 0.2, `fgl_accel.supernode`; Flower's hard-coded 3 s with `--node-poll 3`, which starts
+Flower's own `flower-supernode`), and its ClientApps are forks of a process with Flower and
+PyTorch loaded (`fgl_accel.superexec`; `--flower-superexec`: Flower's SuperExec, a new
+interpreter per message). `--stock-flower` is both: Flower's processes as Flower ships them, as
+a real deployment runs them. `--tls` makes a CA,
 a server certificate and one key pair per SuperNode (deploy/certs.py), starts the SuperLink with
 TLS and `--enable-supernode-auth`, and registers every SuperNode's public key before it starts.
 
@@ -38,8 +38,8 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from deploy.federation import WARM_WORKER_SECONDS, LocalFederation, LogEcho, Progress, Topology
-from fgl_client.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS, poll_seconds
+from deploy.federation import LocalFederation, LogEcho, Progress, Topology
+from fgl_accel.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS, poll_seconds
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetError, load_dataset
 from fgl_core.partition import PartitionError, partition_dataset
@@ -143,15 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         "--certs", type=Path, help="keep (or reuse) the CA and keys here instead of a temp dir"
     )
     parser.add_argument(
-        "--warm-worker",
-        type=float,
-        default=WARM_WORKER_SECONDS,
-        metavar="SECONDS",
-        help="each SuperNode runs its messages in a resident worker that exits after SECONDS "
-        "without one (node config worker-idle-seconds; default 300); 0: a fresh ClientApp "
-        "process per message, as Flower runs it",
-    )
-    parser.add_argument(
         "--node-poll",
         type=poll_seconds,
         default=POLL_SECONDS,
@@ -163,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         "--flower-superexec",
         action="store_true",
         help="each SuperNode starts Flower's SuperExec (a new flwr-clientapp interpreter per "
-        "message) instead of fgl_client.superexec beside it (a fork per message)",
+        "message) instead of fgl_accel.superexec beside it (a fork per message)",
+    )
+    parser.add_argument(
+        "--stock-flower",
+        action="store_true",
+        help=f"Flower's processes as Flower ships them: --flower-superexec --node-poll "
+        f"{FLOWER_POLL_SECONDS:g}",
     )
     parser.add_argument(
         "--run-config",
@@ -188,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--simulation needs at least 1 silo")
         if args.tls or args.certs:
             parser.error("--tls and --certs apply to SuperNodes, not to --simulation")
+        if args.stock_flower or args.flower_superexec:
+            parser.error(
+                "--stock-flower and --flower-superexec apply to SuperNodes, not to --simulation"
+            )
         topology = Topology(simulation=args.simulation)
     elif args.supernodes is not None:
         if args.supernodes < 1:
@@ -195,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         topology = Topology.partitions(args.supernodes, **secure)
     else:
         topology = Topology.node_local(args.node_data, **secure)
-    if args.warm_worker < 0:
-        parser.error("--warm-worker takes seconds >= 0")
+    if args.stock_flower:
+        args.flower_superexec, args.node_poll = True, FLOWER_POLL_SECONDS
     if args.simulation is None:
-        topology = topology.with_warm_workers(args.warm_worker)
         topology = dataclasses.replace(
             topology, fork_clientapp=not args.flower_superexec, node_poll=args.node_poll
         )

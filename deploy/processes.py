@@ -57,7 +57,7 @@ class Descendants:
 
     def kill_survivors(self, stopped: list[int], grace: float = 2.0) -> list[int]:
         """Stop those seen, not stopped with their tree, and still the same process: SIGTERM
-        (a node's warm worker removes its socket), SIGKILL after `grace` seconds."""
+        (a process may clean up), SIGKILL after `grace` seconds."""
         survivors = [p for pid, p in self.seen.items() if pid not in stopped and p.is_running()]
         signal_all(survivors, signal.SIGTERM)
         _, alive = psutil.wait_procs(survivors, timeout=grace)

@@ -1,35 +1,29 @@
 """ClientApp: a silo embeds its prompts, trains and evaluates the global model on its own data.
 
-Each message goes to its handler in `fgl_client.handlers`: in this process, or, where the node's
-config sets `worker-idle-seconds`, in the node's warm worker (`fgl_client.worker`), so that a
-deployed SuperNode's fresh ClientApp process per message does not import PyTorch each time. This
-module imports neither: a message's process imports what its path needs.
+Each message goes to its handler in `fgl_client.handlers`, imported when the first message
+comes: a deployed SuperNode starts a fresh ClientApp process for every message, and this module
+imports no PyTorch, so that a message's process imports only what its path needs.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fgl_client import worker
 from fgl_client.secure_histogram import secure_histogram_mod
 from fgl_core.console import configure_logging
 
 app = ClientApp(mods=[secure_histogram_mod])  # SecAgg+ stages go to Flower's secaggplus_mod
 log = logging.getLogger(__name__)
+CODE = Path(__file__).resolve().parent.parent  # which copy of the app runs: the FAB's, or not
 
 
 def run_handler(name: str, msg: Message, context: Context) -> Message:
-    """The reply of handler `name`: from the node's warm worker where it has one, else here."""
     configure_logging()
-    idle = worker.idle_seconds(context.node_config)
-    if idle > 0:
-        try:
-            return worker.delegate(name, msg, context, idle)
-        except worker.WorkerUnavailable as err:
-            log.warning("%s; this message runs in its own process", err)
+    log.info("%s for node %s (app code in %s)", name, context.node_id, CODE)
     from fgl_client.handlers import HANDLERS
 
     return HANDLERS[name](msg, context)

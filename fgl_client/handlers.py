@@ -1,7 +1,6 @@
 """What a silo does with each message: embed its prompts, train and evaluate on its own data.
 
-`fgl_client.app` routes each message here, in its own process or through the node's warm worker
-(`fgl_client.worker`); these functions are the same either way.
+`fgl_client.app` routes each message here.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ With `secure-histograms = true` the server learns the label histograms only as t
 drives Flower's SecAgg+ workflow (`strategies.secure_histogram`), whose four stages reach the
 silo as `train` messages carrying Flower's `secaggplus_configs` record; this mod hands exactly
 those to `secaggplus_mod`, which answers the key exchange itself and, at the stage that
-collects the masked vectors, asks `histogram_reply` for the vector to mask. Every other message
-goes to the ClientApp as before. The masking, the secret sharing and the dropout recovery are
-Flower's; nothing here is a protocol of its own.
+collects the masked vectors, asks a legacy client (`HistogramClient`, whose `fit` returns the
+label histogram) for the vector to mask. Every other message goes to the ClientApp as before.
+The masking, the secret sharing and the dropout recovery are Flower's; nothing here is a
+protocol of its own.
 
 The vector is the silo's label histogram as float64 with weight 1. Counts are integers and the
 quantization maps each integer in [-2^20, 2^20] to an exact step (`SECURE_HISTOGRAM_*`), so the
@@ -15,33 +16,49 @@ sum the server unmasks is exact, not an estimate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
-from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
+from flwr.app import Context, Message, MessageType
+from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from fgl_core.config import RunConfig
 from fgl_core.payload import SECURE_HISTOGRAM_MAX_COUNT
 
+SECAGG_RECORD = "secaggplus_configs"  # the config record each stage of Flower's SecAgg+ sends
 
-def secure_histogram_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+
+def secure_histogram_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
     """Route the SecAgg+ stages to Flower's `secaggplus_mod`; pass everything else on."""
     is_secagg = (
         msg.metadata.message_type == MessageType.TRAIN
-        and RECORD_KEY_CONFIGS in msg.content.config_records
+        and SECAGG_RECORD in msg.content.config_records
     )
     if not is_secagg:
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, histogram_reply)
+    return secaggplus_mod(msg, context, HISTOGRAM_APP)
 
 
-def histogram_reply(msg: Message, context: Context) -> Message:
-    """The vector SecAgg+ masks: this silo's label histogram, in the legacy FitRes layout that
-    `secaggplus_mod` reads."""
+class HistogramClient(NumPyClient):
+    """The legacy client whose `fit` reply `secaggplus_mod` masks: the label histogram."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+        return [label_histogram(self.context)], 1, {}
+
+
+# a legacy ClientApp answers the stage that collects the masked vectors, in the FitRes layout
+# `secaggplus_mod` reads (Flower builds it from the client's fit)
+HISTOGRAM_APP = ClientApp(client_fn=lambda context: HistogramClient(context).to_client())
+
+
+def label_histogram(context: Context) -> np.ndarray:
+    """The vector SecAgg+ masks: this silo's label histogram (float64, weight 1)."""
     cfg = RunConfig.from_flower(context.run_config)
     if not cfg.secure_histograms:
         raise ValueError(
@@ -57,5 +74,4 @@ def histogram_reply(msg: Message, context: Context) -> Message:
             f"silo {silo.name!r} holds {int(histogram.max())} images of one class; the secure "
             f"sum counts at most {SECURE_HISTOGRAM_MAX_COUNT} per class and silo"
         )
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([histogram]), 1, {})
-    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    return histogram

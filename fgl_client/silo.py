@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fgl_client.worker import IDLE_KEY
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetError, DatasetSplits, ImageSet, load_dataset
 from fgl_core.partition import silo_data
@@ -75,11 +74,7 @@ def silo_cache_key(cfg: RunConfig, node_config: Mapping[str, object]) -> str:
     """What decides the silo's data, hashed: the data fields, the node config, and a dataset
     file's or folder's fingerprint (so changed data is read again)."""
     described: dict[str, object] = {name: getattr(cfg, name) for name in DATA_FIELDS}
-    described["node-config"] = sorted(
-        (str(k), str(v))
-        for k, v in node_config.items()
-        if k != IDLE_KEY  # not about data
-    )
+    described["node-config"] = sorted((str(k), str(v)) for k, v in node_config.items())
     for source in (cfg.dataset, str(node_config.get("data-path", "") or "")):
         path = Path(source)
         if source and path.exists():

@@ -8,7 +8,6 @@ import numpy as np
 
 from fgl_client import silo as silo_module
 from fgl_client.silo import cached_silo, load_silo, silo_cache_key
-from fgl_client.worker import IDLE_KEY
 from fgl_core.config import RunConfig
 from tests.conftest import project_env
 
@@ -39,30 +38,6 @@ print(json.dumps({
 """
 
 
-WARM_MESSAGE = """
-import json, sys
-import psutil
-from flwr.common.serde import message_from_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
-from deploy.inprocess import silo_context, task_identity
-from fgl_client.app import app
-
-proto = ProtoMessage()
-proto.ParseFromString(open(sys.argv[2], "rb").read())
-message = message_from_proto(proto)
-context = silo_context(json.loads(sys.argv[1]), node_id=2, partition_id=1, num_partitions=3)
-context.node_config["worker-idle-seconds"] = 30.0
-with task_identity():
-    reply = app(message, context)
-for proc in psutil.Process().children():  # the worker this message started
-    proc.kill()
-print(json.dumps({
-    "torch": "torch" in sys.modules,
-    "num-examples": int(reply.content["metrics"]["num-examples"]),
-}))
-"""
-
-
 def config(tmp_path, **overrides) -> RunConfig:
     values = {"dataset": "digits", "local-epochs": 1, "cache-dir": str(tmp_path / "cache")}
     return RunConfig.from_flower({**values, **overrides})
@@ -82,37 +57,6 @@ def test_a_cnn_train_message_imports_no_model_zoo_nor_scikit_learn(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"imported": [], "num-examples": expected}
-
-
-def test_with_a_warm_worker_the_clientapp_process_imports_no_pytorch(tmp_path, tmp_path_factory):
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-    from flwr.common.serde import message_to_proto
-
-    from deploy.inprocess import task_identity
-    from fgl_core.models import build_model, state_dict_float32
-
-    cfg = config(tmp_path)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(state_dict_float32(build_model("cnn", 10, 28))),
-            "config": ConfigRecord({"server-round": 1}),
-        }
-    )
-    with task_identity():
-        message = Message(content, dst_node_id=2, message_type="train")
-    (tmp_path / "message.bin").write_bytes(message_to_proto(message).SerializeToString())
-    proc = subprocess.run(
-        [sys.executable, "-c", WARM_MESSAGE, json.dumps(cfg.to_flower()), "message.bin"],
-        capture_output=True,
-        text=True,
-        env={**project_env(), "TMPDIR": str(tmp_path_factory.mktemp("w"))},  # short socket path
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"torch": False, "num-examples": len(cached_silo(cfg, NODE).train)}
-    assert "started a warm worker" in proc.stderr
 
 
 def test_the_silo_cache_returns_the_same_data_and_rebuilds_what_it_cannot_read(tmp_path, caplog):
@@ -145,7 +89,6 @@ def test_whatever_decides_a_silos_data_changes_its_cache_key(tmp_path):
     assert silo_cache_key(config(tmp_path, seed=1), NODE) != key
     assert silo_cache_key(cfg, {**NODE, "partition-id": 2}) != key
     assert silo_cache_key(config(tmp_path, lr=0.5), NODE) == key  # training settings do not
-    assert silo_cache_key(cfg, {**NODE, IDLE_KEY: 300.0}) == key  # nor a node's warm worker
     data = tmp_path / "data.npz"
     data.write_bytes(b"x")
     before = silo_cache_key(config(tmp_path, dataset=str(data)), NODE)

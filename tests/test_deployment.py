@@ -42,23 +42,13 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
-def warm_worker_pids(run_dir: Path, nodes: int) -> list[list[int]]:
-    """Per SuperNode, the warm workers its ClientApps said they started (they log where their
-    SuperExec does: beside the SuperNode's log, or in it when the SuperNode started it)."""
-    logs = [run_dir / f"superexec-{i}.log" for i in range(nodes)]
-    logs = [log if log.exists() else run_dir / f"supernode-{i}.log" for i, log in enumerate(logs)]
-    return [
-        [int(pid) for pid in re.findall(r"started a warm worker \(pid (\d+)\)", log.read_text())]
-        for log in logs
-    ]
+def app_code_folders(log: Path) -> list[str]:
+    """Where the ClientApps that logged to `log` ran the app's code from, one per message."""
+    return re.findall(r"\(app code in (\S+)\)", log.read_text())
 
 
 # insecure: the launcher's defaults (each SuperNode polls every 0.2 s, its ClientApps are forks
-# of fgl_client.superexec and hand their messages to the node's warm worker); TLS: Flower's own
-# SuperNode and SuperExec, and each message in a fresh ClientApp process, as Flower runs it
-PLAIN_FLOWER = ["--warm-worker", "0", "--node-poll", "3", "--flower-superexec"]
-
-
+# of fgl_accel.superexec); TLS: Flower's own SuperNode and SuperExec, as Flower ships them
 @pytest.mark.parametrize("tls", [False, True], ids=["insecure-ours", "tls-and-auth-plain-flower"])
 def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
     # the quickstart's FGL run with a smaller synthesis: this tests the deployment, not fgl-mini
@@ -70,27 +60,19 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
         f'output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
     )
     args = ["--supernodes", "3", "--quiet", "--run-config", overrides]
-    proc = launch([*args, "--tls", *PLAIN_FLOWER] if tls else args, cwd=tmp_path, timeout=900)
+    proc = launch([*args, "--tls", "--stock-flower"] if tls else args, cwd=tmp_path, timeout=900)
     run_dir = tmp_path / "deployed"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "finished:completed" in proc.stdout
     assert_nothing_left(run_dir)
-    workers = warm_worker_pids(run_dir, 3)
-    if tls:
-        assert workers == [[], [], []]
-    else:  # one worker per node served its embed, train and evaluate messages, and is gone
-        assert [len(pids) for pids in workers] == [1, 1, 1]
-        pids = [pid for node in workers for pid in node]
-        wait_for(lambda: not any(is_running(pid) for pid in pids), 30, "the workers to exit")
 
     launched = json.loads((run_dir / "launch.json").read_text())
     assert launched["run"]["status"] == "finished:completed"
     link_args = launched["superlink"]["args"]
     node_args = [n["args"] for n in launched["supernodes"]]
     assert "--simulation" not in link_args
-    warm = "" if tls else " worker-idle-seconds=300.0"
     assert [n["node-config"] for n in launched["supernodes"]] == [
-        f"partition-id={i} num-partitions=3{warm}" for i in range(3)
+        f"partition-id={i} num-partitions=3" for i in range(3)
     ]
     if tls:
         assert "--insecure" not in link_args and "--enable-supernode-auth" in link_args
@@ -99,17 +81,21 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
             assert "--root-certificates" in args and "--auth-supernode-private-key" in args
         for node in launched["supernodes"]:
             assert Path(node["command"][0]).name == "flower-supernode" and "superexec" not in node
+            # Flower's SuperExec: each message a new flwr-clientapp running the run's FAB
+            folders = app_code_folders(Path(node["log"]))
+            assert len(folders) >= 4 and all("/apps/" in f for f in folders), folders
     else:
         assert "--insecure" in link_args and all("--insecure" in a for a in node_args)
         for node in launched["supernodes"]:
-            assert node["command"][-4:] == ["-m", "fgl_client.supernode", "--poll", "0.2"]
+            assert node["command"][-4:] == ["-m", "fgl_accel.supernode", "--poll", "0.2"]
             assert node["args"][-3:-1] == ["--isolation", "process"]
-            superexec = Path(node["superexec"]["log"]).read_text()
-            assert "is a fork of a process with Flower loaded" in superexec
-            assert "Traceback" not in superexec
-            # a fork runs the app from the run's FAB, as flwr-clientapp does, not this checkout
-            (app,) = re.findall(r"started a warm worker \(pid \d+\).* \(app in (.+)\)", superexec)
-            assert "fgl-flwr-home-" in app and "/apps/" in app, app
+            log = Path(node["superexec"]["log"])
+            assert "is a fork of a process with Flower and PyTorch loaded" in log.read_text()
+            assert "Traceback" not in log.read_text()
+            # each fork runs the app from the run's FAB, as flwr-clientapp does, not this checkout
+            folders = app_code_folders(log)
+            assert len(folders) >= 4, folders  # embed, and train and evaluate twice
+            assert all("fgl-flwr-home-" in f and "/apps/" in f for f in folders), folders
 
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["embedding"]["nodes-accepted"]) == 3 and not results["embedding"]["rejected"]
@@ -269,13 +255,19 @@ def test_supernodes_on_one_machine_split_its_cores_unless_told(monkeypatch):
 @pytest.mark.parametrize(
     ("flags", "error"),
     [
-        (["--warm-worker", "-1"], "--warm-worker takes seconds >= 0"),
-        (["--node-poll", "0"], "argument --node-poll: 0 s: give seconds in (0, 3]"),
+        (
+            ["--supernodes", "2", "--node-poll", "0"],
+            "argument --node-poll: 0 s: give seconds in (0, 3]",
+        ),
+        (
+            ["--simulation", "2", "--stock-flower"],
+            "--stock-flower and --flower-superexec apply to SuperNodes, not to --simulation",
+        ),
     ],
-    ids=["warm-worker", "node-poll"],
+    ids=["node-poll", "stock-flower-simulated"],
 )
 def test_a_bad_node_setting_is_refused_before_anything_starts(flags, error, tmp_path):
-    proc = launch(["--supernodes", "2", *flags], cwd=tmp_path, timeout=60)
+    proc = launch(flags, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and error in proc.stderr
     assert not list(tmp_path.iterdir())  # no run folder, nothing started
 

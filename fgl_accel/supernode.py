@@ -6,18 +6,22 @@ and sleeps, so each round waits for the last node's wake-up: 1.5 s on average, u
 most of a short round (the quickstart's take about 0.4 s of work). This entry point runs Flower's
 own `flower-supernode` (same flags, same code) with every sleep of its pull/push loop capped at
 `--poll` seconds. With a handful of silos the SuperLink serves a few more requests a second; with
-thousands of nodes, keep Flower's 3 s (`--poll 3`).
+thousands of nodes, keep Flower's 3 s. On another Flower release than the one this was written
+for, it runs `flower-supernode` unchanged (one warning line says so).
 
-    python -P -m fgl_client.supernode --poll 0.2 --superlink 127.0.0.1:9092 --insecure ...
+    python -P -m fgl_accel.supernode --poll 0.2 --superlink 127.0.0.1:9092 --insecure ...
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 from typing import Any
+
+from fgl_accel import patch_applies
 
 POLL_SECONDS = 0.2  # the launcher's default; Flower's own SuperNode waits 3 s
 FLOWER_POLL_SECONDS = 3.0
@@ -42,7 +46,7 @@ def cap_supernode_sleeps(cap: float) -> None:
     if getattr(loop, "time", None) is not time and not isinstance(loop.time, CappedSleep):
         raise RuntimeError(
             "flwr.supernode.start_client_internal no longer sleeps through `time`; "
-            "this Flower version is not the one fgl_client.supernode was written for"
+            "this Flower version is not the one fgl_accel.supernode was written for"
         )
     loop.time = CappedSleep(cap)
 
@@ -57,7 +61,7 @@ def poll_seconds(text: str) -> float:
 def argument_parser() -> argparse.ArgumentParser:
     """`--poll`; `parse_known_args` leaves flower-supernode's flags."""
     parser = argparse.ArgumentParser(
-        prog="python -m fgl_client.supernode",
+        prog="python -m fgl_accel.supernode",
         description=__doc__.split("\n\n")[0],
         epilog="Every other flag is flower-supernode's.",
     )
@@ -66,8 +70,10 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, flower_args = argument_parser().parse_known_args(argv)
-    cap_supernode_sleeps(args.poll)
+    if patch_applies("fgl_accel.supernode", "flower-supernode (a 3 s wait when idle)"):
+        cap_supernode_sleeps(args.poll)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]
