@@ -49,26 +49,32 @@ class InProcessGrid(Grid):
     def __init__(self, contexts: dict[int, Context], on_reply: Reply = lambda reply: reply):
         self.contexts = contexts
         self.on_reply = on_reply
+        self._replies: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Run each message's ClientApp now; its reply waits to be pulled."""
+        from fgl_client.app import app as client_app
+
+        ids = []
+        for message in messages:  # as Flower's grids do when they push a message
+            message.metadata.__dict__["_message_id"] = message_id = str(uuid.uuid4())
+            # each silo gets its own copy, as a transport would deliver it: a ServerApp may send
+            # one RecordDict to many nodes, and a ClientApp (or a mod) may change what it got
+            context = self.contexts[message.metadata.dst_node_id]
+            self._replies[message_id] = self.on_reply(client_app(copy.deepcopy(message), context))
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        from fgl_client.app import app as client_app
-
-        messages = list(messages)
-        for message in messages:  # as Flower's grids do when they push a message
-            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        # each silo gets its own copy, as a transport would deliver it: a ServerApp may send
-        # one RecordDict to many nodes, and a ClientApp (or a mod) may change what it received
-        return [
-            self.on_reply(
-                client_app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
-            )
-            for message in messages
-        ]
+        return self.pull_messages(self.push_messages(messages))
 
     # What a runtime-backed Grid also offers; the ServerApp here uses none of it.
     def set_run(self, run_id: int) -> None:
@@ -80,12 +86,6 @@ class InProcessGrid(Grid):
 
     def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
         raise NotImplementedError("build a Message directly")
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("use send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("use send_and_receive")
 
 
 @contextlib.contextmanager

@@ -432,6 +432,23 @@ def array_bytes(content: RecordDict) -> int:
     return sum(_array_bytes(record) for record in content.array_records.values())
 
 
+def _value_bytes(value: object) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value.encode() if isinstance(value, str) else value)
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 1 if isinstance(value, bool) else 8  # Flower's numbers travel as 64-bit values
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The bytes of a message's content without framing: its arrays' data, and its metrics' and
+    configs' keys and values (a number as 8 bytes). Protobuf's framing adds well under 0.1 % for
+    a model or an embedding payload."""
+    records = [*content.metric_records.values(), *content.config_records.values()]
+    pairs = sum(len(k.encode()) + _value_bytes(v) for r in records for k, v in r.items())
+    return array_bytes(content) + pairs
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

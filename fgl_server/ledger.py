@@ -17,27 +17,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from flwr.app import Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import recorddict_to_proto
+from flwr.app import Error, Message
 from flwr.serverapp import Grid
-from flwr.superlink.grid import HttpGrid
 
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
-from fgl_core.payload import (
-    SILO_RECORD,
-    array_bytes,
-)  # SILO_RECORD: where a silo describes its data
+from fgl_core.payload import SILO_RECORD, content_bytes  # SILO_RECORD: a silo's data described
 
-
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's records: raw array data plus the serialized metrics and configs.
-
-    Array records are counted by their data alone (protobuf framing adds well under 0.1%),
-    which avoids serializing a whole model just to measure it.
-    """
-    rest = RecordDict({**content.metric_records, **content.config_records})
-    return array_bytes(content) + recorddict_to_proto(rest).ByteSize()
+REJECTED = 0  # the error code of a reply the server refuses (Flower's "unknown" error)
 
 
 @dataclass
@@ -60,13 +46,14 @@ POLL_SECONDS = (0.05, 0.2)  # first and longest wait between two pulls for repli
 
 
 def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """Flower's `send_and_receive`, pulling replies after 50 ms, then backing off to 0.2 s.
+    """Flower's `send_and_receive` on the grid's public push and pull, pulling replies after
+    50 ms, then backing off to 0.2 s.
 
-    Flower 1.41's deployed grid (`HttpGrid`) sleeps 3 s between two pulls, so every exchange of
-    a deployed run waited up to 3 s after its last reply had arrived (the simulation's grid
-    sleeps 0.1 s). A reply that comes while the server waits is now seen within the wait,
-    which grows from 50 ms to 0.2 s while none comes (a pull is one local request: the ServerApp
-    runs beside its SuperLink).
+    Flower 1.41's deployed grid sleeps 3 s between two pulls, so every exchange of a deployed
+    run waited up to 3 s after its last reply had arrived (the simulation's grid sleeps 0.1 s).
+    A reply that comes while the server waits is now seen within the wait, which grows from
+    50 ms to 0.2 s while none comes (a pull is one local request: the ServerApp runs beside its
+    SuperLink).
     """
     pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -132,14 +119,11 @@ class RecordingGrid(Grid):
                     self.current_round,
                     msg.metadata.message_type,
                     msg.metadata.dst_node_id,
-                    payload_bytes(msg.content),
+                    content_bytes(msg.content),
                 )
             )
         self.exchanges.extend(entries)
-        if isinstance(self._grid, HttpGrid):  # deployed: pull sooner than Flower's 3 s
-            replies = send_and_poll(self._grid, messages, timeout)
-        else:
-            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_poll(self._grid, messages, timeout)
         # a node may get several messages (a payload's chunks): each reply answers one message
         pending = {m.metadata.message_id: (m, e) for m, e in zip(messages, entries, strict=True)}
         checked = []
@@ -149,7 +133,7 @@ class RecordingGrid(Grid):
                 checked.append(reply)
                 continue
             if not reply.has_error():
-                entry.bytes_received = payload_bytes(reply.content)
+                entry.bytes_received = content_bytes(reply.content)
             reply = self._check_class_list(entry.node_id, reply, sent)
             checked.append(reply)
             if reply.has_error():
@@ -179,7 +163,7 @@ class RecordingGrid(Grid):
             return reply
         reason = f"rejected by the server: node {node}: {problem}"
         log.warning("%s", reason)
-        return Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=sent)
+        return Message(Error(code=REJECTED, reason=reason), reply_to=sent)
 
     # --- summaries for results.json ---
     def to_json(self) -> dict:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
 
 from fgl_core.payload import CHUNK_MESSAGE_TYPE, EMBED_MESSAGE_TYPE, ChunkRequest, array_bytes
 from strategies.nodes import replying_node, sent_ids, wait_for_nodes

@@ -5,8 +5,8 @@ from __future__ import annotations
 from logging import INFO
 
 from flwr.app import Message
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fgl_core.polling import poll_until
 

@@ -1,10 +1,12 @@
 """The label histograms' sum by Flower's SecAgg+ workflow: the server sees no silo's own.
 
-Flower's `SecAggPlusWorkflow` is written for the legacy strategy API: it asks a legacy
-`Strategy` which nodes to sample (`configure_fit`) and hands it the unmasked aggregate
-(`aggregate_fit`). `secure_histogram_sum` gives it the smallest such strategy over the nodes
-it names and a `LegacyContext`, then runs the workflow's four stages on the grid it is given;
-the silos answer through `fgl_client.secure_histogram`. Nothing of the protocol is ours.
+Flower's `SecAggPlusWorkflow` is written for the legacy strategy API: it runs as the fit step of
+Flower's `DefaultWorkflow`, asks a legacy `Strategy` which nodes to sample (`configure_fit`) and
+hands it the unmasked aggregate (`aggregate_fit`). `secure_histogram_sum` gives it the smallest
+such strategy over the nodes it names and a `LegacyContext` for one round, then runs the
+workflow on the grid it is given; the silos answer through `fgl_client.secure_histogram`.
+Nothing of the protocol is ours (its log lines "[INIT]", "[ROUND 1]" and "[SUMMARY]" are the
+secure sum's, not a training round's).
 
 The workflow computes a weighted mean; every silo weighs 1 and the quantizer maps integers to
 exact steps (clip 2^20, 2^22 levels, modulus 2^32), so the mean times the number of silos that
@@ -15,16 +17,14 @@ keys is unmasked by the others' shares (at least `threshold` of them must stay).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.common import FitIns, parameters_to_ndarrays
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
+from flwr.app import Context, RecordDict
+from flwr.common import FitIns, log, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.strategy import Strategy
-from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fgl_core.payload import SECURE_HISTOGRAM_MAX_COUNT
@@ -45,13 +45,13 @@ class SecureSum:
 class _SumOfNodes(Strategy):
     """The legacy strategy the workflow needs: sample the given nodes, keep the aggregate."""
 
-    def __init__(self, grid: Grid, nodes: list[int], result: SecureSum):
-        self.grid, self.nodes, self.result = grid, nodes, result
+    def __init__(self, nodes: list[int], result: SecureSum):
+        self.nodes, self.result = nodes, result
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
         ins = FitIns(parameters, {})  # the silo's mod knows what to send
-        # the workflow reads only each proxy's node id
-        return [(GridClientProxy(node, self.grid, run_id=0), ins) for node in self.nodes]
+        connected = client_manager.all()  # the workflow's proxies, by str(node id)
+        return [(connected[str(n)], ins) for n in self.nodes if str(n) in connected]
 
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         (mean,) = parameters_to_ndarrays(results[0][1].parameters)
@@ -61,9 +61,10 @@ class _SumOfNodes(Strategy):
         self.result.failures = len(failures)
         return None, {}
 
-    # the rest of the legacy interface: the workflow never calls it
     def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]
-        return None
+        return ndarrays_to_parameters([])  # none: no silo is asked for a model
+
+    # the rest of the legacy interface: one round with nothing to evaluate
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
         return []
@@ -87,18 +88,13 @@ def secure_histogram_sum(
     if len(nodes) < 2:
         raise RuntimeError(f"a secure sum needs at least 2 silos; {len(nodes)} sent payloads")
     result = SecureSum()
-    state = RecordDict(
-        {
-            MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: 0}),
-            MAIN_PARAMS_RECORD: ArrayRecord(),
-        }
-    )
     context = LegacyContext(
-        Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
-        strategy=_SumOfNodes(grid, nodes, result),
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=1),
+        strategy=_SumOfNodes(nodes, result),
         client_manager=SimpleClientManager(),
     )
-    workflow = SecAggPlusWorkflow(
+    secagg = SecAggPlusWorkflow(
         num_shares=1.0,  # every silo shares its keys with all others
         reconstruction_threshold=0.5,
         max_weight=1.0,
@@ -107,7 +103,8 @@ def secure_histogram_sum(
         modulus_range=MODULUS_RANGE,
         timeout=timeout,
     )
-    workflow(grid, context)
+    log(INFO, "secure histograms: one round of Flower's SecAgg+ workflow over %d silos", len(nodes))
+    DefaultWorkflow(fit_workflow=secagg)(grid, context)
     if result.histogram is None:
         raise RuntimeError(
             f"SecAgg+ over nodes {nodes} halted before the sum was unmasked (too few silos "

@@ -28,18 +28,23 @@ class GridWithALostNode(InProcessGrid):
         super().__init__(dict.fromkeys(nodes))
         self.silos = silos or {}
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = message_id = str(uuid4())
             if msg.metadata.dst_node_id == GONE:
-                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node"))
+                reply = create_message_error_unavailable_res_message(msg.metadata, "node")
             else:
                 content = RecordDict({"metrics": MetricRecord({"num-examples": 5})})
                 if msg.metadata.dst_node_id in self.silos:
                     content[SILO_RECORD] = self.silos[msg.metadata.dst_node_id]
-                replies.append(Message(content, reply_to=msg))
-        return replies[::-1]  # replies come back in any order
+                reply = Message(content, reply_to=msg)
+            self._replies[message_id] = reply
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return super().pull_messages(list(message_ids)[::-1])  # replies come in any order
 
 
 def test_a_node_unavailable_reply_is_charged_to_the_node_that_went_away(task_identity):
