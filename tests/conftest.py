@@ -25,6 +25,12 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the Docker images run last (their order otherwise kept): .ci/run builds
+    the images beside the suite, and the first such test waits for that build."""
+    items.sort(key=lambda item: item.get_closest_marker("images") is not None)
+
+
 @pytest.fixture(scope="session")
 def blood_npz() -> Path:
     return shared_dataset("bloodmnist_28.npz")

@@ -1,9 +1,11 @@
-"""docker-compose.yml and its TLS variant, checked without a Docker engine.
+"""docker-compose.yml and its TLS variant, checked by parsing (tests/test_compose_up.py runs them).
 
-Every command is parsed by Flower's own argument parsers (the installed version, which the
-images must match), every address must name a service and its port, every mounted certificate
-must be one that deploy/certs.py writes, and the flags must be those the loopback launcher uses
-(tests/test_deployment.py runs the launcher's processes for real).
+Every service runs one of Flower's own programs unchanged: `flower-superlink` and
+`flower-supernode` from Flower's images, `flower-superexec` from the app image (built `FROM
+flwr/superexec`). Every command is parsed by Flower's own argument parsers (the installed version,
+which the images must match), every address must name a service and its port, every mounted
+certificate must be one that deploy/certs.py writes, and the flags must be those the loopback
+launcher gives Flower's processes (tests/test_deployment.py runs those for real).
 """
 
 from __future__ import annotations
@@ -20,19 +22,7 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as sup
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode_parser
 
 from deploy.certs import Certificates
-from deploy.federation import (
-    SUPEREXEC_POLL_ENV,
-    SUPEREXEC_POLL_SECONDS,
-    WARM_WORKER_SECONDS,
-    Topology,
-    node_config_string,
-    superlink_args,
-    supernode_args,
-    supernode_command,
-)
-from fgl_client import app_module
-from fgl_client.superexec import argument_parser as fork_superexec_parser
-from fgl_client.supernode import argument_parser as fast_supernode_parser
+from deploy.federation import Topology, node_config_string, superlink_args, supernode_args
 from tests.conftest import ROOT
 
 SILOS = 3
@@ -80,11 +70,12 @@ def mounts(service: dict) -> dict[str, str]:
 
 
 def assert_app_image(service: dict) -> None:
-    """Built from deploy/Dockerfile on the pinned Flower (its superexec image), its SuperExecs
-    looking for tasks as often as the launcher's."""
+    """Built from deploy/Dockerfile on the pinned Flower (its superexec image), run with that
+    image's own entrypoint, `flower-superexec`."""
     assert service["build"]["dockerfile"] == "deploy/Dockerfile"
     assert service["build"]["args"]["FLWR_VERSION"] == flwr_pin()
-    assert service["environment"][SUPEREXEC_POLL_ENV] == SUPEREXEC_POLL_SECONDS
+    assert (ROOT / service["build"]["args"]["WHEELS"]).is_dir()
+    assert "entrypoint" not in service
 
 
 def check(services: dict, certs: Certificates | None) -> None:
@@ -92,9 +83,12 @@ def check(services: dict, certs: Certificates | None) -> None:
     names = {"superlink", "superexec-serverapp"}
     names |= {f"{kind}-{i}" for kind in ("supernode", "superexec-clientapp") for i in (1, 2, 3)}
     assert set(services) == names
+    for name, service in services.items():  # Flower's programs, as Flower ships them
+        assert "fgl_accel" not in str(service) and "python" not in str(service.get("entrypoint"))
+        assert service["restart"] == "on-failure", name
 
     link = services["superlink"]
-    assert link["image"] == f"flwr/superlink:{version}"
+    assert link["image"] == f"flwr/superlink:{version}" and "entrypoint" not in link
     link_args = parse(superlink_parser(), link["command"])
     port = link_args.port
     assert link_args.isolation == "process" and link_args.host == "0.0.0.0"
@@ -104,22 +98,17 @@ def check(services: dict, certs: Certificates | None) -> None:
     assert flags(link["command"]) - COMPOSE_ONLY == flags(superlink_args(port, certs))
 
     runtime_of = {"superlink": port}
-    partitions = Topology.partitions(SILOS).with_warm_workers(WARM_WORKER_SECONDS).node_configs
+    partitions = Topology.partitions(SILOS).node_configs
     for i in range(1, SILOS + 1):
         node = services[f"supernode-{i}"]
-        assert_app_image(node)
-        # the launcher's SuperNode program (ours, polling every 0.2 s), then Flower's flags
-        program = supernode_command(Topology().node_poll, python="python")
-        assert [*node["entrypoint"], *node["command"][:2]] == program
-        ours, flower_flags = fast_supernode_parser().parse_known_args(node["command"])
-        assert ours.poll == Topology().node_poll and flower_flags == node["command"][2:]
-        node_args = parse(supernode_parser(), flower_flags)
+        assert node["image"] == f"flwr/supernode:{version}" and "entrypoint" not in node
+        node_args = parse(supernode_parser(), node["command"])
         assert node_args.superlink == f"superlink:{port}"
         assert node_args.isolation == "process" and node_args.host == "0.0.0.0"
         assert node_args.node_config == node_config_string(partitions[i - 1])
         key = certs.node_key(i - 1) if certs else None
         expected = supernode_args(f"superlink:{port}", node_args.port, "", certs, key)
-        assert flags(flower_flags) - COMPOSE_ONLY == flags(expected)
+        assert flags(node["command"]) - COMPOSE_ONLY == flags(expected)
         runtime_of[f"supernode-{i}"] = node_args.port
 
     served = []
@@ -127,13 +116,6 @@ def check(services: dict, certs: Certificates | None) -> None:
         service = services[name]
         assert_app_image(service)
         exec_args = parse(superexec_parser(), service["command"])
-        if name.startswith("superexec-clientapp"):  # our SuperExec, with Flower's flags
-            assert service["entrypoint"] == app_module("fgl_client.superexec", python="python")
-            ours = parse(fork_superexec_parser(), service["command"])
-            fields = ("runtime_api_address", "insecure", "root_certificates")
-            assert [getattr(ours, f) for f in fields] == [getattr(exec_args, f) for f in fields]
-        else:
-            assert "entrypoint" not in service  # the image's: flower-superexec
         host, exec_port = exec_args.runtime_api_address.split(":")
         assert runtime_of[host] == int(exec_port), f"{name} points at {host}:{exec_port}"
         served.append(host)
@@ -173,17 +155,19 @@ def test_dockerfile_builds_on_the_pinned_superexec_and_copies_the_app():
     assert f"ARG FLWR_VERSION={flwr_pin()}" in dockerfile
     assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
     assert re.search(r"ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu\b", dockerfile)
-    copied = {
+    copied = {  # from the build context (not from another stage), flags aside
         source
         for line in dockerfile.splitlines()
-        if line.startswith("COPY ")
+        if line.startswith("COPY ") and "--from=" not in line
         for source in line.split()[1:-1]
+        if not source.startswith("--")
     }
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
         "targets"
     ]["wheel"]["packages"]
     assert set(packages) <= copied and "pyproject.toml" in copied
-    assert all((ROOT / path).exists() for path in copied)
+    assert all((ROOT / path).exists() for path in copied - {"${WHEELS}"})
+    assert "fgl_accel" not in copied  # the image runs Flower's SuperExec as Flower ships it
     assert dockerfile.rstrip().endswith('ENTRYPOINT ["flower-superexec"]')
 
 

@@ -1,0 +1,308 @@
+"""The images the compose files run, built on this machine when they cannot be pulled.
+
+    python -m deploy.images                    # engine, Flower's images, the app image
+    python -m deploy.images wheels DIR         # only collect the app's wheels into DIR
+
+The compose files run Flower's official images (`flwr/superlink`, `flwr/supernode`,
+`flwr/superexec` at the pinned version) and the app image built `FROM flwr/superexec` by
+deploy/Dockerfile. Where Flower's images cannot be pulled (no registry reachable, as here and in
+many hospital networks), stand-ins are built under the same names (deploy/flower.Dockerfile): a
+Debian bookworm root filesystem made by `mmdebstrap` (or `debootstrap`) from Debian's packages,
+with `flwr` at the pinned version in `/python/venv`, the user `app` (UID 49999) and the
+entrypoints of Flower's images, so the compose files stay exactly what a user runs.
+
+The app image is built offline: every wheel it needs is collected on this machine first
+(`pip download`, with this machine's pip configuration: PyTorch is the build a `pip install -e .`
+here gets) into `deploy/wheels/`, and the Dockerfile installs from there with `--no-index`. An image
+whose inputs are unchanged (the files it is built from, and the wheels) is reused, not rebuilt.
+
+On a machine without a Docker engine (root only), `docker.io`, `docker-compose` and `mmdebstrap`
+are installed from Debian's packages and `dockerd` is started, its networks inside 10.78.0.0/16;
+`docker_engine()` stops a daemon it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+(FLOWER_PIN,) = [d for d in PROJECT["dependencies"] if d.startswith("flwr")]
+FLOWER_VERSION = FLOWER_PIN.split("==")[1]
+FLOWER_IMAGES = {
+    role: f"flwr/{role}:{FLOWER_VERSION}" for role in ("superlink", "supernode", "superexec")
+}
+APP_IMAGE = f"fgl-flower-app:{PROJECT['version']}"
+BASE_IMAGE = "fgl-base/debian-python3:bookworm"  # the stand-ins' root filesystem
+APP_WHEELS = ROOT / "deploy" / "wheels"  # inside the app's build context (deploy/Dockerfile)
+# what deploy/Dockerfile copies: a change to any of it makes a new app image
+APP_SOURCES = ["pyproject.toml", "README.md", "deploy/Dockerfile", "fgl_core", "fgl_client",
+               "fgl_server", "strategies"]  # fmt: skip
+DOCKER_NETWORKS = ["--bip", "10.78.0.1/24", "--default-address-pool", "base=10.78.0.0/16,size=24"]
+STATE = Path(tempfile.gettempdir()) / "fgl-images"  # the build lock, dockerd's log
+
+
+class ImageError(RuntimeError):
+    """An image could not be made; the message says what failed and where its log is."""
+
+
+def run(args: list[str], what: str, timeout: float = 3600, **kwargs) -> str:
+    """Run a command; its stdout, or an ImageError naming `what` with the command's last words."""
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ImageError(f"{what}: {err}") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise ImageError(f"{what} failed (exit {proc.returncode}): {tail}")
+    return proc.stdout
+
+
+def say(text: str) -> None:
+    print(f"[images] {text}", flush=True)
+
+
+# --- the engine ---
+def engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    proc = subprocess.run(["docker", "info"], capture_output=True, timeout=60)
+    return proc.returncode == 0
+
+
+def debian_package_installed(package: str) -> bool:
+    return subprocess.run(["dpkg", "-s", package], capture_output=True).returncode == 0
+
+
+def install_debian_packages(packages: list[str]) -> None:
+    """apt-get install, as root; a clear error otherwise."""
+    missing = [p for p in packages if not debian_package_installed(p)]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ImageError(
+            f"this needs the Debian packages {', '.join(missing)}: install them "
+            f"(sudo apt-get install -y {' '.join(missing)}) and run again"
+        )
+    say(f"installing {', '.join(missing)} from Debian's packages")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-q"], "apt-get update", env=env)
+    run(["apt-get", "install", "-y", "-q", *missing], f"apt-get install {missing}", env=env)
+
+
+@contextlib.contextmanager
+def docker_engine() -> Iterator[None]:
+    """A Docker engine that answers: the running one, or one this starts (and stops after)."""
+    if engine_answers():
+        yield
+        return
+    install_debian_packages(["docker.io", "docker-compose"])
+    if engine_answers():  # the package's service started one
+        yield
+        return
+    if os.geteuid() != 0:
+        raise ImageError("no Docker engine answers and only root can start one here")
+    STATE.mkdir(exist_ok=True)
+    log = STATE / "dockerd.log"
+    say(f"starting dockerd (networks in 10.78.0.0/16; log {log})")
+    with log.open("ab") as out:
+        daemon = subprocess.Popen(
+            ["dockerd", *DOCKER_NETWORKS], stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not engine_answers():
+            if daemon.poll() is not None:
+                raise ImageError(f"dockerd exited with code {daemon.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise ImageError(f"dockerd did not answer within 120 s; see {log}")
+            time.sleep(0.5)
+        yield
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        say(f"stopped the dockerd this started (pid {daemon.pid})")
+
+
+def image_label(image: str, label: str) -> str | None:
+    """A label of a local image; None when there is no such image (or label)."""
+    template = f'{{{{index .Config.Labels "{label}"}}}}'
+    proc = subprocess.run(
+        ["docker", "image", "inspect", "--format", template, image], capture_output=True, text=True
+    )
+    value = proc.stdout.strip()
+    return value if proc.returncode == 0 and value not in ("", "<no value>") else None
+
+
+def image_exists(image: str) -> bool:
+    proc = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
+    return proc.returncode == 0
+
+
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    """One build at a time on this machine (a second caller waits, then reuses the images)."""
+    STATE.mkdir(exist_ok=True)
+    with open(STATE / "build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# --- Flower's images, or stand-ins under their names ---
+def ensure_base_image() -> None:
+    if image_exists(BASE_IMAGE):
+        return
+    tool = shutil.which("mmdebstrap") or shutil.which("debootstrap")
+    if tool is None:
+        install_debian_packages(["mmdebstrap"])
+        tool = shutil.which("mmdebstrap")
+    assert tool is not None
+    start = time.monotonic()
+    say(f"building {BASE_IMAGE} with {Path(tool).name} from Debian's packages")
+    include = "--include=python3,python3-venv,ca-certificates"
+    with tempfile.TemporaryDirectory(prefix="fgl-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        if Path(tool).name == "mmdebstrap":
+            tarball = Path(tmp) / "rootfs.tar"
+            run([tool, "--quiet", "--variant=minbase", include, "bookworm", str(tarball)], tool)
+        else:
+            run([tool, "--variant=minbase", include, "bookworm", str(rootfs)], tool)
+            tarball = Path(tmp) / "rootfs.tar"
+            run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], "tar of the root filesystem")
+        run(["docker", "import", str(tarball), BASE_IMAGE], f"docker import {BASE_IMAGE}")
+    say(f"{BASE_IMAGE} built in {time.monotonic() - start:.0f} s")
+
+
+def collect_wheels(folder: Path, requirements: list[str]) -> None:
+    """Every wheel `requirements` need (for this machine's Python and platform) into `folder`;
+    wheels already there are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    say(f"collecting wheels into {folder}")
+    run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+         "--only-binary", ":all:", "--dest", str(folder), *requirements],
+        f"pip download into {folder}",
+    )  # fmt: skip
+
+
+def ensure_flower_images(pull: bool = True) -> str:
+    """Flower's three images at the pinned version: already here, pulled, or built as
+    stand-ins. Says which."""
+    if all(image_exists(image) for image in FLOWER_IMAGES.values()):
+        return "present"
+    if pull:
+        try:
+            for image in FLOWER_IMAGES.values():
+                run(["docker", "pull", "--quiet", image], f"docker pull {image}", timeout=900)
+            return "pulled"
+        except ImageError as err:
+            say(f"Flower's images cannot be pulled ({str(err).splitlines()[-1][:160]}); "
+                "building stand-ins under their names")  # fmt: skip
+    ensure_base_image()
+    wheels = STATE / f"flower-wheels-{FLOWER_VERSION}"
+    collect_wheels(wheels, [f"flwr=={FLOWER_VERSION}"])
+    start = time.monotonic()
+    for role, image in FLOWER_IMAGES.items():
+        run(
+            ["docker", "build", "--quiet", "-f", str(ROOT / "deploy" / "flower.Dockerfile"),
+             "--build-arg", f"BASE={BASE_IMAGE}", "--build-arg", f"FLWR_VERSION={FLOWER_VERSION}",
+             "--target", role, "-t", image, str(wheels)],
+            f"docker build {image}",
+        )  # fmt: skip
+    names = ", ".join(FLOWER_IMAGES.values())
+    say(f"stand-ins for {names} built in {time.monotonic() - start:.0f} s")
+    return "built"
+
+
+# --- the app image ---
+def app_requirements() -> list[str]:
+    """What the app image installs: the project's dependencies but Flower (its base image has
+    it), and the build backend for the offline install. PyTorch comes as this machine's pip
+    resolves it, the same build a `pip install -e .` here gets."""
+    deps = [d for d in PROJECT["dependencies"] if not d.startswith("flwr")]
+    return [*deps, *PYPROJECT["build-system"]["requires"]]
+
+
+def sources_digest(requirements: list[str]) -> str:
+    """What the app image is made of, hashed: the files deploy/Dockerfile copies and what it
+    installs."""
+    digest = hashlib.sha256("\n".join(requirements).encode())
+    for source in APP_SOURCES:
+        path = ROOT / source
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            if "__pycache__" in file.parts:
+                continue
+            digest.update(str(file.relative_to(ROOT)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_app_image(wheels: Path = APP_WHEELS) -> str:
+    """The app image, built offline from `wheels` unless one of the same inputs is here."""
+    requirements = app_requirements()
+    digest = sources_digest(requirements)
+    if image_label(APP_IMAGE, "fgl.sources") == digest:
+        return "present"
+    collect_wheels(wheels, requirements)
+    start = time.monotonic()
+    say(f"building {APP_IMAGE} from deploy/Dockerfile, offline from {wheels}")
+    run(
+        ["docker", "build", "--quiet", "-f", str(ROOT / "deploy" / "Dockerfile"),
+         "--build-arg", f"FLWR_VERSION={FLOWER_VERSION}",
+         "--build-arg", f"WHEELS={wheels.relative_to(ROOT)}",
+         "--label", f"fgl.sources={digest}", "-t", APP_IMAGE, str(ROOT)],
+        f"docker build {APP_IMAGE}",
+    )  # fmt: skip
+    say(f"{APP_IMAGE} built in {time.monotonic() - start:.0f} s")
+    return "built"
+
+
+def ensure_images(pull: bool = True) -> dict[str, str]:
+    """Flower's images and the app image, each present, pulled or built; what happened."""
+    with build_lock():
+        return {"flower": ensure_flower_images(pull), "app": ensure_app_image()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", nargs="?", choices=["build", "wheels"], default="build")
+    parser.add_argument("folder", nargs="?", type=Path, help="wheels: where to collect them")
+    parser.add_argument("--no-pull", action="store_true", help="build stand-ins, never pull")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "wheels":
+            collect_wheels((args.folder or APP_WHEELS).resolve(), app_requirements())
+            return 0
+        with docker_engine():
+            made = ensure_images(pull=not args.no_pull)
+        say(f"Flower's images: {made['flower']}; {APP_IMAGE}: {made['app']}")
+    except ImageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
