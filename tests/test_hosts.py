@@ -1,0 +1,227 @@
+"""A deployment across separate hosts: the README's "Run across machines" commands, verbatim.
+
+Four hosts, each a network namespace with its own address (tests/hosts.py): the server at
+10.77.0.1 runs the README's server blocks (certificates for that address, not `localhost`; the
+SuperLink with TLS, SuperNode authentication and its state in `superlink.db`; the keys
+registered; the FGL run submitted with `flwr run`), and three silos run the README's silo block
+with node-local data. The run adds only test-sized settings to the README's run config. Drills,
+in order, in one run:
+
+1. one silo's link down for 30 s during round 2: the round ends at `round-timeout` without it,
+   and once the link is back the SuperNode reconnects over TLS and trains in a later round;
+2. the SuperLink SIGKILLed in a later round and started again with the same command: what
+   happens to the run is asserted, and the same `flwr run` again resumes it: no image is made
+   twice, the one-shot model is not trained again, and only the rounds left are trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, silo_file
+from tests.hosts import Hosts, host_script, namespaces_work, readme_block, stop_group, wait_for
+
+pytestmark = pytest.mark.slow
+
+SERVER = "10.77.0.1"
+SILOS = 3
+ROUNDS = 6
+LINK_DOWN_SECONDS = 30
+ROUND_TIMEOUT = 20
+# the README's run config, plus what makes it test-sized
+TEST_SIZED = (
+    f"images-per-class=4 steps=2 synthesis-batch-size=32 oneshot-epochs=2 local-epochs=1 "
+    "evaluate-in-train=true "
+    f'num-server-rounds={ROUNDS} round-timeout={ROUND_TIMEOUT}.0 eval-subset=400 run-name="hosts"'
+)
+APP_FILES = ["pyproject.toml", "README.md", "fgl_core", "fgl_client", "fgl_server", "strategies",
+             "deploy"]  # fmt: skip
+
+
+def checkout(folder: Path) -> Path:
+    """A copy of the app as a host holds it, with this environment as its `.venv`."""
+    folder.mkdir(parents=True)
+    for name in APP_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, folder / name)
+    (folder / ".venv").symlink_to(Path(sys.prefix))
+    return folder
+
+
+def host_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTHONPATH"))}
+    home.mkdir(parents=True, exist_ok=True)
+    return {**env, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def results(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def rounds_done(run_dir: Path) -> int:
+    return max((r["round"] for r in results(run_dir).get("rounds", [])), default=-1)
+
+
+def trained(run_dir: Path, node: str) -> list[int]:
+    """The rounds in which `node` answered a train message without an error."""
+    exchanges = results(run_dir).get("traffic", {}).get("exchanges", [])
+    return sorted(
+        e["round"]
+        for e in exchanges
+        if e["message-type"] == "train" and str(e["node-id"]) == node and not e["error"]
+    )
+
+
+def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink_restart(
+    tmp_path, blood_npz, blood_names
+):
+    assert namespaces_work() is None, namespaces_work()
+    server = checkout(tmp_path / "server")
+    (server / "server-test-set.npz").symlink_to(blood_npz)
+    server_env = host_env(server / "flwr-home")
+    silo_dirs = [tmp_path / f"silo-{i}" for i in range(SILOS)]
+    hosts = {"server": 1, **{f"silo{i}": 11 + i for i in range(SILOS)}}
+    with Hosts(hosts) as net:
+
+        def start_superlink():
+            script = host_script(readme_block("server-start"), {"SERVER": SERVER})
+            return net.start("server", script, server / "superlink.log", server, server_env)
+
+        def flwr(*args: str) -> subprocess.CompletedProcess:
+            path = f"{server / '.venv' / 'bin'}{os.pathsep}{server_env['PATH']}"
+            return net.run("server", ["flwr", *args], cwd=server, env={**server_env, "PATH": path},
+                           timeout=120)  # fmt: skip
+
+        def superlink_answers() -> bool:
+            out = flwr("supernode", "ls", "fgl", "--format", "json")
+            return '"success": true' in out.stdout
+
+        def newest_run() -> dict:
+            out = flwr("ls", "fgl", "--format", "json")
+            runs = json.loads(out.stdout).get("runs", []) if out.stdout.strip() else []
+            return max(runs, key=lambda run: run["pending-at"], default={})
+
+        def run_status() -> str:
+            return str(newest_run().get("status", "none"))
+
+        superlink = start_superlink()
+        # the connection, as the README writes it, for this server's address and certificates
+        connection = readme_block("connection").replace("server.example.org", SERVER)
+        connection = connection.replace(
+            "/absolute/path/to/certs/ca.crt", str(server / "certs/ca.crt")
+        )
+        (server / "flwr-home" / "config.toml").write_text(connection)
+        wait_for(superlink_answers, 120, "the SuperLink on the server host")
+        certs = server / "certs"
+        assert SERVER in subprocess.run(
+            ["openssl", "x509", "-in", str(certs / "server.pem"), "-noout", "-ext",
+             "subjectAltName"], capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+
+        # the keys are registered, then the run is submitted; it waits for the silos
+        registered = net.run("server", ["bash", "-c", readme_block("server-register")],
+                             cwd=server, env=server_env, timeout=300)  # fmt: skip
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        run_block = readme_block("server-run").replace(
+            "--stream", f"--run-config '{TEST_SIZED}' --stream"
+        )
+        runner = net.start("server", run_block, server / "flwr-run.log", server, server_env)
+        wait_for(lambda: run_status() != "none", 180, "the run submitted")
+
+        nodes = []
+        for i, folder in enumerate(silo_dirs):
+            folder.mkdir()
+            shutil.copy2(certs / "ca.crt", folder / "ca.crt")
+            shutil.copy2(certs / f"supernode-{i}", folder / f"supernode-{i}")
+            (folder / ".venv").symlink_to(Path(sys.prefix))
+            silo_file(folder / "silo.npz", blood_npz, list(range(8)), 40, blood_names)
+            values = {
+                "SERVER": SERVER,
+                "SILO_KEY": f"supernode-{i}",
+                "SILO_DATA": str(folder / "silo.npz"),
+            }
+            script = host_script(readme_block("silo"), values)
+            env = host_env(folder / "flwr-home")
+            nodes.append(net.start(f"silo{i}", script, folder / "supernode.log", folder, env))
+
+        run_dir = server / "outputs" / "hosts"
+        # drill 1: silo 2's link down for 30 s during round 2
+        wait_for(lambda: rounds_done(run_dir) >= 1, 600, "round 1")
+        net.cut(f"silo{SILOS - 1}")
+        cut_at = time.monotonic()
+        time.sleep(LINK_DOWN_SECONDS)
+        net.mend(f"silo{SILOS - 1}")
+        assert len(results(run_dir)["traffic"]["silos"]) == SILOS
+        wait_for(lambda: rounds_done(run_dir) >= 4, 600, "round 4")
+        after_drill = results(run_dir)
+        failed = after_drill["traffic"]["failed-nodes"]
+        assert len(failed) == 1, failed  # the partitioned silo, and only it
+        ((victim, record),) = failed.items()
+        assert record["rounds"][0] == 2, record
+        ends = {r["round"]: r["end-seconds"] for r in after_drill["rounds"]}
+        assert ends[2] - ends[1] < ROUND_TIMEOUT + 15  # the round did not wait for the silo
+        assert any(r > max(record["rounds"]) for r in trained(run_dir, victim)), (
+            "the partitioned silo never trained again after its link came back"
+        )
+        assert all(proc.poll() is None for proc in nodes)  # no SuperNode gave up
+        print(f"link drill: the silo trained again {time.monotonic() - cut_at:.0f} s after the cut")
+
+        # drill 2: the SuperLink killed in a round after the drill, and started again
+        oneshot = run_dir / "checkpoint-one-shot.pt"
+        trained_at = oneshot.stat().st_mtime_ns
+        shards = sorted((server / ".cache").rglob("shard-*.npz"))
+        made = {p: p.stat().st_mtime_ns for p in shards}
+        os.kill(superlink.pid, signal.SIGKILL)  # not its children: a crash takes the process
+        superlink.wait()
+        killed_in, killed_at = rounds_done(run_dir) + 1, time.monotonic()
+        superlink = start_superlink()
+        wait_for(superlink_answers, 120, "the restarted SuperLink")
+        ended = wait_for(lambda: run_status().startswith("finished:") and run_status(), 300,
+                         "the interrupted run to end")  # fmt: skip
+        details, after = newest_run().get("status-details"), time.monotonic() - killed_at
+        print(f"SuperLink killed in round {killed_in}: the run ended {ended} ({details}) "
+              f"{after:.0f} s later")  # fmt: skip
+        first = results(run_dir)
+        if ended != "finished:completed":  # then the same command again resumes the run
+            stop_group(runner)
+            runner = net.start("server", run_block, server / "flwr-rerun.log", server, server_env)
+            wait_for(lambda: run_status() == "finished:completed", 600, "the resumed run")
+        final = results(run_dir)
+        assert [r["round"] for r in final["rounds"]] == list(range(ROUNDS + 1))
+        last = [e for e in final["traffic"]["exchanges"] if e["round"] == ROUNDS]
+        assert len(last) == SILOS and not any(e["error"] for e in last)  # every silo, at the end
+        assert oneshot.stat().st_mtime_ns == trained_at  # never trained again
+        assert {p: p.stat().st_mtime_ns for p in shards} == made and made  # no image made twice
+        if ended != "finished:completed":
+            assert final["synthesis"]["made"] == 0 and "resumed-at" in final
+            retrained = sorted({e["round"] for e in final["traffic"]["exchanges"]
+                                if e["message-type"] == "train"})  # fmt: skip
+            assert min(retrained) >= rounds_done_before(first)  # only the rounds left
+        for proc in [runner, superlink, *nodes]:
+            stop_group(proc)
+    # nothing of the hosts is left running
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def rounds_done_before(earlier: dict) -> int:
+    return max((r["round"] for r in earlier.get("rounds", [])), default=0) + 1
