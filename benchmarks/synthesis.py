@@ -10,6 +10,12 @@ generates at 512 x 512, in one run and on one pipeline:
    torch.compile of the UNet (its compile time is reported apart);
 4. the fastest setting at 50 steps (the paper's).
 
+`--sprint` (what `benchmarks.gpu_session` runs in a lent GPU's few minutes) measures instead:
+plain diffusers; the engine at the last two batch sizes (32 and 64); then fused QKV with the UNet
+compiled under inductor's convolution flags (`inductor_flags`) at the first of them; SD-Turbo's
+unguided 1 and 4 steps on that compiled graph (an unguided batch of 64 is the UNet's guided batch
+of 32: no second compile); and, if `--deadline-s` leaves time, the compiled UNet at batch 64.
+
 Each row is written to the JSON as soon as it is measured, so a run stopped early keeps its rows.
 With --tiny (CPU, CI) it uses the offline tiny generator instead, to check that it runs. On a CPU
 the rows are plain diffusers, the engine, and the engine with its UNet compiled
@@ -17,6 +23,7 @@ the rows are plain diffusers, the engine, and the engine with its UNet compiled
 
     python -m benchmarks.synthesis                 # -> outputs/benchmarks/synthesis_cuda.json
     python -m benchmarks.synthesis --tiny --steps 2 --batch-sizes 1 2
+    python -m benchmarks.synthesis --sprint --batch-sizes 32 64 --deadline-s 300
 """
 
 from __future__ import annotations
@@ -101,6 +108,65 @@ def engine_rate(engine: SynthesisEngine, batch: int, images: int):
     )
 
 
+def inductor_flags() -> dict:
+    """Inductor settings that diffusers' guide to faster Stable Diffusion inference sets before
+    compiling a UNet: 1x1 convolutions as matrix products, coordinate-descent tuning of the
+    generated kernels, no epilogue fusion. Returns what it set (the JSON records it)."""
+    import torch._inductor.config as inductor
+
+    flags = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
+    for name, value in flags.items():
+        setattr(inductor, name, value)
+    return flags
+
+
+def sprint(
+    engine: SynthesisEngine, row, record: dict, batches: list[int], images: int, args
+) -> None:
+    """The GPU session's synthesis rows (see the module's docstring); `row(setting, batch, warm,
+    rate, steps, guided)` records each. Steps that cannot end before the deadline are skipped
+    and named in the record's "skipped"."""
+    deadline = time.monotonic() + args.deadline_s
+    skipped = record.setdefault("skipped", [])
+
+    def fits(seconds: float, what: str) -> bool:
+        if time.monotonic() + seconds <= deadline:
+            return True
+        skipped.append(what)
+        print(f"skipped (deadline): {what}", flush=True)
+        return False
+
+    for batch in batches:
+        if fits(30, f"engine at batch {batch}"):
+            row("engine, float16", batch, *engine_rate(engine, batch, max(images, batch)))
+    device = engine.device
+    if device.type == "cuda":
+        apply_tuning(engine.pipe, GpuTuning(channels_last=False, fuse_qkv=True))
+    if args.no_compile or not fits(args.compile_s, "compiled UNet"):
+        return
+    record["inductor-flags"] = inductor_flags() if device.type == "cuda" else {}
+    compile_denoiser(engine.pipe)
+    label = "fused QKV, torch.compile(unet), inductor flags"
+    first = batches[0]
+    try:  # warm-up-s holds the compile
+        row(label, first, *engine_rate(engine, first, max(images, first)))
+    except Exception as error:
+        record["compile-error"] = f"{type(error).__name__}: {error}"[:2000]
+        print(record["compile-error"], flush=True)
+        return
+    guided = engine.settings
+    for steps in (1, 4):  # SD-Turbo's sampling on SD 2.1's architecture: unguided
+        engine.settings = guided.model_copy(update={"steps": steps, "guidance": 0.0})
+        turbo = 2 * first  # the UNet's batch of the guided rows
+        if fits(20, f"SD-Turbo {steps} step(s)"):
+            rate = engine_rate(engine, turbo, max(2 * images, turbo))
+            row(f"SD-Turbo shape, unguided, {label}", turbo, *rate, n_steps=steps, guided=False)
+    engine.settings = guided
+    if len(batches) > 1 and fits(args.compile_s, f"compiled UNet at batch {batches[-1]}"):
+        torch._dynamo.reset()  # a fresh graph for the new shape, not a dynamic-shape one
+        row(label, batches[-1], *engine_rate(engine, batches[-1], max(images, batches[-1])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +176,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48, help="images timed per row")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--sprint", action="store_true", help="the GPU session's rows only")
+    parser.add_argument("--deadline-s", type=float, default=600, help="--sprint: time to fit")
+    parser.add_argument(
+        "--compile-s", type=float, default=150, help="--sprint: time one compile may take"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     steps, final_steps = args.steps[0], args.steps[-1]
@@ -139,16 +210,25 @@ def main() -> None:
         "rows": [],
     }
 
-    def row(setting: str, batch: int, warm: float, rate: float, n_steps: int = steps) -> float:
+    def row(
+        setting: str,
+        batch: int,
+        warm: float,
+        rate: float,
+        n_steps: int = steps,
+        guided: bool = True,
+    ) -> float:
         entry = {
             "setting": setting,
             "steps": n_steps,
+            "guided": guided,
             "batch-size": batch,
             "images-per-second": round(rate, 3),
             "warm-up-s": round(warm, 1),
         }
         if not args.tiny:
-            tflop = n_steps * SD21_UNET_GUIDED_STEP_TFLOP + SD21_VAE_DECODE_TFLOP
+            step = SD21_UNET_GUIDED_STEP_TFLOP / (1 if guided else 2)  # one UNet pass, not two
+            tflop = n_steps * step + SD21_VAE_DECODE_TFLOP
             entry["achieved-tflops"] = round(rate * tflop, 1)
             entry["fraction-of-peak"] = round(rate * tflop / peak, 3) if peak else None
         if device.type == "cuda":
@@ -163,6 +243,9 @@ def main() -> None:
     row("plain diffusers", 1, warm, rate)
 
     engine = SynthesisEngine(pipe, settings, device, tuning=None)
+    if args.sprint:
+        sprint(engine, row, record, args.batch_sizes[-2:], args.images, args)
+        return
     label = f"engine, {str(engine.dtype).removeprefix('torch.')}"
     for batch in args.batch_sizes:
         images = max(args.images // 6, batch) if batch == 1 else max(args.images, batch)

@@ -5,8 +5,10 @@ The project's loop (`fgl_core.training.train_model`) keeps the uint8 images on t
 augments whole batches there (reflect-pad random crop). The reference is the usual recipe: a
 `Dataset` of uint8 tensors with torchvision's per-sample `RandomCrop(padding_mode="reflect")`
 and normalization, batched by a `DataLoader` (0 and 2 worker processes). On CUDA both use bf16
-autocast and channels-last. Each runs `--epochs` epochs of the small CNN (or `--model`) on
-bloodmnist's 28 px training split; images/s are compared side by side.
+autocast and channels-last; the reference with 2 workers runs once more in plain float32 and
+NCHW (`dataloader-2-workers-fp32`), so the two levers' gain is measured. Each runs `--epochs`
+epochs of the small CNN (or `--model`) on bloodmnist's 28 px training split; images/s are
+compared side by side.
 
     python -m benchmarks.train_throughput [--model cnn] [--epochs 2]
     # -> outputs/benchmarks/train_throughput.json
@@ -38,8 +40,12 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def dataloader_loop(model, images, labels, settings, device, workers: int) -> float:  # type: ignore[no-untyped-def]
-    """The plain recipe; returns images/s."""
+def dataloader_loop(
+    model, images, labels, settings, device, workers: int, mixed: bool = True
+) -> float:  # type: ignore[no-untyped-def]
+    """The plain recipe; returns images/s. `mixed`: bf16 autocast and channels-last on CUDA (as
+    the project's loop), else float32 NCHW."""
+    fast = mixed and device.type == "cuda"
     from torchvision.transforms import v2
 
     size = images.shape[-1]
@@ -59,7 +65,7 @@ def dataloader_loop(model, images, labels, settings, device, workers: int) -> fl
         persistent_workers=False,
     )
     model.to(device).train()
-    if device.type == "cuda":
+    if fast:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -73,9 +79,9 @@ def dataloader_loop(model, images, labels, settings, device, workers: int) -> fl
             if len(y) < 2:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if fast:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
                 loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -111,6 +117,9 @@ def main() -> None:
         rates[f"dataloader-{workers}-workers"] = dataloader_loop(
             fresh(), images, labels, settings, device, workers
         )
+    rates["dataloader-2-workers-fp32"] = dataloader_loop(
+        fresh(), images, labels, settings, device, 2, mixed=False
+    )
     fastest_reference = max(v for k, v in rates.items() if k.startswith("dataloader"))
     record = {
         "model": args.model,
@@ -120,6 +129,9 @@ def main() -> None:
         "batch-size": settings.batch_size,
         "images-per-second": {k: round(v, 1) for k, v in rates.items()},
         "project-over-fastest-dataloader": round(rates["project-loop"] / fastest_reference, 2),
+        "bf16-channels-last-over-fp32": round(
+            rates["dataloader-2-workers"] / rates["dataloader-2-workers-fp32"], 2
+        ),
     }
     write("train_throughput", record)
 

@@ -63,32 +63,65 @@ def test_peak_memory_sums_a_process_and_its_descendants():
 # spent finding that a benchmark no longer starts. The CUDA-only lines still run only there.
 
 
-def test_train_throughput_benchmark_compares_the_loop_with_dataloaders(tmp_path):
-    args = ["--epochs", "1", "--train-subset", "400", "--device", "cpu"]
-    record = run_benchmark("train_throughput", args, tmp_path)
-    rates = record["images-per-second"]
-    assert set(rates) == {"project-loop", "dataloader-0-workers", "dataloader-2-workers"}
-    assert all(rate > 0 for rate in rates.values()) and record["images"] == 400
-    assert record["project-over-fastest-dataloader"] > 0
+def run_session(args: list[str], out: Path, timeout: float = 600) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_session", "--out", str(out), *args],
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "gpu_session.json").read_text())
 
 
-def test_captioning_benchmark_runs_the_tiny_and_the_blip_base_sized_captioner(tmp_path):
-    record = run_benchmark("captioning", ["--images", "2", "--base-size"], tmp_path)
+def test_gpu_session_runs_every_part_at_its_smallest_and_keeps_their_json(tmp_path):
+    summary = run_session(["--smoke", "--device", "cpu"], tmp_path)
+    assert list(summary["parts"]) == ["sd21", "resnet-cells", "train-throughput", "captioning"]
+    assert all(part["status"] == "done" for part in summary["parts"].values()), summary
+    log = (tmp_path / "gpu_session.log").read_text()
+    assert "== all parts done" in log and "benchmarks.resnet_gpu" in log
+
+    def record(name: str) -> dict:
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    rows = record("synthesis_tiny")["rows"]
+    settings = [(r["setting"].split(",")[0], r["batch-size"], r["steps"]) for r in rows]
+    assert settings == [("plain diffusers", 1, 2), ("engine", 2, 2), ("engine", 4, 2)]
+    assert all(r["images-per-second"] > 0 for r in rows)
+
+    throughput = record("train_throughput")
+    rates = throughput["images-per-second"]
+    references = {f"dataloader-{w}-workers" for w in (0, 2)} | {"dataloader-2-workers-fp32"}
+    assert set(rates) == {"project-loop"} | references
+    assert all(rate > 0 for rate in rates.values()) and throughput["images"] == 400
+    assert throughput["project-over-fastest-dataloader"] > 0
+    assert throughput["bf16-channels-last-over-fp32"] > 0
+
+    captions = record("captioning_cpu")
     for name in ("offline-tiny", "blip-base-sized"):
-        assert record[name]["images"] == 2 and record[name]["failed"] == 0, name
-        assert record[name]["images-per-second"] > 0
-    assert record["blip-base-sized"]["parameters"] > 100 * record["offline-tiny"]["parameters"]
+        assert captions[name]["images"] == 2 and captions[name]["failed"] == 0, name
+        assert captions[name]["images-per-second"] > 0
+    assert captions["blip-base-sized"]["parameters"] > 100 * captions["offline-tiny"]["parameters"]
 
-
-def test_resnet_table_benchmark_writes_a_cell_beside_the_papers_figure(tmp_path):
-    args = ["--model", "cnn", "--silos", "2", "--rounds", "1", "--local-epochs", "1"]
-    args += ["--cells", "alpha-0.5", "--train-subset", "400"]
-    record = run_benchmark("resnet_gpu", args, tmp_path)
-    (name,) = record["cells"]
-    cell = record["cells"][name]
+    (name,) = record("resnet_gpu")["cells"]
+    cell = record("resnet_gpu")["cells"][name]
     assert name == "alpha-0.5" and cell["paper"] == 83.14 and cell["seconds"] > 0
     assert 0 <= cell["final-test-accuracy"] <= 100
     assert 0 <= cell["test-accuracy-at-best-val"] <= 100
+
+
+def test_gpu_session_skips_what_its_budget_cannot_hold_and_says_so(tmp_path):
+    args = ["--budget-s", "90", "--device", "cpu", "--parts", "sd21", "resnet-cells"]
+    summary = run_session(args, tmp_path, timeout=60)
+    # 90 s less the ResNet cells' least (100 s) leaves sd21 less than its own 150 s; the cells'
+    # own 90 s are under their 100: neither starts
+    assert summary["parts"] == {
+        "sd21": {"status": "skipped", "left-s": 90.0},
+        "resnet-cells": {"status": "skipped", "left-s": 90.0},
+    }
+    log = (tmp_path / "gpu_session.log").read_text()
+    assert "== sd21: skipped" in log and "== not done: sd21, resnet-cells" in log
 
 
 def test_synthesis_workers_benchmark_makes_the_same_images_three_ways(tmp_path):
