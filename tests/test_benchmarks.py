@@ -87,7 +87,7 @@ def test_gpu_session_runs_every_part_at_its_smallest_and_keeps_their_json(tmp_pa
 
     rows = record("synthesis_tiny")["rows"]
     settings = [(r["setting"].split(",")[0], r["batch-size"], r["steps"]) for r in rows]
-    assert settings == [("plain diffusers", 1, 2), ("engine", 2, 2), ("engine", 4, 2)]
+    assert settings == [("plain diffusers", 1, 2), ("engine", 2, 2)]
     assert all(r["images-per-second"] > 0 for r in rows)
 
     throughput = record("train_throughput")
