@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from flwr.app import Context, Message, RecordDict
 from flwr.common.config import parse_config_args
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fgl_core.config import RunConfig
@@ -76,13 +77,13 @@ class InProcessGrid(Grid):
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
-    # What a runtime-backed Grid also offers; the ServerApp here uses none of it.
+    # What a runtime-backed Grid also offers; of it the ServerApp uses only the run's id.
     def set_run(self, run_id: int) -> None:
         pass
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("an in-process federation has no Run record")
+    def run(self) -> Run:  # the run id is all that is read (Flower's legacy workflows)
+        return Run.create_empty(1)
 
     def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
         raise NotImplementedError("build a Message directly")

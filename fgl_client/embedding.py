@@ -202,6 +202,7 @@ def build_payload(
         ),
         captions_failed=prompts.captions_failed,
         class_name_digests=tuple(name_digests(silo.class_names)),
+        num_train=len(silo.train),
     )
 
 

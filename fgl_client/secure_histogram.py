@@ -24,9 +24,7 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 
 from fgl_core.config import RunConfig
-from fgl_core.payload import SECURE_HISTOGRAM_MAX_COUNT
-
-SECAGG_RECORD = "secaggplus_configs"  # the config record each stage of Flower's SecAgg+ sends
+from fgl_core.payload import SECAGG_RECORD, SECURE_HISTOGRAM_MAX_COUNT
 
 
 def secure_histogram_mod(

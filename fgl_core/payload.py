@@ -62,6 +62,7 @@ CHUNK_MESSAGE_TYPE = "query.embed_chunk"  # the rest of a payload larger than on
 # with secure-histograms, a silo's label histogram reaches the server only inside a SecAgg+ sum
 # (fgl_client.secure_histogram, strategies.secure_histogram), each count at most this
 SECURE_HISTOGRAM_MAX_COUNT = 2**20
+SECAGG_RECORD = "secaggplus_configs"  # the config record each stage of Flower's SecAgg+ sends
 PROBE_PROMPT = "a photo of a cat"  # public and fixed: both sides encode it for the encoder check
 REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
     "embed-request",
@@ -69,7 +70,32 @@ REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
     "summary",
     "silo",
 )
+REJECTED = 0  # the error code of a reply the server refuses (Flower's "unknown" error)
 CHUNK_RECORD, CHUNK_REQUEST_RECORD = "chunk", "chunk-request"
+# What each reply of the protocol may hold: its records by name and, in its metric and silo
+# records, the keys. The server drops everything else from a reply before it records or uses it
+# (fgl_server.ledger), so bytes a silo adds beside its payload reach neither results nor plan.
+REPLY_RECORDS = {
+    EMBED_MESSAGE_TYPE: frozenset({EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD, CHUNK_RECORD}),
+    CHUNK_MESSAGE_TYPE: frozenset({EMBEDDING_RECORD, CHUNK_RECORD}),
+    "train": frozenset({"arrays", "metrics", SILO_RECORD}),
+    "evaluate": frozenset({"metrics", SILO_RECORD}),
+}
+METRIC_KEYS = frozenset(
+    {
+        "num-examples",
+        "train-loss",
+        "samples-per-second",
+        "train-seconds",
+        "eval-loss",
+        "eval-accuracy",
+        "moon-has-previous",
+        "num-embeddings",
+        "payload-bytes",
+        "captions-failed",
+    }
+)
+SILO_COUNT_KEYS = ("partition-id", "num-train", "num-test")  # integers; then the histogram
 SEQUENCE_LENGTH = 77  # CLIP's: every embedding is (77, width)
 ROW_EXTRA_BYTES = 32  # a row's label, weight, domain and class id, beside its embeddings
 
@@ -153,6 +179,9 @@ class EmbeddingPayload:
     pooled: np.ndarray = None  # type: ignore[assignment]
     # (N,) int64: a class-conditional generator's class id of each prompt; -1 for text ones
     class_ids: np.ndarray = None  # type: ignore[assignment]
+    # the silo's training images (-1: not sent); what its label histogram sums to, checked
+    # against the secure sum (its FedAvg replies report the same count as `num-examples`)
+    num_train: int = -1
 
     def __post_init__(self) -> None:  # frozen: the defaults are set once, here
         if self.pooled is None:
@@ -193,6 +222,7 @@ class EmbeddingPayload:
         content[SILO_RECORD] = ConfigRecord(
             {
                 "label-histogram": [int(c) for c in self.label_histogram],
+                "num-train": int(self.num_train),
                 DIGESTS_KEY: list(self.class_name_digests),
             }
         )
@@ -277,6 +307,11 @@ class EmbeddingPayload:
                 f"{SILO_RECORD}[{DIGESTS_KEY!r}] should be a list of strings, got "
                 f"{_describe(digests)}"
             )
+        num_train = silo.get("num-train", -1)
+        if not _is_int(num_train):
+            raise PayloadError(
+                f"{SILO_RECORD}['num-train'] should be an integer, got {_describe(num_train)}"
+            )
         failed = summary.get("captions-failed", 0)
         if not _is_int(failed):
             raise PayloadError(
@@ -293,6 +328,7 @@ class EmbeddingPayload:
             label_histogram=[int(c) for c in histogram],
             captions_failed=int(failed),
             class_name_digests=tuple(digests),
+            num_train=int(num_train),
         )
 
 

@@ -272,8 +272,8 @@ def embedding_round(
     domains: Sequence[DomainPrompt] = (),
 ) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
     """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
-    label histograms (else None: each payload carries its own); raises if no silo sent a
-    usable payload."""
+    label histograms (else None: each payload carries its own; a secure sum that does not add
+    up gives every class 1, and the log says why); raises if no silo sent a usable payload."""
     limits = payload_limits(cfg, engine, class_names, domains)
     request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()
     with recorder.phase("embed"):
@@ -311,20 +311,30 @@ def embedding_round(
         return payloads, None
     accepted = [n for n in round0.replies if f"node {n}" in payloads]
     first = len(grid.exchanges)
+    num_train = {n: payloads[f"node {n}"].num_train for n in accepted}
     with recorder.phase("secure-histograms"):
-        total = secure_histogram_sum(grid, accepted, len(class_names), cfg.embed_timeout)
+        total = secure_histogram_sum(grid, accepted, len(class_names), cfg.embed_timeout, num_train)
     secagg = grid.exchanges[first:]
+    histogram = total.histogram
+    if histogram is None:  # the run goes on: a plan that needs no histogram
+        log.warning(
+            "secure histograms: %s; the plan treats every class as held, in equal shares",
+            total.problem,
+        )
+        histogram = [1] * len(class_names)
     recorder.set(
         "secure-histograms",
         {
             "nodes": total.nodes,
             "failures": total.failures,
+            "rejected": {str(n): why for n, why in total.rejected.items()},
+            "unusable": total.problem,
             "messages": len(secagg),
             "bytes-sent": sum(e.bytes_sent for e in secagg),
             "bytes-received": sum(e.bytes_received for e in secagg),
         },
     )
-    return payloads, total.histogram
+    return payloads, histogram
 
 
 def synthesize(

@@ -17,13 +17,19 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from flwr.app import Error, Message
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
-from fgl_core.payload import SILO_RECORD, content_bytes  # SILO_RECORD: a silo's data described
-
-REJECTED = 0  # the error code of a reply the server refuses (Flower's "unknown" error)
+from fgl_core.payload import (  # SILO_RECORD: a silo's data described
+    METRIC_KEYS,
+    REJECTED,
+    REPLY_RECORDS,
+    SECAGG_RECORD,
+    SILO_COUNT_KEYS,
+    SILO_RECORD,
+    content_bytes,
+)
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Exchange:
     bytes_received: int = 0
     metrics: dict[str, float | int] = field(default_factory=dict)
     error: str = ""
+    dropped_bytes: int = 0  # what the reply held beyond the protocol (`keep_protocol`)
 
     def to_json(self) -> dict:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -69,6 +76,44 @@ def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) ->
         time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         wait = min(2 * wait, POLL_SECONDS[1])
     return replies
+
+
+def keep_protocol(message_type: str, content: RecordDict) -> int:
+    """Drop from a reply what its message type's protocol does not define (`REPLY_RECORDS`,
+    `METRIC_KEYS`); the bytes dropped. Replies of other types are left as they are."""
+    allowed = REPLY_RECORDS.get(message_type)
+    if allowed is None:
+        return 0
+    before = content_bytes(content)
+    for name in [n for n in content if n not in allowed]:
+        del content[name]
+    for record in content.metric_records.values():
+        for key in [k for k in record if k not in METRIC_KEYS]:
+            del record[key]
+    silo = content.config_records.get(SILO_RECORD)
+    for key in [
+        k for k in silo or {} if k not in (*SILO_COUNT_KEYS, "label-histogram", DIGESTS_KEY)
+    ]:
+        del silo[key]
+    return before - content_bytes(content)
+
+
+def describe_silo(record: ConfigRecord | None, num_classes: int) -> dict:
+    """What a silo record says of its data, as the results keep it: its counts if they are
+    non-negative integers, its label histogram if it has `num_classes` of them."""
+    described: dict = {}
+    for key in SILO_COUNT_KEYS:
+        value = (record or {}).get(key)
+        if (type(value) is int and 0 <= value < 2**53) or (key == "partition-id" and value == -1):
+            described[key] = value
+    histogram = (record or {}).get("label-histogram")
+    if (
+        isinstance(histogram, list)
+        and len(histogram) == num_classes
+        and all(type(c) is int and 0 <= c < 2**53 for c in histogram)
+    ):
+        described["label-histogram"] = histogram
+    return described
 
 
 class RecordingGrid(Grid):
@@ -134,6 +179,15 @@ class RecordingGrid(Grid):
                 continue
             if not reply.has_error():
                 entry.bytes_received = content_bytes(reply.content)
+                if SECAGG_RECORD not in sent.content.config_records:  # SecAgg+'s own format
+                    entry.dropped_bytes = keep_protocol(entry.message_type, reply.content)
+                if entry.dropped_bytes:
+                    log.warning(
+                        "node %d sent %d bytes beyond the protocol in its %s reply: dropped",
+                        entry.node_id,
+                        entry.dropped_bytes,
+                        entry.message_type,
+                    )
             reply = self._check_class_list(entry.node_id, reply, sent)
             checked.append(reply)
             if reply.has_error():
@@ -143,8 +197,9 @@ class RecordingGrid(Grid):
                 entry.metrics.update(
                     {k: v for k, v in record.items() if isinstance(v, (int, float))}
                 )
-            silo = reply.content.config_records.get(SILO_RECORD)
-            described = {k: v for k, v in (silo or {}).items() if k != DIGESTS_KEY}
+            described = describe_silo(
+                reply.content.config_records.get(SILO_RECORD), len(self.class_names)
+            )
             if described:  # the latest description of the silo's data (evaluate replies: none)
                 self.silos[entry.node_id] = described
         for _, entry in pending.values():

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fgl_core.payload import (
+    SECURE_HISTOGRAM_MAX_COUNT,
     SEQUENCE_LENGTH,
     ChunkInfo,
     EmbeddingPayload,
@@ -198,6 +199,13 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
                 f"sent weights in [{weights.min()}, {weights.max()}]; with secure-histograms "
                 "every weight is 1 (a weight would count the images the SecAgg+ sum hides, and "
                 "no histogram bounds it)"
+            )
+        most = SECURE_HISTOGRAM_MAX_COUNT * limits.num_classes
+        if not 0 < payload.num_train <= most:
+            reject(
+                f"says it holds {payload.num_train} training images; with secure-histograms a "
+                f"silo says how many (1 to {most}: at most {SECURE_HISTOGRAM_MAX_COUNT} per "
+                "class), and the SecAgg+ sum must add up to what the silos say"
             )
     else:
         check_claims(reject, labels, weights, histogram, limits.num_classes)

@@ -154,3 +154,43 @@ def test_polling_stops_at_the_timeout_with_the_replies_that_came(monkeypatch):
     replies = send_and_poll(ScriptedGrid([1, None]), ["a", "b"], timeout=5.0)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert clock.now == pytest.approx(5.0) and max(clock.waits) <= 0.2
+
+
+def test_what_a_reply_holds_beyond_the_protocol_is_dropped_before_it_is_recorded(task_identity):
+    padded = ConfigRecord(
+        {
+            DIGESTS_KEY: name_digests(CLASSES),
+            "num-train": 40,
+            "label-histogram": [10, 10, 10, 10],
+            "notes": "x" * 2**22,  # 4 MiB beside what the protocol defines
+            "partition-id": "zero",  # not a count: not recorded
+        }
+    )
+    grid = GridWithALostNode([201], silos={201: padded})
+    honest = grid.push_messages
+
+    def push_with_extras(messages):
+        ids = honest(messages)
+        for reply in grid._replies.values():
+            reply.content["extra"] = ConfigRecord({"blob": b"\0" * 2**20})
+            reply.content["metrics"]["my-key"] = 1.0
+        return ids
+
+    grid.push_messages = push_with_extras
+    recording = RecordingGrid(grid, CLASSES)
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), 201, "train")
+    (reply,) = recording.send_and_receive([msg], timeout=5)
+    assert list(reply.content) == ["metrics", SILO_RECORD]
+    assert list(reply.content["metrics"]) == ["num-examples"]
+    assert "notes" not in reply.content[SILO_RECORD]
+    (entry,) = recording.exchanges
+    assert entry.bytes_received > 5 * 2**20 and entry.dropped_bytes > 5 * 2**20
+    assert entry.metrics == {"num-examples": 5}
+    assert recording.silos == {201: {"num-train": 40, "label-histogram": [10, 10, 10, 10]}}
+    assert len(str(recording.to_json())) < 2_000
+
+
+def test_a_silo_record_is_kept_only_as_counts_and_a_histogram_of_the_classes():
+    record = ConfigRecord({"num-train": 3, "num-test": -4, "label-histogram": [1, 2]})
+    assert ledger.describe_silo(record, 4) == {"num-train": 3}
+    assert ledger.describe_silo(None, 4) == {}

@@ -80,6 +80,7 @@ BREAKS = {  # the replies that stopped a whole run before this boundary existed
     "histogram-scalar": lambda: with_config(SILO_RECORD, "label-histogram", 7),
     "histogram-strings": lambda: with_config(SILO_RECORD, "label-histogram", ["a", "b"]),
     "captions-failed-list": lambda: with_config(SUMMARY_RECORD, "captions-failed", [1.0, 2.0]),
+    "num-train-string": lambda: with_config(SILO_RECORD, "num-train", "many"),
     "embedding-as-config": lambda: RecordDict(
         {
             **honest().to_records(),

@@ -1,16 +1,25 @@
 """Label histograms by Flower's SecAgg+: the server gets their sum and no silo's own."""
 
+import io
 import json
 
 import numpy as np
 import pytest
+import torch
+from flwr.app import Message
 
+from deploy.inprocess import InProcessGrid, silo_context
 from fgl_client.embedding import build_payload, text_encoder
+from fgl_client.secure_histogram import HistogramClient
 from fgl_client.silo import load_silo
 from fgl_core.config import ConfigError, RunConfig
-from fgl_core.payload import EmbedRequest
+from fgl_core.datasets import load_dataset
+from fgl_core.payload import SECAGG_RECORD, EmbedRequest
+from fgl_server.fgl_run import run_fgl
+from fgl_server.results import RunRecorder
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+from strategies.secure_histogram import secure_histogram_sum
 from tests.conftest import launch
 
 SILOS = 3
@@ -106,6 +115,12 @@ def test_a_silo_sends_every_class_and_no_histogram(secure_payload):
     counted = type(payload)(**{**payload.__dict__, "weights": payload.weights * 7})
     with pytest.raises(PayloadRejected, match="with secure-histograms every weight is 1"):
         validate_payload("node 1", counted, secure)
+    # what the secure sum must add up to: the silo says how many images it holds
+    assert payload.num_train == len(silo.train)
+    for claim in (-1, 0, 2**20 * 10 + 1):
+        silent = type(payload)(**{**payload.__dict__, "num_train": claim})
+        with pytest.raises(PayloadRejected, match=f"says it holds {claim} training images"):
+            validate_payload("node 1", silent, secure)
 
 
 def test_the_plan_skips_classes_the_secure_sum_says_nobody_holds(secure_payload):
@@ -119,3 +134,106 @@ def test_the_plan_skips_classes_the_secure_sum_says_nobody_holds(secure_payload)
     ]  # fmt: skip
     balanced = plan_images(prompts, merged, 4, "balanced", run_seed=0)
     assert sorted({j.label for j in balanced}) == [1, 3, 9]
+
+
+# --- a silo that lies inside the exchange -------------------------------------------------
+
+
+def in_process_sum(tmp_path, on_reply=lambda reply: reply, **overrides):
+    """The secure sum over 3 in-process silos; with the silos' true histograms."""
+    run_config = RunConfig.from_flower(secure_config(tmp_path, **overrides)).to_flower()
+    contexts = {n: silo_context(run_config, n, n - 1, SILOS) for n in range(1, SILOS + 1)}
+    histograms = silo_histograms(run_config)
+    num_train = {n: sum(h) for n, h in zip(contexts, histograms, strict=True)}
+    grid = InProcessGrid(contexts, on_reply)
+    return secure_histogram_sum(grid, list(contexts), 10, 60.0, num_train), histograms
+
+
+def lying_fit(monkeypatch, node: int, histogram=None, weight: int = 1):
+    """Silo `node` hands SecAgg+ `histogram` (default: its own) with example count `weight`."""
+    honest = HistogramClient.fit
+
+    def fit(self, parameters, config):
+        (own,), n, metrics = honest(self, parameters, config)
+        if self.context.node_id != node:
+            return [own], n, metrics
+        return [np.asarray(own if histogram is None else histogram, np.float64)], weight, metrics
+
+    monkeypatch.setattr(HistogramClient, "fit", fit)
+
+
+def test_the_secure_sum_of_honest_silos_is_exact(tmp_path, task_identity):
+    total, histograms = in_process_sum(tmp_path)
+    assert total.histogram == [sum(c) for c in zip(*histograms, strict=True)]
+    assert total.nodes == [1, 2, 3] and not total.problem and not total.rejected
+
+
+@pytest.mark.parametrize(
+    ("lie", "problem"),
+    [
+        ({"weight": 3}, "a silo sent a weight other than 1"),  # its counts count three times
+        ({"histogram": [-500] + [0] * 9}, "not its own"),  # a negative count
+        ({"histogram": [0] * 10, "weight": 10**6}, "weight other than 1"),
+        ({"histogram": [10**6] + [0] * 9}, "not its own"),  # more than it said it holds
+    ],
+)
+def test_a_secure_sum_that_does_not_add_up_is_refused_and_says_why(
+    tmp_path, task_identity, monkeypatch, lie, problem
+):
+    lying_fit(monkeypatch, 2, **lie)
+    total, _ = in_process_sum(tmp_path)
+    assert total.histogram is None and problem in total.problem, total.problem
+
+
+def masked_parts(reply: Message) -> list[np.ndarray]:
+    return [bytes_to_array(b) for b in reply.content.config_records[SECAGG_RECORD]["masked_params"]]
+
+
+def bytes_to_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("garble", "reason"),
+    [
+        (lambda parts: [parts[0], np.concatenate([parts[1], [7]])], "expected int[10]"),
+        (lambda parts: [parts[0], np.full(10, np.nan)], "float64[10]; expected int[10]"),
+        (lambda parts: [parts[0], parts[1] + 2**40], "outside [0, 4294967296)"),
+        (lambda parts: parts[:1], "a list of 2 arrays"),
+    ],
+)
+def test_a_malformed_masked_vector_drops_its_silo_by_name_and_the_others_are_summed(
+    tmp_path, task_identity, garble, reason
+):
+    def garble_node_2(reply: Message) -> Message:
+        record = reply.content.config_records.get(SECAGG_RECORD)
+        if reply.metadata.src_node_id == 2 and record and "masked_params" in record:
+            record["masked_params"] = [array_bytes(a) for a in garble(masked_parts(reply))]
+        return reply
+
+    total, histograms = in_process_sum(tmp_path, garble_node_2)
+    assert list(total.rejected) == [2] and reason in total.rejected[2]
+    assert "node 2" in total.rejected[2]
+    # Flower's dropout recovery: the other two silos' key shares remove node 2's masks
+    assert total.nodes == [1, 3] and not total.problem
+    assert total.histogram == [a + b for a, b in zip(histograms[0], histograms[2], strict=True)]
+
+
+def test_a_run_goes_on_past_a_secure_sum_that_does_not_add_up(tmp_path, task_identity, monkeypatch):
+    lying_fit(monkeypatch, 2, weight=3)
+    cfg = RunConfig.from_flower(secure_config(tmp_path))
+    contexts = {n: silo_context(cfg.to_flower(), n, n - 1, SILOS) for n in range(1, SILOS + 1)}
+    recorder = RunRecorder(cfg)
+    model = run_fgl(InProcessGrid(contexts), cfg, load_dataset(cfg), recorder, torch.device("cpu"))
+    recorder.finish(model)
+    results = json.loads((tmp_path / "secure" / "results.json").read_text())
+    assert "weight other than 1" in results["secure-histograms"]["unusable"]
+    # no histogram to trust: every class held, in equal shares; then the rounds as planned
+    assert results["synthesis"]["merged-label-histogram"] == [1] * 10
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
