@@ -310,39 +310,119 @@ def check_class_prompts(
     got = (embeds.astype(np.float64) * keep[..., None]).reshape(len(labels), -1)
     want = (reference * keep[..., None]).reshape(len(labels), -1)
     if limits.embedding_clip:
-        gaps = noisy_gaps(got, want, keep.sum(axis=1) * reference.shape[-1], limits)
+        # at class level the silo clipped exactly the server's own encoding (with SDXL, joined
+        # with its pooled one: one release), so the clip's scale is known; at instance level
+        # the private caption's rows count too, so it is fitted
+        scale = None
+        if limits.class_prompt_rows is None:
+            joint = np.square(limits.class_prompts[domains, labels].astype(np.float64))
+            joint = joint.reshape(len(labels), -1).sum(axis=1)
+            if limits.class_pooled is not None:
+                pooled_ref = limits.class_pooled[domains, labels].astype(np.float64)
+                joint = joint + np.square(pooled_ref).sum(axis=1)
+            scale = np.minimum(1.0, limits.embedding_clip / np.maximum(np.sqrt(joint), 1e-12))
+        spacing = np.spacing(np.abs(embeds).astype(np.float16)).astype(np.float64)
+        spacing = (spacing * keep[..., None]).reshape(len(labels), *embeds.shape[1:])
+        problem = noise_test(got, want, keep, spacing, scale, limits)
+        worst = next((i for i, p in enumerate(problem) if p), None)
+        if worst is None:
+            return
+        detail = problem[worst]
     else:
         gaps = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
-    worst = int(np.argmax(gaps))
-    if gaps[worst] > limits.probe_tolerance:
-        label = int(labels[worst])
-        name = limits.class_names[label] if label < len(limits.class_names) else str(label)
-        part = "class prompt" if limits.class_prompt_rows is None else "prompt before the caption"
-        part = "class prompt's pooled embedding" if pooled else part
-        domain = (
-            f" in domain {limits.domain_names[domains[worst]]!r}" if limits.domain_names else ""
-        )
-        raise PayloadRejected(
-            f"{node}: its embedding for class {label} ({name!r}){domain} is not this task's "
-            f"{part} (off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}"
-            "): another prompt, another class list, another template or another domain's style"
-        )
+        worst = int(np.argmax(gaps))
+        if gaps[worst] <= limits.probe_tolerance:
+            return
+        detail = f"off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}"
+    label = int(labels[worst])
+    name = limits.class_names[label] if label < len(limits.class_names) else str(label)
+    part = "class prompt" if limits.class_prompt_rows is None else "prompt before the caption"
+    part = "class prompt's pooled embedding" if pooled else part
+    if limits.embedding_clip:
+        part += f" plus noise of standard deviation {limits.noise_std:.3g}"
+    domain = f" in domain {limits.domain_names[domains[worst]]!r}" if limits.domain_names else ""
+    raise PayloadRejected(
+        f"{node}: its embedding for class {label} ({name!r}){domain} is not this task's "
+        f"{part} ({detail}): another prompt, another class list, another template, another "
+        "domain's style, or noise of another size"
+    )
 
 
-def noisy_gaps(
-    got: np.ndarray, want: np.ndarray, values: np.ndarray, limits: PayloadLimits
-) -> np.ndarray:
-    """Relative gaps for clipped, noised embeddings, comparable with `probe_tolerance`.
+NOISE_Z = 8.0  # each side of every noise test, in standard deviations (an honest silo's
+# embedding fails one with a probability far below 1e-12)
 
-    Clipping scales an embedding by an unknown factor (at instance level it depends on the
-    private caption too), so each one is compared with the best multiple s of the reference;
-    what remains beyond the noise's expected size (its squared norm has mean noise_std^2 x
-    values, and a spread of about sqrt(2 x values) of that) counts as the gap. An honest
-    embedding stays within tolerance; another prompt leaves a residual the noise does not
-    explain, unless the noise is so strong that it hides any prompt (then nothing can tell).
+
+def noise_test(
+    got: np.ndarray,
+    want: np.ndarray,
+    keep: np.ndarray,
+    spacing: np.ndarray,
+    scale: np.ndarray | None,
+    limits: PayloadLimits,
+) -> list[str]:
+    """Per embedding, why it is not `scale` x its reference plus Gaussian noise of the declared
+    standard deviation ("" if it is): a two-sided test on the residual r = got - scale x want.
+
+    - too little noise: in every token row the noise can be seen in (its standard deviation
+      above float16's resolution there), r's energy must reach the chi-square's lower bound;
+      an embedding of zeros, a prompt sent without noise or with less than declared fail it;
+    - too much residual: r's energy may exceed the noise's expected energy only by the test's
+      spread, the encoder tolerance (`probe_tolerance` x the reference) and float16 rounding;
+      another prompt fails it where its difference is larger than the noise can hide;
+    - at class level (the scale known), r's component along the reference must be the noise's:
+      a prompt scaled down or another class's prompt fail it where the noise is small enough
+      to tell (where it is not, the noise does what it is for: nothing can tell).
+
+    `scale` None: fitted as the best multiple of the reference in [0, 1] (one degree of
+    freedom less). `spacing`: float16's spacing at each received value, (n, rows, width).
     """
-    scale = np.clip((got * want).sum(axis=1) / (want * want).sum(axis=1), 0.0, 1.0)
-    residual = np.square(got - scale[:, None] * want).sum(axis=1)
-    expected = limits.noise_std**2 * (values + 6.0 * np.sqrt(2.0 * values))
-    unexplained = np.sqrt(np.maximum(residual - expected, 0.0))
-    return unexplained / np.maximum(scale * np.linalg.norm(want, axis=1), 1e-12)
+    sigma, z, tol = limits.noise_std, NOISE_Z, limits.probe_tolerance
+    norm = np.linalg.norm(want, axis=1)
+    dof = keep.sum(axis=1) * spacing.shape[-1]
+    if scale is None:
+        scale = np.clip((got * want).sum(axis=1) / np.maximum(norm**2, 1e-24), 0.0, 1.0)
+        dof = dof - 1
+    residual = got - scale[:, None] * want
+    energy = np.square(residual).sum(axis=1)
+    slack = tol * scale * norm  # the encoder's allowed difference, as a norm
+    rounding = np.sqrt(np.square(spacing).reshape(len(got), -1).sum(axis=1)) / 2  # at most
+    spread = np.sqrt(2.0 * sigma**4 * dof + 4.0 * sigma**2 * slack**2)
+    high = sigma**2 * dof + z * spread + np.square(slack + rounding)
+    along = (residual * want).sum(axis=1) / np.maximum(norm, 1e-12)
+    rows = np.square(residual).reshape(spacing.shape).sum(axis=2)  # (n, rows)
+    width = spacing.shape[-1]
+    # Wilson-Hilferty: chi2(width) / width ~ normal after a cube root
+    cube = 1.0 - 2.0 / (9.0 * width) - z * np.sqrt(2.0 / (9.0 * width))
+    row_low = sigma**2 * width * max(cube, 0.0) ** 3
+    visible = keep & (sigma**2 > np.square(spacing).mean(axis=2))  # rows float16 can show noise in
+    seen = visible.sum(axis=1) * width  # the values float16 can show the noise in
+    seen_energy = (rows * visible).sum(axis=1)
+    low = sigma**2 * (seen - z * np.sqrt(2.0 * seen))
+    problems = []
+    for i in range(len(got)):
+        thin = np.flatnonzero(visible[i] & (rows[i] < row_low))
+        if sigma and len(thin):
+            problems.append(
+                f"token row {int(thin[0])} carries {np.sqrt(rows[i, thin[0]] / width):.3g} per "
+                f"value where the noise alone gives {sigma:.3g}: too little noise"
+            )
+        elif sigma and seen[i] and seen_energy[i] < low[i]:
+            problems.append(
+                f"it carries {np.sqrt(seen_energy[i] / seen[i]):.3g} per value where the noise "
+                f"alone gives {sigma:.3g}: too little noise"
+            )
+        elif energy[i] > high[i]:
+            problems.append(
+                f"its residual is {np.sqrt(energy[i] / max(dof[i], 1)):.3g} per value, more "
+                f"than the noise's {sigma:.3g} and the tolerance explain"
+            )
+        elif (
+            limits.class_prompt_rows is None and abs(along[i]) > slack[i] + rounding[i] + z * sigma
+        ):
+            problems.append(
+                f"it is {along[i]:+.3g} along the class prompt from where the clip puts it; "
+                f"the noise explains {z * sigma:.3g}"
+            )
+        else:
+            problems.append("")
+    return problems
