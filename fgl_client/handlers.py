@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +18,7 @@ from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
 from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, ChunkRequest, EmbedRequest
+from fgl_core.pretrained import ModelRefError
 from fgl_core.seeds import derive_seed
 from fgl_core.training import (
     InputSettings,
@@ -29,6 +31,12 @@ from fgl_core.training import (
 )
 
 MOON_PREVIOUS = "moon-previous-model"
+log = logging.getLogger(__name__)
+
+
+class SiloModelUnusable(RuntimeError):
+    """What the server hears when a silo cannot load a model the run names: which models it
+    named, not why, and not whether a path it named exists on the silo."""
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]:
@@ -68,7 +76,17 @@ def embed(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     request = EmbedRequest.from_record(msg.content[REQUEST_RECORD])
     silo = open_silo(cfg, context.node_config)
-    payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)))
+    try:
+        payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)))
+    except ModelRefError as err:  # the refs are the server's choice: its reply says no more
+        log.error("a model the run names cannot be loaded here: %s", err)
+        models = f"generator {request.generator!r}"
+        models += f", text-encoder {request.text_encoder!r}" if request.text_encoder else ""
+        models += f", captioner {request.captioner!r}" if request.prompt_mode == "instance" else ""
+        raise SiloModelUnusable(
+            f"a model the run names ({models}) cannot be loaded on this silo (the silo's log "
+            "says why)"
+        ) from None
     if payload.num_chunks(request.chunk_bytes) > 1:  # the server asks for the rest by digest
         keep_for_chunks(payload, cfg.cache_dir, context.node_id)
     return Message(content=payload.to_records(request.chunk_bytes), reply_to=msg)

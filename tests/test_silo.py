@@ -39,3 +39,38 @@ def test_a_silo_tells_the_server_only_that_its_data_is_not_usable(tmp_path, capl
         replies.append(str(err.value).replace(path.name, "X"))
     assert replies[0] == replies[1]  # existence is not told apart
     assert "does not exist" in caplog.text and "not a readable .npz" in caplog.text
+
+
+def test_a_silo_tells_the_server_only_that_a_named_model_cannot_be_loaded(
+    tmp_path, breast_npz, capfd, task_identity
+):
+    """The generator's path is the server's choice: the reply must not say whether it exists on
+    the silo (a missing directory and an empty one read the same), only which model it named."""
+    from flwr.app import Context, Message, RecordDict
+
+    from fgl_client.handlers import SiloModelUnusable, embed
+    from fgl_core.payload import REQUEST_RECORD, EmbedRequest
+
+    missing, empty = tmp_path / "no-such-model", tmp_path / "empty-model"
+    empty.mkdir()
+    replies = []
+    for path in (missing, empty):
+        run_config = {"generator": str(path), "cache-dir": str(tmp_path / "cache")}
+        request = EmbedRequest.from_config(RunConfig.from_flower(run_config)).to_record()
+        msg = Message(
+            content=RecordDict({REQUEST_RECORD: request}), dst_node_id=1, message_type="query.embed"
+        )
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"data-path": str(breast_npz)},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        with pytest.raises(SiloModelUnusable) as err:
+            embed(msg, context)
+        replies.append(str(err.value).replace(path.name, "X"))
+    assert replies[0] == replies[1]  # existence is not told apart
+    assert "generator" in replies[0] and "the silo's log says why" in replies[0]
+    log = capfd.readouterr().err  # the handler logs as a ClientApp does: to its stderr
+    assert "no such directory" in log and "could not be loaded from it" in log
