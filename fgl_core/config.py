@@ -136,7 +136,9 @@ class RunConfig(BaseModel):
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
     synthesis_plan: Literal["balanced", "proportional"] = "balanced"
-    max_silo_share: float = Field(1.0, gt=0.0, le=1.0)  # of the claims that shape the plan
+    # of the claims that shape the proportional plan: one silo's counts are scaled to at most
+    # this share of all silos' (half by default: no one silo's claim takes the plan)
+    max_silo_share: float = Field(0.5, gt=0.0, le=1.0)
     scheduler: Literal["default", "pndm", "ddim", "dpm-solver", "euler", "euler-ancestral"] = (
         "default"
     )
@@ -259,9 +261,11 @@ class RunConfig(BaseModel):
                 "secure-histograms needs prompt-mode = 'class': instance-level payloads carry "
                 "one caption per image, which is the histogram again"
             )
-        if self.max_silo_share < 1.0:
+        if self.synthesis_plan == "proportional" and self.max_silo_share < 1.0:
             raise ValueError(
-                "max-silo-share < 1 needs each silo's histogram; secure-histograms hides them"
+                "a proportional plan's max-silo-share < 1 needs each silo's histogram; "
+                "secure-histograms hides them (set max-silo-share = 1.0 to plan from the sum "
+                "uncapped, or use the balanced plan, which no silo's claim moves)"
             )
         return self
 

@@ -347,7 +347,7 @@ def synthesize(
 ) -> ImageSet | ShardStream:
     """Phase 2: deduplicate, plan, make the images the store lacks; the synthetic set."""
     prompts, histogram = merge_payloads(
-        payloads, data.num_classes, cfg.max_silo_share, secure_histogram
+        payloads, data.num_classes, cfg.max_silo_share, secure_histogram, cfg.synthesis_plan
     )
     jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed)
     store = SyntheticStore(

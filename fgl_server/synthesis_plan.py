@@ -65,10 +65,19 @@ def merge_payloads(
     num_classes: int,
     max_silo_share: float = 1.0,
     secure_histogram: list[int] | None = None,
+    plan: str = "balanced",
 ) -> tuple[list[Prompt], list[float]]:
     """Deduplicate embeddings across silos; sum the label histograms (each silo's claims
     scaled to at most `max_silo_share` of the total first), or take `secure_histogram`, their
-    sum by SecAgg+, where the payloads carry none."""
+    sum by SecAgg+, where the payloads carry none.
+
+    A prompt's weight has one meaning: how it ranks among its own silo's prompts of its class.
+    What a silo's prompts of a class pull together is fixed by the server: in the `balanced`
+    plan (and with secure histograms) the same for every silo holding the class, so no claim
+    moves it; in the `proportional` one its count of that class, after the share cap. So a
+    silo that sends one caption weighted as its whole class count gets no more than one that
+    sends many captions weighted 1, and a count claimed beyond the truth moves only the
+    proportional plan, by at most `max_silo_share` of it."""
     prompts: dict[str, Prompt] = {}
     if secure_histogram is not None:
         scales = [1.0] * len(payloads)
@@ -77,6 +86,7 @@ def merge_payloads(
         masses = [sum(p.label_histogram) for p in payloads.values()]
         scales = silo_scales(masses, max_silo_share)
         histogram = [0] * num_classes  # Python numbers: a sum that cannot wrap
+    by_claims = plan == "proportional" and secure_histogram is None
     for scale, (node, payload) in zip(scales, payloads.items(), strict=True):
         if secure_histogram is None:
             histogram = [
@@ -90,6 +100,13 @@ def merge_payloads(
                 100 * sum(payload.label_histogram) / sum(masses),
                 100 * max_silo_share,
             )
+        own = [0] * num_classes  # the silo's weight in each class: Python ints
+        for label, weight in zip(payload.labels.tolist(), payload.weights.tolist(), strict=True):
+            own[label] += weight
+        pull = [
+            (scale * payload.label_histogram[c] if by_claims else 1.0) / max(own[c], 1)
+            for c in range(num_classes)
+        ]
         for embedding, label, weight, domain, pooled, class_id in zip(*payload.rows, strict=True):
             key = int(label).to_bytes(8, "little")
             # without domains, pooled embeddings or class ids, the digests stay what they were
@@ -110,7 +127,7 @@ def merge_payloads(
                     pooled=pooled if pooled.size else None,
                     class_id=int(class_id),
                 )
-            prompts[digest].weight += int(weight) if scale == 1.0 else int(weight) * scale
+            prompts[digest].weight += int(weight) * pull[int(label)]
             prompts[digest].sources.append(node)
     merged = sorted(prompts.values(), key=lambda p: (p.label, p.digest))
     total = sum(len(p.labels) for p in payloads.values())

@@ -237,6 +237,56 @@ def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
     assert masses.max() / masses.sum() == pytest.approx(0.3) and scales[:2] == [1.0, 1.0]
 
 
+def captions(histogram, per_class: int, weight: int, seed: int) -> EmbeddingPayload:
+    """Instance-level: `per_class` distinct captions of each held class, each of `weight`."""
+    labels = np.repeat(np.flatnonzero(np.asarray(histogram) > 0), per_class)
+    embeds = np.random.default_rng(seed).standard_normal((len(labels), 77, WIDTH))
+    return dataclasses.replace(
+        honest(histogram),
+        embeds=embeds.astype(np.float16),
+        labels=labels.astype(np.int64),
+        weights=np.full(len(labels), weight, np.int64),
+        domains=np.zeros(len(labels), np.int64),
+        pooled=np.zeros((len(labels), 0), np.float16),
+        class_ids=np.full(len(labels), -1, np.int64),
+    )
+
+
+@pytest.mark.parametrize("plan", ["balanced", "proportional"])
+def test_weights_rank_a_silos_own_prompts_and_cannot_take_a_class(plan):
+    """One caption weighted as the silo's whole class count (within every bound) pulls no more
+    than four captions weighted 1 from a silo with the same counts."""
+    counts = (10, 10, 10, 10)
+    payloads = {
+        "node 1": captions(counts, 4, 1, seed=1),
+        "node 2": captions(counts, 4, 1, seed=2),
+        "node 3": captions(counts, 1, 10, seed=3),  # weight = its count: the old lever
+    }
+    prompts, histogram = merge_payloads(payloads, CLASSES, max_silo_share=0.5, plan=plan)
+    jobs = plan_images(prompts, histogram, 20, plan, run_seed=0)
+    sources = [prompts[j.prompt].sources for j in jobs]
+    got = {node: sum(s == [node] for s in sources) for node in payloads}
+    assert sum(got.values()) == len(jobs) == 80
+    assert all(abs(n - 80 / 3) <= 4 for n in got.values()), got  # a third each, not 74 of 80
+
+
+def test_a_huge_claim_takes_at_most_the_default_share_of_a_proportional_plan():
+    from fgl_core.config import RunConfig
+
+    cap = RunConfig.from_flower({}).max_silo_share
+    assert cap == 0.5
+    payloads = {
+        "node 1": honest((10, 10, 10, 10)),
+        "node 2": honest((10, 10, 10, 10)),
+        "node 3": honest((MAX_COUNT, 0, 0, 0)),
+    }
+    prompts, histogram = merge_payloads(payloads, CLASSES, cap, plan="proportional")
+    jobs = plan_images(prompts, histogram, 100, "proportional", run_seed=0)
+    share = np.bincount([j.label for j in jobs], minlength=CLASSES) / len(jobs)
+    # uncapped, node 3's class took 99.99 % of the plan; at the default it holds half the claims
+    assert share[0] == pytest.approx((80 + 20) / 160, abs=0.01)
+
+
 # --- chunked payloads ----------------------------------------------------------------------
 
 CHUNK_BYTES = 50_560  # 40 rows of width 8 (1,264 bytes each) per chunk

@@ -33,6 +33,7 @@ def secure_config(tmp_path, **overrides) -> dict:
         "alpha": 0.3,  # skewed silos: their histograms differ from each other and from the sum
         "secure-histograms": True,
         "synthesis-plan": "proportional",
+        "max-silo-share": 1.0,  # a proportional plan from the sum: no per-silo cap
         "images-per-class": 4,
         "steps": 2,
         "oneshot-epochs": 1,
@@ -83,8 +84,12 @@ def test_a_simulation_sums_the_histograms_by_secagg_plus_and_reveals_none(tmp_pa
 def test_secure_histograms_need_class_prompts_and_no_per_silo_cap():
     with pytest.raises(ConfigError, match="secure-histograms needs prompt-mode = 'class'"):
         RunConfig.from_flower({"secure-histograms": True, "prompt-mode": "instance"})
+    proportional = {"secure-histograms": True, "synthesis-plan": "proportional"}
     with pytest.raises(ConfigError, match="max-silo-share < 1 needs each silo's histogram"):
-        RunConfig.from_flower({"secure-histograms": True, "max-silo-share": 0.5})
+        RunConfig.from_flower(proportional)  # the default cap, 0.5, cannot apply
+    assert RunConfig.from_flower({**proportional, "max-silo-share": 1.0}).max_silo_share == 1.0
+    # the balanced plan (the default) takes no claim, so the default cap stands beside it
+    assert RunConfig.from_flower({"secure-histograms": True}).max_silo_share == 0.5
 
 
 @pytest.fixture(scope="module")
