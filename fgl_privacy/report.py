@@ -39,7 +39,7 @@ from fgl_client.captioning import Captioner
 from fgl_client.embedding import captioner, silo_prompts, text_encoder
 from fgl_client.silo import Silo, load_silo
 from fgl_client.text_encoding import GeneratorClasses, TextEncoder, XLTextEncoder
-from fgl_core.config import RunConfig
+from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet, load_dataset
 from fgl_core.dp import epsilon_for, joint_rows, privatize_together
 from fgl_core.models import build_model, build_model_for
@@ -61,6 +61,30 @@ from fgl_server.synthetic_store import SyntheticStore
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 MULTIPLIERS = (0.0, 0.01, 0.1)
+MAX_MULTIPLIER = 1e6  # as the run config bounds embedding-noise
+
+
+class ReportError(RuntimeError):
+    """A run folder the report cannot read, or a part of it that failed; names what and where."""
+
+
+def read_results(run_dir: Path) -> tuple[dict, RunConfig]:
+    """The run's results.json and config, or `ReportError` naming the file and what is wrong."""
+    path = run_dir / "results.json"
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run folder")
+    if not path.is_file():
+        raise ReportError(f"{path}: missing (the run has not written its results yet?)")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path}: not readable JSON, truncated or damaged ({err})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise ReportError(f"{path}: holds no run config (a results.json has a 'config' object)")
+    try:
+        return results, RunConfig.from_flower(results["config"], where=str(path))
+    except ConfigError as err:
+        raise ReportError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -241,13 +265,28 @@ def _union(sets: list[ImageSet]) -> ImageSet:
     )
 
 
-def _final_model(run_dir: Path, cfg: RunConfig, data: DatasetSplits) -> nn.Module | None:
+def _final_model(
+    run_dir: Path, cfg: RunConfig, data: DatasetSplits
+) -> tuple[nn.Module | None, str]:
+    """The run's final model.pt, or None and why it cannot be used (missing, unloadable, not
+    this run's model, or NaN or infinite weights: a report on it would measure nothing)."""
     path = run_dir / "model.pt"
     if not path.is_file():
-        return None
+        return None, "the run left no model.pt"
     model = build_model_for(cfg, data.num_classes, data.image_size)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # a damaged file, or another model's weights
+        return None, f"{path} cannot be loaded as this run's {cfg.model} ({type(err).__name__})"
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+    if bad:
+        return None, f"{path} has NaN or infinite weights ({len(bad)} tensors, first {bad[0]!r})"
+    return model, ""
 
 
 def replication_section(
@@ -257,12 +296,16 @@ def replication_section(
     model: nn.Module | None,
     train: ImageSet,
     data: DatasetSplits,
+    unusable: str = "the run left no model.pt",
 ) -> list[str]:
     """The replication search on the run's synthetic set, with the final model's features."""
     lines = ["", "## Replication: do synthetic images copy real ones?", ""]
-    store = results.get("synthesis", {}).get("store")
-    if model is None or not store or not Path(store).is_dir():
-        return [*lines, "Not measured: the run left no synthetic store or no model.pt."]
+    synthesis = results.get("synthesis")
+    store = synthesis.get("store") if isinstance(synthesis, dict) else None
+    if model is None:
+        return [*lines, f"Not measured: {unusable}."]
+    if not isinstance(store, str) or not Path(store).is_dir():
+        return [*lines, "Not measured: the run left no synthetic store."]
     synthetic = SyntheticStore.open(store).load()
     features = classifier_features(model, CPU, InputSettings.from_config(cfg))
     result = replication_search(features, synthetic, train, data.test)
@@ -305,6 +348,7 @@ def membership_section(
     data: DatasetSplits,
     shadows: int,
     seed: int,
+    unusable: str = "the run left no model.pt",
 ) -> list[str]:
     """LiRA on the run's final model: members are the silos' training images, non-members
     the test split; the shadows are small CNNs trained centrally on random halves of both."""
@@ -316,7 +360,7 @@ def membership_section(
             "attack across methods, from `python -m benchmarks.lira`.",
         ]
     if model is None:
-        return [*lines, "Not measured: the run left no model.pt."]
+        return [*lines, f"Not measured: {unusable}."]
     pool = _union([train, data.test])
     member = np.r_[np.ones(len(train), bool), np.zeros(len(data.test), bool)]
     masks = random_halves(len(pool), shadows, seed)
@@ -359,10 +403,13 @@ def report(
     modes: tuple[str, ...] = ("class", "instance"),
     lira_shadows: int = 0,
 ) -> Path:
-    """Measure the run in `run_dir` and write its privacy_report.md; return its path."""
-    results = json.loads((run_dir / "results.json").read_text())
-    cfg = RunConfig.from_flower(results["config"], where=f"{run_dir / 'results.json'}")
-    count = len(results.get("traffic", {}).get("silos", {})) or cfg.min_nodes
+    """Measure the run in `run_dir` and write its privacy_report.md; return its path. The report
+    is written after each part (inversion, replication, membership), so a part that fails
+    keeps what came before; it then says which failed, and `ReportError` names it."""
+    check_arguments(multipliers, per_silo, delta, lira_shadows)
+    results, cfg = read_results(run_dir)
+    silo_count = results.get("traffic", {}).get("silos", {})
+    count = (len(silo_count) if isinstance(silo_count, dict) else 0) or cfg.min_nodes
     cache_dir = cfg.cache_dir if Path(cfg.cache_dir).is_dir() else tempfile.mkdtemp()
     encoder = text_encoder(cfg.generator, cache_dir, "cpu")
     target = server_inverter(encoder)
@@ -386,17 +433,57 @@ def report(
                 log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
                 rows.append(row)
     log.info("inversion: %.0f s", time.perf_counter() - start)
+    path = write_report(run_dir, rows, histograms, cfg, delta)  # kept if what follows fails
+    extra: list[str] = []
+    failed: list[str] = []
+
+    def part(name: str, heading: str, run) -> None:  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        try:
+            extra.extend(run())
+        except Exception as err:  # the report keeps the parts done; the error names this one
+            log.exception("%s failed", name)
+            failed.append(f"{name}: {type(err).__name__}: {err}")
+            extra.extend(["", heading, "", f"Failed: {type(err).__name__}: {err}"])
+        log.info("%s: %.0f s", name, time.perf_counter() - start)
+        write_report(run_dir, rows, histograms, cfg, delta, tuple(extra))
+
     data = load_dataset(cfg)
     train = _union([silo.train for silo in silos])
-    model = _final_model(run_dir, cfg, data)
-    start = time.perf_counter()
-    extra = replication_section(run_dir, results, cfg, model, train, data)
-    log.info("replication search: %.0f s", time.perf_counter() - start)
-    start = time.perf_counter()
-    extra += membership_section(run_dir, cfg, model, train, data, lira_shadows, seed)
-    if lira_shadows:
-        log.info("membership inference: %.0f s", time.perf_counter() - start)
-    return write_report(run_dir, rows, histograms, cfg, delta, tuple(extra))
+    model, unusable = _final_model(run_dir, cfg, data)
+    if unusable:
+        log.warning("%s: the replication search and LiRA are not measured", unusable)
+    part(
+        "replication search",
+        "## Replication: do synthetic images copy real ones?",
+        lambda: replication_section(run_dir, results, cfg, model, train, data, unusable),
+    )
+    part(
+        "membership inference",
+        "## Membership inference (LiRA) on this run's model",
+        lambda: membership_section(run_dir, cfg, model, train, data, lira_shadows, seed, unusable),
+    )
+    if failed:
+        raise ReportError(f"{path} written without: " + "; ".join(failed))
+    return path
+
+
+def check_arguments(
+    multipliers: tuple[float, ...], per_silo: int, delta: float, lira_shadows: int
+) -> None:
+    """`ReportError` naming each argument out of range, before any work."""
+    problems = []
+    bad = [m for m in multipliers if not (math.isfinite(m) and 0 <= m <= MAX_MULTIPLIER)]
+    if bad:
+        problems.append(f"--noise {bad}: each multiplier is finite, in 0..{MAX_MULTIPLIER:g}")
+    if per_silo < 1:
+        problems.append(f"--per-silo {per_silo}: at least 1 prompt per silo")
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        problems.append(f"--delta {delta}: in (0, 1)")
+    if lira_shadows < 0 or lira_shadows == 1:
+        problems.append(f"--lira-shadows {lira_shadows}: 0 (no LiRA) or at least 2")
+    if problems:
+        raise ReportError("; ".join(problems))
 
 
 def main() -> None:
@@ -415,14 +502,21 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = report(
-        args.run_dir,
-        tuple(args.noise),
-        args.per_silo,
-        args.delta,
-        modes=tuple(args.modes),
-        lira_shadows=args.lira_shadows,
-    )
+    try:
+        check_arguments(tuple(args.noise), args.per_silo, args.delta, args.lira_shadows)
+    except ReportError as err:
+        parser.error(str(err))  # exit 2, before anything is loaded
+    try:
+        path = report(
+            args.run_dir,
+            tuple(args.noise),
+            args.per_silo,
+            args.delta,
+            modes=tuple(args.modes),
+            lira_shadows=args.lira_shadows,
+        )
+    except ReportError as err:
+        raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}")
 
 
