@@ -50,6 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+FLOAT16_MAX = 65504.0  # the largest finite float16: the payload's dtype
+
+
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names each bad key and value."""
 
@@ -249,6 +252,18 @@ class RunConfig(BaseModel):
         if self.embedding_noise and not self.embedding_clip:
             raise ValueError(
                 "embedding-noise needs embedding-clip > 0: the noise is scaled to the clip norm"
+            )
+        # the payload is float16: a clipped value plus 12 standard deviations of the noise
+        # (2 x clip x multiplier each) must stay below its largest finite value
+        if self.embedding_noise and self.embedding_clip * (1 + 24 * self.embedding_noise) >= (
+            FLOAT16_MAX
+        ):
+            raise ValueError(
+                f"embedding-clip = {self.embedding_clip:g} with embedding-noise = "
+                f"{self.embedding_noise:g} overflows the payload's float16 (noise of standard "
+                f"deviation {2 * self.embedding_clip * self.embedding_noise:g}; float16 ends at "
+                f"{FLOAT16_MAX:g}): every honest silo's embeddings would arrive infinite; "
+                "lower one of them"
             )
         return self
 

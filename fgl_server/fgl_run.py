@@ -30,6 +30,7 @@ from fgl_core.payload import (
     REQUEST_RECORD,
     EmbeddingPayload,
     EmbedRequest,
+    row_bytes,
 )
 from fgl_core.plotting import plot_samples
 from fgl_core.prompt_templates import class_prompt
@@ -147,6 +148,15 @@ def payload_limits(
     if engine.class_conditional:
         refuse_text_settings(cfg, domains)
         return PayloadLimits(**common, class_ids=engine.class_ids(class_names))  # type: ignore[attr-defined]
+    one_row = row_bytes(engine.width, engine.pooled_width)
+    if cfg.embed_chunk_bytes < one_row:
+        raise ConfigError(
+            f"embed-chunk-mib = {cfg.embed_chunk_mib:g} MiB ({cfg.embed_chunk_bytes} bytes) "
+            f"holds no whole payload row of generator {cfg.generator!r} (one row is {one_row} "
+            f"bytes: 77 x {engine.width} values, {engine.pooled_width} pooled, float16): "
+            f"every chunked silo would be refused; set it to at least "
+            f"{-(-one_row * 100 // 2**20) / 100:g}"
+        )
     styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
         (cfg.prompt_style, cfg.effective_prompt_template)
     ]
@@ -171,6 +181,9 @@ def payload_limits(
         # the pooled embedding summarizes the whole prompt: checkable at class level only
         class_pooled=(
             np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "class" else None
+        ),
+        prefix_pooled=(
+            np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "instance" else None
         ),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),

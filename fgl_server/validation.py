@@ -63,6 +63,9 @@ class PayloadLimits:
     # the server's own pooled encoding of each class's prompt, (domains, classes, width)
     pooled_width: int = 0
     class_pooled: np.ndarray | None = None
+    # SDXL at instance level: the server's pooled encoding of each class's prompt up to the
+    # caption, (domains, classes, width): what bounds a caption prompt's pooled embedding
+    prefix_pooled: np.ndarray | None = None
     # a class-conditional generator (DiT): each task class's id in its label set, (classes,);
     # None for generators conditioned on text, whose payloads carry class id -1
     class_ids: np.ndarray | None = None
@@ -215,6 +218,66 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
         check_class_prompts(node, embeds, labels, limits, domains)
     if limits.class_pooled is not None:
         check_class_prompts(node, pooled[:, None, :], labels, limits, domains, pooled=True)
+    if limits.class_prompt_rows is not None and limits.class_prompts is not None:
+        check_private_rows(reject, embeds, pooled, labels, domains, limits)
+
+
+ROW_NORM_FACTOR = 2.0  # a private row's norm against the largest the encoder gives the server
+
+
+def check_private_rows(
+    reject: Callable[[str], None],
+    embeds: np.ndarray,
+    pooled: np.ndarray,
+    labels: np.ndarray,
+    domains: np.ndarray,
+    limits: PayloadLimits,
+) -> None:
+    """Instance level: a caption's rows and (SDXL) its prompt's pooled embedding are private,
+    so they are bounded rather than compared. Each caption row's L2 norm is at most twice the
+    largest row norm of the server's own class-prompt encodings, and a pooled embedding's norm
+    at most twice the largest of its class prefixes' pooled encodings (plus the noise's share,
+    with `embedding-clip`). Without noise a pooled embedding also points the way its class's
+    prefix does (cosine > 0: the caption prompt starts with that prefix) and is at least half as
+    long as the shortest prefix encoding. Another class's pooled embedding stays inside these
+    bounds: at instance level that cannot be told from a caption's."""
+    z, sigma = NOISE_Z, limits.noise_std
+    reference = limits.class_prompts.astype(np.float64)
+    rows = np.linalg.norm(embeds.astype(np.float64), axis=2)  # (n, 77)
+    caption = (
+        np.arange(rows.shape[1])[None, :]
+        >= np.asarray(limits.class_prompt_rows)[domains, labels][:, None]
+    )
+    most = ROW_NORM_FACTOR * float(np.linalg.norm(reference, axis=-1).max())
+    most += sigma * (np.sqrt(embeds.shape[-1]) + z)
+    over = np.flatnonzero((caption & (rows > most)).any(axis=1))
+    if len(over):
+        i = int(over[0])
+        reject(
+            f"sent caption rows of L2 norm up to {rows[i][caption[i]].max():.4g} in embedding "
+            f"{i}; this generator's encoder gives at most {most:.4g} (twice its largest row, "
+            "with the noise's share)"
+        )
+    if limits.prefix_pooled is None:
+        return
+    known = limits.prefix_pooled.astype(np.float64)
+    mine = known[domains, labels]  # (n, P)
+    got = pooled.astype(np.float64)
+    norms = np.linalg.norm(got, axis=1)
+    top = ROW_NORM_FACTOR * float(np.linalg.norm(known, axis=-1).max())
+    top += sigma * (np.sqrt(got.shape[-1]) + z)
+    low = 0.0 if limits.embedding_clip else float(np.linalg.norm(known, axis=-1).min()) / 2
+    cosine = (got * mine).sum(axis=1) / np.maximum(norms * np.linalg.norm(mine, axis=1), 1e-12)
+    bad = (norms > top) | (norms < low)
+    if not limits.embedding_clip:
+        bad |= cosine <= 0
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        reject(
+            f"sent a pooled embedding for class {int(labels[i])} of L2 norm {norms[i]:.4g} at "
+            f"cosine {cosine[i]:.3g} to its class prefix's; this generator's encoder gives "
+            f"{low:.4g} to {top:.4g}" + ("" if limits.embedding_clip else ", at cosine above 0")
+        )
 
 
 def check_claims(

@@ -145,3 +145,12 @@ def test_the_paper_preset_fills_in_what_the_run_leaves_and_keeps_what_it_sets():
         RunConfig.from_flower({"preset": "authors"})
     with pytest.raises(ConfigError, match=r"crop-size 64 is larger than the images \(28 px\)"):
         RunConfig.from_flower({"crop-size": 64}).model_input_size(28)
+
+
+def test_clip_and_noise_that_overflow_the_float16_payload_are_refused_naming_both():
+    from fgl_core.config import ConfigError
+
+    RunConfig.from_flower({"embedding-clip": 100.0, "embedding-noise": 20.0})  # 48,100: fits
+    with pytest.raises(ConfigError, match=r"embedding-clip = 100 with embedding-noise = 30 over"):
+        RunConfig.from_flower({"embedding-clip": 100.0, "embedding-noise": 30.0})  # 72,100
+    RunConfig.from_flower({"embedding-clip": 1e6})  # no noise: clipping only scales down

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgl_client.embedding import build_payload, text_encoder
+from fgl_client.embedding import build_payload, captioner, text_encoder
 from fgl_client.silo import load_silo
 from fgl_client.text_encoding import XLTextEncoder
 from fgl_core.config import RunConfig
@@ -148,7 +148,12 @@ def _silo_payload(blood_npz, cache_dir, **overrides) -> EmbeddingPayload:
     cfg = config(blood_npz, cache_dir, **overrides)
     silo = load_silo(cfg, {"partition-id": 0, "num-partitions": 2})
     encoder = text_encoder(OFFLINE_TINY_SDXL, cache_dir, "cpu")
-    return build_payload(EmbedRequest.from_config(cfg), silo, encoder)
+    return build_payload(
+        EmbedRequest.from_config(cfg),
+        silo,
+        encoder,
+        lambda: captioner(cfg.captioner, cache_dir, "cpu"),
+    )
 
 
 def test_an_fgl_run_synthesizes_and_trains_with_an_sdxl_generator(blood_npz, tmp_path):
@@ -160,3 +165,38 @@ def test_an_fgl_run_synthesizes_and_trains_with_an_sdxl_generator(blood_npz, tmp
     synthesis = results["synthesis"]
     assert synthesis["made"] == synthesis["images"] == 2 * len(synthesis["images-per-class"])
     assert 0 <= results["one-shot"]["test-accuracy"] <= 1
+
+
+def test_instance_level_pooled_and_caption_rows_are_bounded(
+    engine, blood_npz, blood_names, cache_dir
+):
+    instance = {"prompt-mode": "instance", "max-captions-per-class": 2}
+    payload = _silo_payload(blood_npz, cache_dir, **instance)
+    limits = payload_limits(config(blood_npz, ".", **instance), engine, blood_names)
+    assert limits.prefix_pooled is not None and limits.class_pooled is None
+    validate_payload("node 1", payload, limits)
+    # another class's pooled embedding cannot be told from a caption's: it passes, as documented
+    validate_payload("node 1", dataclasses.replace(payload, pooled=payload.pooled[::-1]), limits)
+    huge = np.full_like(payload.pooled, 65504)
+    for pooled in (-payload.pooled, huge, np.zeros_like(payload.pooled)):
+        with pytest.raises(PayloadRejected, match="node 1: sent a pooled embedding for class"):
+            validate_payload("node 1", dataclasses.replace(payload, pooled=pooled), limits)
+    embeds = payload.embeds.copy()
+    embeds[0, -1] = 65504  # the last row is a caption's (or its padding)
+    with pytest.raises(PayloadRejected, match="node 1: sent caption rows of L2 norm"):
+        validate_payload("node 1", dataclasses.replace(payload, embeds=embeds), limits)
+
+
+def test_a_chunk_size_below_one_row_is_refused_before_any_silo_is_asked(
+    engine, blood_npz, blood_names
+):
+    from types import SimpleNamespace
+
+    from fgl_core.config import ConfigError
+
+    payload_limits(config(blood_npz, ".", **{"embed-chunk-mib": 0.01}), engine, blood_names)
+    # SD 2.1's rows (77 x 1024 float16 values, 158 kB) do not fit in 0.1 MiB; nothing is encoded
+    sd21 = SimpleNamespace(width=1024, pooled_width=0, class_conditional=False, probe=None)
+    small = config(blood_npz, ".", **{"embed-chunk-mib": 0.1, "generator": "offline-tiny"})
+    with pytest.raises(ConfigError, match=r"embed-chunk-mib = 0.1 MiB \(104857 bytes\) holds no"):
+        payload_limits(small, sd21, blood_names)
