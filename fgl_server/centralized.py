@@ -29,7 +29,9 @@ def run_centralized(
     cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
 ) -> nn.Module:
     model = build_model_for(cfg, data.num_classes, data.image_size)
-    done = min(load_checkpoint(recorder.dir, "rounds", model), cfg.num_server_rounds)
+    done = load_checkpoint(
+        recorder.dir, "rounds", model, recorder.fingerprint, cfg.num_server_rounds
+    )
     if not done:
         recorder.log_round(0, evaluate_on_server(model, data, device, cfg))
     for rnd in range(done + 1, cfg.num_server_rounds + 1):
@@ -42,7 +44,7 @@ def run_centralized(
             )
         metrics = {**evaluate_on_server(model, data, device, cfg), "train-loss": stats.loss}
         recorder.log_round(rnd, metrics)
-        save_checkpoint(recorder.dir, "rounds", rnd, model)
+        save_checkpoint(recorder.dir, "rounds", rnd, model, recorder.fingerprint)
         log.info(
             "centralized round %d/%d: test accuracy %.4f (val %.4f)",
             rnd,

@@ -3,14 +3,22 @@ same config) goes on from where a crash stopped it, recomputing nothing it had f
 
 `checkpoint-<phase>.pt` in the run folder holds the model after the last finished step of a
 phase (`one-shot`, or `rounds` with the number of the last round), written to a temporary
-name and renamed. `results.json` already holds the results so far; `RunRecorder` reloads it.
+name and renamed, with the digest of its tensors and the fingerprint of the run's config.
+`results.json` already holds the results so far; `RunRecorder` reloads it.
+
+A checkpoint is resumed from only if it verifies: read into a copy, it must be this config's,
+its step in the phase's range, its keys and shapes the model's, every value finite and its
+digest unchanged (a flipped byte). Anything else is set aside beside it, renamed with the
+reason logged, never deleted, and the phase starts again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -24,28 +32,73 @@ def checkpoint_path(run_dir: Path, phase: str) -> Path:
     return run_dir / f"checkpoint-{phase}.pt"
 
 
-def save_checkpoint(run_dir: Path, phase: str, step: int, model: nn.Module) -> None:
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    run_dir: Path, phase: str, step: int, model: nn.Module, fingerprint: str
+) -> None:
     path = checkpoint_path(run_dir, phase)
     tmp = path.with_suffix(".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"step": step, "model": state}, tmp)
+    record = {"step": step, "model": state, "digest": state_digest(state)}
+    torch.save({**record, "config-fingerprint": fingerprint}, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(run_dir: Path, phase: str, model: nn.Module) -> int:
-    """Load the phase's checkpoint into `model`; return its step (0: none, start afresh)."""
+def load_checkpoint(
+    run_dir: Path, phase: str, model: nn.Module, fingerprint: str, last_step: int
+) -> int:
+    """Load the phase's checkpoint into `model` if it verifies (see the module's docstring);
+    return its step (0: none, or set aside: the phase starts afresh)."""
     path = checkpoint_path(run_dir, phase)
     if not path.is_file():
         return 0
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
-        step = int(saved["step"])
-    except Exception as err:  # a torn or foreign file: start the phase again
-        log.warning("ignoring %s (%s: %s); the phase starts afresh", path, type(err).__name__, err)
+        problem = checkpoint_problem(saved, model, fingerprint, last_step)
+    except Exception as err:  # a torn or foreign file
+        problem = f"unreadable ({type(err).__name__}: {str(err)[:200]})"
+    if problem:
+        aside = path.with_name(f"{path.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s %s: set aside as %s; %s starts afresh", path, problem, aside.name, phase)
         return 0
-    log.info("resuming %s from %s: step %d done", phase, path.name, step)
-    return step
+    model.load_state_dict(saved["model"])
+    log.info("resuming %s from %s: step %d done", phase, path.name, saved["step"])
+    return int(saved["step"])
+
+
+def checkpoint_problem(saved: object, model: nn.Module, fingerprint: str, last_step: int) -> str:
+    """Why a loaded checkpoint cannot be resumed from ("" if it can), checked on the loaded copy
+    before anything of the model is replaced."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        return "holds no model state"
+    if saved.get("config-fingerprint") != fingerprint:
+        return "was written by another run config (or before checkpoints carried one)"
+    step = saved.get("step")
+    if not isinstance(step, int) or not 1 <= step <= last_step:
+        return f"is at step {step!r}, outside this phase's 1..{last_step}"
+    state, expected = saved["model"], model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        return f"lacks {missing[:3]} and has {extra[:3]} beside the model's keys"
+    for name, tensor in expected.items():
+        got = state[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            return f"has {name!r} of shape {getattr(got, 'shape', None)}, not {tuple(tensor.shape)}"
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            return f"has NaN or infinite values in {name!r}"
+    if saved.get("digest") != state_digest(state):
+        return "does not match its digest (its bytes changed after it was written)"
+    return ""
 
 
 def offset_rounds(strategy: Strategy, done: int) -> Strategy:

@@ -439,7 +439,9 @@ def one_shot(
     model = build_model_for(cfg, data.num_classes, data.image_size)
     curve: list[dict[str, float]] = []  # this attempt's evaluations, the last after the last epoch
     with recorder.phase("one-shot"):
-        if load_checkpoint(recorder.dir, "one-shot", model):
+        if load_checkpoint(
+            recorder.dir, "one-shot", model, recorder.fingerprint, max(1, cfg.oneshot_epochs)
+        ):
             log.info("one-shot: the model trained before is reused")
         elif cfg.oneshot_epochs:
             seed = derive_seed(cfg.seed, "one-shot")
@@ -460,7 +462,9 @@ def one_shot(
             train_model(
                 model, synthetic, settings, device, desc="one-shot", on_epoch=evaluate_epoch
             )
-            save_checkpoint(recorder.dir, "one-shot", cfg.oneshot_epochs, model)
+            save_checkpoint(
+                recorder.dir, "one-shot", cfg.oneshot_epochs, model, recorder.fingerprint
+            )
     if curve:  # the last epoch was just evaluated
         metrics = {k: v for k, v in curve[-1].items() if k not in ("epoch", "train-loss")}
     else:

@@ -5,8 +5,10 @@ results.json is rewritten after every round, so a run that dies keeps what it ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -44,9 +46,13 @@ class RunRecorder:
                 f"({type(err).__name__}: {err.strerror or err})"
             ) from None
         self._start = time.perf_counter()
+        config = cfg.to_flower()
+        # what a checkpoint must carry to be resumed from (`fgl_server.checkpoint`)
+        self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         self.results: dict[str, Any] = {
             "run-name": name,
-            "config": cfg.to_flower(),
+            "config": config,
+            "config-fingerprint": self.fingerprint,
             "host": platform.node(),
             "started-at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "phase-seconds": {},
@@ -57,16 +63,34 @@ class RunRecorder:
 
     def _resume_or_clear(self) -> None:
         """A rerun of a run that did not finish (same folder, same config) goes on from its
-        results and checkpoints; a finished run, or one of another config, starts afresh."""
+        results and checkpoints; a finished run, or one of another config, starts afresh. A
+        results.json that cannot be read or is malformed is set aside (renamed, never deleted)
+        and the checkpoints are kept: each verifies against the config on its own."""
         previous = self.dir / "results.json"
+        if not previous.is_file():
+            return
         try:
-            earlier = json.loads(previous.read_text()) if previous.is_file() else None
-        except ValueError:
-            earlier = None
-        unfinished = earlier is not None and "finished-at" not in earlier
-        if unfinished and earlier.get("config") == self.results["config"]:
+            earlier = json.loads(previous.read_text())
+            problem = results_problem(earlier)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problem = f"is not readable JSON ({type(err).__name__}: {str(err)[:200]})"
+        if problem:
+            aside = previous.with_name(f"results.json.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(previous, aside)
+            log.warning(
+                "%s %s: set aside as %s; the checkpoints, which verify on their own, are kept "
+                "(the rounds before them are not in the new results)",
+                previous,
+                problem,
+                aside.name,
+            )
+            return
+        if "finished-at" not in earlier and earlier["config"] == self.results["config"]:
             self.results = {**earlier, "resumed-at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            ended = [r.get("end-seconds", 0.0) for r in self.results.get("rounds", [])]
+            self.results["config-fingerprint"] = self.fingerprint
+            self.results.setdefault("rounds", [])
+            self.results.setdefault("phase-seconds", {})
+            ended = [r.get("end-seconds", 0.0) for r in self.results["rounds"]]
             self._start -= max(ended, default=0.0)  # round end times go on from the last
             log.info("resuming the run in %s", self.dir)
         else:
@@ -146,3 +170,23 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def results_problem(results: object) -> str:
+    """Why an earlier results.json cannot be resumed from ("" if it can): its shape, as
+    `RunRecorder` writes it."""
+    if not isinstance(results, dict):
+        return f"holds a {type(results).__name__}, not a run's results"
+    if not isinstance(results.get("config"), dict):
+        return "holds no run config"
+    rounds = results.get("rounds", [])
+    if not isinstance(rounds, list) or not all(
+        isinstance(r, dict)
+        and isinstance(r.get("round"), int)
+        and isinstance(r.get("end-seconds", 0.0), (int, float))
+        for r in rounds
+    ):
+        return "has rounds that are not a list of rows with a round number"
+    if not isinstance(results.get("phase-seconds", {}), dict):
+        return "has phase-seconds that are not a mapping"
+    return ""

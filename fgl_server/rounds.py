@@ -36,7 +36,9 @@ def run_rounds(
 
     The first round waits for `min-nodes` silos unless `await_nodes` is False (FGL waited
     before its embedding round: its rounds go on with the silos still connected)."""
-    done = min(load_checkpoint(recorder.dir, "rounds", model), cfg.num_server_rounds)
+    done = load_checkpoint(
+        recorder.dir, "rounds", model, recorder.fingerprint, cfg.num_server_rounds
+    )
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         server_round += done  # Flower counts this attempt's rounds from 1
@@ -45,7 +47,7 @@ def run_rounds(
         recorder.set("traffic", grid.to_json())  # so far: a run that dies keeps its ledger
         recorder.log_round(server_round, metrics)
         if server_round > done:
-            save_checkpoint(recorder.dir, "rounds", server_round, model)
+            save_checkpoint(recorder.dir, "rounds", server_round, model, recorder.fingerprint)
         log.info(
             "round %d/%d: test accuracy %.4f (val %.4f)",
             server_round,

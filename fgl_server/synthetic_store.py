@@ -7,7 +7,9 @@ shards in progress. Shards are written to a temporary name and renamed, and the 
 table records each finished shard's image count and sha256. A shard counts as done only if its
 file matches that record: a truncated, zeroed, flipped or replaced shard is named, and the next
 run makes it again; `load()` refuses one by name. A manifest that cannot be read or does not
-match the plan is rebuilt, and then every shard is made again.
+match the plan (the folder's name is the plan's hash, so either is damage) is rebuilt from the
+shards that verify: each read whole (its zip's CRC checks every byte), with the plan's image
+count and labels for its range and uint8 RGB images; only the others are made again.
 """
 
 from __future__ import annotations
@@ -79,9 +81,42 @@ class SyntheticStore:
                 reason = "it records another plan"
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 reason = f"it cannot be read ({type(err).__name__}: {err})"
-            log.warning("synthetic store %s: rebuilding manifest.json: %s", self.dir, reason)
+            kept = {str(shard): record for shard, record in self._shards_that_verify()}
+            log.warning(
+                "synthetic store %s: rebuilding manifest.json (%s) from the %d shards that verify",
+                self.dir,
+                reason,
+                len(kept),
+            )
+            self._write_manifest(kept)
+            return kept
         self._write_manifest({})
         return {}
+
+    def _shards_that_verify(self) -> Iterator[tuple[int, dict]]:
+        """(shard, manifest record) for each shard file that reads whole and fits the plan."""
+        for shard in range(self.num_shards):
+            path = self.shard_path(shard)
+            if not path.is_file():
+                continue
+            start, end = self.shard_range(shard)
+            try:
+                with np.load(path, allow_pickle=False) as archive:
+                    images, labels = archive["images"], archive["labels"]
+            except Exception as err:  # torn, zeroed, or a byte changed (the zip's CRC)
+                log.warning("synthetic store %s: %s does not read (%s)", self.dir, path.name, err)
+                continue
+            fits = (
+                images.dtype == np.uint8
+                and images.ndim == 4
+                and images.shape[0] == end - start
+                and images.shape[-1] == 3
+                and labels.tolist() == self.plan["labels"][start:end]
+            )
+            if fits:
+                yield shard, {"images": end - start, "sha256": _sha256(path)}
+            else:
+                log.warning("synthetic store %s: %s does not fit the plan", self.dir, path.name)
 
     def _write_manifest(self, shards: dict[str, dict]) -> None:
         _atomic_write(self.manifest_path, json.dumps({**self.plan, "shards": shards}).encode())

@@ -379,19 +379,22 @@ def test_a_damaged_shard_is_named_on_load_and_remade_alone_by_the_rerun(
     assert rerun.load().labels.tolist() == manifest["labels"]
 
 
-def test_a_broken_manifest_is_rebuilt_and_its_shards_are_remade(engine, payloads, tmp_path):
+def test_a_broken_manifest_is_rebuilt_from_the_shards_that_verify(engine, payloads, tmp_path):
     prompts, histogram = merge_payloads(payloads, 8)
     jobs = plan_images(prompts, histogram, 1, "balanced", run_seed=0)  # 8 images, 2 shards
     manifest = {"labels": [j.label for j in jobs], "seeds": [j.seed for j in jobs]}
     store = SyntheticStore(tmp_path, manifest, shard_size=4)
     synthesize_into_store(engine, prompts, jobs, store, batch_size=4)
+    good = store.load()
     store.manifest_path.write_text('{"labels": [0, 1')  # cut off mid-write by hand
-    with pytest.raises(StoreError, match=r"shard-00000\.npz is not in the manifest's shard table"):
-        SyntheticStore(tmp_path, manifest, shard_size=4).load()
+    damage_flip(store.shard_path(1))  # and one shard damaged too
+    rebuilt = SyntheticStore(tmp_path, manifest, shard_size=4)
+    assert set(rebuilt.shards) == {"0"}  # shard 0 verifies and is kept; shard 1 does not
     made = []
-    rerun = SyntheticStore(tmp_path, manifest, shard_size=4)
-    synthesize_into_store(engine, prompts, jobs, rerun, 4, on_shard=made.append)
-    assert made == [0, 1] and len(rerun.load()) == 8
+    synthesize_into_store(engine, prompts, jobs, rebuilt, 4, on_shard=made.append)
+    assert made == [1]  # only the damaged shard is made again
+    again = SyntheticStore(tmp_path, manifest, shard_size=4).load()
+    assert np.array_equal(again.images, good.images)
 
 
 # --- a whole run, in process, with one misbehaving silo ------------------------------------
