@@ -237,7 +237,7 @@ def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
     assert masses.max() / masses.sum() == pytest.approx(0.3) and scales[:2] == [1.0, 1.0]
 
 
-def captions(histogram, per_class: int, weight: int, seed: int) -> EmbeddingPayload:
+def captions_payload(histogram, per_class: int, weight: int, seed: int) -> EmbeddingPayload:
     """Instance-level: `per_class` distinct captions of each held class, each of `weight`."""
     labels = np.repeat(np.flatnonzero(np.asarray(histogram) > 0), per_class)
     embeds = np.random.default_rng(seed).standard_normal((len(labels), 77, WIDTH))
@@ -258,9 +258,9 @@ def test_weights_rank_a_silos_own_prompts_and_cannot_take_a_class(plan):
     than four captions weighted 1 from a silo with the same counts."""
     counts = (10, 10, 10, 10)
     payloads = {
-        "node 1": captions(counts, 4, 1, seed=1),
-        "node 2": captions(counts, 4, 1, seed=2),
-        "node 3": captions(counts, 1, 10, seed=3),  # weight = its count: the old lever
+        "node 1": captions_payload(counts, 4, 1, seed=1),
+        "node 2": captions_payload(counts, 4, 1, seed=2),
+        "node 3": captions_payload(counts, 1, 10, seed=3),  # weight = its count: the old lever
     }
     prompts, histogram = merge_payloads(payloads, CLASSES, max_silo_share=0.5, plan=plan)
     jobs = plan_images(prompts, histogram, 20, plan, run_seed=0)
@@ -381,3 +381,26 @@ def test_an_announcement_past_the_limits_is_refused_before_any_chunk_is_fetched(
     pieces[0]["chunk"]["count"] = 10**9
     with pytest.raises(PayloadRejected, match="chunk 0 of 1000000000 for 500 rows"):
         announced_chunks("node 2", pieces[0], CHUNKED)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(1, MAX_COUNT), min_size=CLASSES, max_size=CLASSES),
+    st.integers(1, 6),
+    st.integers(1, MAX_COUNT),
+)
+def test_no_claim_or_weight_moves_a_silos_pull_in_the_balanced_plan(counts, captions, weight):
+    """Whatever a silo claims within the bounds (counts, captions per class, weights), it gets
+    a third of each class beside two honest silos, give or take the rounding: less than one
+    image per prompt it sent."""
+    weight = min(weight, min(counts) // captions) or 1  # the weights in a class fit its count
+    counts = [max(c, captions * weight) for c in counts]
+    payloads = {
+        "node 1": captions_payload((10,) * CLASSES, 3, 1, seed=1),
+        "node 2": captions_payload((10,) * CLASSES, 3, 1, seed=2),
+        "node 3": captions_payload(tuple(counts), captions, weight, seed=3),
+    }
+    prompts, histogram = merge_payloads(payloads, CLASSES, plan="balanced")
+    jobs = plan_images(prompts, histogram, 30, "balanced", run_seed=0)
+    liar = sum(prompts[j.prompt].sources == ["node 3"] for j in jobs)
+    assert abs(liar - len(jobs) / 3) < captions * CLASSES, (liar, len(jobs))

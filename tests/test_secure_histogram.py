@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deploy.inprocess import InProcessGrid, silo_context
 from fgl_client.embedding import build_payload, text_encoder
@@ -19,7 +21,7 @@ from fgl_server.fgl_run import run_fgl
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from strategies.secure_histogram import secure_histogram_sum
+from strategies.secure_histogram import secure_histogram_sum, sum_problem
 from tests.conftest import launch
 
 SILOS = 3
@@ -242,3 +244,24 @@ def test_a_run_goes_on_past_a_secure_sum_that_does_not_add_up(tmp_path, task_ide
     # no histogram to trust: every class held, in equal shares; then the rounds as planned
     assert results["synthesis"]["merged-label-histogram"] == [1] * 10
     assert [r["round"] for r in results["rounds"]] == [0, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 2**20), min_size=5, max_size=5), min_size=2, max_size=6),
+    st.integers(0, 5),
+    st.lists(st.integers(-(2**20), 2**20), min_size=5, max_size=5),
+)
+def test_the_sum_check_passes_every_honest_sum_and_refuses_any_lie_that_moves_the_total(
+    histograms, liar, lie
+):
+    nodes = list(range(len(histograms)))
+    said = {n: sum(h) for n, h in zip(nodes, histograms, strict=True)}
+    total = np.sum(histograms, axis=0).astype(np.float64)
+    assert sum_problem(total, 5, nodes, said) == ""
+    shifted = total + np.asarray(lie, np.float64)  # one silo's share changed by `lie`
+    problem = sum_problem(shifted, 5, nodes, said)
+    if sum(lie) != 0 or (shifted < 0).any():
+        assert problem, (lie, total)
+    assert sum_problem(total + 0.5, 5, nodes, said) != ""  # not a sum of counts
+    assert sum_problem(np.full(5, np.nan), 5, nodes, said) != ""
