@@ -42,7 +42,8 @@ def test_synthesis_benchmark_runs_on_cpu_with_the_tiny_generator(tmp_path):
     assert record["benchmark"] == "synthesis_tiny"
     rows = [(r["setting"], r["steps"], r["batch-size"]) for r in record["rows"]]
     engine = "engine, float32"
-    fastest = max(record["rows"], key=lambda r: r["images-per-second"])
+    # the benchmark picks the fastest of the rows before its final one (which may be faster)
+    fastest = max(record["rows"][:-1], key=lambda r: r["images-per-second"])
     final = (f"{fastest['setting']} (fastest)", 3, fastest["batch-size"])  # the paper's steps
     assert rows == [("plain diffusers", 2, 1), (engine, 2, 1), (engine, 2, 3), final]
     assert all(r["images-per-second"] > 0 for r in record["rows"])
