@@ -1,6 +1,6 @@
 """Train `fgl-mini` from scratch on the rendered glyph corpus, on a CPU.
 
-    python -m fgl_core.mini.train --out outputs/fgl-mini        # about 27 minutes on 2 cores
+    python -m fgl_core.mini.train --out outputs/fgl-mini        # about 24 minutes on 2 cores
     python -m fgl_core.mini.train --out outputs/fgl-mini --install   # and replace the shipped copy
 
 Two stages, one flat loop each: an `AutoencoderKL` learns 16 px images <-> 8x8x4 latents; then a
