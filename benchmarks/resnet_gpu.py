@@ -1,7 +1,7 @@
 """FedAvg and centralized training of ResNet-18 on bloodmnist_28, on one GPU, in one process.
 
-The README's GPU table: 5 silos, Dirichlet alpha 0.01 / 0.5 and IID, beside the paper's FedAvg
-(200 rounds of 5 local epochs) and centralized figures. The silos run in this process
+The GPU table of docs/measurements.md: 5 silos, Dirichlet alpha 0.01 / 0.5 and IID, beside the
+paper's FedAvg (200 rounds of 5 local epochs) and centralized figures. The silos run in this process
 (`deploy.inprocess`, no Ray), one after another, on the same GPU. Each cell is written to the
 JSON as soon as it ends, so a run stopped early keeps the cells it finished.
 

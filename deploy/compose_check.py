@@ -183,7 +183,7 @@ def compose_check(tls: bool, crash_drill: bool, timeout: float) -> dict:
     run_dir.mkdir(parents=True)
     give_to_app_user(run_dir)
     home = Path(tempfile.mkdtemp(prefix="fgl-compose-home-"))
-    connection = "fgl-docker-tls" if tls else "fgl-docker"  # as README.md names them
+    connection = "fgl-docker-tls" if tls else "fgl-docker"  # as docs/deployment.md names them
     flwr = FlowerCLI(home, {**os.environ, "FLWR_HOME": str(home)}, connection)
     compose = Compose(tls)
     certs = None

@@ -1,6 +1,6 @@
 """Faster stand-ins for two of Flower's runtime processes, for the loopback launcher and the tests.
 
-A deployment as a user runs it (the compose files, the README's multi-machine commands) runs
+A deployment as a user runs it (the compose files, docs/deployment.md's multi-machine commands) runs
 Flower's own `flower-supernode` and `flower-superexec`. On one machine, where a round's work is
 small, Flower's fixed costs per message dominate; this package swaps them out:
 

@@ -356,7 +356,7 @@ def membership_section(
     if not shadows:
         return [
             *lines,
-            "Not run for this report (`--lira-shadows 16` runs it). The README gives the "
+            "Not run for this report (`--lira-shadows 16` runs it). docs/privacy.md gives the "
             "attack across methods, from `python -m benchmarks.lira`.",
         ]
     if model is None:

@@ -8,8 +8,9 @@ share this machine's file system and processes, so a host's processes are starte
 netns exec` and stopped by PID; on exit every process left in a namespace is killed and the
 namespaces are deleted.
 
-The README's "Run across machines" blocks are what the hosts run (`readme_block`): the test
-swaps in its own values for the variables a block sets on its first lines.
+The "Run across machines" blocks of docs/deployment.md are what the hosts run
+(`readme_block`): the test swaps in its own values for the variables a block sets on its
+first lines.
 """
 
 from __future__ import annotations
@@ -129,22 +130,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):  # ty
     return answer
 
 
-# --- the README's blocks ---
+# --- the deployment doc's blocks ---
 INSTALL = re.compile(r"^python3 -m venv ")  # the hosts share this checkout's environment
 ASSIGNMENT = re.compile(r"^([A-Z_]+)=(\S+)(\s+#.*)?$")
 
 
 def readme_block(name: str) -> str:
-    """The fenced block that follows `<!-- host: name -->` in the README."""
-    text = (ROOT / "README.md").read_text()
+    """The fenced block that follows `<!-- host: name -->` in docs/deployment.md."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
     match = re.search(rf"<!-- host: {re.escape(name)} -->\n```\w*\n(.*?)```", text, re.S)
-    assert match, f"README.md has no block marked <!-- host: {name} -->"
+    assert match, f"docs/deployment.md has no block marked <!-- host: {name} -->"
     return match.group(1)
 
 
 def host_script(block: str, values: dict[str, str]) -> str:
-    """A README block as a host runs it: its variables set to `values` (each one the block sets
-    must be given), its install line left out."""
+    """A deployment-doc block as a host runs it: its variables set to `values` (each one the
+    block sets must be given), its install line left out."""
     lines, seen = [], set()
     for line in block.splitlines():
         if INSTALL.match(line):

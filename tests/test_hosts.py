@@ -1,10 +1,10 @@
-"""A deployment across separate hosts: the README's "Run across machines" commands, verbatim.
+"""A deployment across separate hosts: docs/deployment.md's multi-machine commands, verbatim.
 
 Four hosts, each a network namespace with its own address (tests/hosts.py): the server at
-10.77.0.1 runs the README's server blocks (certificates for that address, not `localhost`; the
+10.77.0.1 runs the doc's server blocks (certificates for that address, not `localhost`; the
 SuperLink with TLS, SuperNode authentication and its state in `superlink.db`; the keys
-registered; the FGL run submitted with `flwr run`), and three silos run the README's silo block
-with node-local data. The run adds only test-sized settings to the README's run config. Drills,
+registered; the FGL run submitted with `flwr run`), and three silos run the doc's silo block
+with node-local data. The run adds only test-sized settings to the doc's run config. Drills,
 in order, in one run:
 
 1. one silo's link down for 30 s during round 2: the round ends at `round-timeout` without it,
@@ -38,7 +38,7 @@ SILOS = 3
 ROUNDS = 6
 LINK_DOWN_SECONDS = 30
 ROUND_TIMEOUT = 20
-# the README's run config, plus what makes it test-sized
+# the deployment doc's run config, plus what makes it test-sized
 TEST_SIZED = (
     f"images-per-class=4 steps=2 synthesis-batch-size=32 oneshot-epochs=2 local-epochs=1 "
     "evaluate-in-train=true "
@@ -121,7 +121,7 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
             return str(newest_run().get("status", "none"))
 
         superlink = start_superlink()
-        # the connection, as the README writes it, for this server's address and certificates
+        # the connection, as docs/deployment.md writes it, for this server's address and certs
         connection = readme_block("connection").replace("server.example.org", SERVER)
         connection = connection.replace(
             "/absolute/path/to/certs/ca.crt", str(server / "certs/ca.crt")
