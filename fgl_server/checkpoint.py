@@ -32,6 +32,14 @@ def checkpoint_path(run_dir: Path, phase: str) -> Path:
     return run_dir / f"checkpoint-{phase}.pt"
 
 
+def set_aside(path: Path) -> Path:
+    """Rename resumed state that did not verify to `<name>.set-aside-<time>` beside it (never
+    deleted: a person may want it); return the new path."""
+    aside = path.with_name(f"{path.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a state dict's names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
@@ -67,8 +75,7 @@ def load_checkpoint(
     except Exception as err:  # a torn or foreign file
         problem = f"unreadable ({type(err).__name__}: {str(err)[:200]})"
     if problem:
-        aside = path.with_name(f"{path.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, aside)
+        aside = set_aside(path)
         log.warning("%s %s: set aside as %s; %s starts afresh", path, problem, aside.name, phase)
         return 0
     model.load_state_dict(saved["model"])

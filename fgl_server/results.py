@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from torch import nn
 
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.plotting import plot_accuracy
+from fgl_server.checkpoint import set_aside
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class RunRecorder:
         except (OSError, UnicodeDecodeError, ValueError) as err:
             problem = f"is not readable JSON ({type(err).__name__}: {str(err)[:200]})"
         if problem:
-            aside = previous.with_name(f"results.json.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(previous, aside)
+            aside = set_aside(previous)
             log.warning(
                 "%s %s: set aside as %s; the checkpoints, which verify on their own, are kept "
                 "(the rounds before them are not in the new results)",

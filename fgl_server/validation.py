@@ -263,10 +263,9 @@ def check_private_rows(
     known = limits.prefix_pooled.astype(np.float64)
     mine = known[domains, labels]  # (n, P)
     got = pooled.astype(np.float64)
-    norms = np.linalg.norm(got, axis=1)
-    top = ROW_NORM_FACTOR * float(np.linalg.norm(known, axis=-1).max())
-    top += sigma * (np.sqrt(got.shape[-1]) + z)
-    low = 0.0 if limits.embedding_clip else float(np.linalg.norm(known, axis=-1).min()) / 2
+    norms, known_norms = np.linalg.norm(got, axis=1), np.linalg.norm(known, axis=-1)
+    top = ROW_NORM_FACTOR * float(known_norms.max()) + sigma * (np.sqrt(got.shape[-1]) + z)
+    low = 0.0 if limits.embedding_clip else float(known_norms.min()) / 2
     cosine = (got * mine).sum(axis=1) / np.maximum(norms * np.linalg.norm(mine, axis=1), 1e-12)
     bad = (norms > top) | (norms < low)
     if not limits.embedding_clip:
