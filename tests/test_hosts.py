@@ -49,14 +49,18 @@ APP_FILES = ["pyproject.toml", "README.md", "fgl_core", "fgl_client", "fgl_serve
 
 
 def checkout(folder: Path) -> Path:
-    """A copy of the app as a host holds it, with this environment as its `.venv`."""
-    folder.mkdir(parents=True)
-    for name in APP_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, folder / name)
+    """A copy of the app as a host's clone holds it, with this environment as its `.venv`: the
+    files git tracks or would (not what it ignores, such as the 3 GB of wheels deploy/images.py
+    may be collecting into deploy/wheels meanwhile)."""
+    listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    tracked = subprocess.run(
+        [*listed, "--", *APP_FILES], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    files = [name for name in tracked.split("\0") if name and (ROOT / name).is_file()]
+    assert "fgl_core/config.py" in files, f"git ls-files in {ROOT} listed {len(files)} files"
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, folder / name)
     (folder / ".venv").symlink_to(Path(sys.prefix))
     return folder
 
