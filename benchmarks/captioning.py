@@ -69,12 +69,13 @@ def main() -> None:
     device = torch.device(args.device)
     with np.load(DATASETS / "bloodmnist_28.npz", allow_pickle=False) as archive:
         images = list(archive["train_images"][: args.images])
-    cache = Path(tempfile.mkdtemp(prefix="fgl-bench-"))
-    tiny = resolve_model_ref("offline-tiny", "captioner", cache)
-    record = {"device": args.device, "offline-tiny": measure(tiny, images, device, 16)}
-    if args.base_size:
-        base = blip_base_sized(cache / "blip-base-sized", tiny)
-        record["blip-base-sized"] = measure(base, images[:32], device, 8)
+    with tempfile.TemporaryDirectory(prefix="fgl-bench-") as tmp:  # 0.8 GB with --base-size
+        cache = Path(tmp)
+        tiny = resolve_model_ref("offline-tiny", "captioner", cache)
+        record = {"device": args.device, "offline-tiny": measure(tiny, images, device, 16)}
+        if args.base_size:
+            base = blip_base_sized(cache / "blip-base-sized", tiny)
+            record["blip-base-sized"] = measure(base, images[:32], device, 8)
     write(f"captioning_{device.type}", record)
 
 

@@ -111,7 +111,11 @@ def main() -> None:
     parts = [p for p in PARTS if args.parts is None or p.name in args.parts]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fgl-gpu-session-"))
-    env = {**os.environ, "FGL_BENCHMARK_OUT": str(work), "PYTHONUNBUFFERED": "1"}
+    # the parts' scratch (models made to size, caches) goes under `work` too, which goes at the
+    # end: a part stopped at its time-out cannot remove its own
+    (work / "tmp").mkdir()
+    env = {**os.environ, "FGL_BENCHMARK_OUT": str(work), "TMPDIR": str(work / "tmp"),
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
     log = (args.out / "gpu_session.log").open("a")
     summary = {"benchmark": "gpu_session", "machine": machine(), "smoke": args.smoke, "parts": {}}
 
@@ -167,6 +171,7 @@ def main() -> None:
     skipped = [n for n, p in summary["parts"].items() if p["status"] != "done"]
     say(f"== not done: {', '.join(skipped)}" if skipped else "== all parts done")
     log.close()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

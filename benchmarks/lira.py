@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def attack_dataset(
             for label, conf in confidences_of(config, data, pool).items():
                 confidences.setdefault(label, []).append(conf)
         print(f"{name}: model {k + 1}/{models} of each system", flush=True)
+    shutil.rmtree(work, ignore_errors=True)  # the halves, the runs and their caches
     start = time.perf_counter()
     settings = TrainSettings.from_config(cfg, epochs=ROUNDS * cfg.local_epochs, seed=0)
     central = train_on_halves(

@@ -189,7 +189,8 @@ def main() -> None:
         settings = SynthesisSettings.defaults(
             generator="offline-tiny", train_resolution=16, steps=steps
         )
-        pipe = SynthesisEngine.load(settings, tempfile.mkdtemp(prefix="fgl-bench-"), device).pipe
+        with tempfile.TemporaryDirectory(prefix="fgl-bench-") as cache:  # loaded: not needed
+            pipe = SynthesisEngine.load(settings, cache, device).pipe
     else:
         settings = SynthesisSettings.defaults(
             generator="sd21-base-random-weights",

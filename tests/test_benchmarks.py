@@ -1,8 +1,10 @@
 """The benchmarks run (CI has no GPU: the synthesis one runs with the tiny generator here)."""
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -65,14 +67,22 @@ def test_peak_memory_sums_a_process_and_its_descendants():
 
 
 def run_session(args: list[str], out: Path, timeout: float = 600) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_session", "--out", str(out), *args],
-        env=project_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    # its TMPDIR, which it must leave as it found it; short, as multiprocessing's sockets in it
+    # need (an AF_UNIX path holds 107 bytes)
+    scratch = Path(tempfile.mkdtemp(prefix="fgl-s-"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.gpu_session", "--out", str(out), *args],
+            env={**project_env(), "TMPDIR": str(scratch)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        left = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not left, f"the session left {left[:5]} in its TMPDIR"  # 0.8 GB a run, once
     return json.loads((out / "gpu_session.json").read_text())
 
 
