@@ -13,8 +13,10 @@ entrypoints of Flower's images, so the compose files stay exactly what a user ru
 
 The app image is built offline: every wheel it needs is collected on this machine first
 (`pip download`, with this machine's pip configuration: PyTorch is the build a `pip install -e .`
-here gets) into `deploy/wheels/`, and the Dockerfile installs from there with `--no-index`. An image
-whose inputs are unchanged (the files it is built from, and the wheels) is reused, not rebuilt.
+here gets) into `deploy/wheels/`, which is served on 127.0.0.1 while `docker build --network
+host` runs, and the Dockerfile installs from that address with `--no-index`. The wheels (3 GB
+with a CUDA PyTorch) never enter the build context or a layer. An image whose inputs are
+unchanged (the files it is built from, and the wheels) is reused, not rebuilt.
 
 On a machine without a Docker engine (root only), `docker.io`, `docker-compose` and `mmdebstrap`
 are installed from Debian's packages and `dockerd` is started, its networks inside 10.78.0.0/16;
@@ -27,11 +29,13 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import http.server
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -47,7 +51,7 @@ FLOWER_IMAGES = {
 }
 APP_IMAGE = f"fgl-flower-app:{PROJECT['version']}"
 BASE_IMAGE = "fgl-base/debian-python3:bookworm"  # the stand-ins' root filesystem
-APP_WHEELS = ROOT / "deploy" / "wheels"  # inside the app's build context (deploy/Dockerfile)
+APP_WHEELS = ROOT / "deploy" / "wheels"  # served to the build, never in its context
 # what deploy/Dockerfile copies: a change to any of it makes a new app image
 APP_SOURCES = ["pyproject.toml", "README.md", "deploy/Dockerfile", "fgl_core", "fgl_client",
                "fgl_server", "strategies"]  # fmt: skip
@@ -255,6 +259,28 @@ def sources_digest(requirements: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def served(folder: Path) -> Iterator[str]:
+    """`folder` served over HTTP on 127.0.0.1 (a free port) while the block runs: its address,
+    for pip's `--find-links` (pip trusts loopback without TLS)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, format: str, *args: object) -> None:  # one line a wheel: no
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet) as server:
+        thread = threading.Thread(target=server.serve_forever, name="wheels", daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
 def ensure_app_image(wheels: Path = APP_WHEELS) -> str:
     """The app image, built offline from `wheels` unless one of the same inputs is here."""
     requirements = app_requirements()
@@ -263,14 +289,16 @@ def ensure_app_image(wheels: Path = APP_WHEELS) -> str:
         return "present"
     collect_wheels(wheels, requirements)
     start = time.monotonic()
-    say(f"building {APP_IMAGE} from deploy/Dockerfile, offline from {wheels}")
-    run(
-        ["docker", "build", "--quiet", "-f", str(ROOT / "deploy" / "Dockerfile"),
-         "--build-arg", f"FLWR_VERSION={FLOWER_VERSION}",
-         "--build-arg", f"WHEELS={wheels.relative_to(ROOT)}",
-         "--label", f"fgl.sources={digest}", "-t", APP_IMAGE, str(ROOT)],
-        f"docker build {APP_IMAGE}",
-    )  # fmt: skip
+    say(f"building {APP_IMAGE} from deploy/Dockerfile, offline from {wheels} (served on loopback)")
+    with served(wheels) as address:
+        run(
+            ["docker", "build", "--quiet", "--network", "host",
+             "-f", str(ROOT / "deploy" / "Dockerfile"),
+             "--build-arg", f"FLWR_VERSION={FLOWER_VERSION}",
+             "--build-arg", f"WHEELS_URL={address}",
+             "--label", f"fgl.sources={digest}", "-t", APP_IMAGE, str(ROOT)],
+            f"docker build {APP_IMAGE}",
+        )  # fmt: skip
     say(f"{APP_IMAGE} built in {time.monotonic() - start:.0f} s")
     return "built"
 
