@@ -14,7 +14,7 @@ entrypoints of Flower's images, so the compose files stay exactly what a user ru
 The app image is built offline: every wheel it needs is collected on this machine first
 (`pip download`, with this machine's pip configuration: PyTorch is the build a `pip install -e .`
 here gets) into `deploy/wheels/`, which is served on 127.0.0.1 while `docker build --network
-host` runs, and the Dockerfile installs from that address with `--no-index`. The wheels (3 GB
+host` runs, and the Dockerfile installs from that address with `--no-index`. The wheels (gigabytes
 with a CUDA PyTorch) never enter the build context or a layer. An image whose inputs are
 unchanged (the files it is built from, and the wheels) is reused, not rebuilt.
 

@@ -3,11 +3,12 @@
 Flower 1.41's SuperNode sleeps a hard-coded 3 s whenever it asks for a message and gets none, and
 polls every 0.5 s for its ClientApp's reply. Between two FedAvg rounds every node finds nothing
 and sleeps, so each round waits for the last node's wake-up: 1.5 s on average, up to 3 s, and
-most of a short round (the quickstart's take about 0.4 s of work). This entry point runs Flower's
-own `flower-supernode` (same flags, same code) with every sleep of its pull/push loop capped at
-`--poll` seconds. With a handful of silos the SuperLink serves a few more requests a second; with
-thousands of nodes, keep Flower's 3 s. On another Flower release than the one this was written
-for, it runs `flower-supernode` unchanged (one warning line says so).
+most of a short round (docs/measurements.md: deployed rounds, stock against accelerated). This
+entry point runs Flower's own `flower-supernode` (same flags, same code) with every sleep of its
+pull/push loop capped at `--poll` seconds. With a handful of silos the SuperLink serves a few
+more requests a second; with thousands of nodes, keep Flower's 3 s. On another Flower release
+than the one this was written for, it runs `flower-supernode` unchanged (one warning line says
+so).
 
     python -P -m fgl_accel.supernode --poll 0.2 --superlink 127.0.0.1:9092 --insecure ...
 """

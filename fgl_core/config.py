@@ -150,8 +150,8 @@ class RunConfig(BaseModel):
     negative_prompt: str = "low quality, low resolution"
     synthesis_batch_size: int = Field(8, ge=1, le=4096)
     synthesis_resolution: int = Field(0, ge=0, le=2048)  # 0 = the generator's native size
-    # torch.compile the generator's denoiser: a minute or more per batch shape on a GPU, then
-    # faster (1.3x on an H100); pays off from a few hundred images on
+    # torch.compile the generator's denoiser: each batch shape compiles first, then runs faster;
+    # pays off from a few hundred images on (docs/measurements.md, "One H100")
     synthesis_compile: bool = False
     synthesis_shard_size: int = Field(64, ge=1, le=1_000_000)
     # 0: the whole synthetic set on the training device; N: stream it through N shards at a time

@@ -158,7 +158,7 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
 
 
 def train_test_split(*arrays, **options):  # type: ignore[no-untyped-def]
-    """scikit-learn's, imported on first use: it pulls in scipy (about 0.8 s), which a process
+    """scikit-learn's, imported on first use: it pulls in scipy, slow to import, which a process
     loading a dataset that needs no split (an `.npz` with its own val split, no subset) skips."""
     from sklearn.model_selection import train_test_split as split
 

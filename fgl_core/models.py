@@ -47,7 +47,7 @@ class Classifier(nn.Module):
 
 
 def small_cnn() -> tuple[nn.Module, int]:
-    """Two conv layers; about 30x faster than ResNet-18 on CPU, for quick runs and CI."""
+    """Two conv layers; much faster than ResNet-18 on a CPU, for quick runs and CI."""
     backbone = nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1),
         nn.ReLU(inplace=True),
@@ -64,7 +64,7 @@ def small_cnn() -> tuple[nn.Module, int]:
 
 
 def resnet_backbone(depth: int, image_size: int) -> tuple[nn.Module, int]:
-    from torchvision.models import resnet18, resnet34, resnet50  # the zoo: 1.5 s to import
+    from torchvision.models import resnet18, resnet34, resnet50  # the zoo: slow to import
 
     net = {18: resnet18, 34: resnet34, 50: resnet50}[depth](weights=None)
     if image_size <= SMALL_STEM_MAX_SIZE:

@@ -73,9 +73,8 @@ class GpuTuning:
     """How the engine runs the pipeline on a CUDA device (ignored on a CPU).
 
     None of it changes what an image shows, only the rounding: an image made with other tuning
-    is the same picture, not the same bytes. `benchmarks/synthesis.py` measures each on a GPU;
-    there (H100, SD 2.1-base) channels_last made the UNet and VAE 16 % slower, so it is off;
-    fused projections were within noise of unfused ones.
+    is the same picture, not the same bytes. `benchmarks/synthesis.py` measures each on a GPU
+    (docs/measurements.md, "One H100"): channels_last was slower there, so it is off.
     """
 
     channels_last: bool = False  # NHWC convolutions
@@ -104,10 +103,10 @@ def apply_tuning(pipe: Any, tuning: GpuTuning) -> None:
 def compile_denoiser(pipe: Any) -> None:
     """`torch.compile` the pipeline's denoiser (a UNet, or DiT's transformer) in place, once.
 
-    Compiling happens at the first batch of each new shape, then that shape reuses it: on an
-    H100 (SD 2.1-base, 512 px) 55-83 s, after which the UNet ran 1.3x faster (8.5 images/s
-    against 6.4 at batch 32). A second shape (a shard's last, shorter batch) compiles once more,
-    for every shape from then on. Images are those of the plain model up to rounding.
+    Compiling happens at the first batch of each new shape, then that shape reuses it (what it
+    costs and gains: docs/measurements.md, "One H100"). A second shape (a shard's last, shorter
+    batch) compiles once more, for every shape from then on. Images are those of the plain model
+    up to rounding.
     """
     name = "unet" if hasattr(pipe, "unet") else "transformer"
     model = getattr(pipe, name)
