@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import OUT, write
 from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.mini import FGL_MINI
-from fgl_core.mini.fidelity import digits_judge, label_fidelity
+from fgl_mini.fidelity import digits_judge, label_fidelity
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 
 CPU = torch.device("cpu")

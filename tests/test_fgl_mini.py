@@ -19,10 +19,10 @@ from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.mini import FGL_MINI, WEIGHT_FILES, weights_dir
-from fgl_core.mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
-from fgl_core.mini.fidelity import digits_judge, label_fidelity
 from fgl_core.offline_models import clip_tokenizer
 from fgl_core.pretrained import ModelRefError, resolve_model_ref
+from fgl_mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
+from fgl_mini.fidelity import digits_judge, label_fidelity
 from fgl_server.fgl_run import run_fgl
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 
 AUDIT = """
 import json, sys, torch
-from fgl_core.mini import corpus
+from fgl_mini import corpus
 import matplotlib, PIL.Image, PIL.ImageDraw, PIL.ImageFont  # imports open files; data must not
 corpus.font_dir()
 opened = []
@@ -122,7 +122,7 @@ def test_fgl_mini_draws_the_prompted_digit_and_not_when_prompts_are_shuffled(min
 
 
 def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path):
-    from fgl_core.mini.train import TrainConfig, train
+    from fgl_mini.train import TrainConfig, train
 
     record = train(TrainConfig(vae_steps=3, steps=3, batch_size=8, warmup=2), tmp_path)
     for name in ("samples.png", "loss.png"):

@@ -2,9 +2,9 @@
 
 A Stable Diffusion pipeline of the same component classes (CLIP tokenizer with the real BPE,
 `CLIPTextModel`, `UNet2DConditionModel`, `AutoencoderKL`, a scheduler), trained on digits the
-project renders from matplotlib's fonts (`fgl_core.mini.corpus`) by `python -m
-fgl_core.mini.train`. Its float16 weights ship in this package, in `save_pretrained` layout, and
-load through the same `from_pretrained` path as a hub id.
+project renders from matplotlib's fonts by `python -m fgl_mini.train` (the training program and
+its corpus live outside the runtime, in `fgl_mini`). Its float16 weights ship in this package, in
+`save_pretrained` layout, and load through the same `from_pretrained` path as a hub id.
 """
 
 from __future__ import annotations
@@ -36,5 +36,5 @@ def weights_dir() -> Path:
     raise FileNotFoundError(
         f"{FGL_MINI}: its weights ({', '.join(WEIGHT_FILES)}) are in none of "
         f"{[str(c) for c in dict.fromkeys(candidates)]}; reinstall the package, or retrain "
-        "them with `python -m fgl_core.mini.train --install`"
+        "them with `python -m fgl_mini.train --install`"
     )

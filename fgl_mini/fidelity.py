@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fgl_core.mini.corpus import PAPER_TEMPLATE
+from fgl_mini.corpus import PAPER_TEMPLATE
 
 NUM_CLASSES = 10
 

@@ -1,7 +1,7 @@
 """Train `fgl-mini` from scratch on the rendered glyph corpus, on a CPU.
 
-    python -m fgl_core.mini.train --out outputs/fgl-mini        # about 24 minutes on 2 cores
-    python -m fgl_core.mini.train --out outputs/fgl-mini --install   # and replace the shipped copy
+    python -m fgl_mini.train --out outputs/fgl-mini        # about 24 minutes on 2 cores
+    python -m fgl_mini.train --out outputs/fgl-mini --install   # and replace the shipped copy
 
 Two stages, one flat loop each: an `AutoencoderKL` learns 16 px images <-> 8x8x4 latents; then a
 `UNet2DConditionModel` learns to denoise those latents, conditioned by cross-attention on a
@@ -32,7 +32,6 @@ from torch import nn
 from tqdm import tqdm
 
 from fgl_core.mini import FGL_MINI, PACKAGE_WEIGHTS
-from fgl_core.mini.corpus import PAPER_TEMPLATE, GlyphCorpus, grid_image
 from fgl_core.offline_models import (
     assemble_pipeline,
     clip_tokenizer,
@@ -40,6 +39,7 @@ from fgl_core.offline_models import (
     tiny_clip_text_config,
     write_clip_tokenizer_files,
 )
+from fgl_mini.corpus import PAPER_TEMPLATE, GlyphCorpus, grid_image
 
 TEXT_WIDTH = 32
 IMAGE_PX = 16
