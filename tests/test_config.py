@@ -1,3 +1,4 @@
+import re
 import tomllib
 
 import pytest
@@ -58,10 +59,17 @@ def test_round_trip_through_flower_keys():
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
 
 
-def test_the_configuration_doc_documents_every_key():
+def test_the_configuration_doc_holds_the_table_made_from_the_config_itself():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    missing = [key for key in RunConfig().to_flower() if f"`{key}`" not in doc]
-    assert missing == []
+    table = re.search(r"by `python -m fgl_core.config`.*?-->\n(.*?)<!-- end of", doc, re.S)
+    assert table, "docs/configuration.md has lost its generated table's markers"
+    assert table.group(1) == RunConfig.markdown_table(), (
+        "docs/configuration.md is out of step with RunConfig: "
+        "python -m fgl_core.config writes the table to paste between its markers"
+    )
+    described = {key: RunConfig.model_fields[key.replace("-", "_")].description
+                 for key in RunConfig().to_flower()}  # fmt: skip
+    assert [key for key, text in described.items() if not text] == []  # every key has its docstring
 
 
 @pytest.mark.parametrize(
