@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -20,23 +20,16 @@ from fgl_core.domain_prompts import (
     DomainPrompt,
     DomainPromptsError,
     load_domain_prompts,
-    request_fields,
 )
-from fgl_core.dp import noise_std
 from fgl_core.models import build_model_for, state_dict_float32
 from fgl_core.payload import (
-    CHUNK_MESSAGE_TYPE,
-    EMBED_MESSAGE_TYPE,
-    REQUEST_RECORD,
     EmbeddingPayload,
-    EmbedRequest,
-    row_bytes,
 )
 from fgl_core.plotting import plot_samples
-from fgl_core.prompt_templates import class_prompt
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
+from fgl_server.embedding_round import embedding_round
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
@@ -45,15 +38,7 @@ from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthesis_pool import RayShardPool
 from fgl_server.synthetic_store import ShardStream, SyntheticStore, synthesize_into_store
-from fgl_server.validation import (
-    PayloadLimits,
-    PayloadRejected,
-    accept_payload,
-    announced_chunks,
-)
 from strategies.build import build_strategy
-from strategies.fgl import collect_embeddings, fetch_chunks
-from strategies.secure_histogram import secure_histogram_sum
 
 log = logging.getLogger(__name__)
 
@@ -78,131 +63,6 @@ def store_manifest(
         "seeds": [job.seed for job in jobs],
         "labels": [job.label for job in jobs],
     }
-
-
-def validated_payloads(
-    replies: dict[int, RecordDict],
-    limits: PayloadLimits,
-    grid: Grid | None = None,
-    timeout: float = 600.0,
-) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
-    """Each reply through the boundary, with the rest of its chunks fetched through `grid` when
-    it announces more (and may send them; without a grid such a node is rejected): accepted
-    payloads and, by node, why the others were not."""
-    rejected: dict[str, str] = {}
-
-    def reject(node_id: int, reason: str) -> None:
-        rejected[f"node {node_id}"] = reason
-        log.warning("rejected %s", reason)
-
-    announced = {}
-    for node_id, content in replies.items():
-        try:
-            info = announced_chunks(f"node {node_id}", content, limits)
-            if info.count > 1 and grid is None:
-                raise PayloadRejected(f"node {node_id}: sent chunk 0 of {info.count} alone")
-            announced[node_id] = (info.count, info.digest)
-        except PayloadRejected as err:
-            reject(node_id, str(err))
-    pieces, failed = fetch_chunks(
-        grid,  # type: ignore[arg-type]  # only used for chunked payloads, which need one
-        {n: replies[n] for n in announced},
-        announced,
-        limits.chunk_bytes,
-        timeout,
-    )
-    for node_id, why in failed.items():
-        reject(node_id, f"node {node_id}: {why}")
-    payloads = {}
-    for node_id, content in pieces.items():
-        try:
-            payloads[f"node {node_id}"] = accept_payload(f"node {node_id}", content, limits)
-        except PayloadRejected as err:
-            reject(node_id, str(err))
-    return payloads, rejected
-
-
-def payload_limits(
-    cfg: RunConfig,
-    engine: SynthesisEngine,
-    class_names: list[str],
-    domains: Sequence[DomainPrompt] = (),
-) -> PayloadLimits:
-    """What a silo's payload must satisfy. The server encodes each class's prompt itself (public
-    template, style and class names), in each domain's style with `domain-prompts`. At instance
-    level it encodes the template's part before `{caption}`: the text encoder is causal, so
-    those rows of an honest embedding are exactly that encoding whatever the private caption
-    says. A class-conditional generator (DiT) reads no text: each class's id in its label set
-    is what a prompt must carry, and there is nothing else to prompt with."""
-    common = {
-        "width": engine.width,
-        "num_classes": len(class_names),
-        "probe": engine.probe,
-        "max_rows": cfg.max_embeddings_per_silo,
-        "max_bytes": cfg.max_payload_bytes,
-        "chunk_bytes": cfg.embed_chunk_bytes,
-        "probe_tolerance": cfg.probe_tolerance,
-        "class_names": tuple(class_names),
-        "secure_histograms": cfg.secure_histograms,
-    }
-    if engine.class_conditional:
-        refuse_text_settings(cfg, domains)
-        return PayloadLimits(**common, class_ids=engine.class_ids(class_names))  # type: ignore[attr-defined]
-    one_row = row_bytes(engine.width, engine.pooled_width)
-    if cfg.embed_chunk_bytes < one_row:
-        raise ConfigError(
-            f"embed-chunk-mib = {cfg.embed_chunk_mib:g} MiB ({cfg.embed_chunk_bytes} bytes) "
-            f"holds no whole payload row of generator {cfg.generator!r} (one row is {one_row} "
-            f"bytes: 77 x {engine.width} values, {engine.pooled_width} pooled, float16): "
-            f"every chunked silo would be refused; set it to at least "
-            f"{-(-one_row * 100 // 2**20) / 100:g}"
-        )
-    styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
-        (cfg.prompt_style, cfg.effective_prompt_template)
-    ]
-    encodings, pooled, rows = [], [], []
-    for style, template in styles:
-        if cfg.prompt_mode == "instance":
-            prefix = template.split("{caption}")[0]
-            texts = [class_prompt(prefix, name, style).rstrip() for name in class_names]
-            # the prefix's tokens with the start token, without the end token
-            rows.append(tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids))
-        else:
-            texts = [class_prompt(template, name, style) for name in class_names]
-        sequence, summary = engine.encode_with_pooled(texts)
-        encodings.append(sequence.float().cpu().numpy())
-        pooled.append(summary.float().cpu().numpy())
-    return PayloadLimits(
-        **common,
-        class_prompts=np.stack(encodings),
-        class_prompt_rows=tuple(rows) if cfg.prompt_mode == "instance" else None,
-        domain_names=tuple(d.name for d in domains),
-        pooled_width=engine.pooled_width,
-        # the pooled embedding summarizes the whole prompt: checkable at class level only
-        class_pooled=(
-            np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "class" else None
-        ),
-        prefix_pooled=(
-            np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "instance" else None
-        ),
-        embedding_clip=cfg.embedding_clip,
-        noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
-    )
-
-
-def refuse_text_settings(cfg: RunConfig, domains: Sequence[DomainPrompt]) -> None:
-    """`ConfigError` naming each setting that needs text, for a class-conditional generator."""
-    needs_text = {
-        'prompt-mode = "instance" (captions)': cfg.prompt_mode == "instance",
-        "domain-prompts (styles)": bool(domains),
-        "embedding-clip (noise on embeddings)": bool(cfg.embedding_clip),
-    }
-    asked = [what for what, wanted in needs_text.items() if wanted]
-    if asked:
-        raise ConfigError(
-            f"generator {cfg.generator!r} is class-conditional (DiT): it reads no text, so "
-            f"{', '.join(asked)} cannot apply; silos send each class's id in its label set"
-        )
 
 
 def run_fgl(
@@ -274,80 +134,6 @@ def run_domains(cfg: RunConfig, data: DatasetSplits) -> list[DomainPrompt]:
             f"dataset's domains {missing} have no entry"
         )
     return domains
-
-
-def embedding_round(
-    grid: RecordingGrid,
-    cfg: RunConfig,
-    engine: SynthesisEngine,
-    class_names: list[str],
-    recorder: RunRecorder,
-    domains: Sequence[DomainPrompt] = (),
-) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
-    """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
-    label histograms (else None: each payload carries its own; a secure sum that does not add
-    up gives every class 1, and the log says why); raises if no silo sent a usable payload."""
-    limits = payload_limits(cfg, engine, class_names, domains)
-    request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()
-    with recorder.phase("embed"):
-        round0 = collect_embeddings(
-            grid,
-            request,
-            REQUEST_RECORD,
-            cfg.embed_timeout,
-            min_nodes=cfg.min_nodes,
-            node_wait_timeout=cfg.connect_timeout,
-        )
-        payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
-    rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
-    received: dict[str, int] = {}
-    chunks: dict[str, int] = {}
-    for e in grid.exchanges:
-        if e.message_type in (EMBED_MESSAGE_TYPE, CHUNK_MESSAGE_TYPE):
-            node = f"node {e.node_id}"
-            received[node] = received.get(node, 0) + e.bytes_received
-            chunks[node] = chunks.get(node, 0) + (e.message_type == CHUNK_MESSAGE_TYPE)
-    recorder.set(
-        "embedding",
-        {
-            "nodes-asked": len(round0.asked),
-            "nodes-accepted": sorted(payloads),
-            "rejected": rejected,
-            "bytes-per-node": received,
-            "chunks-per-node": {n: 1 + c for n, c in chunks.items() if n in payloads},
-            "embeddings-per-node": {n: len(p.labels) for n, p in payloads.items()},
-        },
-    )
-    if not payloads:
-        raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
-    if not cfg.secure_histograms:
-        return payloads, None
-    accepted = [n for n in round0.replies if f"node {n}" in payloads]
-    first = len(grid.exchanges)
-    num_train = {n: payloads[f"node {n}"].num_train for n in accepted}
-    with recorder.phase("secure-histograms"):
-        total = secure_histogram_sum(grid, accepted, len(class_names), cfg.embed_timeout, num_train)
-    secagg = grid.exchanges[first:]
-    histogram = total.histogram
-    if histogram is None:  # the run goes on: a plan that needs no histogram
-        log.warning(
-            "secure histograms: %s; the plan treats every class as held, in equal shares",
-            total.problem,
-        )
-        histogram = [1] * len(class_names)
-    recorder.set(
-        "secure-histograms",
-        {
-            "nodes": total.nodes,
-            "failures": total.failures,
-            "rejected": {str(n): why for n, why in total.rejected.items()},
-            "unusable": total.problem,
-            "messages": len(secagg),
-            "bytes-sent": sum(e.bytes_sent for e in secagg),
-            "bytes-received": sum(e.bytes_received for e in secagg),
-        },
-    )
-    return payloads, histogram
 
 
 def synthesize(

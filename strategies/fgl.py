@@ -1,150 +1,22 @@
-"""Flower strategy for Federated Generative Learning (Zhang, Qi, Zhao): the embedding round
-and FedAvg with a server-side fine-tune."""
+"""Flower strategy for Federated Generative Learning (Zhang, Qi, Zhao): Flower's FedAvg plus
+what FGL adds to its rounds, a server-side fine-tune of each aggregate (its round 0, the
+embedding round, is the server's: `fgl_server.embedding_round`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-
-from fgl_core.payload import CHUNK_MESSAGE_TYPE, EMBED_MESSAGE_TYPE, ChunkRequest, array_bytes
-from strategies.nodes import replying_node, sent_ids, wait_for_nodes
 
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
-@dataclass
-class EmbeddingRound:
-    """What round 0 brought back: each answering node's records, and why others did not."""
-
-    replies: dict[int, RecordDict] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)
-    asked: list[int] = field(default_factory=list)
-
-
-def collect_embeddings(
-    grid: Grid,
-    request: ConfigRecord,
-    request_key: str,
-    timeout: float,
-    min_nodes: int = 2,
-    node_wait_timeout: float = 300.0,
-    attempts: int = 2,
-) -> EmbeddingRound:
-    """FGL's round 0: send `query.embed` to every node; ask again those that did not answer.
-
-    Parameters
-    ----------
-    grid : Grid
-        The grid to send through.
-    request : ConfigRecord
-        The embed request, sent under `request_key`.
-    request_key : str
-        The key of the request in each message's RecordDict.
-    timeout : float
-        Seconds each attempt waits for replies.
-    min_nodes : int (default: 2)
-        Nodes to wait for before sending; the round goes on with all connected then.
-    node_wait_timeout : float (default: 300.0)
-        Seconds to wait for `min_nodes` nodes to connect.
-    attempts : int (default: 2)
-        How often the request is sent to nodes that have not answered yet.
-    """
-    result = EmbeddingRound(asked=wait_for_nodes(grid, min_nodes, node_wait_timeout))
-    pending = list(result.asked)
-    for attempt in range(1, attempts + 1):
-        messages = [
-            Message(
-                RecordDict({request_key: request}),
-                dst_node_id=node,
-                message_type=EMBED_MESSAGE_TYPE,
-            )
-            for node in pending
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        sent = sent_ids(messages)
-        for reply in replies:
-            node = replying_node(reply, sent)
-            if reply.has_error():
-                result.failures[node] = f"error reply: {reply.error.reason}"
-            else:
-                result.replies[node] = reply.content
-                result.failures.pop(node, None)
-        pending = [n for n in pending if n not in result.replies and n not in result.failures]
-        if not pending:
-            break
-        log(WARNING, "embed attempt %d: no reply from nodes %s", attempt, pending)
-    for node in pending:
-        result.failures[node] = f"no reply after {attempts} attempts of {timeout} s"
-    return result
-
-
-def fetch_chunks(
-    grid: Grid,
-    first: dict[int, RecordDict],
-    announced: dict[int, tuple[int, str]],
-    chunk_bytes: int,
-    timeout: float,
-) -> tuple[dict[int, list[RecordDict]], dict[int, str]]:
-    """The rest of each chunked payload (`announced`: node -> count, digest): one
-    `query.embed_chunk` per missing chunk, all sent at once (a grid waits seconds between pulls,
-    so one round trip per chunk would cost that each time), all due within `timeout`.
-
-    Returns each node's replies in order (chunk 0 from `first`), and why nodes failed: an error
-    reply, a chunk larger than `chunk_bytes`, or chunks missing after `timeout`.
-    """
-    wanted = [
-        (node, index, digest)
-        for node, (count, digest) in announced.items()
-        for index in range(1, count)
-    ]
-    messages = [
-        Message(
-            ChunkRequest(index, digest, chunk_bytes).to_content(),
-            dst_node_id=node,
-            message_type=CHUNK_MESSAGE_TYPE,
-        )
-        for node, index, digest in wanted
-    ]
-    received: dict[int, dict[int, RecordDict]] = {node: {0: c} for node, c in first.items()}
-    failures: dict[int, str] = {}
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-    # the grid gives each message its id as it sends it
-    chunk_of = {
-        m.metadata.message_id: (n, k) for m, (n, k, _) in zip(messages, wanted, strict=True)
-    }
-    for reply in replies:
-        node, index = chunk_of.get(reply.metadata.reply_to_message_id, (-1, -1))
-        if node not in received or node in failures:
-            continue
-        size = 0 if reply.has_error() else array_bytes(reply.content)
-        if reply.has_error():
-            failures[node] = f"error reply to chunk {index}: {reply.error.reason}"
-        elif size > chunk_bytes + CHUNK_OVERHEAD:
-            failures[node] = f"chunk {index} holds {size} bytes; chunks are {chunk_bytes}"
-        else:
-            received[node][index] = reply.content
-    for node, (count, _) in announced.items():
-        missing = [k for k in range(count) if k not in received[node]]
-        if missing and node not in failures:
-            failures[node] = (
-                f"{len(missing)} of its {count} chunks did not arrive within {timeout} s"
-            )
-    pieces = {n: [r[k] for k in sorted(r)] for n, r in received.items() if n not in failures}
-    return pieces, failures
-
-
-CHUNK_OVERHEAD = 4096  # the .npy headers and records around a chunk's rows
-
-
 class FGL(FedAvg):
     """FedAvg on the silos' real data after FGL's one-shot model, with an optional server-side
-    fine-tune of the aggregated model after each round (FGL's round 0 is `collect_embeddings`).
+    fine-tune of the aggregated model after each round.
 
     Parameters
     ----------

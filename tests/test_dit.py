@@ -18,7 +18,7 @@ from fgl_core.config import ConfigError, RunConfig
 from fgl_core.offline_models import OFFLINE_TINY_DIT
 from fgl_core.payload import EmbeddingPayload, EmbedRequest, PayloadError, chunk_records
 from fgl_core.pretrained import ModelRefError, generator_class_ids, resolve_model_ref
-from fgl_server.fgl_run import payload_limits
+from fgl_server.embedding_round import payload_limits
 from fgl_server.synthesis import ClassConditionalEngine, SynthesisEngine, SynthesisSettings
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload, validate_payload
 from tests.conftest import small_fgl_run

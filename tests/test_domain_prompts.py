@@ -16,7 +16,7 @@ from fgl_client.silo import load_silo
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.domain_prompts import DomainPromptsError, load_domain_prompts, request_fields
 from fgl_core.payload import EmbedRequest, PayloadError
-from fgl_server.fgl_run import payload_limits
+from fgl_server.embedding_round import payload_limits
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.validation import PayloadRejected, validate_payload
 from tests.conftest import small_fgl_run

@@ -18,7 +18,8 @@ from fgl_core.datasets import load_dataset
 from fgl_core.offline_models import TINY_TEXT_WIDTH
 from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, rows_per_chunk
 from fgl_core.pretrained import ModelRefError, generator_family, resolve_model_ref
-from fgl_server.fgl_run import payload_limits, run_fgl, validated_payloads
+from fgl_server.embedding_round import collect_embeddings, payload_limits, validated_payloads
+from fgl_server.fgl_run import run_fgl
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
@@ -32,7 +33,6 @@ from fgl_server.synthesis import (
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import StoreError, SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from strategies.fgl import collect_embeddings
 from tests.conftest import launch
 
 CPU = torch.device("cpu")

@@ -13,8 +13,8 @@ from deploy.inprocess import InProcessGrid
 from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch, name_digests
 from fgl_core.payload import SILO_RECORD
 from fgl_server import ledger
+from fgl_server.embedding_round import collect_embeddings
 from fgl_server.ledger import RecordingGrid, send_and_poll
-from strategies.fgl import collect_embeddings
 
 GONE = 202  # the silo that went away
 CLASSES = ["basophil", "eosinophil", "erythroblast", "platelet"]

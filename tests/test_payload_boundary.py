@@ -22,7 +22,7 @@ from fgl_core.payload import (
     chunk_records,
     rows_per_chunk,
 )
-from fgl_server.fgl_run import validated_payloads
+from fgl_server.embedding_round import validated_payloads
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.validation import (
     MAX_COUNT,

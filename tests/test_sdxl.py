@@ -15,7 +15,7 @@ from fgl_client.text_encoding import XLTextEncoder
 from fgl_core.config import RunConfig
 from fgl_core.offline_models import OFFLINE_TINY_SDXL, TINY_SDXL_POOLED, TINY_TEXT_WIDTH
 from fgl_core.payload import EmbeddingPayload, EmbedRequest, chunk_records
-from fgl_server.fgl_run import payload_limits
+from fgl_server.embedding_round import payload_limits
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.validation import (
     PayloadLimits,

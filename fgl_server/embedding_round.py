@@ -1,0 +1,389 @@
+"""FGL's round 0 on the server, top to bottom: what a payload must satisfy (`payload_limits`),
+the request sent to every silo and asked again of the silent ones (`collect_embeddings`), each
+reply through the boundary with the rest of a chunked payload fetched first
+(`validated_payloads`, `fetch_chunks`), what the round recorded (`embedding_record`) and, with
+`secure-histograms`, the label histograms summed by SecAgg+ (`summed_histograms`). What it
+hands on: the accepted payloads by node (`embedding_round`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fgl_core.config import ConfigError, RunConfig
+from fgl_core.domain_prompts import DomainPrompt, request_fields
+from fgl_core.dp import noise_std
+from fgl_core.payload import (
+    CHUNK_MESSAGE_TYPE,
+    EMBED_MESSAGE_TYPE,
+    REQUEST_RECORD,
+    ChunkRequest,
+    EmbeddingPayload,
+    EmbedRequest,
+    array_bytes,
+    row_bytes,
+)
+from fgl_core.prompt_templates import class_prompt
+from fgl_server.ledger import RecordingGrid
+from fgl_server.results import RunRecorder
+from fgl_server.synthesis import SynthesisEngine
+from fgl_server.validation import (
+    PayloadLimits,
+    PayloadRejected,
+    accept_payload,
+    announced_chunks,
+)
+from strategies.nodes import replying_node, sent_ids, wait_for_nodes
+from strategies.secure_histogram import secure_histogram_sum
+
+log = logging.getLogger(__name__)
+
+
+def embedding_round(
+    grid: RecordingGrid,
+    cfg: RunConfig,
+    engine: SynthesisEngine,
+    class_names: list[str],
+    recorder: RunRecorder,
+    domains: Sequence[DomainPrompt] = (),
+) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
+    """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
+    label histograms (else None: each payload carries its own; a secure sum that does not add
+    up gives every class 1, and the log says why); raises if no silo sent a usable payload."""
+    limits = payload_limits(cfg, engine, class_names, domains)
+    request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()
+    with recorder.phase("embed"):
+        round0 = collect_embeddings(
+            grid,
+            request,
+            REQUEST_RECORD,
+            cfg.embed_timeout,
+            min_nodes=cfg.min_nodes,
+            node_wait_timeout=cfg.connect_timeout,
+        )
+        payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
+    rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
+    recorder.set("embedding", embedding_record(grid, round0, payloads, rejected))
+    if not payloads:
+        raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
+    if not cfg.secure_histograms:
+        return payloads, None
+    return payloads, summed_histograms(grid, cfg, round0, payloads, len(class_names), recorder)
+
+
+def payload_limits(
+    cfg: RunConfig,
+    engine: SynthesisEngine,
+    class_names: list[str],
+    domains: Sequence[DomainPrompt] = (),
+) -> PayloadLimits:
+    """What a silo's payload must satisfy. The server encodes each class's prompt itself (public
+    template, style and class names), in each domain's style with `domain-prompts`. At instance
+    level it encodes the template's part before `{caption}`: the text encoder is causal, so
+    those rows of an honest embedding are exactly that encoding whatever the private caption
+    says. A class-conditional generator (DiT) reads no text: each class's id in its label set
+    is what a prompt must carry, and there is nothing else to prompt with."""
+    common = {
+        "width": engine.width,
+        "num_classes": len(class_names),
+        "probe": engine.probe,
+        "max_rows": cfg.max_embeddings_per_silo,
+        "max_bytes": cfg.max_payload_bytes,
+        "chunk_bytes": cfg.embed_chunk_bytes,
+        "probe_tolerance": cfg.probe_tolerance,
+        "class_names": tuple(class_names),
+        "secure_histograms": cfg.secure_histograms,
+    }
+    if engine.class_conditional:
+        refuse_text_settings(cfg, domains)
+        return PayloadLimits(**common, class_ids=engine.class_ids(class_names))  # type: ignore[attr-defined]
+    one_row = row_bytes(engine.width, engine.pooled_width)
+    if cfg.embed_chunk_bytes < one_row:
+        raise ConfigError(
+            f"embed-chunk-mib = {cfg.embed_chunk_mib:g} MiB ({cfg.embed_chunk_bytes} bytes) "
+            f"holds no whole payload row of generator {cfg.generator!r} (one row is {one_row} "
+            f"bytes: 77 x {engine.width} values, {engine.pooled_width} pooled, float16): "
+            f"every chunked silo would be refused; set it to at least "
+            f"{-(-one_row * 100 // 2**20) / 100:g}"
+        )
+    styles = [(d.style, d.template or cfg.effective_prompt_template) for d in domains] or [
+        (cfg.prompt_style, cfg.effective_prompt_template)
+    ]
+    encodings, pooled, rows = [], [], []
+    for style, template in styles:
+        if cfg.prompt_mode == "instance":
+            prefix = template.split("{caption}")[0]
+            texts = [class_prompt(prefix, name, style).rstrip() for name in class_names]
+            # the prefix's tokens with the start token, without the end token
+            rows.append(tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids))
+        else:
+            texts = [class_prompt(template, name, style) for name in class_names]
+        sequence, summary = engine.encode_with_pooled(texts)
+        encodings.append(sequence.float().cpu().numpy())
+        pooled.append(summary.float().cpu().numpy())
+    return PayloadLimits(
+        **common,
+        class_prompts=np.stack(encodings),
+        class_prompt_rows=tuple(rows) if cfg.prompt_mode == "instance" else None,
+        domain_names=tuple(d.name for d in domains),
+        pooled_width=engine.pooled_width,
+        # the pooled embedding summarizes the whole prompt: checkable at class level only
+        class_pooled=(
+            np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "class" else None
+        ),
+        prefix_pooled=(
+            np.stack(pooled) if engine.pooled_width and cfg.prompt_mode == "instance" else None
+        ),
+        embedding_clip=cfg.embedding_clip,
+        noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
+    )
+
+
+def refuse_text_settings(cfg: RunConfig, domains: Sequence[DomainPrompt]) -> None:
+    """`ConfigError` naming each setting that needs text, for a class-conditional generator."""
+    needs_text = {
+        'prompt-mode = "instance" (captions)': cfg.prompt_mode == "instance",
+        "domain-prompts (styles)": bool(domains),
+        "embedding-clip (noise on embeddings)": bool(cfg.embedding_clip),
+    }
+    asked = [what for what, wanted in needs_text.items() if wanted]
+    if asked:
+        raise ConfigError(
+            f"generator {cfg.generator!r} is class-conditional (DiT): it reads no text, so "
+            f"{', '.join(asked)} cannot apply; silos send each class's id in its label set"
+        )
+
+
+@dataclass
+class EmbeddingRound:
+    """What round 0 brought back: each answering node's records, and why others did not."""
+
+    replies: dict[int, RecordDict] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    asked: list[int] = field(default_factory=list)
+
+
+def collect_embeddings(
+    grid: Grid,
+    request: ConfigRecord,
+    request_key: str,
+    timeout: float,
+    min_nodes: int = 2,
+    node_wait_timeout: float = 300.0,
+    attempts: int = 2,
+) -> EmbeddingRound:
+    """FGL's round 0: send `query.embed` to every node; ask again those that did not answer.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid to send through.
+    request : ConfigRecord
+        The embed request, sent under `request_key`.
+    request_key : str
+        The key of the request in each message's RecordDict.
+    timeout : float
+        Seconds each attempt waits for replies.
+    min_nodes : int (default: 2)
+        Nodes to wait for before sending; the round goes on with all connected then.
+    node_wait_timeout : float (default: 300.0)
+        Seconds to wait for `min_nodes` nodes to connect.
+    attempts : int (default: 2)
+        How often the request is sent to nodes that have not answered yet.
+    """
+    result = EmbeddingRound(asked=wait_for_nodes(grid, min_nodes, node_wait_timeout))
+    pending = list(result.asked)
+    for attempt in range(1, attempts + 1):
+        messages = [
+            Message(
+                RecordDict({request_key: request}),
+                dst_node_id=node,
+                message_type=EMBED_MESSAGE_TYPE,
+            )
+            for node in pending
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        sent = sent_ids(messages)
+        for reply in replies:
+            node = replying_node(reply, sent)
+            if reply.has_error():
+                result.failures[node] = f"error reply: {reply.error.reason}"
+            else:
+                result.replies[node] = reply.content
+                result.failures.pop(node, None)
+        pending = [n for n in pending if n not in result.replies and n not in result.failures]
+        if not pending:
+            break
+        log.warning("embed attempt %d: no reply from nodes %s", attempt, pending)
+    for node in pending:
+        result.failures[node] = f"no reply after {attempts} attempts of {timeout} s"
+    return result
+
+
+def validated_payloads(
+    replies: dict[int, RecordDict],
+    limits: PayloadLimits,
+    grid: Grid | None = None,
+    timeout: float = 600.0,
+) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
+    """Each reply through the boundary, with the rest of its chunks fetched through `grid` when
+    it announces more (and may send them; without a grid such a node is rejected): accepted
+    payloads and, by node, why the others were not."""
+    rejected: dict[str, str] = {}
+
+    def reject(node_id: int, reason: str) -> None:
+        rejected[f"node {node_id}"] = reason
+        log.warning("rejected %s", reason)
+
+    announced = {}
+    for node_id, content in replies.items():
+        try:
+            info = announced_chunks(f"node {node_id}", content, limits)
+            if info.count > 1 and grid is None:
+                raise PayloadRejected(f"node {node_id}: sent chunk 0 of {info.count} alone")
+            announced[node_id] = (info.count, info.digest)
+        except PayloadRejected as err:
+            reject(node_id, str(err))
+    pieces, failed = fetch_chunks(
+        grid,  # type: ignore[arg-type]  # only used for chunked payloads, which need one
+        {n: replies[n] for n in announced},
+        announced,
+        limits.chunk_bytes,
+        timeout,
+    )
+    for node_id, why in failed.items():
+        reject(node_id, f"node {node_id}: {why}")
+    payloads = {}
+    for node_id, content in pieces.items():
+        try:
+            payloads[f"node {node_id}"] = accept_payload(f"node {node_id}", content, limits)
+        except PayloadRejected as err:
+            reject(node_id, str(err))
+    return payloads, rejected
+
+
+def fetch_chunks(
+    grid: Grid,
+    first: dict[int, RecordDict],
+    announced: dict[int, tuple[int, str]],
+    chunk_bytes: int,
+    timeout: float,
+) -> tuple[dict[int, list[RecordDict]], dict[int, str]]:
+    """The rest of each chunked payload (`announced`: node -> count, digest): one
+    `query.embed_chunk` per missing chunk, all sent at once (a grid waits seconds between pulls,
+    so one round trip per chunk would cost that each time), all due within `timeout`.
+
+    Returns each node's replies in order (chunk 0 from `first`), and why nodes failed: an error
+    reply, a chunk larger than `chunk_bytes`, or chunks missing after `timeout`.
+    """
+    wanted = [
+        (node, index, digest)
+        for node, (count, digest) in announced.items()
+        for index in range(1, count)
+    ]
+    messages = [
+        Message(
+            ChunkRequest(index, digest, chunk_bytes).to_content(),
+            dst_node_id=node,
+            message_type=CHUNK_MESSAGE_TYPE,
+        )
+        for node, index, digest in wanted
+    ]
+    received: dict[int, dict[int, RecordDict]] = {node: {0: c} for node, c in first.items()}
+    failures: dict[int, str] = {}
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    # the grid gives each message its id as it sends it
+    chunk_of = {
+        m.metadata.message_id: (n, k) for m, (n, k, _) in zip(messages, wanted, strict=True)
+    }
+    for reply in replies:
+        node, index = chunk_of.get(reply.metadata.reply_to_message_id, (-1, -1))
+        if node not in received or node in failures:
+            continue
+        size = 0 if reply.has_error() else array_bytes(reply.content)
+        if reply.has_error():
+            failures[node] = f"error reply to chunk {index}: {reply.error.reason}"
+        elif size > chunk_bytes + CHUNK_OVERHEAD:
+            failures[node] = f"chunk {index} holds {size} bytes; chunks are {chunk_bytes}"
+        else:
+            received[node][index] = reply.content
+    for node, (count, _) in announced.items():
+        missing = [k for k in range(count) if k not in received[node]]
+        if missing and node not in failures:
+            failures[node] = (
+                f"{len(missing)} of its {count} chunks did not arrive within {timeout} s"
+            )
+    pieces = {n: [r[k] for k in sorted(r)] for n, r in received.items() if n not in failures}
+    return pieces, failures
+
+
+CHUNK_OVERHEAD = 4096  # the .npy headers and records around a chunk's rows
+
+
+def embedding_record(
+    grid: RecordingGrid,
+    round0: EmbeddingRound,
+    payloads: dict[str, EmbeddingPayload],
+    rejected: dict[str, str],
+) -> dict:
+    """results.json's `embedding`: who was asked, accepted and rejected (why), and what each
+    node sent (bytes, chunks, embeddings), from the grid's ledger."""
+    received: dict[str, int] = {}
+    chunks: dict[str, int] = {}
+    for e in grid.exchanges:
+        if e.message_type in (EMBED_MESSAGE_TYPE, CHUNK_MESSAGE_TYPE):
+            node = f"node {e.node_id}"
+            received[node] = received.get(node, 0) + e.bytes_received
+            chunks[node] = chunks.get(node, 0) + (e.message_type == CHUNK_MESSAGE_TYPE)
+    return {
+        "nodes-asked": len(round0.asked),
+        "nodes-accepted": sorted(payloads),
+        "rejected": rejected,
+        "bytes-per-node": received,
+        "chunks-per-node": {n: 1 + c for n, c in chunks.items() if n in payloads},
+        "embeddings-per-node": {n: len(p.labels) for n, p in payloads.items()},
+    }
+
+
+def summed_histograms(
+    grid: RecordingGrid,
+    cfg: RunConfig,
+    round0: EmbeddingRound,
+    payloads: dict[str, EmbeddingPayload],
+    num_classes: int,
+    recorder: RunRecorder,
+) -> list[int]:
+    """With `secure-histograms`: the accepted silos' label histograms summed by Flower's SecAgg+
+    (`strategies.secure_histogram`), recorded as `secure-histograms`; a sum that does not add
+    up gives every class 1 (the plan then needs no histogram), and the log says why."""
+    accepted = [n for n in round0.replies if f"node {n}" in payloads]
+    first = len(grid.exchanges)
+    num_train = {n: payloads[f"node {n}"].num_train for n in accepted}
+    with recorder.phase("secure-histograms"):
+        total = secure_histogram_sum(grid, accepted, num_classes, cfg.embed_timeout, num_train)
+    secagg = grid.exchanges[first:]
+    histogram = total.histogram
+    if histogram is None:  # the run goes on: a plan that needs no histogram
+        log.warning(
+            "secure histograms: %s; the plan treats every class as held, in equal shares",
+            total.problem,
+        )
+        histogram = [1] * num_classes
+    recorder.set(
+        "secure-histograms",
+        {
+            "nodes": total.nodes,
+            "failures": total.failures,
+            "rejected": {str(n): why for n, why in total.rejected.items()},
+            "unusable": total.problem,
+            "messages": len(secagg),
+            "bytes-sent": sum(e.bytes_sent for e in secagg),
+            "bytes-received": sum(e.bytes_received for e in secagg),
+        },
+    )
+    return histogram
