@@ -14,7 +14,6 @@ reason logged, never deleted, and the phase starts again.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -106,22 +104,3 @@ def checkpoint_problem(saved: object, model: nn.Module, fingerprint: str, last_s
     if saved.get("digest") != state_digest(state):
         return "does not match its digest (its bytes changed after it was written)"
     return ""
-
-
-def offset_rounds(strategy: Strategy, done: int) -> Strategy:
-    """Make Flower's round loop, which counts from 1, continue after round `done`: the silos
-    and the ledger see the rounds' true numbers (seeds derive from them)."""
-    if done:
-        for name in (
-            "configure_train",
-            "aggregate_train",
-            "configure_evaluate",
-            "aggregate_evaluate",
-        ):
-            method = getattr(strategy, name)
-            setattr(strategy, name, functools.partial(_shifted, method, done))
-    return strategy
-
-
-def _shifted(method, done: int, server_round: int, *args, **kwargs):  # type: ignore[no-untyped-def]
-    return method(server_round + done, *args, **kwargs)

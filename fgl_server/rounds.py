@@ -12,11 +12,12 @@ from torch import nn
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import state_dict_float32
-from fgl_server.checkpoint import load_checkpoint, offset_rounds, save_checkpoint
+from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from strategies.nodes import wait_for_nodes
+from strategies.resumed import RoundsAfter
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ def run_rounds(
     )
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        server_round += done  # Flower counts this attempt's rounds from 1
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate_on_server(model, data, device, cfg)
         recorder.set("traffic", grid.to_json())  # so far: a run that dies keeps its ledger
@@ -63,7 +63,7 @@ def run_rounds(
     with recorder.phase("rounds"):
         if await_nodes:
             wait_for_nodes(grid, cfg.min_nodes, cfg.connect_timeout)
-        result = offset_rounds(strategy, done).start(
+        result = (RoundsAfter(strategy, done) if done else strategy).start(
             grid=grid,
             initial_arrays=ArrayRecord(state_dict_float32(model)),
             num_rounds=cfg.num_server_rounds - done,
@@ -78,8 +78,7 @@ def run_rounds(
             for r, m in trained.items()
         }
     for per_round in (evaluated, trained):
-        shifted = {r + done: m for r, m in per_round.items()}
-        recorder.merge_round_metrics(shifted, prefix="silo-")
+        recorder.merge_round_metrics(per_round, prefix="silo-")
     recorder.set("traffic", grid.to_json())
     if len(result.arrays):
         model.load_state_dict(result.arrays.to_torch_state_dict())
