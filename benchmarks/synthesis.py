@@ -47,6 +47,7 @@ from fgl_server.synthesis import (
     GpuTuning,
     SynthesisEngine,
     SynthesisSettings,
+    TextEngine,
     apply_tuning,
     compile_denoiser,
 )
@@ -243,7 +244,7 @@ def main() -> None:
     warm, rate = plain_diffusers(pipe, settings, device, max(4, args.images // 8))
     row("plain diffusers", 1, warm, rate)
 
-    engine = SynthesisEngine(pipe, settings, device, tuning=None)
+    engine = TextEngine(pipe, settings, device, tuning=None)
     if args.sprint:
         sprint(engine, row, record, args.batch_sizes[-2:], args.images, args)
         return
@@ -263,9 +264,9 @@ def main() -> None:
         if max(nhwc) > max(fused):
             tuning = dataclasses.replace(tuning, channels_last=True)
         apply_tuning(engine.pipe, tuning)  # the faster layout from here on
-        bf16 = SynthesisEngine(engine.pipe, settings, device, tuning=tuning, dtype=torch.bfloat16)
+        bf16 = TextEngine(engine.pipe, settings, device, tuning=tuning, dtype=torch.bfloat16)
         row("+ bfloat16", big[0], *engine_rate(bf16, big[0], args.images))
-        engine = SynthesisEngine(bf16.pipe, settings, device, tuning=tuning)  # float16 again
+        engine = TextEngine(bf16.pipe, settings, device, tuning=tuning)  # float16 again
         layout = "channels_last" if tuning.channels_last else "NCHW"
         label = f"fused QKV, {layout}, torch.compile(unet)"
     else:

@@ -99,9 +99,10 @@ def payload_limits(
         "class_names": tuple(class_names),
         "secure_histograms": cfg.secure_histograms,
     }
-    if engine.class_conditional:
+    class_ids = engine.class_ids(class_names)
+    if class_ids is not None:  # the generator reads class ids, no text
         refuse_text_settings(cfg, domains)
-        return PayloadLimits(**common, class_ids=engine.class_ids(class_names))  # type: ignore[attr-defined]
+        return PayloadLimits(**common, class_ids=class_ids)
     one_row = row_bytes(engine.width, engine.pooled_width)
     if cfg.embed_chunk_bytes < one_row:
         raise ConfigError(

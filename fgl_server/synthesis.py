@@ -7,11 +7,17 @@ with the chosen scheduler and decodes; the image is resized to the training reso
 as uint8. Few-step SD 2.x models (SD-Turbo: guidance 0, 1-4 steps) take the same path, and SDXL
 adds each prompt's pooled embedding. A class-conditional DiT (`ClassConditionalEngine`) takes the
 prompt's class id instead of an embedding; guidance contrasts it with DiT's null class.
+
+The two engines are siblings on one contract (`SynthesisEngine`): the columns of a shard's
+inputs in (embeddings, seeds, domains, pooled embeddings, class ids; each engine reads those
+its generator conditions on), uint8 images out; `SynthesisEngine.load` picks the one a
+generator's own `model_index.json` names.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,11 +128,94 @@ def pooled_width(pipe: Any) -> int:
     return int(second.config.projection_dim) if second is not None else 0
 
 
-class SynthesisEngine:
-    """Wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline`;
-    `SynthesisEngine.load` loads one by reference (a DiT as a `ClassConditionalEngine`)."""
+class SynthesisEngine(ABC):
+    """What both engines share: a loaded diffusers pipeline on its device and dtype, with the
+    chosen scheduler; the images it makes stored at the training resolution; and the contract
+    callers use whichever engine they hold: `width`, `pooled_width` and `probe` (what a silo's
+    payload must match), `encode_with_pooled`, `class_ids` and `generate`.
+    `SynthesisEngine.load` loads the engine a generator reference names."""
 
-    class_conditional = False  # images from text embeddings, not class ids
+    width: int  # the embedding width a payload must have (0: the generator reads no text)
+    pooled_width: int  # SDXL's pooled embedding width; 0 for the others
+    resolution: int  # the size the pipeline draws at
+    probe: np.ndarray  # the server's encoding of the public probe prompt, (77, width)
+
+    def __init__(
+        self,
+        pipe: Any,
+        settings: SynthesisSettings,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """The pipeline on its device and dtype, with the chosen scheduler, no progress bars."""
+        self.settings = settings
+        self.device = device
+        self.dtype = dtype or pipeline_dtype(device)
+        if settings.scheduler != "default":
+            import diffusers
+
+            scheduler_class = getattr(diffusers, SCHEDULERS[settings.scheduler])
+            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device, self.dtype)
+
+    @classmethod
+    def load(
+        cls, settings: SynthesisSettings, cache_dir: str | Path, device: torch.device
+    ) -> SynthesisEngine:
+        """The generator by reference: a hub id, a local directory, `fgl-mini` or `offline-tiny`;
+        its family (and so its engine) from its own model_index.json."""
+        import diffusers
+
+        ref = resolve_model_ref(settings.generator, "generator", cache_dir)
+        family = generator_family(ref) or "StableDiffusionPipeline"
+        dtype = pipeline_dtype(device)
+        pipe = load_component(getattr(diffusers, family), ref, None, "generator", torch_dtype=dtype)
+        if family == CLASS_CONDITIONAL:
+            return ClassConditionalEngine(pipe, settings, device, generator_labels(ref))
+        return TextEngine(pipe, settings, device)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_with_pooled(prompts)[0]
+
+    @abstractmethod
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 77, width) and (N, pooled width) embeddings, as the pipeline computes them."""
+
+    @abstractmethod
+    def class_ids(self, class_names: list[str]) -> np.ndarray | None:
+        """Each class's id in the generator's label set, which every prompt of the class must
+        carry; None where the generator is prompted with text."""
+
+    @abstractmethod
+    def generate(
+        self,
+        embeds: np.ndarray,
+        seeds: list[int],
+        domains: np.ndarray | None = None,
+        pooled: np.ndarray | None = None,
+        class_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """A batch's inputs, one row per image, -> (B, R, R, 3) uint8 at the training
+        resolution: (B, 77, D) embeddings, B seeds, B domains (each image's negative prompt;
+        None: the first), B pooled embeddings (SDXL) and B class ids (a class-conditional
+        generator)."""
+
+    def stored(self, images: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) floats in [0, 1] -> (B, R, R, 3) uint8 at the training resolution."""
+        size = self.settings.train_resolution
+        if images.shape[-1] != size:
+            images = F.interpolate(
+                images.float(), size=(size, size), mode="bilinear", antialias=True
+            )
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class TextEngine(SynthesisEngine):
+    """Wraps a loaded `StableDiffusionPipeline` or `StableDiffusionXLPipeline`: each image from
+    its prompt's embedding (and SDXL's pooled one), guided against the cached negative prompt of
+    its domain."""
 
     def __init__(
         self,
@@ -136,7 +225,7 @@ class SynthesisEngine:
         tuning: GpuTuning | None = GpuTuning(),
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._place(pipe, settings, device, dtype)
+        super().__init__(pipe, settings, device, dtype)
         if tuning is not None and device.type == "cuda":
             apply_tuning(self.pipe, tuning)
         if settings.synthesis_compile:
@@ -151,48 +240,11 @@ class SynthesisEngine:
         self.negatives, self.negatives_pooled = self.encode_with_pooled(settings.negative_prompts)
         self.probe = self.encode([PROBE_PROMPT])[0].float().cpu().numpy()
 
-    @classmethod
-    def load(
-        cls, settings: SynthesisSettings, cache_dir: str | Path, device: torch.device
-    ) -> SynthesisEngine:
-        """The generator by reference: a hub id, a local directory, `fgl-mini` or `offline-tiny`;
-        its family from its own model_index.json."""
-        import diffusers
-
-        ref = resolve_model_ref(settings.generator, "generator", cache_dir)
-        family = generator_family(ref) or "StableDiffusionPipeline"
-        dtype = pipeline_dtype(device)
-        pipe = load_component(getattr(diffusers, family), ref, None, "generator", torch_dtype=dtype)
-        if family == CLASS_CONDITIONAL:
-            return ClassConditionalEngine(pipe, settings, device, generator_labels(ref))
-        return cls(pipe, settings, device)
-
-    def _place(
-        self,
-        pipe: Any,
-        settings: SynthesisSettings,
-        device: torch.device,
-        dtype: torch.dtype | None,
-    ) -> None:
-        """The pipeline on its device and dtype, with the chosen scheduler, no progress bars."""
-        self.settings = settings
-        self.device = device
-        self.dtype = dtype or pipeline_dtype(device)
-        if settings.scheduler != "default":
-            import diffusers
-
-            scheduler_class = getattr(diffusers, SCHEDULERS[settings.scheduler])
-            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(device, self.dtype)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return self.encode_with_pooled(prompts)[0]
+    def class_ids(self, class_names: list[str]) -> None:
+        return None  # prompted with text: a prompt carries no class id
 
     @torch.no_grad()
     def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 77, width) and (N, pooled width) embeddings, as the pipeline computes them."""
         out = self.pipe.encode_prompt(
             prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
@@ -209,9 +261,6 @@ class SynthesisEngine:
         pooled: np.ndarray | None = None,
         class_ids: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(B, 77, D) embeddings, B seeds, B domains (each image's negative prompt; None: the
-        first) and (SDXL) B pooled embeddings -> (B, R, R, 3) uint8 at the training resolution
-        (`class_ids`: a class-conditional engine's, unused here)."""
         s = self.settings
         prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
@@ -243,24 +292,12 @@ class SynthesisEngine:
         ).images
         return self.stored(images)
 
-    def stored(self, images: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) floats in [0, 1] -> (B, R, R, 3) uint8 at the training resolution."""
-        size = self.settings.train_resolution
-        if images.shape[-1] != size:
-            images = F.interpolate(
-                images.float(), size=(size, size), mode="bilinear", antialias=True
-            )
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
-
 
 class ClassConditionalEngine(SynthesisEngine):
     """Wraps a loaded `DiTPipeline`: each image from its prompt's class id in the generator's own
     label set (`id2label`, ImageNet's for the published DiT models). It reads no text, so there
     is no text encoder to check silos against (width 0), no negative prompt (guidance contrasts
     the class with DiT's null class), and it draws at its native size only."""
-
-    class_conditional = True
 
     def __init__(
         self,
@@ -270,7 +307,7 @@ class ClassConditionalEngine(SynthesisEngine):
         id2label: dict[str, str],
         dtype: torch.dtype | None = None,
     ) -> None:
-        self._place(pipe, settings, device, dtype)
+        super().__init__(pipe, settings, device, dtype)
         if settings.synthesis_compile:
             compile_denoiser(self.pipe)
         self.id2label = id2label

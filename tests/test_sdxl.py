@@ -196,7 +196,7 @@ def test_a_chunk_size_below_one_row_is_refused_before_any_silo_is_asked(
 
     payload_limits(config(blood_npz, ".", **{"embed-chunk-mib": 0.01}), engine, blood_names)
     # SD 2.1's rows (77 x 1024 float16 values, 158 kB) do not fit in 0.1 MiB; nothing is encoded
-    sd21 = SimpleNamespace(width=1024, pooled_width=0, class_conditional=False, probe=None)
+    sd21 = SimpleNamespace(width=1024, pooled_width=0, class_ids=lambda names: None, probe=None)
     small = config(blood_npz, ".", **{"embed-chunk-mib": 0.1, "generator": "offline-tiny"})
     with pytest.raises(ConfigError, match=r"embed-chunk-mib = 0.1 MiB \(104857 bytes\) holds no"):
         payload_limits(small, sd21, blood_names)
