@@ -58,13 +58,6 @@ class ConfigError(ValueError):
     """A run config that cannot be used; the message names each bad key and value."""
 
 
-def _toml(value: Any) -> str:
-    """A default as a run config (TOML) writes it: `"text"`, `true`, `0.0005`."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
@@ -457,12 +450,13 @@ class RunConfig(BaseModel):
 
     @classmethod
     def markdown_table(cls) -> str:
-        """Every key, its default (as TOML writes it) and its description, the docstring under
-        its field: the table docs/configuration.md holds (`python -m fgl_core.config`)."""
+        """Every key, its default (as a run config writes it: JSON's scalars are TOML's, as in
+        every `--run-config` the project writes) and its description, the docstring under its
+        field: the table docs/configuration.md holds (`python -m fgl_core.config`)."""
         rows = ["| key | default | meaning |", "| --- | --- | --- |"]
         for key, default in cls().to_flower().items():
             text = " ".join((cls.model_fields[key.replace("-", "_")].description or "").split())
-            rows.append(f"| `{key}` | `{_toml(default)}` | {text} |")
+            rows.append(f"| `{key}` | `{json.dumps(default)}` | {text} |")
         return "\n".join(rows) + "\n"
 
     @property
