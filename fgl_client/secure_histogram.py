@@ -1,7 +1,7 @@
 """The silo's side of the label histograms' secure sum: Flower's own `secaggplus_mod`.
 
 With `secure-histograms = true` the server learns the label histograms only as their sum. It
-drives Flower's SecAgg+ workflow (`strategies.secure_histogram`), whose four stages reach the
+drives Flower's SecAgg+ workflow (`fgl_server.secure_histogram`), whose four stages reach the
 silo as `train` messages carrying Flower's `secaggplus_configs` record; this mod hands exactly
 those to `secaggplus_mod`, which answers the key exchange itself and, at the stage that
 collects the masked vectors, asks a legacy client (`HistogramClient`, whose `fit` returns the

@@ -60,7 +60,7 @@ from fgl_core.npy import read_npy_header
 EMBED_MESSAGE_TYPE = "query.embed"
 CHUNK_MESSAGE_TYPE = "query.embed_chunk"  # the rest of a payload larger than one chunk
 # with secure-histograms, a silo's label histogram reaches the server only inside a SecAgg+ sum
-# (fgl_client.secure_histogram, strategies.secure_histogram), each count at most this
+# (fgl_client.secure_histogram, fgl_server.secure_histogram), each count at most this
 SECURE_HISTOGRAM_MAX_COUNT = 2**20
 SECAGG_RECORD = "secaggplus_configs"  # the config record each stage of Flower's SecAgg+ sends
 PROBE_PROMPT = "a photo of a cat"  # public and fixed: both sides encode it for the encoder check

@@ -30,7 +30,9 @@ from fgl_core.payload import (
 )
 from fgl_core.prompt_templates import class_prompt
 from fgl_server.ledger import RecordingGrid
+from fgl_server.nodes import replying_node, sent_ids, wait_for_nodes
 from fgl_server.results import RunRecorder
+from fgl_server.secure_histogram import secure_histogram_sum
 from fgl_server.synthesis import SynthesisEngine
 from fgl_server.validation import (
     PayloadLimits,
@@ -38,8 +40,6 @@ from fgl_server.validation import (
     accept_payload,
     announced_chunks,
 )
-from strategies.nodes import replying_node, sent_ids, wait_for_nodes
-from strategies.secure_histogram import secure_histogram_sum
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def summed_histograms(
     recorder: RunRecorder,
 ) -> list[int]:
     """With `secure-histograms`: the accepted silos' label histograms summed by Flower's SecAgg+
-    (`strategies.secure_histogram`), recorded as `secure-histograms`; a sum that does not add
+    (`fgl_server.secure_histogram`), recorded as `secure-histograms`; a sum that does not add
     up gives every class 1 (the plan then needs no histogram), and the log says why."""
     accepted = [n for n in round0.replies if f"node {n}" in payloads]
     first = len(grid.exchanges)

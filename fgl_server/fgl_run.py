@@ -73,7 +73,7 @@ def run_fgl(
     1. embed: every silo is asked once for its embedding payload; each reply passes the
        boundary (`accept_payload`) or is rejected by name, and the run goes on with the others.
        With `secure-histograms`, the accepted silos' label histograms are then summed by
-       Flower's SecAgg+ (`strategies.secure_histogram`).
+       Flower's SecAgg+ (`fgl_server.secure_histogram`).
     2. synthesize: the accepted payloads are merged and planned into images, and the store makes
        those it lacks (a rerun reuses every finished shard).
     3. one-shot: a fresh global model is trained on the synthetic set alone.

@@ -15,8 +15,8 @@ from fgl_core.models import state_dict_float32
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
+from fgl_server.nodes import wait_for_nodes
 from fgl_server.results import RunRecorder
-from strategies.nodes import wait_for_nodes
 from strategies.resumed import RoundsAfter
 
 log = logging.getLogger(__name__)

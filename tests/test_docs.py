@@ -49,3 +49,26 @@ def test_the_code_keeps_the_documented_import_rules():
             imported = re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.MULTILINE)
             wrong = {name for name in imported if name in ours} - may - {package}
             assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+
+
+def test_strategies_holds_strategy_classes_only():
+    """`strategies/` is Flower strategies, one class a file, and the factory that picks one:
+    message exchange of the server's own (round 0, the secure sum, node waiting) lives in
+    `fgl_server`."""
+    import importlib
+    import inspect
+
+    from flwr.serverapp.strategy import Strategy
+
+    for path in sorted((ROOT / "strategies").glob("*.py")):
+        if path.stem in {"__init__", "build"}:
+            continue
+        module = importlib.import_module(f"strategies.{path.stem}")
+        defined = [
+            obj
+            for obj in vars(module).values()
+            if (inspect.isclass(obj) or inspect.isfunction(obj))
+            and obj.__module__ == module.__name__
+        ]
+        assert len(defined) == 1, f"{path.name} defines {[d.__name__ for d in defined]}"
+        assert inspect.isclass(defined[0]) and issubclass(defined[0], Strategy), path.name

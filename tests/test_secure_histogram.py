@@ -19,9 +19,9 @@ from fgl_core.datasets import load_dataset
 from fgl_core.payload import SECAGG_RECORD, EmbedRequest
 from fgl_server.fgl_run import run_fgl
 from fgl_server.results import RunRecorder
+from fgl_server.secure_histogram import secure_histogram_sum, sum_problem
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from strategies.secure_histogram import secure_histogram_sum, sum_problem
 from tests.conftest import launch
 
 SILOS = 3
