@@ -1,7 +1,9 @@
 """Helpers for the benchmarks: run the launcher, read what the run left, write JSON.
 
-JSON goes to outputs/benchmarks/ (FGL_BENCHMARK_OUT: another folder); the datasets are read from
-../shared/datasets/ beside the checkout (FGL_DATASETS: another folder).
+JSON goes to outputs/benchmarks/ (FGL_BENCHMARK_OUT: another folder), each file naming the
+benchmark, its arguments, the commit, the date and the machine; the ones docs/measurements.md
+quotes are kept in benchmarks/results/. The datasets are read from ../shared/datasets/ beside the
+checkout (FGL_DATASETS: another folder).
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("FGL_BENCHMARK_OUT") or ROOT / "outputs" / "benchmarks")
 DATASETS = Path(os.environ.get("FGL_DATASETS") or ROOT.parent / "shared" / "datasets")
+
+
+def provenance() -> dict:
+    """The commit the benchmark ran at (with "-dirty" when the tree had changes) and when."""
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"  # not a git checkout (an installed copy)
+    return {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def machine() -> dict:
@@ -111,7 +125,8 @@ def launch(
 def write(name: str, record: dict, out: Path = OUT, echo: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **record}, indent=2))
+    header = {"benchmark": name, **provenance(), "argv": sys.argv[1:], "machine": machine()}
+    path.write_text(json.dumps({**header, **record}, indent=2))
     if echo:
         print(json.dumps(record, indent=2))
         print(f"wrote {path}")
