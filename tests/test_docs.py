@@ -72,3 +72,51 @@ def test_strategies_holds_strategy_classes_only():
         ]
         assert len(defined) == 1, f"{path.name} defines {[d.__name__ for d in defined]}"
         assert inspect.isclass(defined[0]) and issubclass(defined[0], Strategy), path.name
+
+
+FIGURE = re.compile(r"\d(?:\.\d+)? ?(?:s|MB|KB|GB|GiB|images/s|captions/s|x)\b")
+
+
+def measurement_sections() -> list[tuple[str, str]]:
+    """(heading, text) of each section of docs/measurements.md, headings of any level."""
+    doc = (ROOT / "docs" / "measurements.md").read_text()
+    parts = re.split(r"^(#{2,4} .+)$", doc, flags=re.MULTILINE)
+    return list(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_every_measured_figure_names_its_benchmark_and_kept_json():
+    """Each section of measurements.md that holds a figure has a Source line: the benchmark's
+    command (a module of benchmarks/) and the JSON it wrote, kept in benchmarks/results/, whose
+    commit and date the line repeats; or, for figures measured before JSONs were kept, the
+    words "JSON not kept" (the GPU sessions')."""
+    import json
+
+    checked = 0
+    for heading, text in measurement_sections():
+        if not ("\n|" in text or FIGURE.search(text)):
+            continue
+        sources = re.findall(r"^Source: (.+(?:\n(?!\n).+)*)", text, re.MULTILINE)
+        assert sources, f"{heading}: figures without a 'Source:' line"
+        for source in (" ".join(s.split()) for s in sources):  # one line, however wrapped
+            modules = re.findall(r"python -m benchmarks\.(\w+)", source)
+            assert modules, f"{heading}: {source!r} names no benchmark"
+            for module in modules:
+                assert (ROOT / "benchmarks" / f"{module}.py").is_file(), module
+            kept = re.findall(r"`benchmarks/results/([\w.-]+\.json)`", source)
+            if "JSON not kept" in source:
+                assert not kept, heading
+                continue
+            assert kept, f"{heading}: {source!r} names no JSON in benchmarks/results/"
+            for name in kept:
+                record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+                assert record["commit"].split("-")[0] in source, (heading, name)
+                assert record["date"] in source, (heading, name)
+                assert any(record["benchmark"].startswith(m) for m in modules), (heading, name)
+            checked += 1
+    assert checked >= 5  # the CPU figures, at least
+
+
+def test_every_kept_json_is_quoted_by_the_measurements():
+    doc = (ROOT / "docs" / "measurements.md").read_text()
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        assert f"benchmarks/results/{path.name}" in doc, f"{path.name} is quoted nowhere"
