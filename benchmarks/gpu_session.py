@@ -10,7 +10,8 @@ only its own time. A part's time-out is its own limit or what the budget leaves 
 least time of each later part, whichever is smaller; a part with less than its own least is
 skipped, and the summary (`gpu_session.json`) and the log say so. The parts' JSON files are
 copied to `--out` as each ends (the device tool brings back at most 8 files, so the runs' own
-outputs stay in the work folder). The parts, in order:
+outputs stay in the work folder); back here, they go into `benchmarks/results/` with the figures
+docs/measurements.md quotes from them (each names its commit and date). The parts, in order:
 
 1. `sd21`: SD 2.1-base synthesis (random weights, real architecture), plain diffusers beside the
    engine at batch 32 and 64, compiled, and SD-Turbo's 1 and 4 unguided steps
