@@ -169,9 +169,11 @@ class RunConfig(BaseModel):
     function (SD 2.x: `open_clip:ViT-H-14:/path/open_clip_pytorch_model.bin`, run through all
     blocks but the last; `<arch>` may be a model-config `.json`). The server's probe check
     admits only silos whose encoding matches its own"""
-    captioner: str = Field("offline-tiny", min_length=1)
-    """instance-level captioner: `Salesforce/blip-image-captioning-base`, BLIP-2
-    `Salesforce/blip2-opt-2.7b`, a local directory, or `offline-tiny`"""
+    captioner: str = Field("fgl-mini-captioner", min_length=1)
+    """instance-level captioner: `Salesforce/blip-image-captioning-base` (real runs), BLIP-2
+    `Salesforce/blip2-opt-2.7b`, a local directory, `fgl-mini-captioner` (the trained miniature
+    BLIP that ships with the package, `fgl-mini`'s partner: says the digit and how it is drawn,
+    "a bold slanted seven"), or `offline-tiny` (random weights: plumbing only)"""
     prompt_mode: Literal["class", "instance"] = "class"
     """`class` (one prompt per class in the silo) or `instance` (one per captioned image)"""
     prompt_template: str = ""

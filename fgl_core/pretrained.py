@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fgl_core.mini import FGL_MINI, weights_dir
+from fgl_core.mini import FGL_MINI, FGL_MINI_CAPTIONER, weights_dir
 from fgl_core.offline_models import (
     OFFLINE_TINY,
     OFFLINE_TINY_DIT,
@@ -31,19 +31,20 @@ class ModelRefError(RuntimeError):
 
 
 def resolve_model_ref(ref: str, kind: str, cache_dir: str | Path) -> str:
-    """`offline-tiny` -> the built stand-in's directory (built once); `fgl-mini` -> the shipped
-    pipeline's directory; anything else unchanged."""
+    """`offline-tiny` -> the built stand-in's directory (built once); `fgl-mini` and
+    `fgl-mini-captioner` -> the shipped model's directory; anything else unchanged."""
     if ref == OFFLINE_TINY:
         return str(offline_model_dir(Path(cache_dir), kind))
     if ref in GENERATOR_STAND_INS:  # generators of the other families
         if kind == "captioner":
             raise ModelRefError(f"{ref!r} is a generator; it cannot caption")
         return str(offline_model_dir(Path(cache_dir), GENERATOR_STAND_INS[ref]))
-    if ref == FGL_MINI:
-        if kind != "generator":
-            raise ModelRefError(f"{FGL_MINI!r} is a generator; it cannot serve as the {kind}")
+    if ref in (FGL_MINI, FGL_MINI_CAPTIONER):
+        if (kind == "captioner") != (ref == FGL_MINI_CAPTIONER):
+            what = "the captioner" if ref == FGL_MINI_CAPTIONER else "a generator"
+            raise ModelRefError(f"{ref!r} is {what}; it cannot serve as the {kind}")
         try:
-            return str(weights_dir())
+            return str(weights_dir(ref))
         except FileNotFoundError as err:
             raise ModelRefError(str(err)) from None
     return ref

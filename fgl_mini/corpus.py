@@ -124,6 +124,9 @@ class Batch:
     images: torch.Tensor  # (B, 3, R, R) in [-1, 1]
     labels: torch.Tensor  # (B,)
     captions: list[str]
+    # what each image's augmentation made of it, in style words ("bold slanted", "plain";
+    # "blurry" when degraded): the instance-level truth a captioner learns to say
+    descriptions: list[str]
 
 
 class GlyphCorpus:
@@ -135,10 +138,11 @@ class GlyphCorpus:
         augment: Augmentation | None = None,
         filler_words: list[str] | None = None,
         caption_dropout: float = 0.1,
+        fonts: tuple[str, ...] = FONT_FILES,
     ) -> None:
         self.size = size
         self.augment = augment or Augmentation()
-        self.glyphs, self.glyph_labels = render_glyphs()
+        self.glyphs, self.glyph_labels = render_glyphs(fonts)
         self.filler_words = filler_words or []
         self.caption_dropout = caption_dropout
 
@@ -191,22 +195,21 @@ class GlyphCorpus:
         x = x.clamp(0, 1) * uniform(*a.ink)[:, None, None, None]
         images = (x * 2 - 1).expand(-1, 3, -1, -1).contiguous()
 
-        captions = [
-            self.caption(int(label), bool(bad), float(t), float(s), int(p), bool(e), g)
-            for label, bad, t, s, p, e in zip(
-                labels, degraded, angle + shear, scale, passes, erode, strict=True
-            )
+        descriptions = [
+            "blurry" if bad else describe(float(t), float(s), int(p), bool(e))
+            for bad, t, s, p, e in zip(degraded, angle + shear, scale, passes, erode, strict=True)
         ]
-        return Batch(images, labels, captions)
+        captions = [
+            self.caption(int(label), bool(bad), description, g)
+            for label, bad, description in zip(labels, degraded, descriptions, strict=True)
+        ]
+        return Batch(images, labels, captions, descriptions)
 
     def caption(
         self,
         digit: int,
         degraded: bool,
-        tilt: float,
-        scale: float,
-        passes: int,
-        eroded: bool,
+        description: str,
         g: torch.Generator,
     ) -> str:
         """One caption for one image: a plain name, a template, a description, or nothing."""
@@ -221,7 +224,6 @@ class GlyphCorpus:
             return choose(
                 (NEGATIVE_CAPTION, f"{name}, {NEGATIVE_CAPTION}", f"a blurry {name}", "blurry")
             )
-        description = describe(tilt, scale, passes, eroded)
         if self.filler_words and torch.rand(1, generator=g).item() < 0.15:
             count = int(torch.randint(1, 5, (1,), generator=g))
             description = " ".join(choose(self.filler_words) for _ in range(count))
