@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Message
 
 from deploy.inprocess import InProcessGrid, silo_context
 from fgl_client.captioning import Captioner
@@ -217,7 +216,7 @@ def test_fgl_one_shot_with_fgl_mini_at_extreme_label_skew_beats_chance_by_far(tm
     assert results["one-shot"]["test-accuracy"] >= 3 * CHANCE, results["one-shot"]
 
 
-def run_in_process(tmp_path: Path, name: str, on_reply=lambda reply: reply, **overrides):
+def run_in_process(tmp_path: Path, name: str, **overrides):
     """The FGL run of ONE_SHOT (with `overrides`) over 5 silos in this process; its results."""
     cfg = RunConfig.from_flower(
         {**ONE_SHOT, "min-nodes": 5, **overrides, "output-dir": str(tmp_path), "run-name": name}
@@ -225,32 +224,41 @@ def run_in_process(tmp_path: Path, name: str, on_reply=lambda reply: reply, **ov
     )
     contexts = {100 + i: silo_context(cfg.to_flower(), 100 + i, i, 5) for i in range(5)}
     recorder = RunRecorder(cfg)
-    run_fgl(InProcessGrid(contexts, on_reply), cfg, load_dataset(cfg), recorder, CPU)
+    run_fgl(InProcessGrid(contexts), cfg, load_dataset(cfg), recorder, CPU)
     return recorder.results
 
 
-def relabelled(reply: Message, shift_of_node) -> Message:
-    """A silo's embedding reply with every label l sent as (l + shift) % 10, its histogram
-    moved with it, so that its claims stay consistent and only the pairing is wrong."""
-    if reply.metadata.message_type == "query.embed" and not reply.has_error():
-        shift = shift_of_node(reply.metadata.src_node_id)
-        labels = reply.content["embedding"]["labels"].numpy()
-        reply.content["embedding"]["labels"] = Array((labels + shift) % 10)
-        histogram = list(reply.content["silo"]["label-histogram"])
-        reply.content["silo"]["label-histogram"] = histogram[-shift:] + histogram[:-shift]
-    return reply
+def relabelling_silos(monkeypatch, shift_of_partition) -> None:
+    """Test-only silos: each sends every prompt's embedding under the label (l + shift) % 10,
+    its histogram moved with it, so that its claims stay consistent and only the pairing of
+    embedding and label is wrong. Done where the silo builds its payload, before the payload's
+    digest is taken, as a silo of that kind would."""
+    import dataclasses
+
+    import fgl_client.embedding as embedding
+
+    honest = embedding.build_payload
+
+    def build_payload(request, silo, encoder, captioner_fn=None):
+        payload = honest(request, silo, encoder, captioner_fn)
+        shift = shift_of_partition(silo.partition_id)
+        return dataclasses.replace(
+            payload,
+            labels=(payload.labels + shift) % 10,
+            label_histogram=np.roll(payload.label_histogram, shift).tolist(),
+        )
+
+    monkeypatch.setattr(embedding, "build_payload", build_payload)
 
 
 def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_is_rejected(
-    tmp_path, task_identity
+    tmp_path, task_identity, monkeypatch
 ):
     # without the class-prompt check such a silo is accepted, and the control below shows what
     # wrong pairings do to one-shot
+    relabelling_silos(monkeypatch, lambda partition: 1 if partition == 0 else 0)
     quick = {"images-per-class": 10, "steps": 4, "oneshot-epochs": 1}
-    results = run_in_process(
-        tmp_path, "shifted", lambda r: relabelled(r, lambda n: 1 if n == 100 else 0), **quick
-    )
-    embedding = results["embedding"]
+    embedding = run_in_process(tmp_path, "shifted", **quick)["embedding"]
     assert embedding["nodes-accepted"] == [f"node {n}" for n in range(101, 105)]
     assert "is not this task's class prompt" in embedding["rejected"]["node 100"]
 
@@ -276,7 +284,8 @@ def test_one_shot_accuracy_comes_from_the_embedding_label_pairing(
         "payload_limits",
         lambda *a, **k: dataclasses.replace(checked(*a, **k), class_prompts=None),
     )
-    shifted = run_in_process(tmp_path, "shifted", lambda r: relabelled(r, lambda n: 1 + n % 9))
+    relabelling_silos(monkeypatch, lambda partition: 1 + partition % 9)
+    shifted = run_in_process(tmp_path, "shifted")
     assert len(shifted["embedding"]["nodes-accepted"]) == 5, shifted["embedding"]
     shifted_accuracy = shifted["one-shot"]["test-accuracy"]
     assert honest >= 3 * CHANCE and shifted_accuracy <= 1.5 * CHANCE, (honest, shifted_accuracy)
