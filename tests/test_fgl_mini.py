@@ -289,3 +289,24 @@ def test_one_shot_accuracy_comes_from_the_embedding_label_pairing(
     assert len(shifted["embedding"]["nodes-accepted"]) == 5, shifted["embedding"]
     shifted_accuracy = shifted["one-shot"]["test-accuracy"]
     assert honest >= 3 * CHANCE and shifted_accuracy <= 1.5 * CHANCE, (honest, shifted_accuracy)
+
+
+def test_the_style_measures_see_what_the_corpus_augmentation_did():
+    """`fgl_mini.style` holds a generator's images to its style words; on the corpus, where the
+    truth is known, every word must move its measure the way it says."""
+    import dataclasses
+
+    from fgl_mini.captioner import AUGMENTATION
+    from fgl_mini.style import EXPECTED, shape_measures, word_effects
+
+    corpus = GlyphCorpus(16, dataclasses.replace(AUGMENTATION, degrade_prob=0.0))
+    batch = corpus.sample(2000, torch.Generator().manual_seed(0))
+    measures = shape_measures(((batch.images[:, 0] + 1) / 2).numpy())
+    by_word = {}
+    for word in ("plain", *EXPECTED):
+        chosen = np.array([word in d.split() for d in batch.descriptions])
+        by_word[word] = {name: values[chosen] for name, values in measures.items()}
+    effects = word_effects(by_word)
+    assert {word: effects[word]["moves-as-said"] for word in EXPECTED} == dict.fromkeys(
+        EXPECTED, True
+    ), effects
