@@ -1,0 +1,107 @@
+"""The paper's class-level against instance-level comparison, in miniature: FGL on digits with
+`fgl-mini` and `fgl-mini-captioner`, 5 silos, one-shot and after a few FedAvg rounds, at Dirichlet
+alpha 0.01, 0.5 and IID, over seeds, the same images per class in both modes; with the bytes each
+silo sent in round 0. Each run is the real ServerApp and ClientApps in one process
+(`deploy.inprocess`); every row is written as soon as it is measured.
+
+    python -m benchmarks.class_vs_instance     # -> outputs/benchmarks/class_vs_instance.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from benchmarks.common import OUT, write
+from deploy.inprocess import run_in_process
+
+SILOS = 5
+RUN = {
+    "strategy": "fgl",
+    "generator": "fgl-mini",
+    "captioner": "fgl-mini-captioner",
+    "images-per-class": 60,
+    "steps": 12,
+    "synthesis-batch-size": 60,
+    "oneshot-epochs": 40,
+    "min-partition-size": 5,
+    "min-nodes": SILOS,
+}
+
+
+def partition(cell: str) -> dict:
+    return (
+        {"partition": "iid"} if cell == "iid" else {"partition": "dirichlet", "alpha": float(cell)}
+    )
+
+
+def cell_summary(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds of each (partition, mode) cell."""
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["partition"], row["prompt-mode"]), []).append(row)
+    out = []
+    for (cell, mode), runs in cells.items():
+        summary = {"partition": cell, "prompt-mode": mode, "seeds": len(runs)}
+        for key in ("one-shot", "final", "bytes-up-per-silo", "embeddings-per-silo"):
+            values = np.array([r[key] for r in runs], np.float64)
+            summary[key] = {
+                "mean": round(float(values.mean()), 4),
+                "std": round(float(values.std()), 4),
+            }
+        out.append(summary)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--partitions", nargs="+", default=["0.01", "0.5", "iid"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    rows: list[dict] = []
+    for cell in args.partitions:
+        for seed in args.seeds:
+            for mode in ("class", "instance"):
+                name = f"cvi-{cell}-{seed}-{mode}"
+                run = {**RUN, **partition(cell), "seed": seed, "prompt-mode": mode}
+                run |= {"num-server-rounds": args.rounds, "run-name": name}
+                run |= {
+                    "output-dir": str(OUT / "class_vs_instance"),
+                    "cache-dir": str(OUT / "cache" / name),
+                }
+                start = time.perf_counter()
+                run_in_process(run, SILOS)
+                results = json.loads(
+                    (OUT / "class_vs_instance" / name / "results.json").read_text()
+                )
+                embedding = results["embedding"]
+                rows.append(
+                    {
+                        "partition": cell,
+                        "seed": seed,
+                        "prompt-mode": mode,
+                        "one-shot": results["one-shot"]["test-accuracy"],
+                        "final": results["rounds"][-1]["test-accuracy"],
+                        "bytes-up-per-silo": float(
+                            np.mean(list(embedding["bytes-per-node"].values()))
+                        ),
+                        "embeddings-per-silo": float(
+                            np.mean(list(embedding["embeddings-per-node"].values()))
+                        ),
+                        "seconds": round(time.perf_counter() - start, 1),
+                    }
+                )
+                print(rows[-1], flush=True)
+                write(
+                    "class_vs_instance",
+                    {"run": RUN, "rounds": args.rounds, "rows": rows, "cells": cell_summary(rows)},
+                    echo=False,
+                )
+
+
+if __name__ == "__main__":
+    main()
