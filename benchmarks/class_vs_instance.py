@@ -61,13 +61,18 @@ def main() -> None:
     parser.add_argument("--partitions", nargs="+", default=["0.01", "0.5", "iid"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--generator", default=RUN["generator"], help="a pipeline directory to try")
+    parser.add_argument(
+        "--captioner", default=RUN["captioner"], help="a captioner directory to try"
+    )
     args = parser.parse_args()
+    models = {"generator": args.generator, "captioner": args.captioner}
     rows: list[dict] = []
     for cell in args.partitions:
         for seed in args.seeds:
             for mode in ("class", "instance"):
                 name = f"cvi-{cell}-{seed}-{mode}"
-                run = {**RUN, **partition(cell), "seed": seed, "prompt-mode": mode}
+                run = {**RUN, **models, **partition(cell), "seed": seed, "prompt-mode": mode}
                 run |= {"num-server-rounds": args.rounds, "run-name": name}
                 run |= {
                     "output-dir": str(OUT / "class_vs_instance"),
@@ -98,7 +103,12 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 write(
                     "class_vs_instance",
-                    {"run": RUN, "rounds": args.rounds, "rows": rows, "cells": cell_summary(rows)},
+                    {
+                        "run": RUN | models,
+                        "rounds": args.rounds,
+                        "rows": rows,
+                        "cells": cell_summary(rows),
+                    },
                     echo=False,
                 )
 

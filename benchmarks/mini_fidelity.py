@@ -28,15 +28,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--generator", default=FGL_MINI, help="a pipeline directory to try")
     args = parser.parse_args()
 
     cache = OUT / "cache"
     judge = digits_judge()
-    encoder = TransformersTextEncoder(FGL_MINI, cache, CPU)
+    encoder = TransformersTextEncoder(args.generator, cache, CPU)
     rows = []
     for guidance in args.guidance:
         settings = SynthesisSettings.defaults(
-            generator=FGL_MINI, steps=args.steps, guidance=guidance, train_resolution=8
+            generator=args.generator, steps=args.steps, guidance=guidance, train_resolution=8
         )
         engine = SynthesisEngine.load(settings, cache, CPU)
         start = time.perf_counter()
@@ -59,7 +60,8 @@ def main() -> None:
             f"shuffled {fidelity.shuffled_mean:.3f} (chance 0.1)",
             flush=True,
         )
-    write("mini_fidelity", {"generator": FGL_MINI, "chance": 0.1, "rows": rows}, out=Path(args.out))
+    record = {"generator": args.generator, "chance": 0.1, "rows": rows}
+    write("mini_fidelity", record, out=Path(args.out))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=20, help="images per digit and word")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--generator", default=FGL_MINI, help="a pipeline directory to try")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    encoder = TransformersTextEncoder(FGL_MINI, OUT / "cache", CPU)
+    encoder = TransformersTextEncoder(args.generator, OUT / "cache", CPU)
     settings = SynthesisSettings.defaults(
-        generator=FGL_MINI, steps=args.steps, guidance=args.guidance, train_resolution=16
+        generator=args.generator, steps=args.steps, guidance=args.guidance, train_resolution=16
     )
     engine = SynthesisEngine.load(settings, OUT / "cache", CPU)
     start, forms = time.perf_counter(), {}
@@ -65,7 +66,7 @@ def main() -> None:
     write(
         "mini_style",
         {
-            "generator": FGL_MINI,
+            "generator": args.generator,
             "steps": args.steps,
             "guidance": args.guidance,
             "images-per-word": 10 * args.per_digit,
