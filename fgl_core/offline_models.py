@@ -255,12 +255,20 @@ def assemble_pipeline(unet, vae, text_encoder, scheduler=None):  # type: ignore[
     )
 
 
-def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
-    """A BLIP captioner (BlipForConditionalGeneration + BlipProcessor) with random weights.
-
-    Its WordPiece vocabulary is the first whole words of CLIP's BPE vocabulary, so its
-    (random) captions are made of real words.
-    """
+def blip_captioner(
+    directory: Path,
+    words: list[str],
+    width: int,
+    layers: tuple[int, int],
+    image_px: int,
+    patch_px: int,
+    seed: int,
+    max_tokens: int = 64,
+):  # -> (BlipForConditionalGeneration, BlipProcessor)
+    """A BLIP captioner of transformers' own classes with random weights, its processor saved
+    into `directory`: a WordPiece vocabulary of `words`, text decoder and ViT of `width` with
+    `layers` (text, vision) layers, `image_px` inputs in `patch_px` patches, captions of at most
+    `max_tokens` tokens."""
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -270,39 +278,49 @@ def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
     )
 
     directory.mkdir(parents=True, exist_ok=True)
-    words = clip_whole_words(2000)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     wordpiece = directory / "vocab.txt"
-    wordpiece.write_text("\n".join(specials + sorted(set(words))) + "\n")
+    wordpiece.write_text("\n".join(specials + words) + "\n")
     tokenizer = BertTokenizer(str(wordpiece), do_lower_case=True, bos_token="[DEC]")
-    vocab_size = len(tokenizer)
     text = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
+        "vocab_size": len(tokenizer),
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers[0],
         "num_attention_heads": 4,
-        "max_position_embeddings": 64,
-        "encoder_hidden_size": 32,
+        "max_position_embeddings": max_tokens,
+        "encoder_hidden_size": width,
         "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"),
         "pad_token_id": tokenizer.pad_token_id,
         "sep_token_id": tokenizer.sep_token_id,
         "eos_token_id": tokenizer.sep_token_id,
     }
     vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers[1],
         "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 8,
+        "image_size": image_px,
+        "patch_size": patch_px,
     }
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(
         BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
     )
-    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    image_processor = BlipImageProcessor(size={"height": image_px, "width": image_px})
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+def build_tiny_captioner(directory: Path, seed: int = 0) -> Path:
+    """A BLIP captioner (BlipForConditionalGeneration + BlipProcessor) with random weights.
+
+    Its WordPiece vocabulary is the first whole words of CLIP's BPE vocabulary, so its
+    (random) captions are made of real words.
+    """
+    words = sorted(set(clip_whole_words(2000)))
+    model, _ = blip_captioner(directory, words, 32, (2, 2), 32, 8, seed)
     model.save_pretrained(directory)
     return directory
 

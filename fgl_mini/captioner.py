@@ -26,7 +26,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +35,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fgl_core.mini import FGL_MINI_CAPTIONER, PACKAGE_CAPTIONER
-from fgl_mini.corpus import DIGIT_WORDS, FONT_FILES, Augmentation, GlyphCorpus, grid_image
+from fgl_core.offline_models import blip_captioner
+from fgl_mini.corpus import (
+    DIGIT_WORDS,
+    FONT_FILES,
+    Augmentation,
+    GlyphCorpus,
+    grid_image,
+    instance_caption,
+)
 from fgl_mini.train import EMA, lr_at, param_count, plot_losses
 
 STYLE_WORDS = ("thin", "bold", "slanted", "small", "large")
 OTHER_WORDS = ("a", "plain", "blurry")
 HELD_OUT_FONTS = ("DejaVuSerif-Italic.ttf", "STIXGeneralBol.ttf", "cmss10.ttf")
 IMAGE_PX = 16  # the processor's input size, the corpus' own: 4 x 4 patches of 4 px
-# Wider than fgl-mini's corpus in scale and stroke, so that every style word occurs: with
-# fgl-mini's ranges, scale never leaves [0.9, 1.05] (no "small", no "large") and no glyph gets
-# the two dilations that "bold" needs.
-AUGMENTATION = replace(Augmentation(), scale=(0.75, 1.25), dilate_max=2, erode_prob=0.25)
+AUGMENTATION = Augmentation()  # the corpus' own: every style word occurs
 
 
 @dataclass(frozen=True)
@@ -60,57 +65,11 @@ class CaptionerConfig:
     held_out_images: int = 1000  # glyphs in the held-out fonts that measure it
 
 
-def target_caption(digit: int, description: str) -> str:
-    """What the captioner learns to say of one corpus image."""
-    return f"a {description} {DIGIT_WORDS[digit]}"
-
-
 def build_captioner(directory: Path, seed: int):
     """(model, processor) with random weights; the processor is saved into `directory`."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
-
-    directory.mkdir(parents=True, exist_ok=True)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join([*specials, *OTHER_WORDS, *STYLE_WORDS, *DIGIT_WORDS]) + "\n")
-    tokenizer = BertTokenizer(str(vocab), do_lower_case=True, bos_token="[DEC]")
-    vocab.unlink()  # the processor saves its own copy
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 32,
-        "encoder_hidden_size": 64,
-        "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"),
-        "pad_token_id": tokenizer.pad_token_id,
-        "sep_token_id": tokenizer.sep_token_id,
-        "eos_token_id": tokenizer.sep_token_id,
-    }
-    vision = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_PX,
-        "patch_size": 4,
-    }
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(
-        BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
-    )
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessor(size={"height": IMAGE_PX, "width": IMAGE_PX}),
-        tokenizer=tokenizer,
-    )
-    processor.save_pretrained(directory)
+    words = [*OTHER_WORDS, *STYLE_WORDS, *DIGIT_WORDS]
+    model, processor = blip_captioner(directory, words, 64, (2, 3), IMAGE_PX, 4, seed, 32)
+    (directory / "vocab.txt").unlink()  # the processor saved the tokenizer whole
     return model, processor
 
 
@@ -177,7 +136,7 @@ def held_out_accuracy(model, processor, cfg: CaptionerConfig) -> dict:
     corpus = GlyphCorpus(16, AUGMENTATION, caption_dropout=0.0, fonts=HELD_OUT_FONTS)
     batch = corpus.sample(images, torch.Generator().manual_seed(cfg.seed + 1))
     labels = batch.labels.tolist()
-    truth = [target_caption(d, w) for d, w in zip(labels, batch.descriptions, strict=True)]
+    truth = [instance_caption(d, w) for d, w in zip(labels, batch.descriptions, strict=True)]
     record = {}
     for px, small in (("16px", False), ("8px", True)):
         shown = silo_like(batch.images, torch.full((images,), small))
@@ -206,7 +165,8 @@ def train(cfg: CaptionerConfig, out: Path) -> dict:
         batch = corpus.sample(cfg.batch_size, g)
         small = torch.rand(cfg.batch_size, generator=g) < 0.5
         captions = [
-            target_caption(int(d), w) for d, w in zip(batch.labels, batch.descriptions, strict=True)
+            instance_caption(int(d), w)
+            for d, w in zip(batch.labels, batch.descriptions, strict=True)
         ]
         pixels, ids, mask, labels = caption_batch_inputs(
             processor, silo_like(batch.images, small), captions

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fgl_core.prompt_templates import INSTANCE_TEMPLATE, PAPER_TEMPLATE
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # matplotlib's fonts that draw the ten digits as digits: its symbol fonts (cmex10, cmsy10), its
@@ -52,7 +54,6 @@ FONT_FILES = (
 )
 
 GLYPH_PX = 64  # glyphs are drawn and distorted at this size, then reduced to the image size
-PAPER_TEMPLATE = "{label}, real world images, high resolution"  # fgl_core.prompt_templates'
 NEGATIVE_CAPTION = "low quality, low resolution"  # the paper's negative prompt
 
 
@@ -101,19 +102,21 @@ def render_glyphs(
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Ranges of the distortions that bring printed glyphs toward handwriting."""
+    """Ranges of the distortions that bring printed glyphs toward handwriting.
 
-    # Milder than it could be: size-normalised handwriting fills its frame, and larger ranges
-    # moved the corpus away from it (a digits classifier recognised 0.56 of these at 8 px,
-    # 0.33 with twice the shrink, shift and stroke growth).
+    Chosen without any silo's data: wide enough that every style word of the instance captions
+    occurs ("small" needs a scale below 0.9, "large" above 1.1, "bold" two dilations), and no
+    wider. (Version 1 of `fgl-mini` had narrower scale and stroke ranges, picked by how well a
+    classifier trained on scikit-learn's digits recognised the corpus: the task's own data.)"""
+
     rotation_deg: float = 12.0
     shear: float = 0.25
-    scale: tuple[float, float] = (0.9, 1.05)
+    scale: tuple[float, float] = (0.75, 1.25)
     aspect: float = 0.15  # x scale relative to y: 1 +- aspect
     shift: float = 0.05  # in units of half the image
     elastic: float = 0.04  # displacement amplitude, in units of half the image
-    dilate_max: int = 1  # max-pool passes at 64 px (thicker strokes)
-    erode_prob: float = 0.2  # a pass of min-pool instead (thinner strokes)
+    dilate_max: int = 2  # max-pool passes at 64 px (thicker strokes)
+    erode_prob: float = 0.25  # a pass of min-pool instead (thinner strokes)
     blur_sigma: float = 0.5  # at the output size
     ink: tuple[float, float] = (0.85, 1.0)
     degrade_prob: float = 0.08  # heavy blur + low resolution, captioned "low quality"
@@ -139,12 +142,14 @@ class GlyphCorpus:
         filler_words: list[str] | None = None,
         caption_dropout: float = 0.1,
         fonts: tuple[str, ...] = FONT_FILES,
+        instance_share: float = 0.4,
     ) -> None:
         self.size = size
         self.augment = augment or Augmentation()
         self.glyphs, self.glyph_labels = render_glyphs(fonts)
         self.filler_words = filler_words or []
         self.caption_dropout = caption_dropout
+        self.instance_share = instance_share  # captions that describe the drawing
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         a, g = self.augment, generator
@@ -222,11 +227,27 @@ class GlyphCorpus:
         name = choose((str(digit), str(digit), DIGIT_WORDS[digit]))
         if degraded:
             return choose(
-                (NEGATIVE_CAPTION, f"{name}, {NEGATIVE_CAPTION}", f"a blurry {name}", "blurry")
+                (
+                    NEGATIVE_CAPTION,
+                    f"{name}, {NEGATIVE_CAPTION}",
+                    f"a blurry {name}",
+                    "blurry",
+                    INSTANCE_TEMPLATE.format(label=name, caption=instance_caption(digit, "blurry")),
+                )
             )
         if self.filler_words and torch.rand(1, generator=g).item() < 0.15:
             count = int(torch.randint(1, 5, (1,), generator=g))
             description = " ".join(choose(self.filler_words) for _ in range(count))
+        if torch.rand(1, generator=g).item() < self.instance_share:
+            return choose(  # what a silo sends at instance level, and the shorter forms
+                (
+                    INSTANCE_TEMPLATE.format(
+                        label=name, caption=instance_caption(digit, description)
+                    ),
+                    f"{name}, {description}, real world images, high resolution.",
+                    f"a {description} {name}",
+                )
+            )
         return choose(
             (
                 name,
@@ -236,11 +257,15 @@ class GlyphCorpus:
                 f"digit {name}",
                 PAPER_TEMPLATE.format(label=name),
                 PAPER_TEMPLATE.format(label=str(digit)),
-                f"{name}, {description}, real world images, high resolution.",  # instance
-                f"a {description} {name}",
                 f"{name}, a drawing with only one object in the picture",  # domain template
             )
         )
+
+
+def instance_caption(digit: int, description: str) -> str:
+    """What `fgl-mini-captioner` says of an image ("a bold slanted seven"), and so what a silo's
+    instance-level prompt holds in `{caption}`."""
+    return f"a {description} {DIGIT_WORDS[digit]}"
 
 
 def describe(tilt: float, scale: float, passes: int, eroded: bool) -> str:
