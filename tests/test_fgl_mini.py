@@ -93,7 +93,7 @@ def test_shipped_weights_load_through_from_pretrained_with_the_documented_digest
         resolve_model_ref(FGL_MINI, "captioner", "unused")
 
 
-# measured on the shipped captioner: 0.578 of scikit-learn digits' test split (docs/fgl-mini.md)
+# measured on the shipped captioner: 0.572 of scikit-learn digits' test split (docs/measurements.md)
 REAL_DIGIT_WORD_ACCURACY = 0.45
 CAPTION_WORDS = {"a", "plain", "blurry", "thin", "bold", "slanted", "small", "large", *DIGIT_WORDS}
 
