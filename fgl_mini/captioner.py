@@ -21,7 +21,6 @@ held-out accuracy per word) beside the model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -44,7 +43,7 @@ from fgl_mini.corpus import (
     grid_image,
     instance_caption,
 )
-from fgl_mini.train import EMA, lr_at, param_count, plot_losses
+from fgl_mini.train import EMA, lr_at, param_count, plot_losses, training_arguments
 
 STYLE_WORDS = ("thin", "bold", "slanted", "small", "large")
 OTHER_WORDS = ("a", "plain", "blurry")
@@ -223,21 +222,9 @@ def install(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = CaptionerConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs") / FGL_MINI_CAPTIONER)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument(
-        "--install", action="store_true", help="copy the result over the shipped captioner"
-    )
-    args = parser.parse_args(argv)
-    cfg = CaptionerConfig(
-        seed=args.seed, steps=args.steps, batch_size=args.batch_size, threads=args.threads
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
+    fields = ("seed", "steps", "batch_size", "threads")
+    out = Path("outputs") / FGL_MINI_CAPTIONER
+    cfg, args = training_arguments(CaptionerConfig(), argv, __doc__.split("\n\n")[0], out, fields)
     record = train(cfg, args.out)
     accuracy = record["held-out"]["16px"]
     print(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -310,27 +311,29 @@ def install(pipeline_dir: Path) -> Path:
     return PACKAGE_WEIGHTS
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs") / FGL_MINI)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+def training_arguments(defaults, argv: list[str] | None, description: str, out: Path, fields):
+    """`--out`, `--install` and a `--<field>` for each of `fields` of a training config (a frozen
+    dataclass, `defaults`); the config with the values given, and the parsed arguments."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=out)
+    for name in fields:
+        value = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument(
-        "--install", action="store_true", help="copy the result over the shipped weights"
+        "--install", action="store_true", help="copy the result over the shipped model"
     )
     args = parser.parse_args(argv)
-    cfg = TrainConfig(
-        seed=args.seed,
-        vae_steps=args.vae_steps,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        threads=args.threads,
-    )
+    cfg = dataclasses.replace(defaults, **{name: getattr(args, name) for name in fields})
     args.out.mkdir(parents=True, exist_ok=True)
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    fields = ("seed", "vae_steps", "steps", "batch_size", "threads")
+    description = __doc__.split("\n\n")[0]
+    cfg, args = training_arguments(
+        TrainConfig(), argv, description, Path("outputs") / FGL_MINI, fields
+    )
     record = train(cfg, args.out)
     print(
         f"trained {FGL_MINI} in {record['seconds']['total']:.0f} s "
