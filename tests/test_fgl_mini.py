@@ -21,7 +21,7 @@ from fgl_core.datasets import load_dataset
 from fgl_core.mini import CAPTIONER_FILES, FGL_MINI, FGL_MINI_CAPTIONER, WEIGHT_FILES, weights_dir
 from fgl_core.offline_models import clip_tokenizer
 from fgl_core.pretrained import ModelRefError, resolve_model_ref
-from fgl_mini.captioner import digit_said
+from fgl_mini.captioner import OTHER_WORDS, STYLE_WORDS, digit_said
 from fgl_mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
 from fgl_mini.fidelity import digits_judge, label_fidelity
 from fgl_server.fgl_run import run_fgl
@@ -95,7 +95,7 @@ def test_shipped_weights_load_through_from_pretrained_with_the_documented_digest
 
 # measured on the shipped captioner: 0.572 of scikit-learn digits' test split (docs/measurements.md)
 REAL_DIGIT_WORD_ACCURACY = 0.45
-CAPTION_WORDS = {"a", "plain", "blurry", "thin", "bold", "slanted", "small", "large", *DIGIT_WORDS}
+CAPTION_WORDS = {*OTHER_WORDS, *STYLE_WORDS, *DIGIT_WORDS}  # the captioner's whole vocabulary
 
 
 def real_digits(split: str = "test"):
