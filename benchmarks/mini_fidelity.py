@@ -17,7 +17,7 @@ from benchmarks.common import OUT, write
 from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.mini import FGL_MINI
 from fgl_mini.fidelity import digits_judge, label_fidelity
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 
 CPU = torch.device("cpu")
 
@@ -41,7 +41,12 @@ def main() -> None:
         )
         engine = SynthesisEngine.load(settings, cache, CPU)
         start = time.perf_counter()
-        fidelity = label_fidelity(engine, encoder, judge, args.per_class)
+        fidelity = label_fidelity(
+            lambda embeds, seeds, engine=engine: engine.generate(ShardInputs(embeds, seeds)),
+            encoder,
+            judge,
+            args.per_class,
+        )
         seconds = time.perf_counter() - start
         rows.append(
             {

@@ -23,7 +23,7 @@ from fgl_core.mini import FGL_MINI
 from fgl_core.prompt_templates import INSTANCE_TEMPLATE
 from fgl_mini.corpus import DIGIT_WORDS
 from fgl_mini.style import EXPECTED, shape_measures, word_effects
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 
 CPU = torch.device("cpu")
 WORDS = ("plain", *EXPECTED)
@@ -56,7 +56,7 @@ def main() -> None:
             embeds = encoder.encode(prompts).numpy().astype(np.float16)  # the wire's dtype
             rows = np.repeat(embeds, args.per_digit, axis=0)
             seeds = list(range(len(rows)))  # the same noise for every word: paired images
-            by_word[word] = shape_measures(engine.generate(rows, seeds))
+            by_word[word] = shape_measures(engine.generate(ShardInputs(rows, seeds)))
         means = {
             w: {k: round(float(np.nanmean(v)), 3) for k, v in m.items()} for w, m in by_word.items()
         }

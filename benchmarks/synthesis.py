@@ -45,6 +45,7 @@ from fgl_core.offline_models import (
 )
 from fgl_server.synthesis import (
     GpuTuning,
+    ShardInputs,
     SynthesisEngine,
     SynthesisSettings,
     TextEngine,
@@ -105,7 +106,10 @@ def plain_diffusers(pipe, settings: SynthesisSettings, device: torch.device, ima
 def engine_rate(engine: SynthesisEngine, batch: int, images: int):
     embeds = embeddings(batch, engine.width)
     return timed(
-        engine.device, lambda d: engine.generate(embeds, list(range(d, d + batch))), batch, images
+        engine.device,
+        lambda d: engine.generate(ShardInputs(embeds, list(range(d, d + batch)))),
+        batch,
+        images,
     )
 
 

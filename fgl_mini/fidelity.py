@@ -47,8 +47,10 @@ class Fidelity:
         return float(np.mean(self.shuffled_per_class))
 
 
-def label_fidelity(engine, encoder, judge, per_class: int, seed: int = 0) -> Fidelity:
-    """`engine`: a SynthesisEngine at train_resolution 8; `encoder`: the silo's text encoder."""
+def label_fidelity(draw, encoder, judge, per_class: int, seed: int = 0) -> Fidelity:
+    """`draw(embeds, seeds)`: a generator's images, uint8 at 8 px (a SynthesisEngine at
+    train_resolution 8 has it as `lambda e, s: engine.generate(ShardInputs(e, s))`);
+    `encoder`: the silo's text encoder."""
     prompts = [PAPER_TEMPLATE.format(label=c) for c in range(NUM_CLASSES)]
     embeds = encoder.encode(prompts).numpy().astype(np.float16)  # the wire's dtype
     derangement = np.roll(np.arange(NUM_CLASSES), 1 + seed % (NUM_CLASSES - 1))
@@ -58,7 +60,7 @@ def label_fidelity(engine, encoder, judge, per_class: int, seed: int = 0) -> Fid
         rows = embeds[prompt_of_class[labels]]
         seeds = [seed * 1_000_003 + i for i in range(len(labels))]
         images = np.concatenate(
-            [engine.generate(rows[i : i + 50], seeds[i : i + 50]) for i in range(0, len(rows), 50)]
+            [draw(rows[i : i + 50], seeds[i : i + 50]) for i in range(0, len(rows), 50)]
         )
         hits = judge.predict(_features(images)) == labels
         return [float(hits[labels == c].mean()) for c in range(NUM_CLASSES)]

@@ -8,9 +8,9 @@ as uint8. Few-step SD 2.x models (SD-Turbo: guidance 0, 1-4 steps) take the same
 adds each prompt's pooled embedding. A class-conditional DiT (`ClassConditionalEngine`) takes the
 prompt's class id instead of an embedding; guidance contrasts it with DiT's null class.
 
-The two engines are siblings on one contract (`SynthesisEngine`): the columns of a shard's
-inputs in (embeddings, seeds, domains, pooled embeddings, class ids; each engine reads those
-its generator conditions on), uint8 images out; `SynthesisEngine.load` picks the one a
+The two engines are siblings on one contract (`SynthesisEngine.generate`): `ShardInputs` in
+(one row per image: embedding, seed, domain, pooled embedding, class id; each engine reads the
+columns its generator conditions on), uint8 images out; `SynthesisEngine.load` picks the one a
 generator's own `model_index.json` names.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,44 @@ SCHEDULERS = {  # config name -> diffusers class name; "default" keeps the model
     "euler": "EulerDiscreteScheduler",
     "euler-ancestral": "EulerAncestralDiscreteScheduler",
 }
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    """What images are made from, one row per image. Only `embeds` and `seeds` are needed
+    everywhere; the other columns are read by the generators that condition on them."""
+
+    embeds: np.ndarray  # (n, 77, D) float16; D = 0 for a class-conditional generator
+    seeds: list[int]  # each image's own noise
+    domains: np.ndarray | None = None  # (n,) int64: whose negative prompt; None: the first
+    pooled: np.ndarray | None = None  # (n, P) float16: SDXL's pooled embeddings
+    class_ids: np.ndarray | None = None  # (n,) int64: a class-conditional generator's (DiT)
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.seeds)
+        object.__setattr__(self, "rows", n)
+        for name in ("embeds", "domains", "pooled", "class_ids"):
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                raise ValueError(f"ShardInputs: {n} seeds but {len(column)} rows of {name}")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def part(self, rows: slice) -> ShardInputs:
+        """The same columns, cut to `rows`."""
+
+        def cut(column):
+            return None if column is None else column[rows]
+
+        return ShardInputs(
+            self.embeds[rows],
+            self.seeds[rows],
+            cut(self.domains),
+            cut(self.pooled),
+            cut(self.class_ids),
+        )
 
 
 class SynthesisSettings(Settings):
@@ -188,18 +226,8 @@ class SynthesisEngine(ABC):
         carry; None where the generator is prompted with text."""
 
     @abstractmethod
-    def generate(
-        self,
-        embeds: np.ndarray,
-        seeds: list[int],
-        domains: np.ndarray | None = None,
-        pooled: np.ndarray | None = None,
-        class_ids: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """A batch's inputs, one row per image, -> (B, R, R, 3) uint8 at the training
-        resolution: (B, 77, D) embeddings, B seeds, B domains (each image's negative prompt;
-        None: the first), B pooled embeddings (SDXL) and B class ids (a class-conditional
-        generator)."""
+    def generate(self, inputs: ShardInputs) -> np.ndarray:
+        """A batch's inputs, B rows, -> (B, R, R, 3) uint8 at the training resolution."""
 
     def stored(self, images: torch.Tensor) -> np.ndarray:
         """(B, 3, H, W) floats in [0, 1] -> (B, R, R, 3) uint8 at the training resolution."""
@@ -253,16 +281,11 @@ class TextEngine(SynthesisEngine):
         return out[0], torch.zeros(len(prompts), 0, device=self.device, dtype=out[0].dtype)
 
     @torch.no_grad()
-    def generate(
-        self,
-        embeds: np.ndarray,
-        seeds: list[int],
-        domains: np.ndarray | None = None,
-        pooled: np.ndarray | None = None,
-        class_ids: np.ndarray | None = None,
-    ) -> np.ndarray:
+    def generate(self, inputs: ShardInputs) -> np.ndarray:
+        """Reads embeds, seeds, domains (each image's negative prompt) and, for SDXL, pooled."""
         s = self.settings
-        prompt_embeds = torch.from_numpy(embeds).to(self.device, self.dtype)
+        seeds, domains, pooled = inputs.seeds, inputs.domains, inputs.pooled
+        prompt_embeds = torch.from_numpy(inputs.embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
         which = torch.as_tensor(np.zeros(len(seeds), np.int64) if domains is None else domains)
         negative = self.negatives[which.to(self.device)] if guided else None
@@ -336,15 +359,9 @@ class ClassConditionalEngine(SynthesisEngine):
         return torch.zeros(len(prompts), SEQUENCE_LENGTH, 0), torch.zeros(len(prompts), 0)
 
     @torch.no_grad()
-    def generate(
-        self,
-        embeds: np.ndarray,
-        seeds: list[int],
-        domains: np.ndarray | None = None,
-        pooled: np.ndarray | None = None,
-        class_ids: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """B class ids and B seeds -> (B, R, R, 3) uint8 (the embeddings are (B, 77, 0))."""
+    def generate(self, inputs: ShardInputs) -> np.ndarray:
+        """Reads class ids and seeds (the embeddings are (B, 77, 0))."""
+        seeds, class_ids = inputs.seeds, inputs.class_ids
         if class_ids is None or len(class_ids) != len(seeds) or (class_ids < 0).any():
             raise ValueError(
                 f"a class-conditional generator needs a class id >= 0 for each of the "

@@ -17,24 +17,13 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from fgl_core.config import ConfigError
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 
 log = logging.getLogger(__name__)
-
-
-class ShardInputs(NamedTuple):
-    """What a shard's images are made from, one row per image."""
-
-    embeds: np.ndarray  # (n, 77, D) float16
-    seeds: list[int]
-    domains: np.ndarray  # (n,) int64: whose negative prompt
-    pooled: np.ndarray  # (n, P) float16: SDXL's pooled embeddings; P = 0 for SD
-    class_ids: np.ndarray  # (n,) int64: a class-conditional generator's (DiT); -1 for the others
 
 
 def make_shard(
@@ -45,9 +34,8 @@ def make_shard(
 ) -> np.ndarray:
     """One shard's images, in batches of `batch_size` cut from its start (the same everywhere)."""
     batches = []
-    for b in range(0, len(inputs.seeds), batch_size):
-        part = slice(b, b + batch_size)
-        batches.append(engine.generate(*(column[part] for column in inputs)))
+    for b in range(0, len(inputs), batch_size):
+        batches.append(engine.generate(inputs.part(slice(b, b + batch_size))))
         progress(len(batches[-1]))
     return np.concatenate(batches)
 

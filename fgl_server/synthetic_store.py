@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from fgl_core.datasets import ImageSet
 from fgl_core.training import to_device
-from fgl_server.synthesis import SynthesisEngine
+from fgl_server.synthesis import ShardInputs, SynthesisEngine
 from fgl_server.synthesis_plan import ImageJob, Prompt
-from fgl_server.synthesis_pool import RayShardPool, ShardInputs, make_shard
+from fgl_server.synthesis_pool import RayShardPool, make_shard
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +265,13 @@ def synthesize_into_store(
         shard_jobs = jobs[slice(*store.shard_range(shard))]
         chosen = [prompts[job.prompt] for job in shard_jobs]
         return ShardInputs(
-            np.stack([p.embedding for p in chosen]),
-            [job.seed for job in shard_jobs],
-            np.asarray([p.domain for p in chosen], np.int64),
-            np.stack([np.zeros(0, np.float16) if p.pooled is None else p.pooled for p in chosen]),
-            np.asarray([p.class_id for p in chosen], np.int64),
+            embeds=np.stack([p.embedding for p in chosen]),
+            seeds=[job.seed for job in shard_jobs],
+            domains=np.asarray([p.domain for p in chosen], np.int64),
+            pooled=np.stack(
+                [np.zeros(0, np.float16) if p.pooled is None else p.pooled for p in chosen]
+            ),
+            class_ids=np.asarray([p.class_id for p in chosen], np.int64),  # -1: a text prompt
         )
 
     def made_here(bar: tqdm) -> Iterator[tuple[int, np.ndarray]]:

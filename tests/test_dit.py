@@ -19,7 +19,12 @@ from fgl_core.offline_models import OFFLINE_TINY_DIT
 from fgl_core.payload import EmbeddingPayload, EmbedRequest, PayloadError, chunk_records
 from fgl_core.pretrained import ModelRefError, generator_class_ids, resolve_model_ref
 from fgl_server.embedding_round import payload_limits
-from fgl_server.synthesis import ClassConditionalEngine, SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import (
+    ClassConditionalEngine,
+    ShardInputs,
+    SynthesisEngine,
+    SynthesisSettings,
+)
 from fgl_server.validation import PayloadLimits, PayloadRejected, accept_payload, validate_payload
 from tests.conftest import small_fgl_run
 
@@ -142,15 +147,15 @@ def test_what_needs_text_is_refused_with_dit(engine, blood_npz, blood_names, cac
 
 def test_images_come_from_the_class_ids(engine):
     empty = np.zeros((3, 77, 0), np.float16)
-    images = engine.generate(empty, [3, 3, 4], class_ids=np.asarray([0, 0, 0]))
+    images = engine.generate(ShardInputs(empty, [3, 3, 4], class_ids=np.asarray([0, 0, 0])))
     assert images.shape == (3, 20, 20, 3) and images.dtype == np.uint8
     assert engine.resolution == 16  # the tiny DiT's native size: 8 px latents
     assert np.array_equal(images[0], images[1])  # same class, same seed
     assert not np.array_equal(images[0], images[2])  # another seed
-    other = engine.generate(empty[:1], [3], class_ids=np.asarray([207]))
+    other = engine.generate(ShardInputs(empty[:1], [3], class_ids=np.asarray([207])))
     assert not np.array_equal(images[0], other[0])  # the class id conditions the image
     with pytest.raises(ValueError, match="needs a class id"):
-        engine.generate(empty, [3, 3, 4])
+        engine.generate(ShardInputs(empty, [3, 3, 4]))
 
 
 def test_synthesis_compile_compiles_dits_transformer_and_draws_the_same_images(engine, cache_dir):
@@ -158,8 +163,11 @@ def test_synthesis_compile_compiles_dits_transformer_and_draws_the_same_images(e
     compiled = SynthesisEngine.load(settings, cache_dir, CPU)
     assert type(compiled.pipe.transformer).__name__ == "OptimizedModule"
     empty, ids = np.zeros((2, 77, 0), np.float16), np.asarray([0, 5])
-    drawn = compiled.generate(empty, [3, 4], class_ids=ids).astype(int)
-    assert np.abs(drawn - engine.generate(empty, [3, 4], class_ids=ids).astype(int)).max() <= 2
+    drawn = compiled.generate(ShardInputs(empty, [3, 4], class_ids=ids)).astype(int)
+    assert (
+        np.abs(drawn - engine.generate(ShardInputs(empty, [3, 4], class_ids=ids)).astype(int)).max()
+        <= 2
+    )
 
 
 def test_an_fgl_run_synthesizes_and_trains_with_a_dit_generator(blood_npz, tmp_path):

@@ -17,7 +17,7 @@ from fgl_core.config import ConfigError, RunConfig
 from fgl_core.domain_prompts import DomainPromptsError, load_domain_prompts, request_fields
 from fgl_core.payload import EmbedRequest, PayloadError
 from fgl_server.embedding_round import payload_limits
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 from fgl_server.validation import PayloadRejected, validate_payload
 from tests.conftest import small_fgl_run
 from tests.test_datasets import write_tree
@@ -140,10 +140,11 @@ def test_each_image_is_denoised_against_its_domains_negative_prompt(cache_dir):
     engine = SynthesisEngine.load(settings, cache_dir, CPU)
     assert engine.negatives.shape[0] == 2
     embeds = np.repeat(engine.encode(["a cat"]).numpy().astype(np.float16), 3, axis=0)
-    images = engine.generate(embeds, [5, 5, 5], np.array([0, 1, 0]))
+    images = engine.generate(ShardInputs(embeds, [5, 5, 5], domains=np.array([0, 1, 0])))
     assert np.array_equal(images[0], images[2])
     assert not np.array_equal(images[0], images[1])
-    assert np.array_equal(engine.generate(embeds[:1], [5]), images[:1])  # domain 0 by default
+    first_domain = engine.generate(ShardInputs(embeds[:1], [5]))  # no domains: the first
+    assert np.array_equal(first_domain, images[:1])
 
 
 def test_an_fgl_run_prompts_and_synthesizes_per_domain(tree, tmp_path):

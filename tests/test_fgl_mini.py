@@ -26,7 +26,7 @@ from fgl_mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
 from fgl_mini.fidelity import digits_judge, label_fidelity
 from fgl_server.fgl_run import run_fgl
 from fgl_server.results import RunRecorder
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 from tests.conftest import ROOT, launch
 
 CPU = torch.device("cpu")
@@ -166,7 +166,8 @@ def test_fgl_mini_draws_the_prompted_digit_and_not_when_prompts_are_shuffled(min
         generator=FGL_MINI, steps=10, guidance=2.0, train_resolution=8
     )
     engine = SynthesisEngine.load(settings, "unused", CPU)
-    fidelity = label_fidelity(engine, mini_encoder, digits_judge(), per_class=10)
+    draw = lambda embeds, seeds: engine.generate(ShardInputs(embeds, seeds))  # noqa: E731
+    fidelity = label_fidelity(draw, mini_encoder, digits_judge(), per_class=10)
     assert fidelity.mean > 0.5, fidelity  # chance is 0.1
     assert fidelity.shuffled_mean < 0.2, fidelity
 
@@ -183,7 +184,7 @@ def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path):
         generator=str(tmp_path / "pipeline"), steps=2, train_resolution=8
     )
     engine = SynthesisEngine.load(settings, "unused", CPU)
-    images = engine.generate(np.zeros((2, 77, engine.width), np.float16), [0, 1])
+    images = engine.generate(ShardInputs(np.zeros((2, 77, engine.width), np.float16), [0, 1]))
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
 
 

@@ -16,7 +16,7 @@ from fgl_core.config import RunConfig
 from fgl_core.offline_models import OFFLINE_TINY_SDXL, TINY_SDXL_POOLED, TINY_TEXT_WIDTH
 from fgl_core.payload import EmbeddingPayload, EmbedRequest, chunk_records
 from fgl_server.embedding_round import payload_limits
-from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
+from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 from fgl_server.validation import (
     PayloadLimits,
     PayloadRejected,
@@ -103,12 +103,14 @@ def _limits(engine):
 
 def test_images_come_from_the_embedding_and_its_pooled_embedding(engine, payload):
     embeds, pooled = payload.embeds[:2], payload.pooled[:2]
-    images = engine.generate(embeds, [3, 3], np.zeros(2, np.int64), pooled)
+    images = engine.generate(ShardInputs(embeds, [3, 3], np.zeros(2, np.int64), pooled))
     assert images.shape == (2, 20, 20, 3) and images.dtype == np.uint8
-    swapped = engine.generate(embeds, [3, 3], np.zeros(2, np.int64), pooled[::-1].copy())
+    swapped = engine.generate(
+        ShardInputs(embeds, [3, 3], np.zeros(2, np.int64), pooled[::-1].copy())
+    )
     assert not np.array_equal(images, swapped)  # the pooled embedding conditions the image
     with pytest.raises(ValueError, match=r"needs \(2, 32\) pooled embeddings, got None"):
-        engine.generate(embeds, [3, 3])
+        engine.generate(ShardInputs(embeds, [3, 3]))
 
 
 def test_noise_clips_the_pooled_embedding_with_its_sequence_as_one_release(
