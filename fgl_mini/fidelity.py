@@ -47,6 +47,17 @@ class Fidelity:
         return float(np.mean(self.shuffled_per_class))
 
 
+def judged_as_label(judge, images: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Of each class's images ((N, 8, 8, 3) uint8, filed under `labels`), the share the judge
+    assigns to that class; NaN for a class with no images. A run's synthetic store read this
+    way gives the label fidelity of what the server actually trained on."""
+    hits = judge.predict(_features(images)) == labels
+    return [
+        float(hits[labels == c].mean()) if (labels == c).any() else np.nan
+        for c in range(NUM_CLASSES)
+    ]
+
+
 def label_fidelity(draw, encoder, judge, per_class: int, seed: int = 0) -> Fidelity:
     """`draw(embeds, seeds)`: a generator's images, uint8 at 8 px (a SynthesisEngine at
     train_resolution 8 has it as `lambda e, s: engine.generate(ShardInputs(e, s))`);
@@ -62,8 +73,7 @@ def label_fidelity(draw, encoder, judge, per_class: int, seed: int = 0) -> Fidel
         images = np.concatenate(
             [draw(rows[i : i + 50], seeds[i : i + 50]) for i in range(0, len(rows), 50)]
         )
-        hits = judge.predict(_features(images)) == labels
-        return [float(hits[labels == c].mean()) for c in range(NUM_CLASSES)]
+        return judged_as_label(judge, images, labels)
 
     return Fidelity(
         share_judged_as_label(np.arange(NUM_CLASSES)), share_judged_as_label(derangement)

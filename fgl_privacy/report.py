@@ -394,6 +394,49 @@ def membership_section(
     return [*lines, "", "![LiRA ROC](privacy_lira.png)"]
 
 
+def run_silos(results: dict, cfg: RunConfig) -> list[Silo]:
+    """The run's silos, rebuilt from its config as each loaded its partition."""
+    silo_count = results.get("traffic", {}).get("silos", {})
+    count = (len(silo_count) if isinstance(silo_count, dict) else 0) or cfg.min_nodes
+    return [load_silo(cfg, {"partition-id": p, "num-partitions": count}) for p in range(count)]
+
+
+def inversion_rows(
+    cfg: RunConfig,
+    silos: list[Silo],
+    multipliers: tuple[float, ...] = MULTIPLIERS,
+    per_silo: int = 1,
+    delta: float = 1e-5,
+    seed: int = 0,
+    modes: tuple[str, ...] = ("class", "instance"),
+) -> list[InversionRow]:
+    """The server's inversion of up to `per_silo` prompts of each silo in each mode, as sent
+    (float16) and under each noise multiplier (and the run's own); none for a class-conditional
+    generator."""
+    cache_dir = cfg.cache_dir if Path(cfg.cache_dir).is_dir() else tempfile.mkdtemp()
+    encoder = text_encoder(cfg.generator, cache_dir, "cpu")
+    target = server_inverter(encoder)
+    rng = np.random.default_rng(seed)
+    rows: list[InversionRow] = []
+    if target is None:
+        log.info("a class-conditional generator: its silos send class ids, no text to invert")
+        return rows
+    inverter, columns = target
+    start = time.perf_counter()
+    for mode in modes:
+        prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
+        parts = [t.numpy() for t in encoder.encode_with_pooled(prompts)]
+        # the run's clip; if it had none, the median norm (it scales few embeddings down)
+        norms = np.linalg.norm(joint_rows(parts), axis=1)
+        clip = cfg.embedding_clip or float(np.median(norms))
+        for multiplier in sorted({*multipliers, cfg.embedding_noise}):
+            row = measure(inverter, prompts, parts, columns, mode, clip, multiplier, delta, rng)
+            log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
+            rows.append(row)
+    log.info("inversion: %.0f s", time.perf_counter() - start)
+    return rows
+
+
 def report(
     run_dir: Path,
     multipliers: tuple[float, ...] = MULTIPLIERS,
@@ -408,31 +451,9 @@ def report(
     keeps what came before; it then says which failed, and `ReportError` names it."""
     check_arguments(multipliers, per_silo, delta, lira_shadows)
     results, cfg = read_results(run_dir)
-    silo_count = results.get("traffic", {}).get("silos", {})
-    count = (len(silo_count) if isinstance(silo_count, dict) else 0) or cfg.min_nodes
-    cache_dir = cfg.cache_dir if Path(cfg.cache_dir).is_dir() else tempfile.mkdtemp()
-    encoder = text_encoder(cfg.generator, cache_dir, "cpu")
-    target = server_inverter(encoder)
-    rng = np.random.default_rng(seed)
-    silos = [load_silo(cfg, {"partition-id": p, "num-partitions": count}) for p in range(count)]
+    silos = run_silos(results, cfg)
     histograms = [silo.train.label_histogram(silo.num_classes) for silo in silos]
-    rows = []
-    start = time.perf_counter()
-    if target is None:
-        log.info("a class-conditional generator: its silos send class ids, no text to invert")
-    else:
-        inverter, columns = target
-        for mode in modes:
-            prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
-            parts = [t.numpy() for t in encoder.encode_with_pooled(prompts)]
-            # the run's clip; if it had none, the median norm (it scales few embeddings down)
-            norms = np.linalg.norm(joint_rows(parts), axis=1)
-            clip = cfg.embedding_clip or float(np.median(norms))
-            for multiplier in sorted({*multipliers, cfg.embedding_noise}):
-                row = measure(inverter, prompts, parts, columns, mode, clip, multiplier, delta, rng)
-                log.info("%s level, noise %g: %.2f of tokens", mode, multiplier, row.token_accuracy)
-                rows.append(row)
-    log.info("inversion: %.0f s", time.perf_counter() - start)
+    rows = inversion_rows(cfg, silos, multipliers, per_silo, delta, seed, modes)
     path = write_report(run_dir, rows, histograms, cfg, delta)  # kept if what follows fails
     extra: list[str] = []
     failed: list[str] = []

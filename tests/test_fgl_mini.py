@@ -23,10 +23,11 @@ from fgl_core.offline_models import clip_tokenizer
 from fgl_core.pretrained import ModelRefError, resolve_model_ref
 from fgl_mini.captioner import OTHER_WORDS, STYLE_WORDS, digit_said
 from fgl_mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
-from fgl_mini.fidelity import digits_judge, label_fidelity
+from fgl_mini.fidelity import digits_judge, judged_as_label, label_fidelity
 from fgl_server.fgl_run import run_fgl
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
+from fgl_server.synthetic_store import SyntheticStore
 from tests.conftest import ROOT, launch
 
 CPU = torch.device("cpu")
@@ -290,6 +291,25 @@ def test_one_shot_accuracy_comes_from_the_embedding_label_pairing(
     assert len(shifted["embedding"]["nodes-accepted"]) == 5, shifted["embedding"]
     shifted_accuracy = shifted["one-shot"]["test-accuracy"]
     assert honest >= 3 * CHANCE and shifted_accuracy <= 1.5 * CHANCE, (honest, shifted_accuracy)
+
+
+@pytest.mark.slow
+def test_instance_level_synthetic_images_show_their_label_in_every_seed(tmp_path, task_identity):
+    """Instance-level FGL with the default captioner: each silo captions its own images and
+    sends one embedding per image; the images the server makes from them and files under the
+    silo's labels are read by a digits classifier that never saw the generator. If captions
+    carried nothing of the digit (random tokens, or a captioner that does not read the image)
+    the share would sit near chance; it must be far above it in each seed, not on average."""
+    judge = digits_judge()
+    shares = {}
+    for seed in (0, 1):
+        run = {"prompt-mode": "instance", "seed": seed, "oneshot-epochs": 1}
+        results = run_in_process(tmp_path, f"instance-{seed}", **run)
+        sent = sum(results["embedding"]["embeddings-per-node"].values())
+        assert sent > 100, results["embedding"]  # one per captioned image, not one per class
+        synthetic = SyntheticStore.open(results["synthesis"]["store"]).load()
+        shares[seed] = np.nanmean(judged_as_label(judge, synthetic.images, synthetic.labels))
+    assert all(share >= 3 * CHANCE for share in shares.values()), shares
 
 
 def test_the_style_measures_see_what_the_corpus_augmentation_did():
