@@ -103,7 +103,9 @@ def confidences_of(config: dict, data: DatasetSplits, pool: ImageSet) -> dict[st
     }
     if cfg.strategy == "fgl":
         one_shot = build_model_for(cfg, data.num_classes, data.image_size)
-        if not load_checkpoint(run_dir, "one-shot", one_shot):
+        fingerprint = json.loads((run_dir / "results.json").read_text())["config-fingerprint"]
+        last = max(1, cfg.oneshot_epochs)
+        if not load_checkpoint(run_dir, "one-shot", one_shot, fingerprint, last):
             raise RuntimeError(f"{run_dir} kept no one-shot checkpoint")
         found["fgl-one-shot"] = model_confidence(
             one_shot, pool, CPU, InputSettings.from_config(cfg)

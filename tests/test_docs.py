@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -77,46 +79,63 @@ def test_strategies_holds_strategy_classes_only():
 FIGURE = re.compile(r"\d(?:\.\d+)? ?(?:s|MB|KB|GB|GiB|images/s|captions/s|x)\b")
 
 
-def measurement_sections() -> list[tuple[str, str]]:
-    """(heading, text) of each section of docs/measurements.md, headings of any level."""
-    doc = (ROOT / "docs" / "measurements.md").read_text()
+def figure_or_table_of_decimals(text: str) -> bool:
+    return bool(FIGURE.search(text) or re.search(r"^\|.*\d\.\d", text, re.MULTILINE))
+
+
+# the docs whose sections are checked, and what makes a section hold a measured figure: in
+# measurements.md any table or figure; elsewhere a figure with a unit or a table of decimals
+MEASURED = {
+    "measurements.md": lambda text: bool("\n|" in text or FIGURE.search(text)),
+    "privacy.md": figure_or_table_of_decimals,
+    "experiments.md": figure_or_table_of_decimals,
+}
+
+
+def doc_sections(name: str) -> list[tuple[str, str]]:
+    """(heading, text) of each section of docs/`name`, headings of levels 2-4."""
+    doc = (ROOT / "docs" / name).read_text()
     parts = re.split(r"^(#{2,4} .+)$", doc, flags=re.MULTILINE)
     return list(zip(parts[1::2], parts[2::2], strict=True))
 
 
-def test_every_measured_figure_names_its_benchmark_and_kept_json():
-    """Each section of measurements.md that holds a figure has a Source line: the benchmark's
-    command (a module of benchmarks/) and the JSON it wrote, kept in benchmarks/results/, whose
-    commit and date the line repeats; or, for figures measured before JSONs were kept, the
-    words "JSON not kept" (the GPU sessions')."""
+@pytest.mark.parametrize("name", sorted(MEASURED))
+def test_every_measured_figure_names_its_benchmark_and_kept_json(name):
+    """Each section that holds a figure has a Source line: the command (a module of benchmarks/,
+    the privacy report or a deploy/ command) and the JSON it wrote, kept in benchmarks/results/,
+    whose commit and date the line repeats; or, for figures measured before JSONs were kept, the commit, the date
+    and the words "JSON not kept"."""
     import json
 
     checked = 0
-    for heading, text in measurement_sections():
-        if not ("\n|" in text or FIGURE.search(text)):
+    for heading, text in doc_sections(name):
+        if not MEASURED[name](text):
             continue
         sources = re.findall(r"^Source: (.+(?:\n(?!\n).+)*)", text, re.MULTILINE)
-        assert sources, f"{heading}: figures without a 'Source:' line"
+        assert sources, f"{name} {heading}: figures without a 'Source:' line"
         for source in (" ".join(s.split()) for s in sources):  # one line, however wrapped
-            modules = re.findall(r"python -m benchmarks\.(\w+)", source)
-            assert modules, f"{heading}: {source!r} names no benchmark"
-            for module in modules:
-                assert (ROOT / "benchmarks" / f"{module}.py").is_file(), module
+            modules = re.findall(r"python -m (benchmarks|fgl_privacy|deploy)\.(\w+)", source)
+            assert modules, f"{name} {heading}: {source!r} names no benchmark"
+            for package, module in modules:
+                assert (ROOT / package / f"{module}.py").is_file(), module
             kept = re.findall(r"`benchmarks/results/([\w.-]+\.json)`", source)
+            checked += 1
             if "JSON not kept" in source:
                 assert not kept, heading
+                assert re.search(r"\b[0-9a-f]{7}\b", source), f"{heading}: no commit"
+                assert re.search(r"\d{4}-\d{2}-\d{2}", source), f"{heading}: no date"
                 continue
-            assert kept, f"{heading}: {source!r} names no JSON in benchmarks/results/"
-            for name in kept:
-                record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
-                assert record["commit"].split("-")[0] in source, (heading, name)
-                assert record["date"] in source, (heading, name)
-                assert any(record["benchmark"].startswith(m) for m in modules), (heading, name)
-            checked += 1
-    assert checked >= 5  # the CPU figures, at least
+            assert kept, f"{name} {heading}: {source!r} names no JSON in benchmarks/results/"
+            for kept_name in kept:
+                record = json.loads((ROOT / "benchmarks" / "results" / kept_name).read_text())
+                assert record["commit"].split("-")[0] in source, (heading, kept_name)
+                assert record["date"] in source, (heading, kept_name)
+                benchmark = record["benchmark"]
+                assert any(benchmark.startswith(m) for _, m in modules), (heading, kept_name)
+    assert checked >= 3, name  # the test reads the doc's Source lines at all
 
 
-def test_every_kept_json_is_quoted_by_the_measurements():
-    doc = (ROOT / "docs" / "measurements.md").read_text()
+def test_every_kept_json_is_quoted_by_the_docs():
+    docs = "".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
     for path in (ROOT / "benchmarks" / "results").glob("*.json"):
-        assert f"benchmarks/results/{path.name}" in doc, f"{path.name} is quoted nowhere"
+        assert f"benchmarks/results/{path.name}" in docs, f"{path.name} is quoted nowhere"
