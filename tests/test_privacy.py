@@ -165,6 +165,15 @@ def test_the_report_reads_prompts_back_lists_disclosures_and_audits_the_run(tmp_
     assert "| online | " in text and "| offline | " in text
     for png in ("inversion", "replication_hist", "replication_pairs", "lira"):
         assert (run_dir / f"privacy_{png}.png").stat().st_size > 5_000, png
+    # the LiRA benchmark reads the same run's final and one-shot models back (checkpoint included)
+    from benchmarks.lira import confidences_of
+    from fgl_core.config import RunConfig
+    from fgl_core.datasets import load_dataset
+
+    data = load_dataset(RunConfig.from_flower(run_config))
+    found = confidences_of(run_config, data, data.test)
+    assert "fgl-one-shot" in found and len(found) == 2, list(found)
+    assert all(c.shape == (len(data.test),) and np.isfinite(c).all() for c in found.values())
 
 
 def test_the_server_reads_an_sdxl_prompt_back_from_its_first_encoders_columns(tmp_path):
