@@ -103,8 +103,8 @@ def doc_sections(name: str) -> list[tuple[str, str]]:
 def test_every_measured_figure_names_its_benchmark_and_kept_json(name):
     """Each section that holds a figure has a Source line: the command (a module of benchmarks/,
     the privacy report or a deploy/ command) and the JSON it wrote, kept in benchmarks/results/,
-    whose commit and date the line repeats; or, for figures measured before JSONs were kept, the commit, the date
-    and the words "JSON not kept"."""
+    whose commit and date the line repeats; or, for figures measured before JSONs were kept, the
+    commit, the date and the words "JSON not kept"."""
     import json
 
     checked = 0
