@@ -8,6 +8,7 @@ process as it starts and the PIDs stopped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from deploy.processes import Descendants, ServerAppWatch, stop_process
 from fgl_accel import module_command
 from fgl_accel.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
 from fgl_core.polling import poll_until
+from fgl_core.progress import Snapshot
 
 
 @dataclass
@@ -414,7 +416,8 @@ class LogEcho:
 
 
 class Progress:
-    """One line per phase and per round as results.json records them, with central accuracy."""
+    """One line per phase and per round as results.json records them, with central accuracy,
+    and the server's progress lines while a long phase runs (synthesis, one-shot)."""
 
     PHASES = ("load-data", "embed", "synthesize", "one-shot")
 
@@ -422,6 +425,7 @@ class Progress:
         self.results, self.rounds = results, rounds
         self.phases: set[str] = set()
         self.logged: set[int] = set()
+        self.progress: dict | None = None
         self.mtime = time.time_ns()  # a results.json from an earlier run is not this one's
 
     def __call__(self) -> None:
@@ -433,6 +437,11 @@ class Progress:
             self.mtime = mtime
         except (OSError, ValueError):  # not written yet, or caught mid-write: next time
             return
+        progress = results.get("progress")
+        if isinstance(progress, dict) and progress != self.progress:
+            self.progress = progress
+            with contextlib.suppress(TypeError, ValueError):  # another version's: not shown
+                print(f"  {Snapshot.from_json(progress).line()}", flush=True)
         for phase, seconds in results.get("phase-seconds", {}).items():
             if phase in self.PHASES and phase not in self.phases:
                 self.phases.add(phase)

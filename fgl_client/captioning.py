@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fgl_core.pretrained import load_component
+from fgl_core.progress import PhaseProgress
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Captioner:
         kept: list[int] = []
         failed: list[int] = []
         start = time.perf_counter()
-        with tqdm(total=len(images), desc=desc, unit="img", disable=None, leave=False) as bar:
+        with PhaseProgress(desc, len(images)) as progress:  # a line every 30 s when long
             for i in range(0, len(images), batch_size):
                 batch = list(range(i, min(i + batch_size, len(images))))
                 try:
@@ -64,7 +64,7 @@ class Captioner:
                         except Exception as err:
                             failed.append(j)
                             log.warning("captioner could not read image %d: %s", j, err)
-                bar.update(len(batch))
+                progress.update(len(batch))
         rate = len(images) / max(time.perf_counter() - start, 1e-9)
         log.info("%s: %d captioned, %d failed, %.1f images/s", desc, len(kept), len(failed), rate)
         return Captions(texts, np.asarray(kept, np.int64), failed, rate)

@@ -319,6 +319,9 @@ class RunConfig(BaseModel):
     """built offline models, downloads, and the synthetic store (`synthetic/<plan hash>/`)"""
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
     """the run folder's name; empty = `<strategy>-<dataset>-<partition>-<time>`"""
+    progress_seconds: float = Field(30.0, gt=0.0, le=86_400.0)
+    """while synthesis or one-shot training runs, a progress line (done of planned, rate, time
+    left) every this many seconds in the run's log, and in results.json for the launcher"""
 
     @model_validator(mode="before")
     @classmethod

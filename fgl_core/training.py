@@ -19,10 +19,10 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fgl_core.config import Settings
 from fgl_core.datasets import ImageSet
+from fgl_core.progress import PhaseProgress, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class TrainSettings(InputSettings):
     weight_decay: float
     batch_size: int
     lr_schedule: Literal["constant", "cosine"]
+    progress_seconds: float  # a progress line every this many seconds of a long training
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,13 @@ def train_model(
     desc: str = "train",
     loss_fn: LossFn = cross_entropy,
     on_epoch: Callable[[int, float], None] | None = None,
+    report: Callable[[Snapshot], object] | None = None,
 ) -> TrainStats:
     """SGD with momentum over `data` (an `ImageSet`, moved to the device whole, or any
     `BatchSource`, e.g. a synthetic store streamed shard by shard) for `settings.epochs` epochs;
     the model is updated in place. `on_epoch(epoch, loss)` is called after each epoch (from 1)
-    and may evaluate the model: training goes on in train mode."""
+    and may evaluate the model: training goes on in train mode. A training that runs long logs
+    its progress every `settings.progress_seconds` (and hands it to `report`)."""
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -257,7 +260,9 @@ def train_model(
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=settings.epochs * n, desc=desc, unit="img", disable=None, leave=False)
+    progress = PhaseProgress(
+        desc, settings.epochs * n, "samples", every=settings.progress_seconds, report=report
+    )
     epoch_loss = 0.0
     for epoch in range(1, settings.epochs + 1):
         loss_sum, seen = 0.0, 0
@@ -276,13 +281,13 @@ def train_model(
                 scheduler.step()
             loss_sum += loss.item() * len(labels)
             seen += len(labels)
-            bar.update(len(labels))
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            progress.update(len(labels))
+            progress.bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         epoch_loss = loss_sum / max(1, seen)
         if on_epoch is not None:
             on_epoch(epoch, epoch_loss)
             model.train()
-    bar.close()
+    progress.close()
     seconds = time.perf_counter() - start
     rate = settings.epochs * n / max(seconds, 1e-9)
     log.info(

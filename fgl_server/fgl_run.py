@@ -26,6 +26,7 @@ from fgl_core.payload import (
     EmbeddingPayload,
 )
 from fgl_core.plotting import plot_samples
+from fgl_core.progress import Snapshot
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
@@ -155,7 +156,7 @@ def synthesize(
         cfg.synthesis_shard_size,
     )
     with recorder.phase("synthesize"):
-        stats = make_images(engine, prompts, jobs, store, cfg)
+        stats = make_images(engine, prompts, jobs, store, cfg, recorder.progress)
     synthetic, labels, samples = training_set(store, cfg, engine.device)
     recorder.set(
         "synthesis",
@@ -177,9 +178,11 @@ def make_images(
     jobs: list[ImageJob],
     store: SyntheticStore,
     cfg: RunConfig,
+    report: Callable[[Snapshot], object] | None = None,
 ) -> dict:
     """The shards the store lacks, made by `engine` here or by a Ray pool of
-    `synthesis-workers` (started only when something is missing)."""
+    `synthesis-workers` (started only when something is missing); progress every
+    `progress-seconds`, in the log and to `report`."""
 
     def start_pool() -> RayShardPool:
         return RayShardPool(
@@ -193,7 +196,14 @@ def make_images(
 
     workers = start_pool if cfg.synthesis_workers > 1 else None
     return synthesize_into_store(
-        engine, prompts, jobs, store, cfg.synthesis_batch_size, start_pool=workers
+        engine,
+        prompts,
+        jobs,
+        store,
+        cfg.synthesis_batch_size,
+        start_pool=workers,
+        progress_every=cfg.progress_seconds,
+        report=report,
     )
 
 
@@ -246,7 +256,13 @@ def one_shot(
                     recorder.set("one-shot-curve", curve)
 
             train_model(
-                model, synthetic, settings, device, desc="one-shot", on_epoch=evaluate_epoch
+                model,
+                synthetic,
+                settings,
+                device,
+                desc="one-shot",
+                on_epoch=evaluate_epoch,
+                report=recorder.progress,
             )
             save_checkpoint(
                 recorder.dir, "one-shot", cfg.oneshot_epochs, model, recorder.fingerprint

@@ -20,6 +20,7 @@ from torch import nn
 
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.plotting import plot_accuracy
+from fgl_core.progress import Snapshot
 from fgl_server.checkpoint import set_aside
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,10 @@ class RunRecorder:
     def set(self, key: str, value: Any) -> None:
         self.results[key] = value
         self.write_json()
+
+    def progress(self, snapshot: Snapshot) -> None:
+        """Where a running phase stands (`fgl_core.progress`), for the launcher to print."""
+        self.set("progress", snapshot.to_json())
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         rounds = [r for r in self.results["rounds"] if r["round"] != server_round]

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fgl_core.datasets import ImageSet
+from fgl_core.progress import PhaseProgress, Snapshot
 from fgl_core.training import to_device
 from fgl_server.synthesis import ShardInputs, SynthesisEngine
 from fgl_server.synthesis_plan import ImageJob, Prompt
@@ -250,10 +250,13 @@ def synthesize_into_store(
     batch_size: int,
     on_shard: Callable[[int], None] | None = None,
     start_pool: Callable[[], RayShardPool] | None = None,
+    progress_every: float = 30.0,
+    report: Callable[[Snapshot], object] | None = None,
 ) -> dict[str, float]:
     """Make every shard the store lacks, with `engine` here or with the workers of the pool
     `start_pool` starts (only if a shard is missing; it is closed at the end); return counts
-    and the synthesis rate. Each shard is written as soon as it is made."""
+    and the synthesis rate. Each shard is written as soon as it is made; a progress line every
+    `progress_every` seconds (`fgl_core.progress`), handed to `report` too."""
     if engine is None and start_pool is None:
         raise ValueError("synthesize_into_store needs an engine or a pool")
     todo = store.missing()
@@ -274,22 +277,22 @@ def synthesize_into_store(
             class_ids=np.asarray([p.class_id for p in chosen], np.int64),  # -1: a text prompt
         )
 
-    def made_here(bar: tqdm) -> Iterator[tuple[int, np.ndarray]]:
+    def made_here(progress: PhaseProgress) -> Iterator[tuple[int, np.ndarray]]:
         assert engine is not None
         for shard in todo:
-            yield shard, make_shard(engine, inputs(shard), batch_size, bar.update)
+            yield shard, make_shard(engine, inputs(shard), batch_size, progress.update)
 
     start = time.perf_counter()
     made = 0
     pool = start_pool() if start_pool is not None and todo else None
     try:
-        with tqdm(
-            total=store.num_images, initial=reused, desc="synthesis", unit="img", disable=None
-        ) as bar:
-            finished = made_here(bar) if pool is None else pool.make(todo, inputs, batch_size)
+        with PhaseProgress(
+            "synthesis", store.num_images, initial=reused, every=progress_every, report=report
+        ) as progress:
+            finished = made_here(progress) if pool is None else pool.make(todo, inputs, batch_size)
             for shard, images in finished:
                 if pool is not None:  # the workers' progress arrives a shard at a time
-                    bar.update(len(images))
+                    progress.update(len(images))
                 shard_jobs = jobs[slice(*store.shard_range(shard))]
                 store.write(shard, images, np.asarray([j.label for j in shard_jobs], np.int64))
                 made += len(images)

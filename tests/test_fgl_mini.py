@@ -210,12 +210,20 @@ CHANCE = 0.1
 def test_fgl_one_shot_with_fgl_mini_at_extreme_label_skew_beats_chance_by_far(tmp_path):
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in ONE_SHOT.items())
     overrides += f' run-name="one-shot" output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
+    overrides += " progress-seconds=2.0"  # the phases here take seconds, a real one hours
     proc = launch(["--simulation", "5", "--quiet", "--run-config", overrides], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "one-shot" / "results.json").read_text())
     assert len(results["embedding"]["nodes-accepted"]) == 5
     assert results["synthesis"]["images-per-class"] == [60] * 10
     assert results["one-shot"]["test-accuracy"] >= 3 * CHANCE, results["one-shot"]
+    # the run's log (what `flwr log` streams) shows synthesis and one-shot moving while they run
+    log = (tmp_path / "one-shot" / "run.log").read_text()
+    before = log[: log.index("synthesis: 600 images made")]
+    made = [int(n) for n in re.findall(r"synthesis: (\d+)/600 images \(", before)]
+    running = [n for n in made if n < 600]  # lines while it ran, not only at its end
+    assert len(running) >= 2 and made == sorted(made), before[-3000:]
+    assert re.search(r"one-shot: [\d,]+/24,000 samples \(\d+%\), [\d,.]+ samples/s", log), log
 
 
 def run_in_process(tmp_path: Path, name: str, **overrides):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -111,15 +112,31 @@ def test_progress_prints_each_phase_and_round_of_this_run_once(tmp_path, capsys)
     show = Progress(results, rounds=2)
     show()
     assert capsys.readouterr().out == ""
+    running = {
+        "phase-seconds": {"load-data": 0.4, "embed": 2.0},
+        "progress": {
+            "phase": "synthesis",
+            "done": 240,
+            "total": 600,
+            "unit": "images",
+            "per-second": 3.1,
+            "seconds-left": 116.1,
+        },
+    }
+    results.write_text(json.dumps(running))
+    show()
     now = {
         "phase-seconds": {"load-data": 0.4, "embed": 2.0, "rounds": 3.0},
+        "progress": running["progress"],  # the last progress the server wrote stays
         "rounds": [{"round": 0, "test-accuracy": 0.1, "end-seconds": 1.0}]
         + [{"round": r, "test-accuracy": 0.5 + r / 10, "end-seconds": 2.0 * r} for r in (1, 2)],
     }
     results.write_text(json.dumps(now))
+    os.utime(results, ns=(time.time_ns() + 10**9,) * 2)  # a later write, whatever the clock
     show()
     show()  # nothing new: nothing printed twice
     assert capsys.readouterr().out.splitlines() == [
+        "  synthesis: 240/600 images (40%), 3.1 images/s, about 1 min 56 s left",
         "  load-data done in 0 s",
         "  embed done in 2 s",
         "  round 1/2: test accuracy 0.600 (2 s)",
