@@ -89,6 +89,7 @@ MEASURED = {
     "measurements.md": lambda text: bool("\n|" in text or FIGURE.search(text)),
     "privacy.md": figure_or_table_of_decimals,
     "experiments.md": figure_or_table_of_decimals,
+    "server.md": figure_or_table_of_decimals,
 }
 
 
