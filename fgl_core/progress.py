@@ -94,8 +94,9 @@ class PhaseProgress:
     def update(self, n: int) -> None:
         self.done += n
         self.bar.update(n)
-        if self.clock() - self.last >= self.every:
-            self.last = self.clock()
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
             snapshot = self.snapshot()
             self.logger.info("%s", snapshot.line())
             if self.report is not None:
