@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +59,22 @@ class ShardInputs:
     domains: np.ndarray | None = None  # (n,) int64: whose negative prompt; None: the first
     pooled: np.ndarray | None = None  # (n, P) float16: SDXL's pooled embeddings
     class_ids: np.ndarray | None = None  # (n,) int64: a class-conditional generator's (DiT)
-    rows: int = field(init=False)
 
     def __post_init__(self) -> None:
-        n = len(self.seeds)
-        object.__setattr__(self, "rows", n)
-        for name in ("embeds", "domains", "pooled", "class_ids"):
-            column = getattr(self, name)
-            if column is not None and len(column) != n:
-                raise ValueError(f"ShardInputs: {n} seeds but {len(column)} rows of {name}")
+        for column in fields(self):
+            value = getattr(self, column.name)
+            if value is not None and len(value) != len(self):
+                raise ValueError(
+                    f"ShardInputs: {len(self)} seeds but {len(value)} rows of {column.name}"
+                )
 
     def __len__(self) -> int:
-        return self.rows
+        return len(self.seeds)
 
     def part(self, rows: slice) -> ShardInputs:
         """The same columns, cut to `rows`."""
-
-        def cut(column):
-            return None if column is None else column[rows]
-
-        return ShardInputs(
-            self.embeds[rows],
-            self.seeds[rows],
-            cut(self.domains),
-            cut(self.pooled),
-            cut(self.class_ids),
-        )
+        cut = {c.name: getattr(self, c.name) for c in fields(self)}
+        return ShardInputs(**{k: None if v is None else v[rows] for k, v in cut.items()})
 
 
 class SynthesisSettings(Settings):
