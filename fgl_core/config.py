@@ -304,7 +304,8 @@ class RunConfig(BaseModel):
     connect_timeout: float = Field(600.0, gt=0.0)
     """seconds to wait for `min-nodes` silos to connect before the run gives up"""
     round_timeout: float = Field(3600.0, gt=0.0)
-    """seconds to wait for replies in a round"""
+    """seconds to wait for replies in a round; a message not answered by then expires, so a silo
+    that comes back later is not handed it"""
 
     # Housekeeping
     seed: int = Field(0, ge=0, le=2**32 - 1)

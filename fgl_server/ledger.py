@@ -60,10 +60,11 @@ def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) ->
     run waited up to 3 s after its last reply had arrived (the simulation's grid sleeps 0.1 s).
     A reply that comes while the server waits is now seen within the wait, which grows from
     50 ms to 0.2 s while none comes (a pull is one local request: the ServerApp runs beside its
-    SuperLink).
+    SuperLink). The timeout counts from the push, as the messages' TTL does
+    (`expire_when_unawaited`).
     """
-    pending = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
+    pending = set(grid.push_messages(messages))
     wait, replies = POLL_SECONDS[0], []
     while pending:
         pulled = list(grid.pull_messages(pending))
@@ -76,6 +77,19 @@ def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) ->
         time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         wait = min(2 * wait, POLL_SECONDS[1])
     return replies
+
+
+def expire_when_unawaited(messages: Iterable[Message], timeout: float) -> None:
+    """Shorten each message's TTL so that it expires when the server stops waiting for its
+    reply, `timeout` seconds from now (Flower's default TTL is 12 hours, whatever the timeout).
+
+    The SuperLink hands out no expired message and stores no reply to one. Without this, a silo
+    whose link came back (or that restarted) ran every round it had missed, one after another,
+    before the round the server was waiting on: replies nobody reads, each a full model upload.
+    """
+    expires = time.time() + timeout
+    for msg in messages:
+        msg.metadata.ttl = min(msg.metadata.ttl, expires - msg.metadata.created_at)
 
 
 def keep_protocol(message_type: str, content: RecordDict) -> int:
@@ -168,6 +182,8 @@ class RecordingGrid(Grid):
                 )
             )
         self.exchanges.extend(entries)
+        if timeout is not None:
+            expire_when_unawaited(messages, timeout)
         replies = send_and_poll(self._grid, messages, timeout)
         # a node may get several messages (a payload's chunks): each reply answers one message
         pending = {m.metadata.message_id: (m, e) for m, e in zip(messages, entries, strict=True)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from uuid import uuid4
 
@@ -194,3 +195,25 @@ def test_a_silo_record_is_kept_only_as_counts_and_a_histogram_of_the_classes():
     record = ConfigRecord({"num-train": 3, "num-test": -4, "label-histogram": [1, 2]})
     assert ledger.describe_silo(record, 4) == {"num-train": 3}
     assert ledger.describe_silo(None, 4) == {}
+
+
+def test_a_message_expires_when_the_server_stops_waiting_for_its_reply(task_identity):
+    """A silo that comes back after a round ended must not be handed that round's message:
+    the SuperLink drops a message past its TTL, so the TTL ends with the server's wait."""
+    pushed: list[Message] = []
+    grid = GridWithALostNode([201, 203])
+    honest = grid.push_messages
+    grid.push_messages = lambda messages: (pushed.extend(messages), honest(messages))[1]
+    recording = RecordingGrid(grid, CLASSES)
+
+    def send(timeout: float | None) -> list[float]:
+        pushed.clear()
+        sent = [Message(RecordDict(), node, "train") for node in (201, 203)]
+        before = time.time()
+        list(recording.send_and_receive(sent, timeout=timeout))
+        return [m.metadata.created_at + m.metadata.ttl - before for m in pushed]
+
+    left = send(timeout=5.0)
+    assert all(4.5 < t < 5.5 for t in left), left
+    assert all(left > 3600 for left in send(timeout=None))  # no timeout: Flower's own TTL
+    assert all(left > 3600 for left in send(timeout=1e9))  # never longer than Flower's own
