@@ -2,15 +2,15 @@
 families held out of the corpus.
 
 The ranges that name no style word (rotation, shear, aspect, shift, elastic distortion, blur,
-ink level) are scaled together by a width w: w = 1 is the shipped `Augmentation`, 0 turns them
-off, 2 doubles each (ink: twice as far below full). For each width, a classifier of the label
-fidelity's kind (an RBF SVM on grey levels, at the digits' 8 px) is trained on corpus images
-drawn from every font family but one, and scored on the held-out family's glyphs drawn plain
-(both stroke widths, no distortion); each of the five families (DejaVu Sans, DejaVu Sans Mono,
-DejaVu Serif, STIX, Computer Modern) is held out in turn. The distortions are there to push
-printed digits toward the variety of handwriting, as far as a digit stays recognisable as itself
-(a 6 turned far is a 9): the choice is the widest width whose held-out accuracy is within two
-standard errors of the best width's.
+ink level) are scaled together by a width w: w = 1 is version 2's ranges (those of versions 1
+and 2 of `fgl-mini`), 0 turns them off, 2 doubles each (ink: twice as far below full). For each
+width, a classifier of the label fidelity's kind (an RBF SVM on grey levels, at the digits' 8
+px) is trained on corpus images drawn from every font family but one, and scored on the held-out
+family's glyphs drawn plain (both stroke widths, no distortion); each of the five families
+(DejaVu Sans, DejaVu Sans Mono, DejaVu Serif, STIX, Computer Modern) is held out in turn. The
+distortions are there to push printed digits toward the variety of handwriting, as far as a
+digit stays recognisable as itself (a 6 turned far is a 9): the choice is the widest width whose
+held-out accuracy is within two standard errors of the best width's.
 
     python -m benchmarks.corpus_augmentation    # -> outputs/benchmarks/corpus_augmentation.json
 """
@@ -42,9 +42,16 @@ def family(font: str) -> str:
     return FAMILIES[max((p for p in FAMILIES if font.startswith(p)), key=len)]
 
 
+# the ranges the widths scale: version 2's (its scale and stroke ranges are the shipped ones)
+VERSION_2 = Augmentation(
+    rotation_deg=12.0, shear=0.25, aspect=0.15, shift=0.05, elastic=0.04, blur_sigma=0.5,
+    ink=(0.85, 1.0),
+)  # fmt: skip
+
+
 def widened(width: float) -> Augmentation:
-    """The shipped augmentation with every range that names no style word scaled by `width`."""
-    base = Augmentation()
+    """Version 2's augmentation with every range that names no style word scaled by `width`."""
+    base = VERSION_2
     return dataclasses.replace(
         base,
         rotation_deg=base.rotation_deg * width,
@@ -113,7 +120,7 @@ def main() -> None:
             "seeds": args.seeds,
             "samples": args.samples,
             "size": args.size,
-            "shipped": dataclasses.asdict(Augmentation()),
+            "width-1": dataclasses.asdict(VERSION_2),
             "widths": rows,
             "best-width": best["width"],
             "chosen-width": chosen["width"],
