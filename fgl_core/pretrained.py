@@ -10,7 +10,10 @@ that does not hold what `from_pretrained` needs).
 from __future__ import annotations
 
 import difflib
+import hashlib
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +26,7 @@ from fgl_core.offline_models import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 GENERATOR_STAND_INS = {OFFLINE_TINY_SDXL: "generator-sdxl", OFFLINE_TINY_DIT: "generator-dit"}
 
 
@@ -48,6 +52,34 @@ def resolve_model_ref(ref: str, kind: str, cache_dir: str | Path) -> str:
         except FileNotFoundError as err:
             raise ModelRefError(str(err)) from None
     return ref
+
+
+def model_digest(ref: str) -> str:
+    """sha256 over the files of a loaded model reference (a directory, or a hub id's snapshot in
+    the local cache): each file's path and bytes, in path order. Two directories holding the
+    same files give the same digest; a changed weight or config file gives another.
+
+    What a synthetic store was made with: its name alone (`fgl-mini`, a hub id, a path) does not
+    say which weights, and a store made by other weights must not be reused."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(ref, local_files_only=True))
+    start, digest, size = time.perf_counter(), hashlib.sha256(), 0
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        name = file.relative_to(path).as_posix()
+        if any(part.startswith(".") for part in name.split("/")):
+            continue  # a hub cache's or a clone's own bookkeeping
+        digest.update(name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+                size += len(block)
+        digest.update(b"\0")
+    seconds = time.perf_counter() - start
+    log.info("%s: sha256 of %.1f MB of files in %.1f s", ref, size / 1e6, seconds)
+    return digest.hexdigest()
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -50,6 +50,7 @@ def store_manifest(
     s = engine.settings
     return {
         "generator": s.generator,
+        "generator-digest": engine.weights_digest,  # the weights, whatever their name
         "scheduler": s.scheduler,
         "steps": s.steps,
         "guidance": s.guidance,

@@ -16,6 +16,7 @@ generator's own `model_index.json` names.
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -35,6 +36,7 @@ from fgl_core.pretrained import (
     generator_family,
     generator_labels,
     load_component,
+    model_digest,
     resolve_model_ref,
 )
 
@@ -167,6 +169,7 @@ class SynthesisEngine(ABC):
     pooled_width: int  # SDXL's pooled embedding width; 0 for the others
     resolution: int  # the size the pipeline draws at
     probe: np.ndarray  # the server's encoding of the public probe prompt, (77, width)
+    ref: str  # the reference it was loaded from, resolved (`load`)
 
     def __init__(
         self,
@@ -200,8 +203,19 @@ class SynthesisEngine(ABC):
         dtype = pipeline_dtype(device)
         pipe = load_component(getattr(diffusers, family), ref, None, "generator", torch_dtype=dtype)
         if family == CLASS_CONDITIONAL:
-            return ClassConditionalEngine(pipe, settings, device, generator_labels(ref))
-        return TextEngine(pipe, settings, device)
+            engine: SynthesisEngine = ClassConditionalEngine(
+                pipe, settings, device, generator_labels(ref)
+            )
+        else:
+            engine = TextEngine(pipe, settings, device)
+        engine.ref = ref
+        return engine
+
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """`model_digest` of the files the generator was loaded from (computed once, when a
+        store asks: a 5 GB pipeline takes seconds to hash)."""
+        return model_digest(self.ref)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_with_pooled(prompts)[0]

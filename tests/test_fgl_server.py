@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -19,7 +20,7 @@ from fgl_core.offline_models import TINY_TEXT_WIDTH
 from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, rows_per_chunk
 from fgl_core.pretrained import ModelRefError, generator_family, resolve_model_ref
 from fgl_server.embedding_round import collect_embeddings, payload_limits, validated_payloads
-from fgl_server.fgl_run import run_fgl
+from fgl_server.fgl_run import run_fgl, store_manifest
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
@@ -313,6 +314,32 @@ def test_synthesis_compile_compiles_the_unet_once_and_draws_the_same_images(engi
     embeds = engine.encode(["a photo of the digit 3", "7"]).numpy().astype(np.float16)
     drawn = compiled.generate(ShardInputs(embeds, [5, 6])).astype(int)
     assert np.abs(drawn - engine.generate(ShardInputs(embeds, [5, 6])).astype(int)).max() <= 2
+
+
+def test_a_store_made_by_other_weights_under_the_same_name_is_not_reused(
+    engine, payloads, cache_dir, tmp_path
+):
+    """The store's manifest names the generator's files by digest: weights replaced in place
+    (a new fgl-mini, a re-downloaded model at the same path) make a new store."""
+    generator = tmp_path / "generator"
+    shutil.copytree(engine.ref, generator)
+    (generator / ".cache").mkdir()  # bookkeeping of a hub cache or a clone: not the model
+    (generator / ".cache" / "lock").write_text("x")
+    settings = SynthesisSettings.defaults(generator=str(generator), steps=3, train_resolution=28)
+    same = SynthesisEngine.load(settings, cache_dir, CPU)
+    assert same.weights_digest == engine.weights_digest  # the same files, wherever they are
+    prompts, histogram = merge_payloads(payloads, 8)
+    jobs = plan_images(prompts, histogram, 1, "balanced", run_seed=0)
+    first = SyntheticStore(tmp_path / "stores", store_manifest(same, prompts, jobs, 4), 8)
+
+    unet = next((generator / "unet").glob("*.safetensors"))
+    weights = bytearray(unet.read_bytes())
+    weights[-1] ^= 1  # one bit of the last weight
+    unet.write_bytes(bytes(weights))
+    changed = SynthesisEngine.load(settings, cache_dir, CPU)
+    assert changed.weights_digest != same.weights_digest
+    second = SyntheticStore(tmp_path / "stores", store_manifest(changed, prompts, jobs, 4), 8)
+    assert second.dir != first.dir
 
 
 def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, payloads, tmp_path):
