@@ -84,8 +84,9 @@ def expire_when_unawaited(messages: Iterable[Message], timeout: float) -> None:
     reply, `timeout` seconds from now (Flower's default TTL is 12 hours, whatever the timeout).
 
     The SuperLink hands out no expired message and stores no reply to one. Without this, a silo
-    whose link came back (or that restarted) ran every round it had missed, one after another,
-    before the round the server was waiting on: replies nobody reads, each a full model upload.
+    whose link comes back (or that restarts) is handed every round it missed and trains them one
+    after another before the round the server waits on: replies nobody reads, each a full model
+    upload.
     """
     expires = time.time() + timeout
     for msg in messages:
