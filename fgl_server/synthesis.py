@@ -214,7 +214,7 @@ class SynthesisEngine(ABC):
     @functools.cached_property
     def weights_digest(self) -> str:
         """`model_digest` of the files the generator was loaded from (computed once, when a
-        store asks: a 5 GB pipeline takes seconds to hash)."""
+        store asks)."""
         return model_digest(self.ref)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
