@@ -106,12 +106,22 @@ class RunConfig(BaseModel):
     """cap the validation and test splits (stratified; 0 = all)"""
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     """share of train held out for validation when the dataset has no val split"""
-    partition: Literal["iid", "dirichlet", "domain"] = "dirichlet"
-    """`iid`, `dirichlet` (label skew, `alpha`) or `domain` (one domain per silo)"""
+    partition: Literal["iid", "dirichlet", "pathological", "domain"] = "dirichlet"
+    """Flower Datasets' partitioner that splits the train split among silos: `iid`
+    (`IidPartitioner`), `dirichlet` (label skew: `DirichletPartitioner` with `alpha`,
+    `min-partition-size`, `self-balancing`), `pathological` (`classes-per-partition` classes per
+    silo: `PathologicalPartitioner`) or `domain` (one domain per silo: `NaturalIdPartitioner`);
+    each silo's test share follows its train share class by class"""
     alpha: float = Field(0.5, gt=0.0)
     """Dirichlet concentration; smaller = more skewed"""
     min_partition_size: int = Field(10, ge=1)
     """every Dirichlet partition gets at least this many training images"""
+    self_balancing: bool = False
+    """Dirichlet: a silo already above the average size gets no more of the next classes
+    (Flower Datasets' `self_balancing`)"""
+    classes_per_partition: int = Field(2, ge=1)
+    """pathological: how many classes each silo holds (its first is `partition-id` mod the
+    number of classes, the others drawn)"""
 
     # Model and local training
     model: Literal["cnn", "resnet18", "resnet34", "resnet50"] = "cnn"

@@ -29,7 +29,7 @@ def test_unknown_key_is_named_with_a_suggestion(typo, meant):
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("partition", "dirchlet", "'iid', 'dirichlet' or 'domain'"),
+        ("partition", "dirchlet", "'iid', 'dirichlet', 'pathological' or 'domain'"),
         ("alpha", -0.5, "greater than 0"),
         ("lr", 0, "greater than 0"),
         ("num-server-rounds", 2.5, "integer"),
