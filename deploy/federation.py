@@ -26,6 +26,7 @@ from deploy.flower_cli import BIN, FlowerCLI
 from deploy.processes import Descendants, ServerAppWatch, stop_process
 from fgl_accel import module_command
 from fgl_accel.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS
+from fgl_core.hf_datasets import absolute_source
 from fgl_core.polling import poll_until
 from fgl_core.progress import Snapshot
 
@@ -50,7 +51,7 @@ class Topology:
     def node_local(
         cls, paths: list[str], tls: bool = False, certs_dir: Path | None = None
     ) -> Topology:
-        configs = [{"data-path": str(Path(p).expanduser().resolve())} for p in paths]
+        configs = [{"data-path": absolute_source(p, always=True)} for p in paths]
         return cls(node_configs=configs, tls=tls, certs_dir=certs_dir)  # type: ignore[arg-type]
 
     @property

@@ -42,6 +42,7 @@ from deploy.federation import LocalFederation, LogEcho, Progress, Topology
 from fgl_accel.supernode import FLOWER_POLL_SECONDS, POLL_SECONDS, poll_seconds
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetError, load_dataset
+from fgl_core.hf_datasets import absolute_source
 from fgl_core.partition import PartitionError, partition_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +54,8 @@ def resolve_run_config(app: Path, overrides: list[str]) -> tuple[RunConfig, dict
     values = {**defaults, **parse_config_args(overrides)}
     cfg = RunConfig.from_flower(values, where="--run-config")
     for key in ("output-dir", "cache-dir", "dataset", "model-weights"):
-        value = values[key]
-        if value and not Path(value).is_absolute() and Path(value).exists():
-            values[key] = str(Path(value).resolve())
+        if values[key]:
+            values[key] = absolute_source(values[key])
     values["output-dir"] = str(Path(values["output-dir"]).resolve())
     values["cache-dir"] = str(Path(values["cache-dir"]).resolve())
     if not values["run-name"]:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "--node-data",
         action="append",
         metavar="PATH",
-        help="one SuperNode with this node-local dataset (.npz or ImageFolder); repeatable",
+        help="one SuperNode with this node-local dataset (.npz, ImageFolder, hf:DIR); repeatable",
     )
     parser.add_argument(
         "--tls", action="store_true", help="TLS and SuperNode authentication (not --simulation)"

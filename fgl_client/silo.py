@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -16,7 +17,8 @@ import numpy as np
 
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetError, DatasetSplits, ImageSet, load_dataset
-from fgl_core.partition import silo_data
+from fgl_core.hf_datasets import PREFIX as HF_PREFIX
+from fgl_core.partition import PARTITION_SCHEME, silo_data
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,27 @@ DATA_FIELDS = (
     "partition",
     "alpha",
     "min_partition_size",
+    "self_balancing",
+    "classes_per_partition",
+    "hf_train_split",
+    "hf_test_split",
+    "hf_image_column",
+    "hf_label_column",
+    "hf_domain_column",
     "seed",
 )
 
 
 def silo_cache_key(cfg: RunConfig, node_config: Mapping[str, object]) -> str:
-    """What decides the silo's data, hashed: the data fields, the node config, and a dataset
-    file's or folder's fingerprint (so changed data is read again)."""
+    """What decides the silo's data, hashed: the data fields, the node config, the partition
+    code's version, and a dataset file's or folder's fingerprint (so changed data is read
+    again)."""
     described: dict[str, object] = {name: getattr(cfg, name) for name in DATA_FIELDS}
     described["node-config"] = sorted((str(k), str(v)) for k, v in node_config.items())
+    # the code that draws partitions: a silo cached by another version is drawn again
+    described["partitioner"] = [PARTITION_SCHEME, importlib.metadata.version("flwr-datasets")]
     for source in (cfg.dataset, str(node_config.get("data-path", "") or "")):
-        path = Path(source)
+        path = Path(source.removeprefix(HF_PREFIX))
         if source and path.exists():
             described[f"stat:{path.resolve()}"] = _fingerprint(path)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]

@@ -12,6 +12,7 @@ A class-conditional generator (DiT) reads no text: `GeneratorClasses` gives each
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -25,8 +26,22 @@ from fgl_core.pretrained import (
     load_component,
     resolve_model_ref,
 )
+from fgl_core.progress import PhaseProgress
 
 ENCODE_BATCH = 64
+PROGRESS_SECONDS = 30.0
+
+
+def batches(prompts: list[str]) -> Iterator[list[str]]:
+    """`prompts` in batches of `ENCODE_BATCH`, counted: a silo encoding thousands of captions
+    logs a progress line every `PROGRESS_SECONDS` (`fgl_core.progress`)."""
+    with PhaseProgress(
+        "text encoding", len(prompts), unit="prompts", every=PROGRESS_SECONDS
+    ) as progress:
+        for i in range(0, len(prompts), ENCODE_BATCH):
+            batch = prompts[i : i + ENCODE_BATCH]
+            yield batch
+            progress.update(len(batch))
 
 
 class TextEncoder(Protocol):
@@ -98,9 +113,9 @@ class XLTextEncoder:
     @torch.no_grad()
     def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         sequences, pooled = [], []
-        for i in range(0, len(prompts), ENCODE_BATCH):
+        for batch in batches(prompts):
             out = self.pipe.encode_prompt(
-                prompts[i : i + ENCODE_BATCH],
+                batch,
                 device=self.device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
@@ -128,9 +143,9 @@ class TransformersTextEncoder(SequenceOnly):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         use_mask = getattr(self.model.config, "use_attention_mask", False)
         chunks = []
-        for i in range(0, len(prompts), ENCODE_BATCH):
+        for batch in batches(prompts):
             tokens = self.tokenizer(
-                prompts[i : i + ENCODE_BATCH],
+                batch,
                 padding="max_length",
                 max_length=self.tokenizer.model_max_length,
                 truncation=True,
@@ -199,6 +214,10 @@ class OpenClipTextEncoder(SequenceOnly):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        chunks = [self._encode_batch(batch) for batch in batches(prompts)]
+        return torch.cat(chunks) if chunks else torch.empty(0, 77, self.width)
+
+    def _encode_batch(self, prompts: list[str]) -> torch.Tensor:
         m = self.model
         ids = self.tokenizer(prompts).to(self.device)
         x = m.token_embedding(ids) + m.positional_embedding

@@ -91,8 +91,20 @@ class RunConfig(BaseModel):
 
     # Data
     dataset: str = Field("digits", min_length=1)
-    """`digits`, a MedMNIST-layout `.npz` path, an ImageFolder directory, or a MedMNIST name
-    (`bloodmnist`, needs `pip install -e ".[medmnist]"` and network)"""
+    """`digits`, a MedMNIST-layout `.npz` path, an ImageFolder directory, a MedMNIST name
+    (`bloodmnist`, needs `pip install -e ".[medmnist]"` and network), or a Hugging Face dataset
+    `hf:<id or directory>`: a hub id (`hf:frgfm/imagenette:320px`, needs network), a directory
+    written by `save_to_disk`, or one of parquet files or an `imagefolder` tree"""
+    hf_train_split: str = Field("train", min_length=1)
+    """`hf:` datasets: the split the silos train on"""
+    hf_test_split: str = ""
+    """`hf:` datasets: the split models are tested on; empty = `test`, else `validation`"""
+    hf_image_column: str = Field("image", min_length=1)
+    """`hf:` datasets: the column holding the images"""
+    hf_label_column: str = Field("label", min_length=1)
+    """`hf:` datasets: the column holding the labels (`ClassLabel`, integers or strings)"""
+    hf_domain_column: str = ""
+    """`hf:` datasets: a column naming each image's domain, for `partition = "domain"`"""
     class_names: str = ""
     """comma-separated names; override the names a dataset carries"""
     image_size: int = Field(0, ge=0, le=1024)
@@ -330,6 +342,12 @@ class RunConfig(BaseModel):
     """built offline models, downloads, and the synthetic store (`synthetic/<plan hash>/`)"""
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
     """the run folder's name; empty = `<strategy>-<dataset>-<partition>-<time>`"""
+    tracking: Literal["none", "tensorboard", "mlflow"] = "none"
+    """also log the run's figures (per round, the one-shot curve, progress, the sample grid) to
+    `tensorboard` (event files in the run folder: `tensorboard --logdir outputs`) or `mlflow`
+    (`tracking-uri`, else `<output-dir>/mlflow.db`)"""
+    tracking_uri: str = ""
+    """`mlflow`: a tracking server or store URI; empty = a SQLite store in `output-dir`"""
     progress_seconds: float = Field(30.0, gt=0.0, le=86_400.0)
     """while synthesis or one-shot training runs, a progress line (done of planned, rate, time
     left) every this many seconds in the run's log, and in results.json for the launcher"""

@@ -1,5 +1,6 @@
 """Datasets as in-memory uint8 arrays: scikit-learn digits, MedMNIST-layout .npz files,
-ImageFolder trees (optionally one level of domains) and MedMNIST names.
+ImageFolder trees (optionally one level of domains), MedMNIST names and Hugging Face datasets
+(`hf:`, `fgl_core.hf_datasets`).
 
 Every source ends up as `DatasetSplits`: RGB uint8 images (N, H, W, 3), int64 labels, a
 train/val/test split and the class names that prompts are built from. Augmentation is not
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fgl_core.config import RunConfig
+from fgl_core.hf_datasets import HFDatasetError, is_hf, load_hf_splits
 from fgl_core.npy import read_npy_header
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
     path = Path(source).expanduser()
     if source == "digits":
         splits, names, domains = _load_digits()
+    elif is_hf(source):
+        splits, names, domains = _load_hf(cfg, source)
     elif path.suffix == ".npz":
         splits, names = _load_npz(path)
         domains = []
@@ -132,8 +136,8 @@ def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
     else:
         raise DatasetError(
             f"dataset {source!r}: no such file or directory. Expected 'digits', a MedMNIST-layout "
-            "'.npz' file, an ImageFolder directory (train/<class>/..., test/<class>/...) or a "
-            "MedMNIST name such as 'bloodmnist'"
+            "'.npz' file, an ImageFolder directory (train/<class>/..., test/<class>/...), a "
+            "MedMNIST name such as 'bloodmnist', or a Hugging Face dataset as 'hf:<id or dir>'"
         )
     for split in ("train", "test"):
         if len(splits[split]) == 0:
@@ -176,6 +180,18 @@ def _load_digits() -> tuple[dict[str, ImageSet], list[str], list[str]]:
     )
     full = ImageSet(_to_rgb(images, "digits"), labels)
     return {"train": full.take(tr), "test": full.take(te)}, [str(d) for d in range(10)], []
+
+
+def _load_hf(cfg: RunConfig, source: str) -> tuple[dict[str, ImageSet], list[str], list[str]]:
+    try:
+        arrays, names, domain_names = load_hf_splits(cfg, source)
+    except HFDatasetError as err:
+        raise DatasetError(str(err)) from None
+    splits = {
+        split: ImageSet(images, labels, domains if domain_names else None)
+        for split, (images, labels, domains) in arrays.items()
+    }
+    return splits, names, domain_names
 
 
 def _load_npz(path: Path) -> tuple[dict[str, ImageSet], list[str]]:

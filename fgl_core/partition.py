@@ -31,6 +31,10 @@ from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
 from fgl_core.seeds import derive_seed
 
+# The version of the code that draws partitions; silos cached under another are drawn again
+# (`fgl_client.silo`). 1: this project's own partitioner; 2: Flower Datasets' partitioners.
+PARTITION_SCHEME = 2
+
 # Flower Datasets' DirichletPartitioner gives up after 11 draws that leave a partition below
 # `min-partition-size`; for strongly skewed splits (alpha 0.01, few classes per silo) that fails
 # often, so the whole partitioner is tried again with the next seed of the tree, up to this many

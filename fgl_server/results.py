@@ -22,6 +22,7 @@ from fgl_core.config import ConfigError, RunConfig
 from fgl_core.plotting import plot_accuracy
 from fgl_core.progress import Snapshot
 from fgl_server.checkpoint import set_aside
+from fgl_server.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class RunRecorder:
         }
         self._resume_or_clear()
         log.info("results go to %s", self.dir)
+        self.tracker = Tracker(cfg, self.dir, name)
 
     def _resume_or_clear(self) -> None:
         """A rerun of a run that did not finish (same folder, same config) goes on from its
@@ -109,10 +111,16 @@ class RunRecorder:
     def set(self, key: str, value: Any) -> None:
         self.results[key] = value
         self.write_json()
+        if key == "one-shot-curve":
+            self.tracker.curve(value)
+        elif key == "synthesis" and isinstance(value, dict):
+            self.tracker.scalars("synthesis", 0, value)
 
     def progress(self, snapshot: Snapshot) -> None:
         """Where a running phase stands (`fgl_core.progress`), for the launcher to print."""
         self.set("progress", snapshot.to_json())
+        rate = {f"{snapshot.unit}-per-second": snapshot.per_second, "done": snapshot.done}
+        self.tracker.scalars(snapshot.phase, snapshot.done, rate)
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         rounds = [r for r in self.results["rounds"] if r["round"] != server_round]
@@ -120,6 +128,9 @@ class RunRecorder:
         row = {"round": server_round, "end-seconds": time.perf_counter() - self._start, **metrics}
         self.results["rounds"] = sorted([*rounds, row], key=lambda r: r["round"])
         self.write_json()
+        earlier = [r["end-seconds"] for r in rounds if r["round"] < server_round]
+        seconds = {"seconds": row["end-seconds"] - max(earlier, default=0.0)}
+        self.tracker.round(server_round, {**row, **seconds}, self.results.get("traffic"))
 
     def merge_round_metrics(self, per_round: dict[int, dict[str, float]], prefix: str) -> None:
         """Add metrics (e.g. the silos' aggregated evaluation) to the rows of their rounds."""
@@ -127,6 +138,8 @@ class RunRecorder:
             for key, value in per_round.get(row["round"], {}).items():
                 row[f"{prefix}{key}"] = value
         self.write_json()
+        for step, metrics in sorted(per_round.items()):
+            self.tracker.scalars("round", step, {f"{prefix}{k}": v for k, v in metrics.items()})
 
     def summarize(self) -> dict[str, Any]:
         """The test accuracy under each protocol (`PROTOCOLS`), over every evaluated model: the
@@ -165,6 +178,11 @@ class RunRecorder:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, self.dir / "model.pt")
         plot_accuracy(self.results["rounds"], self.dir / "accuracy.png", self.results["run-name"])
         log.info("wrote results.json, model.pt and accuracy.png to %s", self.dir)
+        self.tracker.scalars("phase-seconds", 0, self.results["phase-seconds"])
+        self.tracker.scalars("summary", 0, self.results["summary"])
+        self.tracker.image("synthetic-samples", self.dir / "synthetic_samples.png")
+        self.tracker.image("accuracy", self.dir / "accuracy.png")
+        self.tracker.close()
         return self.dir
 
 

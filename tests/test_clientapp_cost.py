@@ -30,7 +30,8 @@ content = RecordDict(
 with task_identity():
     message = Message(content, dst_node_id=2, message_type="train")
     reply = app(message, context)
-heavy = ("torchvision.models", "sklearn", "scipy", "transformers", "diffusers", "matplotlib")
+heavy = ("torchvision.models", "sklearn", "scipy", "transformers", "diffusers", "matplotlib",
+         "datasets", "flwr_datasets", "pyarrow")
 print(json.dumps({
     "imported": sorted(m for m in heavy if m in sys.modules),
     "num-examples": int(reply.content["metrics"]["num-examples"]),
@@ -82,13 +83,18 @@ def test_the_silo_cache_returns_the_same_data_and_rebuilds_what_it_cannot_read(t
     assert "unreadable" in caplog.text and path.stat().st_size > 1000
 
 
-def test_whatever_decides_a_silos_data_changes_its_cache_key(tmp_path):
+def test_whatever_decides_a_silos_data_changes_its_cache_key(tmp_path, monkeypatch):
     cfg = config(tmp_path)
     key = silo_cache_key(cfg, NODE)
     assert silo_cache_key(config(tmp_path, alpha=0.1), NODE) != key
     assert silo_cache_key(config(tmp_path, seed=1), NODE) != key
     assert silo_cache_key(cfg, {**NODE, "partition-id": 2}) != key
     assert silo_cache_key(config(tmp_path, lr=0.5), NODE) == key  # training settings do not
+    assert silo_cache_key(config(tmp_path, **{"self-balancing": True}), NODE) != key
+    assert silo_cache_key(config(tmp_path, **{"hf-label-column": "y"}), NODE) != key
+    monkeypatch.setattr(silo_module, "PARTITION_SCHEME", silo_module.PARTITION_SCHEME + 1)
+    assert silo_cache_key(cfg, NODE) != key  # partitions drawn by other code are drawn again
+    monkeypatch.undo()
     data = tmp_path / "data.npz"
     data.write_bytes(b"x")
     before = silo_cache_key(config(tmp_path, dataset=str(data)), NODE)
@@ -100,3 +106,6 @@ def test_whatever_decides_a_silos_data_changes_its_cache_key(tmp_path):
     before = silo_cache_key(config(tmp_path, dataset=str(tmp_path / "folder")), NODE)
     (folder / "2.png").write_bytes(b"x")  # a new image deep inside an ImageFolder
     assert silo_cache_key(config(tmp_path, dataset=str(tmp_path / "folder")), NODE) != before
+    before = silo_cache_key(config(tmp_path, dataset=f"hf:{tmp_path / 'folder'}"), NODE)
+    (folder / "3.png").write_bytes(b"x")  # the same, for a local Hugging Face dataset
+    assert silo_cache_key(config(tmp_path, dataset=f"hf:{tmp_path / 'folder'}"), NODE) != before

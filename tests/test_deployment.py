@@ -24,6 +24,7 @@ from deploy.federation import LocalFederation, Topology, threads_per_node
 from deploy.flower_cli import FlowerCLI
 from deploy.quickstart import RUNS
 from tests.conftest import is_running, launch, silo_file, start_launcher
+from tests.hf_data import blood_dict, save_parquet
 
 
 def assert_nothing_left(run_dir: Path) -> None:
@@ -157,15 +158,18 @@ def test_node_local_data_trains_alone_and_a_missing_data_path_fails_clearly(
     names = blood_names  # a silo's file names the server's classes
     histograms = [
         silo_file(tmp_path / "silo-a.npz", blood_npz, [0, 1, 2, 3], 60, names),
-        silo_file(tmp_path / "silo-b.npz", blood_npz, [4, 5, 6, 7], 40, names),
+        [0, 0, 0, 0, 40, 40, 40, 40],
     ]
+    # silo b keeps its data as a Hugging Face dataset (parquet files, the hub's layout)
+    per_class = {"train": 40, "val": 5, "test": 10}
+    save_parquet(blood_dict(blood_npz, [4, 5, 6, 7], per_class, names), tmp_path / "silo-b")
     missing = tmp_path / "nowhere" / "silo-c.npz"
     overrides = (
         f'strategy="fedavg" dataset="{blood_npz}" eval-subset=400 num-server-rounds=1 '
         f'local-epochs=1 run-name="node-local" output-dir="{tmp_path}"'
     )
     args = ["--quiet", "--run-config", overrides]
-    for path in (tmp_path / "silo-a.npz", tmp_path / "silo-b.npz", missing):
+    for path in (tmp_path / "silo-a.npz", f"hf:{tmp_path / 'silo-b'}", missing):
         args += ["--node-data", str(path)]
     proc = launch(args, cwd=tmp_path)
     run_dir = tmp_path / "node-local"

@@ -47,3 +47,22 @@ def test_durations_read_as_a_person_says_them():
         "59 min 59 s",
         "2 h 1 min",
     ]
+
+
+def test_text_encoding_logs_its_progress_batch_by_batch(tmp_path, caplog, monkeypatch):
+    from fgl_client import text_encoding
+    from fgl_client.embedding import text_encoder
+
+    monkeypatch.setattr(text_encoding, "PROGRESS_SECONDS", 0.0)  # a line per batch
+    monkeypatch.setattr(logging.getLogger("fgl_core"), "propagate", True)  # see console.py
+    encoder = text_encoder("fgl-mini", str(tmp_path), "cpu")
+    prompts = [f"a handwritten digit {i % 10}" for i in range(150)]
+    with caplog.at_level(logging.INFO, logger="fgl_core.progress"):
+        embeddings = encoder.encode(prompts)
+    assert len(embeddings) == 150
+    lines = [m for m in dict.fromkeys(caplog.messages) if m.startswith("text encoding")]
+    assert [line.split(",")[0] for line in lines] == [
+        "text encoding: 64/150 prompts (43%)",
+        "text encoding: 128/150 prompts (85%)",
+        "text encoding: 150/150 prompts (100%)",
+    ]
