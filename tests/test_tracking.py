@@ -8,6 +8,7 @@ import pytest
 from fgl_core.config import RunConfig
 from fgl_server.tracking import Tracker
 from tests.conftest import small_fgl_run
+from tests.hf_data import blood_dict, save_parquet
 
 TRACKED = {"num-server-rounds": 1, "oneshot-epochs": 3, "local-epochs": 1, "progress-seconds": 0.01}
 
@@ -54,10 +55,15 @@ def test_tensorboard_holds_the_rounds_the_one_shot_curve_progress_and_the_sample
     )
 
 
-def test_mlflow_holds_the_run_its_config_metrics_and_images(tmp_path):
+def test_mlflow_holds_the_run_its_config_metrics_and_images(tmp_path, blood_npz, blood_names):
+    """On a local Hugging Face dataset (parquet files), so that format runs a whole FGL run."""
     import mlflow
 
-    results = small_fgl_run({"tracking": "mlflow"}, tmp_path, "ml", **TRACKED)
+    per_class = {"train": 20, "val": 5, "test": 10}
+    data = save_parquet(blood_dict(blood_npz, [0, 3, 6], per_class, blood_names), tmp_path / "hf")
+    base = {"tracking": "mlflow", "dataset": f"hf:{data}"}
+    results = small_fgl_run(base, tmp_path, "ml", **TRACKED)
+    assert results["traffic"]["silos"] and len(results["synthesis"]["images-per-class"]) == 8
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("fgl-flower").experiment_id])
     assert run.info.run_name == "ml" and run.info.status == "FINISHED"
@@ -73,7 +79,7 @@ def test_mlflow_holds_the_run_its_config_metrics_and_images(tmp_path):
     assert (tmp_path / "mlartifacts").is_dir()  # beside the runs, not in the working directory
 
     # a second run joins the same experiment, so runs overlay
-    small_fgl_run({"tracking": "mlflow", "seed": 1}, tmp_path, "ml-2", **TRACKED)
+    small_fgl_run({**base, "seed": 1}, tmp_path, "ml-2", **TRACKED)
     assert len(client.search_runs([run.info.experiment_id])) == 2
 
 
