@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
-(FLOWER_PIN,) = [d for d in PROJECT["dependencies"] if d.startswith("flwr")]
+
+
+def is_flower(requirement: str) -> bool:
+    """Flower itself (`flwr[simulation]==...`), not a package named after it (`flwr-datasets`)."""
+    return re.match(r"flwr(\[|[=<>~!]|$)", requirement) is not None
+
+
+(FLOWER_PIN,) = [d for d in PROJECT["dependencies"] if is_flower(d)]
 FLOWER_VERSION = FLOWER_PIN.split("==")[1]
 FLOWER_IMAGES = {
     role: f"flwr/{role}:{FLOWER_VERSION}" for role in ("superlink", "supernode", "superexec")
@@ -241,7 +249,7 @@ def app_requirements() -> list[str]:
     """What the app image installs: the project's dependencies but Flower (its base image has
     it), and the build backend for the offline install. PyTorch comes as this machine's pip
     resolves it, the same build a `pip install -e .` here gets."""
-    deps = [d for d in PROJECT["dependencies"] if not d.startswith("flwr")]
+    deps = [d for d in PROJECT["dependencies"] if not is_flower(d)]
     return [*deps, *PYPROJECT["build-system"]["requires"]]
 
 

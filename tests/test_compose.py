@@ -23,6 +23,7 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 
 from deploy.certs import Certificates
 from deploy.federation import Topology, node_config_string, superlink_args, supernode_args
+from deploy.images import is_flower
 from tests.conftest import ROOT
 
 SILOS = 3
@@ -31,7 +32,7 @@ COMPOSE_ONLY = {"--isolation", "--host"}  # containers: process isolation, liste
 
 def flwr_pin() -> str:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (pin,) = [d for d in project["dependencies"] if d.startswith("flwr")]
+    (pin,) = [d for d in project["dependencies"] if is_flower(d)]
     return pin.split("==")[1]
 
 
