@@ -172,8 +172,9 @@ def _domains(raw: dict[str, Any], column: str) -> tuple[dict[str, np.ndarray], l
 def _common_square_size(part: Any, column: str, peek: int = 64) -> int:
     """The side of the first `peek` train images when they share one square size (MNIST-like
     sets keep their native size, as .npz files do), else 0."""
-    sizes = {image.size for image in part.select(range(min(peek, len(part))))[column]}
-    if len(sizes) == 1:
+    head = part.select(range(min(peek, len(part))))[column]
+    sizes = {getattr(image, "size", None) for image in head}  # not an image: _images says so
+    if len(sizes) == 1 and None not in sizes:
         ((w, h),) = sizes
         if w == h:
             return int(w)
@@ -181,19 +182,26 @@ def _common_square_size(part: Any, column: str, peek: int = 64) -> int:
 
 
 def _images(part: Any, column: str, size: int, resize: str, where: str) -> np.ndarray:
+    """Decoded one row at a time (a whole column of PIL images would hold every original in
+    memory at once), with a progress line every 30 s for large sets."""
     from PIL import Image, ImageOps
 
+    from fgl_core.progress import PhaseProgress
+
     out = np.empty((len(part), size, size, 3), np.uint8)
-    for i, image in enumerate(part[column]):
-        if not isinstance(image, Image.Image):
-            raise HFDatasetError(
-                f"{where}: row {i} of column {column!r} is {type(image).__name__}, not an image"
-            )
-        rgb = image.convert("RGB")
-        if rgb.size != (size, size):
-            if resize == "shorter-side":
-                rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)
-            else:
-                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        out[i] = np.asarray(rgb, dtype=np.uint8)
+    with PhaseProgress(f"decoding {where}", len(part)) as progress:
+        for i, row in enumerate(part.select_columns([column])):
+            image = row[column]
+            if not isinstance(image, Image.Image):
+                raise HFDatasetError(
+                    f"{where}: row {i} of column {column!r} is {type(image).__name__}, not an image"
+                )
+            rgb = image.convert("RGB")
+            if rgb.size != (size, size):
+                if resize == "shorter-side":
+                    rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)
+                else:
+                    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+            out[i] = np.asarray(rgb, dtype=np.uint8)
+            progress.update(1)
     return out

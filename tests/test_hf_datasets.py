@@ -102,6 +102,8 @@ def test_bad_names_are_refused_with_what_the_dataset_has(blood_hf, tmp_path):
         load(blood_hf["saved"], **{"hf-train-split": "fit"})
     with pytest.raises(DatasetError, match=r"no column 'img' \(it has \['image', 'label'\]\)"):
         load(blood_hf["saved"], **{"hf-image-column": "img"})
+    with pytest.raises(DatasetError, match=r":train: row 0 of column 'label' is int, not an image"):
+        load(blood_hf["saved"], **{"hf-image-column": "label"})
     blood_hf["dict"]["train"].save_to_disk(str(tmp_path / "one-split"))
     with pytest.raises(DatasetError, match="is a single split"):
         load(tmp_path / "one-split")
