@@ -5,7 +5,10 @@ stream by accident and any seed can be recomputed on its own (an image's seed fr
 alone, a silo's round from its partition and round). The tree (docs/ARCHITECTURE.md):
 
     seed ─┬─ "model-init"                          the global model's first weights
-          ├─ "partition", "train" | "test"         the silos' shares of the data
+          ├─ "partition", "train" | "test"         the silos' shares of the data (the train
+          │                                            split's shuffle and Flower Datasets'
+          │                                            partitioner; a Dirichlet split's k-th
+          │                                            try derives its seed from it with k)
           ├─ "node-sampling"                       Flower's sampling of nodes per round
           ├─ "silo-train", partition, round        a silo's local training in a round
           ├─ "caption-sample"                      which images a silo captions (instance level)
