@@ -120,7 +120,7 @@ class RunRecorder:
         """Where a running phase stands (`fgl_core.progress`), for the launcher to print."""
         self.set("progress", snapshot.to_json())
         rate = {f"{snapshot.unit}-per-second": snapshot.per_second, "done": snapshot.done}
-        self.tracker.scalars(snapshot.phase, snapshot.done, rate)
+        self.tracker.scalars(f"progress/{snapshot.phase}", snapshot.done, rate)
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         rounds = [r for r in self.results["rounds"] if r["round"] != server_round]

@@ -12,7 +12,7 @@ What is logged, by `fgl_server.results.RunRecorder` as the run goes:
     round/<key>        per round: accuracies, losses, the silos' means, round seconds,
                        bytes up and down (step = round; round 0 is FGL's one-shot model)
     one-shot/<key>     per epoch of the one-shot training (step = epoch)
-    <phase>/<unit>-per-second, <phase>/done
+    progress/<phase>/<unit>-per-second, progress/<phase>/done
                        a long phase's progress (synthesis, one-shot, captioning), as it runs
     synthesis/<key>, phase-seconds/<phase>, summary/<key>
                        once, when known
