@@ -384,10 +384,18 @@ def _to_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
 def _read_image(file: Path, size: int, resize: str = "squash") -> np.ndarray:
     """`file` as a size x size RGB array: stretched ("squash"), or its shorter side scaled to
     `size` and the centre square kept ("shorter-side")."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(file) as image:
-        rgb = image.convert("RGB")
+        return square_rgb(image, size, resize)
+
+
+def square_rgb(image, size: int, resize: str = "squash") -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A PIL image as a size x size RGB array, as `resize` says (left as it is at that size)."""
+    from PIL import Image, ImageOps
+
+    rgb = image.convert("RGB")
+    if rgb.size != (size, size):
         if resize == "shorter-side":
             rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)
         else:

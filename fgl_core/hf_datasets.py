@@ -184,8 +184,9 @@ def _common_square_size(part: Any, column: str, peek: int = 64) -> int:
 def _images(part: Any, column: str, size: int, resize: str, where: str) -> np.ndarray:
     """Decoded one row at a time (a whole column of PIL images would hold every original in
     memory at once), with a progress line every 30 s for large sets."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    from fgl_core.datasets import square_rgb  # here: fgl_core.datasets imports this module
     from fgl_core.progress import PhaseProgress
 
     out = np.empty((len(part), size, size, 3), np.uint8)
@@ -196,12 +197,6 @@ def _images(part: Any, column: str, size: int, resize: str, where: str) -> np.nd
                 raise HFDatasetError(
                     f"{where}: row {i} of column {column!r} is {type(image).__name__}, not an image"
                 )
-            rgb = image.convert("RGB")
-            if rgb.size != (size, size):
-                if resize == "shorter-side":
-                    rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)
-                else:
-                    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-            out[i] = np.asarray(rgb, dtype=np.uint8)
+            out[i] = square_rgb(image, size, resize)
             progress.update(1)
     return out
