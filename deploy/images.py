@@ -16,7 +16,8 @@ The app image is built offline: every wheel it needs is collected on this machin
 here gets) into `deploy/wheels/`, which is served on 127.0.0.1 while `docker build --network
 host` runs, and the Dockerfile installs from that address with `--no-index`. The wheels (gigabytes
 with a CUDA PyTorch) never enter the build context or a layer. An image whose inputs are
-unchanged (the files it is built from, and the wheels) is reused, not rebuilt.
+unchanged (the files it is built from, and the wheels) is reused, not rebuilt; a rebuild removes
+the image it replaces (about 7 GB with a CUDA PyTorch), unless a container still uses it.
 
 On a machine without a Docker engine (root only), `docker.io`, `docker-compose` and `mmdebstrap`
 are installed from Debian's packages and `dockerd` is started, its networks inside 10.78.0.0/16;
@@ -164,9 +165,33 @@ def image_label(image: str, label: str) -> str | None:
     return value if proc.returncode == 0 and value not in ("", "<no value>") else None
 
 
+def image_id(image: str) -> str | None:
+    """A local image's ID; None when there is no such image."""
+    proc = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def image_exists(image: str) -> bool:
-    proc = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
-    return proc.returncode == 0
+    return image_id(image) is not None
+
+
+def build_replacing(tag: str, build: list[str], what: str) -> None:
+    """Run `docker build ... -t tag` (`build`), then remove the image `tag` named before, which
+    the build left untagged: a rebuild after each source change would otherwise keep every old
+    app image (gigabytes each). An old image that a container still uses, or that has another
+    name, is kept, and this says so."""
+    old = image_id(tag)
+    run(build, what)
+    if old is None or old == image_id(tag):
+        return
+    proc = subprocess.run(["docker", "image", "rm", old], capture_output=True, text=True)
+    if proc.returncode == 0:
+        say(f"removed the image {tag} named before this build ({old[7:19]})")
+    else:
+        say(f"kept the image {tag} named before this build ({old[7:19]}): "
+            f"{proc.stderr.strip()[-300:]}")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -299,7 +324,8 @@ def ensure_app_image(wheels: Path = APP_WHEELS) -> str:
     start = time.monotonic()
     say(f"building {APP_IMAGE} from deploy/Dockerfile, offline from {wheels} (served on loopback)")
     with served(wheels) as address:
-        run(
+        build_replacing(
+            APP_IMAGE,
             ["docker", "build", "--quiet", "--network", "host",
              "-f", str(ROOT / "deploy" / "Dockerfile"),
              "--build-arg", f"FLWR_VERSION={FLOWER_VERSION}",

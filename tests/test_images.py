@@ -1,14 +1,16 @@
-"""deploy/images.py's parts that need no Docker engine (tests/test_compose_up.py builds)."""
+"""deploy/images.py's parts apart from the images themselves (tests/test_compose_up.py builds
+those)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import urllib.request
 import zipfile
 from pathlib import Path
 
-from deploy.images import served
+from deploy.images import build_replacing, docker_engine, image_id, served
 
 
 def make_wheel(folder: Path, name: str, version: str) -> Path:
@@ -52,3 +54,32 @@ def test_served_wheels_are_what_pip_installs_from_offline_and_stop_with_the_bloc
         pass
     else:
         raise AssertionError(f"{address} still answers after the block")
+
+
+def test_a_rebuild_removes_the_image_it_replaces_unless_a_container_uses_it(tmp_path):
+    tag = f"fgl-test-rebuild:{os.getpid()}"
+    container = f"fgl-test-rebuild-{os.getpid()}"
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY stamp /stamp\n")
+
+    def build(stamp: str) -> str:
+        (tmp_path / "stamp").write_text(stamp)
+        build_replacing(tag, ["docker", "build", "--quiet", "-t", tag, str(tmp_path)], "build")
+        made = image_id(tag)
+        assert made is not None
+        return made
+
+    made: list[str] = []
+    with docker_engine():
+        try:
+            made.append(build("first"))
+            made.append(build("second"))
+            assert made[1] != made[0]
+            assert image_id(made[0]) is None  # the replaced image is gone
+            # a container made from the current image keeps it through the next rebuild
+            subprocess.run(["docker", "create", "--name", container, tag, "/stamp"], check=True,
+                           capture_output=True)  # fmt: skip
+            made.append(build("third"))
+            assert image_id(made[1]) == made[1] and image_id(tag) == made[2]
+        finally:
+            subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+            subprocess.run(["docker", "image", "rm", "-f", *made], capture_output=True)
