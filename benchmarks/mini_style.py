@@ -4,7 +4,9 @@ height, ink and slant (`fgl_mini.style`), in two caption forms: the one a silo s
 `fgl-mini-captioner` at instance level ("7, a bold seven, real world images, high resolution.")
 and the one in `fgl-mini`'s corpus ("7, bold, real world images, high resolution.").
 Prompts are encoded by the silo's encoder, sent as float16 and drawn by the server's engine at
-16 px, as FGL does.
+16 px, as FGL does. Image i of every word is drawn from the same noise as image i of "plain", so
+each effect is a paired difference (`fgl_mini.style.word_effects(paired=True)`). Beside them, the
+same effects on the glyph corpus itself (`corpus-glyphs`): what the generator was trained to show.
 
     python -m benchmarks.mini_style       # -> outputs/benchmarks/mini_style.json
 """
@@ -22,7 +24,7 @@ from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.mini import FGL_MINI
 from fgl_core.prompt_templates import INSTANCE_TEMPLATE
 from fgl_mini.corpus import DIGIT_WORDS
-from fgl_mini.style import EXPECTED, shape_measures, word_effects
+from fgl_mini.style import EXPECTED, corpus_effects, shape_measures, word_effects
 from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 
 CPU = torch.device("cpu")
@@ -60,7 +62,8 @@ def main() -> None:
         means = {
             w: {k: round(float(np.nanmean(v)), 3) for k, v in m.items()} for w, m in by_word.items()
         }
-        forms[form] = {"example": prompts[7], "means": means, "effects": word_effects(by_word)}
+        effects = word_effects(by_word, paired=True)
+        forms[form] = {"example": prompts[7], "means": means, "effects": effects}
         moved = {w: e["moves-as-said"] for w, e in forms[form]["effects"].items()}
         print(f"{form}: {moved}", flush=True)
     write(
@@ -72,6 +75,7 @@ def main() -> None:
             "images-per-word": 10 * args.per_digit,
             "seconds": round(time.perf_counter() - start, 1),
             "forms": forms,
+            "corpus-glyphs": corpus_effects(),
         },
     )
 

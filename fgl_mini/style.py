@@ -54,10 +54,17 @@ def shape_measures(images: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def word_effects(by_word: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
+def word_effects(
+    by_word: dict[str, dict[str, np.ndarray]], paired: bool = False
+) -> dict[str, dict]:
     """For each style word, each measure's mean minus the "plain" images' mean, with the
     standard error of that difference; and whether the word's own measure moved its way by
-    more than twice its standard error."""
+    more than twice its standard error.
+
+    `paired`: image i of every word was drawn from the same noise (and digit) as image i of
+    "plain", so the difference is taken image by image and its standard error is that of the
+    paired differences: what the word changed, without the spread between digits and seeds
+    that both arms share. Otherwise the two groups are independent samples (Welch)."""
     plain = by_word["plain"]
     effects = {}
     for word, measures in by_word.items():
@@ -66,9 +73,14 @@ def word_effects(by_word: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
         row: dict = {}
         for name in MEASURES:
             a, b = measures[name], plain[name]
-            a, b = a[~np.isnan(a)], b[~np.isnan(b)]
-            diff = float(a.mean() - b.mean())
-            se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+            if paired:
+                both = ~np.isnan(a) & ~np.isnan(b)
+                d = a[both] - b[both]
+                diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+            else:
+                a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+                diff = float(a.mean() - b.mean())
+                se = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
             row[name] = {"difference": round(diff, 4), "standard-error": round(se, 4)}
         if word in EXPECTED:
             name, sign = EXPECTED[word]
@@ -77,3 +89,23 @@ def word_effects(by_word: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
             )
         effects[word] = row
     return effects
+
+
+def corpus_effects(images: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """`word_effects` on the glyph corpus itself (undegraded), grouping its images by the style
+    words that describe them: what `fgl-mini` was trained to show, against which a word's effect
+    on its drawings can be read."""
+    import dataclasses
+
+    import torch
+
+    from fgl_mini.corpus import Augmentation, GlyphCorpus
+
+    corpus = GlyphCorpus(16, dataclasses.replace(Augmentation(), degrade_prob=0.0))
+    batch = corpus.sample(images, torch.Generator().manual_seed(seed))
+    measures = shape_measures(((batch.images[:, 0] + 1) / 2).numpy())
+    by_word = {}
+    for word in ("plain", *EXPECTED):
+        chosen = np.array([word in d.split() for d in batch.descriptions])
+        by_word[word] = {name: values[chosen] for name, values in measures.items()}
+    return word_effects(by_word)

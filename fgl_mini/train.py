@@ -304,10 +304,12 @@ def slim_tokenizer(directory: Path) -> None:
     write_clip_tokenizer_files(directory)
 
 
-def install(pipeline_dir: Path) -> Path:
-    """Replace the shipped weights with a newly trained pipeline."""
+def install(out: Path) -> Path:
+    """Replace the shipped weights with the pipeline trained into `out`, and its record
+    (`training.json`: the figures docs/fgl-mini.md quotes)."""
     shutil.rmtree(PACKAGE_WEIGHTS, ignore_errors=True)
-    shutil.copytree(pipeline_dir, PACKAGE_WEIGHTS)
+    shutil.copytree(out / "pipeline", PACKAGE_WEIGHTS)
+    shutil.copy(out / "training.json", PACKAGE_WEIGHTS / "training.json")
     return PACKAGE_WEIGHTS
 
 
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.out / 'samples.png'}, {args.out / 'loss.png'}"
     )
     if args.install:
-        print(f"installed into {install(args.out / 'pipeline')}")
+        print(f"installed into {install(args.out)}")
     return 0
 
 

@@ -94,7 +94,50 @@ def test_shipped_weights_load_through_from_pretrained_with_the_documented_digest
         resolve_model_ref(FGL_MINI, "captioner", "unused")
 
 
-# measured on the shipped captioner: 0.572 of scikit-learn digits' test split (docs/measurements.md)
+def megabytes(*paths: Path, digits: int) -> str:
+    """Files' size in decimal MB, as the docs write it."""
+    return f"{sum(p.stat().st_size for p in paths) / 1e6:.{digits}f} MB"
+
+
+def test_the_documented_sizes_and_training_figures_are_the_shipped_models():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import BlipForConditionalGeneration, CLIPTextModel
+
+    doc = " ".join((ROOT / "docs" / "fgl-mini.md").read_text().split())
+    generator, captioner = weights_dir(), weights_dir(FGL_MINI_CAPTIONER)
+    record = json.loads((generator / "training.json").read_text())
+    models = {
+        "text_encoder": CLIPTextModel.from_pretrained(generator / "text_encoder"),
+        "unet": UNet2DConditionModel.from_pretrained(generator / "unet"),
+        "vae": AutoencoderKL.from_pretrained(generator / "vae"),
+    }
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    assert counts == record["parameters"]  # the record is the shipped weights'
+    assert (
+        f"text encoder {counts['text_encoder']:,}" in doc and f"UNet {counts['unet']:,}" in doc
+        and f"VAE {counts['vae']:,}" in doc
+        and f"{sum(counts.values()) / 1e6:.2f}M in all" in doc
+    )  # fmt: skip
+    sizes = [
+        megabytes(*(p for p in generator.rglob("*") if p.is_file()), digits=0),
+        "UNet " + megabytes(generator / "unet" / "diffusion_pytorch_model.safetensors", digits=1),
+        "text encoder " + megabytes(generator / "text_encoder" / "model.safetensors", digits=1),
+        "VAE " + megabytes(generator / "vae" / "diffusion_pytorch_model.safetensors", digits=2),
+        "tokenizer " + megabytes(*(generator / "tokenizer").iterdir(), digits=1),
+    ]
+    assert all(size in doc for size in sizes), sizes
+    seconds = record["seconds"]
+    assert f"{seconds['total']:,.0f} s" in doc and f"{seconds['autoencoder']:.0f} s for" in doc
+
+    record = json.loads((captioner / "training.json").read_text())
+    model = BlipForConditionalGeneration.from_pretrained(captioner)
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    assert f"{record['parameters']:,} parameters" in doc
+    assert megabytes(captioner / "model.safetensors", digits=2) in doc
+    assert f"final loss {record['final-loss']:.3f}; {record['seconds']:.0f} s" in doc
+
+
+# below what the shipped captioner reads of scikit-learn digits' test split (docs/measurements.md)
 REAL_DIGIT_WORD_ACCURACY = 0.45
 CAPTION_WORDS = {*OTHER_WORDS, *STYLE_WORDS, *DIGIT_WORDS}  # the captioner's whole vocabulary
 
@@ -173,13 +216,19 @@ def test_fgl_mini_draws_the_prompted_digit_and_not_when_prompts_are_shuffled(min
     assert fidelity.shuffled_mean < 0.2, fidelity
 
 
-def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path):
+def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path, monkeypatch):
+    from fgl_mini import train as program
     from fgl_mini.train import TrainConfig, train
 
     record = train(TrainConfig(vae_steps=3, steps=3, batch_size=8, warmup=2), tmp_path)
     for name in ("samples.png", "loss.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     assert json.loads((tmp_path / "training.json").read_text()) == record
+    # --install ships the pipeline and its record (not into the package here)
+    monkeypatch.setattr(program, "PACKAGE_WEIGHTS", tmp_path / "installed")
+    installed = program.install(tmp_path)
+    assert json.loads((installed / "training.json").read_text()) == record
+    assert (installed / "model_index.json").is_file()
     assert record["parameters"]["unet"] > 1_000_000 and record["final-loss"]["denoiser"] > 0
     settings = SynthesisSettings.defaults(
         generator=str(tmp_path / "pipeline"), steps=2, train_resolution=8
@@ -323,19 +372,24 @@ def test_instance_level_synthetic_images_show_their_label_in_every_seed(tmp_path
 def test_the_style_measures_see_what_the_corpus_augmentation_did():
     """`fgl_mini.style` holds a generator's images to its style words; on the corpus, where the
     truth is known, every word must move its measure the way it says."""
-    import dataclasses
+    from fgl_mini.style import EXPECTED, corpus_effects
 
-    from fgl_mini.captioner import AUGMENTATION
-    from fgl_mini.style import EXPECTED, shape_measures, word_effects
-
-    corpus = GlyphCorpus(16, dataclasses.replace(AUGMENTATION, degrade_prob=0.0))
-    batch = corpus.sample(2000, torch.Generator().manual_seed(0))
-    measures = shape_measures(((batch.images[:, 0] + 1) / 2).numpy())
-    by_word = {}
-    for word in ("plain", *EXPECTED):
-        chosen = np.array([word in d.split() for d in batch.descriptions])
-        by_word[word] = {name: values[chosen] for name, values in measures.items()}
-    effects = word_effects(by_word)
+    effects = corpus_effects(2000, seed=0)
     assert {word: effects[word]["moves-as-said"] for word in EXPECTED} == dict.fromkeys(
         EXPECTED, True
     ), effects
+
+
+def test_paired_effects_see_a_small_shift_that_the_spread_between_images_hides():
+    from fgl_mini.style import MEASURES, word_effects
+
+    rng = np.random.default_rng(0)
+    base = {name: rng.normal(20.0, 8.0, 400) for name in MEASURES}  # digits and seeds differ
+    shifted = {name: values + 0.5 + rng.normal(0, 0.3, 400) for name, values in base.items()}
+    shifted["slant"][3] = np.nan  # an image without ink drops its pair
+    by_word = {"plain": base, "slanted": shifted}
+    unpaired = word_effects(by_word)["slanted"]
+    paired = word_effects(by_word, paired=True)["slanted"]
+    assert not unpaired["moves-as-said"] and paired["moves-as-said"]
+    assert abs(paired["slant"]["difference"] - 0.5) < 0.1
+    assert paired["slant"]["standard-error"] < unpaired["slant"]["standard-error"] / 10
