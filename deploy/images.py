@@ -314,8 +314,19 @@ def served(folder: Path) -> Iterator[str]:
             thread.join()
 
 
+def prune_untagged_app_images() -> None:
+    """Remove untagged app images no container uses: builds before 2026-12-06 left each replaced
+    image behind (gigabytes each). Only images carrying the app image's label are touched."""
+    out = run(["docker", "image", "prune", "--force", "--filter", "label=fgl.sources"],
+              "docker image prune")  # fmt: skip
+    freed = out.strip().splitlines()[-1] if out.strip() else ""
+    if "Deleted" in out:
+        say(f"removed untagged app images left by earlier builds ({freed})")
+
+
 def ensure_app_image(wheels: Path = APP_WHEELS) -> str:
     """The app image, built offline from `wheels` unless one of the same inputs is here."""
+    prune_untagged_app_images()
     requirements = app_requirements()
     digest = sources_digest(requirements)
     if image_label(APP_IMAGE, "fgl.sources") == digest:

@@ -10,7 +10,16 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from deploy.images import build_replacing, docker_engine, image_id, served
+import pytest
+
+from deploy.images import (
+    build_lock,
+    build_replacing,
+    docker_engine,
+    image_id,
+    prune_untagged_app_images,
+    served,
+)
 
 
 def make_wheel(folder: Path, name: str, version: str) -> Path:
@@ -82,4 +91,24 @@ def test_a_rebuild_removes_the_image_it_replaces_unless_a_container_uses_it(tmp_
             assert image_id(made[1]) == made[1] and image_id(tag) == made[2]
         finally:
             subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+            subprocess.run(["docker", "image", "rm", "-f", *made], capture_output=True)
+
+
+@pytest.mark.images  # after .ci/run's image build: a prune must not race a build's last step
+def test_untagged_app_images_are_pruned_and_nothing_else(tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY stamp /stamp\n")
+    (tmp_path / "stamp").write_text(str(os.getpid()))
+    made = []
+    with docker_engine():
+        try:
+            for label in ("fgl.sources=left-behind", "other.label=kept"):  # untagged builds
+                proc = subprocess.run(
+                    ["docker", "build", "--quiet", "--label", label, str(tmp_path)],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                made.append(proc.stdout.strip())
+            with build_lock():
+                prune_untagged_app_images()
+            assert image_id(made[0]) is None and image_id(made[1]) == made[1]
+        finally:
             subprocess.run(["docker", "image", "rm", "-f", *made], capture_output=True)
