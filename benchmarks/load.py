@@ -10,6 +10,11 @@ SuperNodes, ServerApp, ClientApps) as summed RSS and summed PSS (shared pages sp
 sharers: the figure to compare with the machine's memory).
 
     python -m benchmarks.load [--supernodes 20] [--rounds 2]   # -> outputs/benchmarks/load.json
+    python -m benchmarks.load --stock-flower   # Flower's own processes: load-stock-flower.json
+
+By default the launcher runs its faster processes (`fgl_accel`: each SuperNode's ClientApps are
+forks of one process that imported PyTorch once); `--stock-flower` runs Flower's as shipped
+(a fresh interpreter per message), as a real deployment does.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--supernodes", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stock-flower", action="store_true", help="Flower's own processes")
     args = parser.parse_args()
     n = args.supernodes
     overrides = (
@@ -30,15 +36,16 @@ def main() -> None:
         f"local-epochs=1 min-nodes={n} min-partition-size=5 round-timeout=1800.0 seed=0"
     )
     memory: dict = {}
-    wall, results = launch(
-        n, overrides, f"bench-load-{n}", runtime=["--supernodes", str(n)], memory=memory
-    )
+    runtime = ["--supernodes", str(n), *(["--stock-flower"] if args.stock_flower else [])]
+    name = "load-stock-flower" if args.stock_flower else "load"
+    wall, results = launch(n, overrides, f"bench-{name}-{n}", runtime=runtime, memory=memory)
     ends = {r["round"]: r["end-seconds"] for r in results["rounds"]}
     per_round = [round(ends[r] - ends[r - 1], 1) for r in range(1, args.rounds + 1)]
     exchanges = results["traffic"]["exchanges"]
     write(
-        "load",
+        name,
         {
+            "runtime": "stock Flower" if args.stock_flower else "accelerated (fgl_accel)",
             "supernodes": n,
             "rounds": args.rounds,
             "cpus": machine()["cpus"],
