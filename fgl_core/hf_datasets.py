@@ -15,6 +15,7 @@ Images are decoded once into the same in-memory uint8 arrays as every other sour
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,33 @@ def load_hf_splits(
     labels, string_names = _labels(raw, cfg.hf_label_column, source)
     class_names = class_names or string_names
     domains, domain_names = _domains(raw, cfg.hf_domain_column)
-    size = cfg.image_size or _common_square_size(raw["train"], cfg.hf_image_column) or DEFAULT_SIZE
+    train_where = f"{source}:{train_name}"
+    size = (
+        cfg.image_size
+        or _common_square_size(raw["train"], cfg.hf_image_column, train_where)
+        or DEFAULT_SIZE
+    )
     out = {}
     for split, part in raw.items():
-        log.info("%s: decoding %d %s images at %d px", source, len(part), split, size)
-        images = _images(part, cfg.hf_image_column, size, cfg.resize, f"{source}:{chosen[split]}")
-        out[split] = (images, labels[split], domains.get(split))
+        where = f"{source}:{chosen[split]}"
+        log.info("%s: decoding %d images at %d px", where, len(part), size)
+        images, kept = _images(part, cfg.hf_image_column, size, cfg.resize, where)
+        if len(part) and not kept.any():
+            raise HFDatasetError(f"{where}: none of its {len(part)} images can be decoded")
+        split_labels, split_domains = labels[split], domains.get(split)
+        if not kept.all():  # as unreadable files in an ImageFolder tree are skipped
+            skipped = np.flatnonzero(~kept)
+            log.warning(
+                "%s: skipped %d images that cannot be decoded (column %r, rows %s%s)",
+                where,
+                len(skipped),
+                cfg.hf_image_column,
+                skipped[:5].tolist(),
+                ", ..." if len(skipped) > 5 else "",
+            )
+            images, split_labels = images[kept], split_labels[kept]
+            split_domains = None if split_domains is None else split_domains[kept]
+        out[split] = (images, split_labels, split_domains)
     return out, class_names, domain_names
 
 
@@ -169,34 +191,56 @@ def _domains(raw: dict[str, Any], column: str) -> tuple[dict[str, np.ndarray], l
     return {s: np.asarray([index[x] for x in v], np.int64) for s, v in values.items()}, names
 
 
-def _common_square_size(part: Any, column: str, peek: int = 64) -> int:
+def _common_square_size(part: Any, column: str, where: str, peek: int = 64) -> int:
     """The side of the first `peek` train images when they share one square size (MNIST-like
     sets keep their native size, as .npz files do), else 0."""
-    head = part.select(range(min(peek, len(part))))[column]
-    sizes = {getattr(image, "size", None) for image in head}  # not an image: _images says so
-    if len(sizes) == 1 and None not in sizes:
+    head = part.select(range(min(peek, len(part))))
+    sizes = {getattr(image, "size", None) for _, image in _decoded(head, column, where)}
+    sizes.discard(None)  # undecodable rows: `_images` skips them and says so
+    if len(sizes) == 1:
         ((w, h),) = sizes
         if w == h:
             return int(w)
     return 0
 
 
-def _images(part: Any, column: str, size: int, resize: str, where: str) -> np.ndarray:
-    """Decoded one row at a time (a whole column of PIL images would hold every original in
-    memory at once), with a progress line every 30 s for large sets."""
-    from PIL import Image
-
+def _images(
+    part: Any, column: str, size: int, resize: str, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images, kept): every row's image at `size`, and which rows could be decoded (the others
+    are zeros). Decoded one row at a time (a whole column of PIL images would hold every
+    original in memory at once), with a progress line every 30 s for large sets."""
     from fgl_core.datasets import square_rgb  # here: fgl_core.datasets imports this module
     from fgl_core.progress import PhaseProgress
 
-    out = np.empty((len(part), size, size, 3), np.uint8)
+    out = np.zeros((len(part), size, size, 3), np.uint8)
+    kept = np.zeros(len(part), bool)
     with PhaseProgress(f"decoding {where}", len(part)) as progress:
-        for i, row in enumerate(part.select_columns([column])):
-            image = row[column]
-            if not isinstance(image, Image.Image):
-                raise HFDatasetError(
-                    f"{where}: row {i} of column {column!r} is {type(image).__name__}, not an image"
-                )
-            out[i] = square_rgb(image, size, resize)
+        for i, image in _decoded(part, column, where):
+            if image is not None:
+                out[i], kept[i] = square_rgb(image, size, resize), True
             progress.update(1)
-    return out
+    return out, kept
+
+
+def _decoded(part: Any, column: str, where: str) -> Iterator[tuple[int, Any]]:
+    """(row, PIL image or None where the bytes cannot be decoded) for each row of `column`.
+
+    The column is read undecoded and each row decoded here, so that one corrupt image is a
+    skipped row, not an error from deep inside `datasets` that names neither row nor file."""
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    feature = part.features[column]
+    if not isinstance(feature, ImageFeature):  # numbers, strings, arrays: no row is an image
+        value = part[0][column] if len(part) else None
+        raise HFDatasetError(
+            f"{where}: row 0 of column {column!r} is {type(value).__name__}, not an image"
+        )
+    rows = part.select_columns([column]).cast_column(column, ImageFeature(decode=False))
+    decoder = ImageFeature(mode=feature.mode)  # as `datasets` decodes (a dataset may not)
+    for i, row in enumerate(rows):
+        try:
+            yield i, decoder.decode_example(row[column])
+        except (OSError, ValueError, Image.DecompressionBombError):  # bombs: a claimed huge size
+            yield i, None

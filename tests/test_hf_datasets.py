@@ -157,3 +157,34 @@ def test_a_hub_id_in_the_cache_runs_a_simulation_offline_on_flower_datasets_shar
     events.Reload()
     accuracy = [(e.step, e.value) for e in events.Scalars("round/test-accuracy")]
     assert accuracy == [(r["round"], pytest.approx(r["test-accuracy"])) for r in rounds]
+
+
+def test_an_image_that_cannot_be_decoded_is_skipped_by_row_and_a_split_of_none_is_refused(
+    blood_hf, tmp_path, caplog, monkeypatch
+):
+    import logging
+
+    from datasets import Image as ImageFeature
+
+    monkeypatch.setattr(logging.getLogger("fgl_core"), "propagate", True)  # see console.py
+
+    def spoiled(part, rows):  # those rows' bytes are no image format
+        raw = part.cast_column("image", ImageFeature(decode=False))
+        bad = {"bytes": b"not an image", "path": None}
+        raw = raw.map(lambda row, i: {"image": bad} if i in rows else row, with_indices=True)
+        return raw.cast_column("image", ImageFeature())
+
+    dd = blood_hf["dict"]
+    one_bad = dd.copy()
+    one_bad["train"] = spoiled(dd["train"], {3})
+    with caplog.at_level("WARNING", logger="fgl_core.hf_datasets"):
+        data = load(save_parquet(one_bad, tmp_path / "one-bad"))
+    skipped = "train: skipped 1 images that cannot be decoded (column 'image', rows [3])"
+    assert skipped in caplog.text
+    assert np.array_equal(data.train.labels, np.delete(dd["train"]["label"], 3))
+    assert len(data.test) == len(dd["test"])
+
+    none_good = dd.copy()
+    none_good["test"] = spoiled(dd["test"], set(range(len(dd["test"]))))
+    with pytest.raises(DatasetError, match=r":test: none of its 20 images can be decoded"):
+        load(save_parquet(none_good, tmp_path / "none-good"))
