@@ -2,6 +2,10 @@
 
     python -m fgl_privacy.report outputs/quickstart-fgl   # -> that folder's privacy_report.md
 
+The same figures go to `privacy_report.json` beside it, for programs: each inversion row, the
+label histograms (or their sum), the replication search's summary, LiRA's curves and the
+seconds each part took.
+
 For the run's config (its dataset, partition, generator and noise settings), each silo's
 prompts are recomputed as the silo makes them, class-level and instance-level, and encoded
 with the generator's text encoder as the silo would send them (float16, noised as configured).
@@ -28,8 +32,9 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -297,8 +302,10 @@ def replication_section(
     train: ImageSet,
     data: DatasetSplits,
     unusable: str = "the run left no model.pt",
+    figures: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The replication search on the run's synthetic set, with the final model's features."""
+    """The replication search on the run's synthetic set, with the final model's features;
+    its summary also into `figures["replication"]`."""
     lines = ["", "## Replication: do synthetic images copy real ones?", ""]
     synthesis = results.get("synthesis")
     store = synthesis.get("store") if isinstance(synthesis, dict) else None
@@ -318,6 +325,8 @@ def replication_section(
     )
     summary = result.to_json()
     (run_dir / "privacy_replication.json").write_text(json.dumps(summary, indent=2))
+    if figures is not None:
+        figures["replication"] = summary
     return [
         *lines,
         f"For each of the {len(synthetic)} synthetic images, the nearest of the silos' "
@@ -349,9 +358,11 @@ def membership_section(
     shadows: int,
     seed: int,
     unusable: str = "the run left no model.pt",
+    figures: dict[str, Any] | None = None,
 ) -> list[str]:
     """LiRA on the run's final model: members are the silos' training images, non-members
-    the test split; the shadows are small CNNs trained centrally on random halves of both."""
+    the test split; the shadows are small CNNs trained centrally on random halves of both.
+    Each variant's curve summary also into `figures["lira"]`."""
     lines = ["", "## Membership inference (LiRA) on this run's model", ""]
     if not shadows:
         return [
@@ -377,6 +388,8 @@ def membership_section(
         for online in (True, False)
     }
     plot_roc(curves, run_dir / "privacy_lira.png", f"LiRA on {run_dir.name}")
+    if figures is not None:
+        figures["lira"] = {"shadows": shadows, **{k: c.to_json() for k, c in curves.items()}}
     lines += [
         f"Members: the silos' {len(train)} training images; non-members: the {len(data.test)} "
         f"test images. {shadows} shadow models ({cfg.model}, {epochs} epochs, trained centrally "
@@ -453,8 +466,12 @@ def report(
     results, cfg = read_results(run_dir)
     silos = run_silos(results, cfg)
     histograms = [silo.train.label_histogram(silo.num_classes) for silo in silos]
+    start = time.perf_counter()
     rows = inversion_rows(cfg, silos, multipliers, per_silo, delta, seed, modes)
+    figures = report_figures(run_dir, cfg, rows, histograms, delta)
+    figures["seconds"]["inversion"] = round(time.perf_counter() - start, 1)
     path = write_report(run_dir, rows, histograms, cfg, delta)  # kept if what follows fails
+    write_figures(run_dir, figures)
     extra: list[str] = []
     failed: list[str] = []
 
@@ -465,9 +482,13 @@ def report(
         except Exception as err:  # the report keeps the parts done; the error names this one
             log.exception("%s failed", name)
             failed.append(f"{name}: {type(err).__name__}: {err}")
+            figures["failed"][name] = f"{type(err).__name__}: {err}"
             extra.extend(["", heading, "", f"Failed: {type(err).__name__}: {err}"])
-        log.info("%s: %.0f s", name, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        log.info("%s: %.0f s", name, seconds)
+        figures["seconds"][name] = round(seconds, 1)
         write_report(run_dir, rows, histograms, cfg, delta, tuple(extra))
+        write_figures(run_dir, figures)
 
     data = load_dataset(cfg)
     train = _union([silo.train for silo in silos])
@@ -477,15 +498,44 @@ def report(
     part(
         "replication search",
         "## Replication: do synthetic images copy real ones?",
-        lambda: replication_section(run_dir, results, cfg, model, train, data, unusable),
+        lambda: replication_section(run_dir, results, cfg, model, train, data, unusable, figures),
     )
     part(
         "membership inference",
         "## Membership inference (LiRA) on this run's model",
-        lambda: membership_section(run_dir, cfg, model, train, data, lira_shadows, seed, unusable),
+        lambda: membership_section(
+            run_dir, cfg, model, train, data, lira_shadows, seed, unusable, figures
+        ),
     )
     if failed:
         raise ReportError(f"{path} written without: " + "; ".join(failed))
+    return path
+
+
+def report_figures(
+    run_dir: Path,
+    cfg: RunConfig,
+    rows: list[InversionRow],
+    histograms: list[list[int]],
+    delta: float,
+) -> dict[str, Any]:
+    """What privacy_report.json starts with; the parts add theirs (`replication`, `lira`)."""
+    return {
+        "run": run_dir.name,
+        "generator": cfg.generator,
+        "delta": delta,
+        "inversion": [asdict(row) for row in rows],
+        # what the server receives: with secure-histograms only the sum
+        "label-histograms": None if cfg.secure_histograms else histograms,
+        "label-histogram-sum": [sum(c) for c in zip(*histograms, strict=True)],
+        "seconds": {},
+        "failed": {},
+    }
+
+
+def write_figures(run_dir: Path, figures: dict[str, Any]) -> Path:
+    path = run_dir / "privacy_report.json"
+    path.write_text(json.dumps(figures, indent=2) + "\n")
     return path
 
 

@@ -165,6 +165,21 @@ def test_the_report_reads_prompts_back_lists_disclosures_and_audits_the_run(tmp_
     assert "| online | " in text and "| offline | " in text
     for png in ("inversion", "replication_hist", "replication_pairs", "lira"):
         assert (run_dir / f"privacy_{png}.png").stat().st_size > 5_000, png
+    # the same figures for programs
+    figures = json.loads((run_dir / "privacy_report.json").read_text())
+    by_noise = {row["noise_multiplier"]: row for row in figures["inversion"]}
+    assert by_noise[0.0]["token_accuracy"] == tokens and by_noise[0.0]["epsilon"] is None
+    assert float(rows[("class level", "1")][0]) == pytest.approx(
+        by_noise[1.0]["token_accuracy"], abs=0.005
+    )
+    assert figures["replication"] == replication and figures["failed"] == {}
+    assert len(figures["label-histograms"]) == 2
+    assert figures["label-histogram-sum"] == np.sum(figures["label-histograms"], 0).tolist()
+    lira = figures["lira"]
+    online = next(line for line in text.splitlines() if line.startswith("| online | "))
+    assert float(online.split("|")[2]) == pytest.approx(lira["online"]["auc"], abs=6e-4)
+    assert lira["shadows"] == 2
+    assert set(figures["seconds"]) == {"inversion", "replication search", "membership inference"}
     # the LiRA benchmark reads the same run's final and one-shot models back (checkpoint included)
     from benchmarks.lira import confidences_of
     from fgl_core.config import RunConfig

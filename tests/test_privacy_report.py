@@ -98,3 +98,10 @@ def test_a_part_that_fails_keeps_the_report_and_names_the_part(tmp_path):
     assert "## What the server could not compute itself" in text  # kept
     assert "Failed: StoreError" in text and "no readable manifest" in text
     assert "## Membership inference (LiRA)" in text  # the part after the failure still ran
+    figures = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert figures["failed"]["replication search"].startswith("StoreError")
+    assert "replication" not in figures and set(figures["seconds"]) == {
+        "inversion",
+        "replication search",
+        "membership inference",
+    }
