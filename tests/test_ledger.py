@@ -217,3 +217,26 @@ def test_a_message_expires_when_the_server_stops_waiting_for_its_reply(task_iden
     assert all(4.5 < t < 5.5 for t in left), left
     assert all(left > 3600 for left in send(timeout=None))  # no timeout: Flower's own TTL
     assert all(left > 3600 for left in send(timeout=1e9))  # never longer than Flower's own
+
+
+def test_the_same_replies_in_another_arrival_order_give_the_same_model(tmp_path, monkeypatch):
+    """FedAvg adds the silos' models in the order it is handed them; float32 sums depend on it.
+    Two runs of one seed, one with every pull's replies reversed: the same model, bit for bit."""
+    import torch
+
+    from deploy.inprocess import run_in_process
+
+    def run(name: str) -> dict:
+        config = {"strategy": "fedavg", "num-server-rounds": 2, "local-epochs": 1}
+        config |= {"output-dir": str(tmp_path), "run-name": name, "min-nodes": 4}
+        run_in_process(config, num_silos=4)
+        return torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    first = run("as-pulled")
+    pull = InProcessGrid.pull_messages
+    monkeypatch.setattr(
+        InProcessGrid, "pull_messages", lambda grid, ids: list(pull(grid, ids))[::-1]
+    )
+    second = run("reversed")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
