@@ -237,7 +237,7 @@ def write_report(
         ]
     lines += ["", "## What the server could not compute itself", ""]
     if cfg.secure_histograms:
-        total = [sum(counts) for counts in zip(*histograms, strict=True)]
+        total = histogram_sum(histograms)
         lines += [
             "Class-level prompts are public templates of public class names, and with "
             "`secure-histograms` every silo sends every class's prompt, so they tell the server "
@@ -527,10 +527,16 @@ def report_figures(
         "inversion": [asdict(row) for row in rows],
         # what the server receives: with secure-histograms only the sum
         "label-histograms": None if cfg.secure_histograms else histograms,
-        "label-histogram-sum": [sum(c) for c in zip(*histograms, strict=True)],
+        "label-histogram-sum": histogram_sum(histograms),
         "seconds": {},
         "failed": {},
     }
+
+
+def histogram_sum(histograms: list[list[int]]) -> list[int]:
+    """The silos' label histograms summed class by class: all that `secure-histograms` lets the
+    server see."""
+    return [sum(counts) for counts in zip(*histograms, strict=True)]
 
 
 def write_figures(run_dir: Path, figures: dict[str, Any]) -> Path:
