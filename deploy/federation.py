@@ -114,7 +114,7 @@ def supernode_args(
     return args
 
 
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.41's, in seconds
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.41's and 1.42's, in seconds
 SUPEREXEC_POLL_SECONDS = "0.1"  # a SuperExec looks for a new task this often (Flower: 1 s)
 
 

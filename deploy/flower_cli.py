@@ -1,6 +1,6 @@
 """The `flwr` command line, as the launcher drives it: one connection in a private FLWR_HOME.
 
-Connections live in `$FLWR_HOME/config.toml` (Flower 1.41 has no federations in pyproject).
+Connections live in `$FLWR_HOME/config.toml` (Flower 1.42 has no federations in pyproject).
 Every call has a timeout, and the calls that poll answer "not yet" (0 nodes, status
 "unknown") when the machine is too busy to answer in time, so that the caller asks again.
 """

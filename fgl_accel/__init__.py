@@ -7,12 +7,14 @@ small, Flower's fixed costs per message dominate; this package swaps them out:
 - `fgl_accel.superexec`: a SuperExec whose ClientApps are forks of a process that imported
   Flower's ClientApp runtime and PyTorch once, instead of a new interpreter per message;
 - `fgl_accel.supernode`: Flower's SuperNode with the idle wait of its pull loop capped (Flower
-  1.41 sleeps 3 s whenever it finds no message).
+  1.41 and 1.42 sleep 3 s whenever they find no message).
 
-Both reach into Flower's internals, so each checks the installed Flower against the version it
-was written for when it starts, and on any other version runs Flower's own process unchanged,
-after one warning line. This package is not part of the app: `flwr run` never ships it (the FAB
-holds `fgl_core`, `fgl_client`, `fgl_server` and `strategies` alone), and no app code imports it.
+Both reach into Flower's internals, so each checks the installed Flower against the releases it has
+been checked against when it starts (`CHECKED_AGAINST`; tests/test_accel.py checks that the
+installed release's internals have the names and signatures these modules use), and on any other
+release runs Flower's own process unchanged, after one warning line. This package is not part of the
+app: `flwr run` never ships it (the FAB holds `fgl_core`, `fgl_client`, `fgl_server` and
+`strategies` alone), and no app code imports it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import importlib.metadata
 import logging
 import sys
 
-WRITTEN_FOR = "1.41.0"  # the Flower release whose internals this package patches
+# The Flower releases whose internals this package patches, compared file by file: what it touches
+# (the SuperNode loop's `time`, the SuperExec loop's `get_executor`, the executor protocol and
+# `run_clientapp`) is the same in both.
+CHECKED_AGAINST = frozenset({"1.41.0", "1.42.0"})
 log = logging.getLogger(__name__)
 
 
@@ -30,15 +35,16 @@ def installed_flower() -> str:
 
 
 def patch_applies(what: str, fallback: str) -> bool:
-    """True when the installed Flower is the one `what` was written for; otherwise one warning
+    """True when the installed Flower is one `what` was checked against; otherwise one warning
     line saying that Flower's own `fallback` runs instead, and False."""
     installed = installed_flower()
-    if installed == WRITTEN_FOR:
+    if installed in CHECKED_AGAINST:
         return True
     log.warning(
-        "%s was written for flwr %s, and flwr %s is installed: running Flower's own %s instead",
+        "%s was checked against flwr %s, and flwr %s is installed: running Flower's own %s "
+        "instead",
         what,
-        WRITTEN_FOR,
+        ", ".join(sorted(CHECKED_AGAINST)),
         installed,
         fallback,
     )

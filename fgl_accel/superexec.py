@@ -1,17 +1,17 @@
 """A SuperNode's SuperExec that starts each ClientApp as a fork of a process with Flower loaded.
 
-Flower 1.41's SuperExec starts every message's ClientApp as a new `flwr-clientapp` interpreter,
-which spends about 2 s (alone; 4-6 s with three nodes on two cores) importing Flower, and the
-app's handler as long again importing PyTorch, before it reads its message. This is Flower's own
-`flower-superexec` (the same flags, task polling, plugin, signals and parent watch) with one part
-swapped: its executor keeps a fork server (`multiprocessing`'s forkserver, a single-threaded
-process that imported Flower's ClientApp runtime and PyTorch once) and starts each ClientApp task
-as a fork of it running Flower's `run_clientapp` with the task's token. The message, the app's
-loading from its FAB, the reply, the exit status and the logs are Flower's; only the interpreter
-start and those imports are gone. The app itself is never preloaded: each fork loads the FAB the
-run installed, as `flwr-clientapp` does. Tasks of other types go to Flower's subprocess
-executor. On another Flower release than the one this was written for, it runs
-`flower-superexec` unchanged (one warning line says so).
+Flower's SuperExec (1.41, 1.42) starts every message's ClientApp as a new `flwr-clientapp`
+interpreter, which spends about 2 s (alone; 4-6 s with three nodes on two cores) importing Flower,
+and the app's handler as long again importing PyTorch, before it reads its message. This is Flower's
+own `flower-superexec` (the same flags, task polling, plugin, signals and parent watch) with one
+part swapped: its executor keeps a fork server (`multiprocessing`'s forkserver, a single-threaded
+process that imported Flower's ClientApp runtime and PyTorch once) and starts each ClientApp task as
+a fork of it running Flower's `run_clientapp` with the task's token. The message, the app's loading
+from its FAB, the reply, the exit status and the logs are Flower's; only the interpreter start and
+those imports are gone. The app itself is never preloaded: each fork loads the FAB the run
+installed, as `flwr-clientapp` does. Tasks of other types go to Flower's subprocess executor. On a
+Flower release it was not checked against (`CHECKED_AGAINST`), it runs `flower-superexec` unchanged
+(one warning line says so).
 
 Run it beside a SuperNode started with `--isolation process` (the launcher does, unless given
 `--flower-superexec`):
@@ -107,7 +107,7 @@ class ForkExecutor:
 
 
 def use_fork_executor() -> None:
-    """Make Flower's SuperExec loop run its tasks on a `ForkExecutor`. Flower 1.41 builds its
+    """Make Flower's SuperExec loop run its tasks on a `ForkExecutor`. Flower builds its
     executor from a fixed list (subprocess, Kubernetes) and has no other hook: the loop is kept
     whole and only the name it builds its executor with is replaced."""
     flower = importlib.import_module("flwr.supercore.superexec.run_superexec")

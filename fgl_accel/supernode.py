@@ -1,14 +1,13 @@
 """Flower's SuperNode, asking its SuperLink for work every `--poll` seconds instead of every 3 s.
 
-Flower 1.41's SuperNode sleeps a hard-coded 3 s whenever it asks for a message and gets none, and
-polls every 0.5 s for its ClientApp's reply. Between two FedAvg rounds every node finds nothing
-and sleeps, so each round waits for the last node's wake-up: 1.5 s on average, up to 3 s, and
-most of a short round (docs/measurements.md: deployed rounds, stock against accelerated). This
+Flower's SuperNode (1.41, 1.42) sleeps a hard-coded 3 s whenever it asks for a message and gets
+none, and polls every 0.5 s for its ClientApp's reply. Between two FedAvg rounds every node finds
+nothing and sleeps, so each round waits for the last node's wake-up: 1.5 s on average, up to 3 s,
+and most of a short round (docs/measurements.md: deployed rounds, stock against accelerated). This
 entry point runs Flower's own `flower-supernode` (same flags, same code) with every sleep of its
-pull/push loop capped at `--poll` seconds. With a handful of silos the SuperLink serves a few
-more requests a second; with thousands of nodes, keep Flower's 3 s. On another Flower release
-than the one this was written for, it runs `flower-supernode` unchanged (one warning line says
-so).
+pull/push loop capped at `--poll` seconds. With a handful of silos the SuperLink serves a few more
+requests a second; with thousands of nodes, keep Flower's 3 s. On a Flower release it was not
+checked against, it runs `flower-supernode` unchanged (one warning line says so).
 
     python -P -m fgl_accel.supernode --poll 0.2 --superlink 127.0.0.1:9092 --insecure ...
 """
@@ -42,12 +41,12 @@ class CappedSleep:
 
 
 def cap_supernode_sleeps(cap: float) -> None:
-    """Cap the sleeps of Flower 1.41's SuperNode loop (`start_client_internal`) at `cap` s."""
+    """Cap the sleeps of Flower's SuperNode loop (`start_client_internal`) at `cap` s."""
     loop = importlib.import_module("flwr.supernode.start_client_internal")
     if getattr(loop, "time", None) is not time and not isinstance(loop.time, CappedSleep):
         raise RuntimeError(
             "flwr.supernode.start_client_internal no longer sleeps through `time`; "
-            "this Flower version is not the one fgl_accel.supernode was written for"
+            "this Flower release is not one fgl_accel.supernode was checked against"
         )
     loop.time = CappedSleep(cap)
 

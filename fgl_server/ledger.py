@@ -62,7 +62,7 @@ def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) ->
     """Flower's `send_and_receive` on the grid's public push and pull, pulling replies after
     50 ms, then backing off to 0.2 s.
 
-    Flower 1.41's deployed grid sleeps 3 s between two pulls, so every exchange of a deployed
+    Flower 1.42's deployed grid sleeps 3 s between two pulls, so every exchange of a deployed
     run waited up to 3 s after its last reply had arrived (the simulation's grid sleeps 0.1 s).
     A reply that comes while the server waits is now seen within the wait, which grows from
     50 ms to 0.2 s while none comes (a pull is one local request: the ServerApp runs beside its

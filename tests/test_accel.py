@@ -1,5 +1,6 @@
 """fgl_accel: Flower's SuperNode polling sooner, a SuperExec that forks its ClientApps, and both
-falling back to Flower's own process on any Flower release but the one they were written for.
+falling back to Flower's own process on any Flower release they were not checked against; on the
+installed release, the internals they patch have the names and signatures they use.
 
 Both run for real in tests/test_deployment.py: the launcher starts them by default, and the
 deployment with `--stock-flower` there runs without them.
@@ -8,7 +9,9 @@ deployment with `--stock-flower` there runs without them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import logging
 import sys
 import time
@@ -50,6 +53,50 @@ def flower_entry_points(monkeypatch):
     return started
 
 
+def test_the_installed_flower_is_one_fgl_accel_was_checked_against():
+    assert fgl_accel.installed_flower() in fgl_accel.CHECKED_AGAINST, (
+        "pyproject pins a Flower that fgl_accel was not checked against: compare the internals "
+        "below with the new release, then add it to CHECKED_AGAINST"
+    )
+
+
+def test_the_internals_fgl_accel_patches_have_the_names_and_signatures_it_uses():
+    """What fgl_accel.supernode and fgl_accel.superexec reach into, as they use it, on the
+    installed Flower (test_the_installed_flower_is_one... ties it to CHECKED_AGAINST)."""
+    loop = importlib.import_module("flwr.supernode.start_client_internal")
+    assert loop.time is time  # the module sleeps through `time`, which CappedSleep replaces
+    assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)  # the idle wait
+    superexec_loop = importlib.import_module("flwr.supercore.superexec.run_superexec")
+    assert "get_executor(" in inspect.getsource(superexec_loop.run_superexec)
+    executor = importlib.import_module("flwr.supercore.superexec.executor")
+    spec_fields = {f.name for f in dataclasses.fields(executor.ExecutionSpec)}
+    used = {"task_type", "runtime_api_address", "token", "insecure", "root_certificates_path",
+            "runtime_dependency_install", "parent_pid", "task_id"}  # fmt: skip
+    assert used <= spec_fields, used - spec_fields
+    for method in ("get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close"):
+        assert callable(getattr(executor.SubprocessExecutor, method)), method
+        assert hasattr(executor.Executor, method), method  # the protocol ForkExecutor meets
+    assert callable(executor.LaunchResult.accepted) and callable(executor.LaunchResult.failed)
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    assert TaskType.CLIENT_APP
+    parameters = inspect.signature(run_clientapp).parameters
+    assert {"runtime_api_address", "token", "insecure", "certificates", "parent_pid",
+            "runtime_dependency_install"} <= set(parameters)  # fmt: skip
+    assert list(inspect.signature(validate_and_resolve_root_certificates).parameters)[:2] == [
+        "root_cert_path", "insecure"
+    ]  # fmt: skip
+    for module in superexec.PRELOAD:
+        if not module.startswith("flwr."):
+            continue
+        importlib.import_module(module)
+    cli_node = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    cli_exec = importlib.import_module("flwr.supercore.cli.flower_superexec")
+    assert callable(cli_node.flower_supernode) and callable(cli_exec.flower_superexec)
+
+
 def test_the_supernode_loop_sleeps_at_most_the_poll_and_keeps_the_rest_of_time(
     supernode_loop, monkeypatch
 ):
@@ -71,7 +118,7 @@ def test_a_flower_whose_supernode_loop_does_not_sleep_through_time_is_refused(
     supernode_loop, monkeypatch
 ):
     monkeypatch.setattr(supernode_loop, "time", object())
-    with pytest.raises(RuntimeError, match=r"not the one fgl_accel\.supernode was written for"):
+    with pytest.raises(RuntimeError, match=r"not one fgl_accel\.supernode was checked against"):
         cap_supernode_sleeps(0.2)
 
 
@@ -85,10 +132,10 @@ def test_polls_up_to_flowers_own_are_taken():
     assert poll_seconds("0.2") == 0.2 and poll_seconds("3") == 3.0
 
 
-def test_on_the_flower_it_was_written_for_each_runs_flowers_own_command_patched(
+def test_on_a_flower_it_was_checked_against_each_runs_flowers_own_command_patched(
     supernode_loop, flower_entry_points, monkeypatch, caplog
 ):
-    monkeypatch.setattr(fgl_accel, "installed_flower", lambda: fgl_accel.WRITTEN_FOR)
+    monkeypatch.setattr(fgl_accel, "installed_flower", lambda: min(fgl_accel.CHECKED_AGAINST))
     forks = []
     monkeypatch.setattr(superexec, "ForkExecutor", lambda: forks.append("fork server") or "F")
     supernode.main(["--poll", "0.5", *NODE_FLAGS])
@@ -106,13 +153,13 @@ def test_on_the_flower_it_was_written_for_each_runs_flowers_own_command_patched(
 def test_on_another_flower_each_runs_flowers_own_command_unchanged_after_one_warning(
     supernode_loop, flower_entry_points, monkeypatch, caplog
 ):
-    monkeypatch.setattr(fgl_accel, "installed_flower", lambda: "1.42.0")
+    monkeypatch.setattr(fgl_accel, "installed_flower", lambda: "1.43.0")
     flower_get_executor = importlib.import_module(
         "flwr.supercore.superexec.run_superexec"
     ).get_executor
 
     def no_fork_server():
-        raise AssertionError("a fork server was started on a Flower it was not written for")
+        raise AssertionError("a fork server was started on a Flower it was not checked against")
 
     monkeypatch.setattr(superexec, "ForkExecutor", no_fork_server)
     for main, flags in (
@@ -124,7 +171,9 @@ def test_on_another_flower_each_runs_flowers_own_command_unchanged_after_one_war
             main(flags)
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1, warnings
-        assert "was written for flwr 1.41.0, and flwr 1.42.0 is installed" in warnings[0]
+        assert "was checked against flwr 1.41.0, 1.42.0, and flwr 1.43.0 is installed" in (
+            warnings[0]
+        )
         assert "running Flower's own" in warnings[0]
     assert flower_entry_points == {
         "flower-supernode": ["flower-supernode", *NODE_FLAGS],

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-# Flower's documented modules (the API reference of flwr 1.41)
+# Flower's documented modules (the API reference of flwr 1.42)
 PUBLIC = {
     "flwr.app",
     "flwr.clientapp",
