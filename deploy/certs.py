@@ -9,11 +9,15 @@ writes, under certs/:
   supernode-<i>, .pub       one ECDSA P-384 key pair per SuperNode in OpenSSH format, which is
                             what `flower-supernode --auth-supernode-private-key` reads and
                             `flwr supernode register` takes
+  superexec.secret          the secret the SuperLink and the ServerApp's `flower-superexec`
+                            share (`--superexec-auth-secret-file`): with `--isolation process`,
+                            a process without it cannot claim the run's tasks
 
 The certificates are made with the `openssl` command. The SuperNode keys are made with the
 `cryptography` package that Flower already depends on, because openssl cannot write the
 OpenSSH key format and `ssh-keygen` is not on every host. Existing files are kept: a rerun
-adds missing keys and never replaces a CA that nodes already trust.
+adds missing keys and never replaces a CA that nodes already trust; a server certificate that
+lacks one of the names asked for is made again, from the same CA.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import contextlib
 import ipaddress
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -32,7 +37,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-DEFAULT_NAMES = ("127.0.0.1", "localhost", "superlink")
+# loopback (the SuperLink behind the Fleet proxy, the operator's `flwr`), and the compose services
+# a SuperNode or the proxy reach it by
+DEFAULT_NAMES = ("127.0.0.1", "localhost", "superlink", "fleet-proxy")
 DAYS = 365
 
 
@@ -53,6 +60,10 @@ class Certificates:
     @property
     def server_key(self) -> Path:
         return self.root / "server.key"
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.root / "superexec.secret"
 
     def node_key(self, index: int) -> Path:
         return self.root / f"supernode-{index}"
@@ -80,6 +91,18 @@ def _subject_alt_names(names: list[str]) -> str:
     return ",".join(entries)
 
 
+def covers(certificate: Path, names: list[str]) -> bool:
+    """Whether the certificate's subjectAltName lists every one of `names`."""
+    proc = subprocess.run(
+        ["openssl", "x509", "-in", str(certificate), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+    )
+    entries = proc.stdout.replace("\n", ",").split(",")
+    listed = {entry.strip().split(":", 1)[-1] for entry in entries}
+    return proc.returncode == 0 and set(names) <= listed
+
+
 def make_ca_and_server(certs: Certificates, names: list[str]) -> None:
     """A CA and a server certificate for `names`, unless they are already there."""
     root = certs.root
@@ -90,6 +113,8 @@ def make_ca_and_server(certs: Certificates, names: list[str]) -> None:
             "-subj", "/CN=FGL-on-Flower deployment CA",
             cwd=root,
         )  # fmt: skip
+    if certs.server_cert.exists() and not covers(certs.server_cert, names):
+        certs.server_cert.unlink()  # made before a name was added: a new one, from the same CA
     if not certs.server_cert.exists():
         with tempfile.TemporaryDirectory() as tmp:
             ext = Path(tmp) / "san.ext"
@@ -160,6 +185,14 @@ def make_node_key(private: Path, public: Path) -> None:
     )
 
 
+def make_secret(path: Path) -> None:
+    """32 random bytes, hex (Flower reads the file's exact bytes), owner-only; kept if there."""
+    if path.exists():
+        owner_only(path)
+        return
+    write_private(path, secrets.token_hex(32).encode())
+
+
 def make_certificates(root: Path, supernodes: int, extra_names: list[str] = ()) -> Certificates:
     root.mkdir(parents=True, exist_ok=True)
     certs = Certificates(root)
@@ -169,6 +202,7 @@ def make_certificates(root: Path, supernodes: int, extra_names: list[str] = ()) 
         public.chmod(0o644)
     for index in range(supernodes):
         make_node_key(certs.node_key(index), certs.node_public_key(index))
+    make_secret(certs.superexec_secret)
     return certs
 
 
@@ -192,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"CA {certs.ca}, SuperLink certificate {certs.server_cert}")
+    print(f"CA {certs.ca}, SuperLink certificate {certs.server_cert}, "
+          f"SuperExec secret {certs.superexec_secret}")  # fmt: skip
     for index in range(args.supernodes):
         print(
             f"SuperNode {index}: {certs.node_key(index)} (public: {certs.node_public_key(index)})"

@@ -131,7 +131,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):  # ty
 
 
 # --- the deployment doc's blocks ---
-INSTALL = re.compile(r"^python3 -m venv ")  # the hosts share this checkout's environment
+# the hosts share this checkout's environment, and .ci/run installs Debian's packages
+INSTALL = re.compile(r"^(python3 -m venv |sudo apt-get install )")
 ASSIGNMENT = re.compile(r"^([A-Z_]+)=(\S+)(\s+#.*)?$")
 
 
@@ -145,7 +146,7 @@ def readme_block(name: str) -> str:
 
 def host_script(block: str, values: dict[str, str]) -> str:
     """A deployment-doc block as a host runs it: its variables set to `values` (each one the
-    block sets must be given), its install line left out."""
+    block sets must be given), its install lines left out."""
     lines, seen = [], set()
     for line in block.splitlines():
         if INSTALL.match(line):

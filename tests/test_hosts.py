@@ -2,13 +2,20 @@
 
 Four hosts, each a network namespace with its own address (tests/hosts.py): the server at
 10.77.0.1 runs the doc's server blocks (certificates for that address, not `localhost`; the
-SuperLink with TLS, SuperNode authentication and its state in `superlink.db`; the keys
-registered; the FGL run submitted with `flwr run`), and three silos run the doc's silo block
-with node-local data. The run adds only test-sized settings to the doc's run config. Drills,
-in order, in one run:
+SuperLink on its loopback with TLS, SuperNode authentication, `--isolation process` and its state
+in `superlink.db`; Flower's SuperExec for the ServerApp with the shared secret; the Fleet proxy,
+nginx, on the public address; the keys registered and the FGL run submitted with `flwr` on
+loopback), and three silos run the doc's silo block with node-local data, through the proxy. The
+run adds only test-sized settings to the doc's run config. From silo 0's host, holding its CA
+certificate and key, every try of deploy/silo_attempts.py is made and must be refused (claiming
+the run's task, polled while the run starts; the Runtime API; another node's messages; `flwr
+run`, `flwr ls`, `flwr supernode register`; a SuperNode with an unregistered key); on the server
+host, a process without the SuperExec secret cannot claim a task either. Drills, in order, in one
+run:
 
-1. one silo's link down for 30 s during round 2: the round ends at `round-timeout` without it,
-   and once the link is back the SuperNode reconnects over TLS and trains in a later round;
+1. one silo's link down for 30 s in the round after round 1: that round ends at `round-timeout`
+   without it, and once the link is back the SuperNode reconnects over TLS and trains in a later
+   round;
 2. the SuperLink SIGKILLed in a later round and started again with the same command: what
    happens to the run is asserted, and the same `flwr run` again resumes it: no image is made
    twice, the one-shot model is not trained again, and only the rounds left are trained.
@@ -34,7 +41,9 @@ from tests.hosts import Hosts, host_script, namespaces_work, readme_block, stop_
 pytestmark = pytest.mark.slow
 
 SERVER = "10.77.0.1"
+PUBLIC = f"{SERVER}:9093"  # the Fleet proxy, as the doc's silo block reaches it
 SILOS = 3
+ACQUIRE_POLL_SECONDS = 60  # a silo tries to claim a task from before the run is submitted
 ROUNDS = 8
 LINK_DOWN_SECONDS = 30
 ROUND_TIMEOUT = 20
@@ -102,10 +111,18 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
     silo_dirs = [tmp_path / f"silo-{i}" for i in range(SILOS)]
     hosts = {"server": 1, **{f"silo{i}": 11 + i for i in range(SILOS)}}
     with Hosts(hosts) as net:
+        setup = net.run("server", ["bash", "-euo", "pipefail", "-c",
+                                   host_script(readme_block("server-setup"), {"SERVER": SERVER})],
+                        cwd=server, env=server_env, timeout=300)  # fmt: skip
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+
+        def start_server(block: str):
+            """One of the doc's long-running server programs, as its own host process."""
+            script = host_script(readme_block(block), {})
+            return net.start("server", script, server / f"{block}.log", server, server_env)
 
         def start_superlink():
-            script = host_script(readme_block("server-start"), {"SERVER": SERVER})
-            return net.start("server", script, server / "superlink.log", server, server_env)
+            return start_server("server-superlink")
 
         def flwr(*args: str) -> subprocess.CompletedProcess:
             path = f"{server / '.venv' / 'bin'}{os.pathsep}{server_env['PATH']}"
@@ -124,10 +141,16 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
         def run_status() -> str:
             return str(newest_run().get("status", "none"))
 
+        def attempts(host: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+            return net.run(host, [sys.executable, "-m", "deploy.silo_attempts", *args],
+                           cwd=server, env=host_env(tmp_path / f"attempts-{host}"),
+                           timeout=timeout)  # fmt: skip
+
         superlink = start_superlink()
-        # the connection, as docs/deployment.md writes it, for this server's address and certs
-        connection = readme_block("connection").replace("server.example.org", SERVER)
-        connection = connection.replace(
+        superexec = start_server("server-superexec")
+        proxy = start_server("server-proxy")
+        # the connection, as docs/deployment.md writes it (loopback), with this server's CA
+        connection = readme_block("connection").replace(
             "/absolute/path/to/certs/ca.crt", str(server / "certs/ca.crt")
         )
         (server / "flwr-home" / "config.toml").write_text(connection)
@@ -137,6 +160,31 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
             ["openssl", "x509", "-in", str(certs / "server.pem"), "-noout", "-ext",
              "subjectAltName"], capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
+        health = [sys.executable, "-c", "import ssl, sys, urllib.request as u; print(u.urlopen("
+                  f"'https://{PUBLIC}/health', context=ssl.create_default_context("
+                  "cafile=sys.argv[1]"
+                  "), timeout=10).status)", str(certs / "ca.crt")]  # fmt: skip
+        wait_for(lambda: net.run("silo0", health).stdout.strip() == "200", 60,
+                 "the Fleet proxy's /health from a silo's host")  # fmt: skip
+        # the SuperLink itself is out of a silo's reach: it listens on the server's loopback
+        direct = net.run("silo0", [*health[:2], health[2].replace(PUBLIC, f"{SERVER}:9091"),
+                                   health[3]])  # fmt: skip
+        assert direct.returncode != 0 and "refused" in direct.stderr.lower(), direct
+        # on the server host, a process without the SuperExec secret claims no task
+        local = attempts("server", "127.0.0.1:9091", "--ca", str(certs / "ca.crt"),
+                         "--runtime-only")  # fmt: skip
+        assert local.returncode == 0, local.stdout + local.stderr
+        print("on the server host, without the secret:", local.stdout)
+        # a silo tries to claim the run's task from before the run is submitted until it runs
+        silo_ca = tmp_path / "silo-0-ca.crt"
+        shutil.copy2(certs / "ca.crt", silo_ca)
+        poll_out = tmp_path / "acquire-poll.json"
+        poller = net.start(
+            "silo0",
+            f"{sys.executable} -m deploy.silo_attempts {PUBLIC} --ca {silo_ca} "
+            f"--poll-acquire {ACQUIRE_POLL_SECONDS} --out {poll_out}",
+            tmp_path / "acquire-poll.log", server, host_env(tmp_path / "poll-home"),
+        )  # fmt: skip
 
         # the keys are registered, then the run is submitted; it waits for the silos
         registered = net.run("server", ["bash", "-c", readme_block("server-register")],
@@ -147,6 +195,7 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
         )
         runner = net.start("server", run_block, server / "flwr-run.log", server, server_env)
         wait_for(lambda: run_status() != "none", 180, "the run submitted")
+        first_run = newest_run()["run-id"]
 
         nodes = []
         for i, folder in enumerate(silo_dirs):
@@ -164,9 +213,24 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
             env = host_env(folder / "flwr-home")
             nodes.append(net.start(f"silo{i}", script, folder / "supernode.log", folder, env))
 
+        # every other try of a silo, from silo 0's host with its CA certificate and key
+        tried = attempts("silo0", PUBLIC, "--ca", str(silo_dirs[0] / "ca.crt"),
+                         "--key", str(silo_dirs[0] / "supernode-0"), "--app", str(server),
+                         "--out", str(tmp_path / "attempts.json"))  # fmt: skip
+        print("from a silo's host:", tried.stdout)
+        outcomes = json.loads((tmp_path / "attempts.json").read_text())
+        assert set(outcomes) == {
+            "acquire-task", "pull-task-input", "get-nodes", "push-messages", "pull-messages",
+            "fleet-pull-as-another-node", "flwr-ls", "flwr-run", "flwr-supernode-register",
+            "supernode-unregistered-key",
+        }  # fmt: skip
+        let_in = {name: o["answer"] for name, o in outcomes.items() if not o["refused"]}
+        assert not let_in and tried.returncode == 0, let_in
+
         run_dir = server / "outputs" / "hosts"
         # drill 1: silo 2's link down for 30 s during round 2
         wait_for(lambda: rounds_done(run_dir) >= 1, 600, "round 1")
+        cut_in = rounds_done(run_dir) + 1  # the round in progress
         net.cut(f"silo{SILOS - 1}")
         cut_at = time.monotonic()
         time.sleep(LINK_DOWN_SECONDS)
@@ -191,9 +255,9 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
         failed = after_drill["traffic"]["failed-nodes"]
         assert len(failed) == 1, failed  # the partitioned silo, and only it
         ((_, record),) = failed.items()
-        assert record["rounds"][0] == 2, record
+        assert record["rounds"][0] == cut_in, record
         ends = {r["round"]: r["end-seconds"] for r in after_drill["rounds"]}
-        assert ends[2] - ends[1] < ROUND_TIMEOUT + 15  # the round did not wait for the silo
+        assert ends[cut_in] - ends[cut_in - 1] < ROUND_TIMEOUT + 15  # it did not wait for the silo
         assert all(proc.poll() is None for proc in nodes)  # no SuperNode gave up
         print(f"link drill: the silo trained again {time.monotonic() - cut_at:.0f} s after the cut")
 
@@ -228,7 +292,20 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
             retrained = sorted({e["round"] for e in final["traffic"]["exchanges"]
                                 if e["message-type"] == "train"})  # fmt: skip
             assert min(retrained) >= rounds_done_before(first)  # only the rounds left
-        for proc in [runner, superlink, *nodes]:
+        # the silo's claim-task tries, from before the run was submitted until it ran
+        assert poller.wait(ACQUIRE_POLL_SECONDS + 60) == 0, (
+            tmp_path / "acquire-poll.log"
+        ).read_text()[-2000:]
+        poll = json.loads(poll_out.read_text())["acquire-task-poll"]
+        print("a silo claiming the task while the run started:", poll)
+        assert poll["tries"] > 100 and poll["refused"] == poll["tries"], poll
+        # nothing a silo tried took hold: the operator's SuperLink knows only the registered
+        # silos and the runs the operator submitted
+        nodes_known = json.loads(flwr("supernode", "ls", "fgl", "--format", "json").stdout)
+        assert len(nodes_known["nodes"]) == SILOS, nodes_known
+        runs = json.loads(flwr("ls", "fgl", "--format", "json").stdout)["runs"]
+        assert first_run in {r["run-id"] for r in runs} and len(runs) <= 2, runs
+        for proc in [runner, proxy, superexec, superlink, *nodes]:
             stop_group(proc)
     # nothing of the hosts is left running
     assert not [
