@@ -4,18 +4,22 @@
     python -m deploy.compose_check --tls           # + docker-compose.tls.yml (TLS, node auth)
     python -m deploy.compose_check --crash-drill   # a SuperNode's process killed mid-round
 
-Makes sure a Docker engine runs (installs and starts one where none is, as root) and the images
-are there (`deploy.images`: pulled, or built as stand-ins and offline from this machine's
-wheels), starts the compose project exactly as the compose files say (the TLS variant as its
-header says: certificates, the SuperLink, the SuperNodes' keys registered, the rest), submits the
-quickstart's FGL run from this host with `flwr run . fgl-docker`, waits until Flower says it
-finished, checks what the run left in `./outputs/<run-name>/`, and takes the project down,
-whatever happened. `--crash-drill` kills one SuperNode container's process once round 1 has
-finished (as a crash or the OOM killer would; `docker kill` is a user's stop, which Docker's
-restart policy ignores): compose's `restart: on-failure` brings it back and the run must
-complete. The containers' logs land in `compose.log` beside the results, and
-`compose-check.json` holds the seconds of each step and what the drill saw. Exit status 0 only
-when every check passed.
+Makes sure a Docker engine runs (installs and starts one where none is, as root) and the images are
+there (`deploy.images`: pulled, or built as stand-ins and offline from this machine's wheels),
+starts the compose project exactly as the compose files say (the TLS variant as its header says:
+certificates, the SuperLink, the SuperNodes' keys registered, the rest), submits the quickstart's
+FGL run from this host with `flwr run . fgl-docker` (the SuperLink's port, published on loopback for
+the operator), waits until Flower says it finished, checks what the run left in `./outputs/<run-
+name>/`, and takes the project down, whatever happened. From a container on silo 1's network, as a
+silo's host would, it tries what a silo must not do (deploy/silo_attempts.py: claim the run's task,
+polled from before the run is submitted until it runs; the Runtime API; `flwr run`, `ls`, `supernode
+register` through the proxy; the SuperLink's own port; with TLS, another node's messages and a
+SuperNode with an unregistered key): each must be refused. `--crash-drill` kills one SuperNode
+container's process once round 1 has finished (as a crash or the OOM killer would; `docker kill` is
+a user's stop, which Docker's restart policy ignores): compose's `restart: on-failure` brings it
+back and the run must complete. The containers' logs land in `compose.log` beside the results, and
+`compose-check.json` holds the seconds of each step and what the drill saw. Exit status 0 only when
+every check passed.
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ from contextlib import suppress
 from pathlib import Path
 
 from deploy import images
-from deploy.certs import make_certificates
+from deploy.certs import Certificates, make_certificates
 from deploy.flower_cli import FlowerCLI
 from deploy.quickstart import RUNS
 from fgl_core.polling import poll_until
 
 ROOT = images.ROOT
 SILOS = 3
-PORT = 9093  # the SuperLink's, as docker-compose.yml publishes it on 127.0.0.1
+PORT = 9091  # the SuperLink's, as docker-compose.yml publishes it on 127.0.0.1 for the operator
+FLEET = "fleet-proxy:9093"  # the proxy, as the silos' containers reach it
+ACQUIRE_POLL_SECONDS = 45
 APP_USER = 49999  # Flower's images run as `app`
 PROJECT = "fglcheck"  # the compose project's name: apart from a user's own `docker compose up`
 # the quickstart's FGL run, smaller: this checks the deployment, not fgl-mini
@@ -72,12 +78,15 @@ def compose_program() -> list[str]:
 class Compose:
     """The compose project, started from this checkout's compose files."""
 
-    def __init__(self, tls: bool) -> None:
+    def __init__(self, tls: bool, state: Path) -> None:
         files = ["docker-compose.yml", *(["docker-compose.tls.yml"] if tls else [])]
         self.base = [*compose_program(), "-p", PROJECT, *(a for f in files for a in ("-f", f))]
+        self.env = {**os.environ, "FGL_STATE": str(state)}  # the SuperLink's database, apart
 
     def __call__(self, *args: str, timeout: float = 600) -> str:
-        return images.run([*self.base, *args], f"compose {args[0]}", timeout=timeout, cwd=ROOT)
+        return images.run(
+            [*self.base, *args], f"compose {args[0]}", timeout=timeout, cwd=ROOT, env=self.env
+        )
 
     def up(self, *services: str) -> None:
         self("up", "-d", "--no-build", *services)
@@ -140,6 +149,67 @@ def crash_supernode(compose: Compose, service: str, wait: float = 60.0) -> dict:
     }
 
 
+# what `flwr run` needs of the app and what deploy/silo_attempts.py imports, copied for the
+# attempts' container (not the checkout: it may hold gigabytes of wheels and outputs)
+ATTEMPT_FILES = ["pyproject.toml", "README.md", "fgl_core", "fgl_client", "fgl_server",
+                 "strategies", "deploy/__init__.py", "deploy/certs.py",
+                 "deploy/silo_attempts.py"]  # fmt: skip
+
+
+class SiloSide:
+    """Containers of the app image on silo 1's network, making deploy/silo_attempts.py's tries
+    as a silo's host would: with the CA certificate and silo 1's key where TLS is on."""
+
+    def __init__(self, folder: Path, certs: Certificates | None) -> None:
+        self.folder = folder
+        for name in ATTEMPT_FILES:
+            source, target = ROOT / name, folder / "app" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(source, target)
+        self.tls: list[str] = []
+        if certs is not None:
+            shutil.copy2(certs.ca, folder / "ca.crt")
+            shutil.copy2(certs.node_key(0), folder / "supernode-0")
+            self.tls = ["--ca", "/attempts/ca.crt"]
+        for path in [folder, *folder.rglob("*")]:
+            os.chown(path, APP_USER, APP_USER)
+
+    def command(self, detach: bool, *args: str) -> list[str]:
+        return [
+            "docker", "run", *(["-d"] if detach else ["--rm"]),
+            "--network", f"{PROJECT}_silo-1", "-v", f"{self.folder}:/attempts",
+            "-w", "/attempts/app", "--entrypoint", "python", images.APP_IMAGE,
+            "-m", "deploy.silo_attempts", FLEET, *self.tls, *args,
+        ]  # fmt: skip
+
+    def start_acquire_poll(self, seconds: float) -> str:
+        """Claim-task tries every 0.05 s for `seconds` s, in the background: its container."""
+        out = "--out", "/attempts/acquire-poll.json"
+        command = self.command(True, "--poll-acquire", str(seconds), *out)
+        return images.run(command, "the claim-task poll's container").strip()
+
+    def acquire_poll(self, container: str, wait: float) -> dict:
+        images.run(["docker", "wait", container], "docker wait", timeout=wait)
+        with suppress(images.ImageError):
+            images.run(["docker", "rm", container], "docker rm")
+        return json.loads((self.folder / "acquire-poll.json").read_text())["acquire-task-poll"]
+
+    def attempts(self) -> dict:
+        key = ["--key", "/attempts/supernode-0"] if self.tls else []
+        args = [*key, "--app", "/attempts/app", "--direct", "superlink:9093"]
+        proc = subprocess.run(
+            [*self.command(False, *args, "--out", "/attempts/attempts.json")],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        path = self.folder / "attempts.json"
+        if not path.is_file():
+            raise CheckFailed(f"the silo's attempts did not run: {proc.stderr[-2000:]}")
+        return json.loads(path.read_text())
+
+
 def check_results(run_dir: Path, rounds: int) -> list[str]:
     """What is wrong with what the run left; empty when it is all there."""
     results = read_results(run_dir)
@@ -180,17 +250,21 @@ def compose_check(tls: bool, crash_drill: bool, timeout: float) -> dict:
     record["images"] = made
     lap("images")
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    give_to_app_user(run_dir)
+    state = run_dir / "superlink-state"
+    state.mkdir(parents=True)
+    give_to_app_user(run_dir, state)
     home = Path(tempfile.mkdtemp(prefix="fgl-compose-home-"))
     connection = "fgl-docker-tls" if tls else "fgl-docker"  # as docs/deployment.md names them
     flwr = FlowerCLI(home, {**os.environ, "FLWR_HOME": str(home)}, connection)
-    compose = Compose(tls)
+    compose = Compose(tls, state)
     certs = None
     if tls:
         certs = make_certificates(ROOT / "certs", SILOS)
-        give_to_app_user(certs.server_key, *(certs.node_key(i) for i in range(SILOS)))
+        give_to_app_user(certs.server_key, certs.superexec_secret,
+                         *(certs.node_key(i) for i in range(SILOS)))  # fmt: skip
     flwr.connect(PORT, certs.ca if certs else None)
+    silo = SiloSide(Path(tempfile.mkdtemp(prefix="fgl-compose-silo-")), certs)
+    poller = None
     try:
         compose.down()  # what an interrupted check left
         if certs is not None:
@@ -203,10 +277,14 @@ def compose_check(tls: bool, crash_drill: bool, timeout: float) -> dict:
             lambda: flwr.online_nodes() >= SILOS, 300, f"not all {SILOS} SuperNodes came online"
         )
         lap("up")
+        poller = silo.start_acquire_poll(ACQUIRE_POLL_SECONDS)  # from before the run exists
         values = {**RUN_CONFIG, "run-name": f'"{run_name}"'}
         run_id = flwr.submit(ROOT, {k: json.loads(v) for k, v in values.items()})
         print(f"[compose] run {run_id} submitted", flush=True)
         rounds = int(RUN_CONFIG["num-server-rounds"])
+        record["silo-attempts"] = silo.attempts()
+        print(f"[compose] a silo's tries: {json.dumps(record['silo-attempts'])}", flush=True)
+        lap("silo-attempts")
 
         def finished() -> str | None:
             round_1_done = len(read_results(run_dir).get("rounds", [])) >= 2  # with round 0
@@ -218,8 +296,15 @@ def compose_check(tls: bool, crash_drill: bool, timeout: float) -> dict:
 
         status = poll_until(finished, timeout, f"run {run_id} did not finish within {timeout} s", 2)
         record["status"] = status
+        record["acquire-poll"] = silo.acquire_poll(poller, ACQUIRE_POLL_SECONDS + 120)
+        poller = None
+        print(f"[compose] a silo claiming the task: {record['acquire-poll']}", flush=True)
         lap("run")
     finally:
+        if poller is not None:  # a container on the project's network keeps it from going
+            with suppress(images.ImageError):
+                images.run(["docker", "rm", "-f", poller], "docker rm")
+        shutil.rmtree(silo.folder, ignore_errors=True)
         compose.save_logs(run_dir / "compose.log")
         compose.down()
         shutil.rmtree(home, ignore_errors=True)
@@ -227,6 +312,14 @@ def compose_check(tls: bool, crash_drill: bool, timeout: float) -> dict:
         (run_dir / "compose-check.json").write_text(json.dumps(record, indent=2))
     problems = [] if status == "finished:completed" else [f"the run ended {status}"]
     problems += check_results(run_dir, rounds)
+    problems += [
+        f"a silo's try {name} was not refused: {outcome['answer']}"
+        for name, outcome in record["silo-attempts"].items()
+        if not outcome["refused"]
+    ]
+    poll = record["acquire-poll"]
+    if poll["refused"] != poll["tries"] or poll["tries"] < 100:
+        problems.append(f"a silo's claim-task tries: {poll}")
     if crash_drill:
         record["failed-nodes"] = read_results(run_dir).get("traffic", {}).get("failed-nodes", {})
         (run_dir / "compose-check.json").write_text(json.dumps(record, indent=2))

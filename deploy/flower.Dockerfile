@@ -4,12 +4,12 @@
 # working folder /app, and one entrypoint per image:
 #
 #   docker build -f deploy/flower.Dockerfile --build-arg BASE=<a Debian root filesystem image> \
-#       --target superlink -t flwr/superlink:1.41.0 <folder of flwr's wheels>
+#       --target superlink -t flwr/superlink:1.42.0 <folder of flwr's wheels>
 #
 # The build context is a folder of wheels (`pip download flwr==<version>`): nothing is fetched.
 ARG BASE=fgl-base/debian-python3:bookworm
 FROM ${BASE} AS base
-ARG FLWR_VERSION=1.41.0
+ARG FLWR_VERSION=1.42.0
 COPY . /tmp/wheels
 RUN python3 -m venv /python/venv \
     && /python/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
@@ -24,6 +24,8 @@ ENV PATH=/python/venv/bin:$PATH \
     PYTHONIOENCODING=UTF-8 \
     LANG=C.UTF-8 \
     LC_ALL=C.UTF-8 \
+    FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
     HOME=/app
 WORKDIR /app
 USER app

@@ -4,12 +4,14 @@
     python -m deploy.images wheels DIR         # only collect the app's wheels into DIR
 
 The compose files run Flower's official images (`flwr/superlink`, `flwr/supernode`,
-`flwr/superexec` at the pinned version) and the app image built `FROM flwr/superexec` by
-deploy/Dockerfile. Where Flower's images cannot be pulled (no registry reachable, as here and in
-many hospital networks), stand-ins are built under the same names (deploy/flower.Dockerfile): a
-Debian bookworm root filesystem made by `mmdebstrap` (or `debootstrap`) from Debian's packages,
+`flwr/superexec` at the pinned version), the official `nginx` image for the Fleet proxy, and the
+app image built `FROM flwr/superexec` by deploy/Dockerfile. Where Flower's images cannot be
+pulled (no registry reachable, as here and in many hospital networks), stand-ins are built under
+the same names (deploy/flower.Dockerfile): a Debian bookworm root filesystem made by
+`mmdebstrap` (or `debootstrap`) from Debian's packages,
 with `flwr` at the pinned version in `/python/venv`, the user `app` (UID 49999) and the
-entrypoints of Flower's images, so the compose files stay exactly what a user runs.
+entrypoints of Flower's images, so the compose files stay exactly what a user runs; the proxy's
+stand-in is Debian bookworm's own nginx (the release the tag names) with curl.
 
 The app image is built offline: every wheel it needs is collected on this machine first
 (`pip download`, with this machine's pip configuration: PyTorch is the build a `pip install -e .`
@@ -59,6 +61,9 @@ FLOWER_IMAGES = {
     role: f"flwr/{role}:{FLOWER_VERSION}" for role in ("superlink", "supernode", "superexec")
 }
 APP_IMAGE = f"fgl-flower-app:{PROJECT['version']}"
+# the Fleet proxy's image in the compose files: the official nginx image of Debian bookworm's
+# release, or a stand-in under its name with Debian's own nginx (and curl, for the healthcheck)
+PROXY_IMAGE = "nginx:1.22.1"
 BASE_IMAGE = "fgl-base/debian-python3:bookworm"  # the stand-ins' root filesystem
 APP_WHEELS = ROOT / "deploy" / "wheels"  # served to the build, never in its context
 # what deploy/Dockerfile copies: a change to any of it makes a new app image
@@ -205,16 +210,22 @@ def build_lock() -> Iterator[None]:
 
 # --- Flower's images, or stand-ins under their names ---
 def ensure_base_image() -> None:
-    if image_exists(BASE_IMAGE):
-        return
+    if not image_exists(BASE_IMAGE):
+        debian_image(BASE_IMAGE, ["python3", "python3-venv", "ca-certificates"])
+
+
+def debian_image(image: str, packages: list[str], changes: tuple[str, ...] = ()) -> None:
+    """A Debian bookworm root filesystem with `packages`, made from Debian's packages by
+    mmdebstrap (or debootstrap) and imported as `image` (`changes`: Dockerfile lines such as
+    CMD, applied on import)."""
     tool = shutil.which("mmdebstrap") or shutil.which("debootstrap")
     if tool is None:
         install_debian_packages(["mmdebstrap"])
         tool = shutil.which("mmdebstrap")
     assert tool is not None
     start = time.monotonic()
-    say(f"building {BASE_IMAGE} with {Path(tool).name} from Debian's packages")
-    include = "--include=python3,python3-venv,ca-certificates"
+    say(f"building {image} with {Path(tool).name} from Debian's packages")
+    include = f"--include={','.join(packages)}"
     with tempfile.TemporaryDirectory(prefix="fgl-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         if Path(tool).name == "mmdebstrap":
@@ -224,8 +235,27 @@ def ensure_base_image() -> None:
             run([tool, "--variant=minbase", include, "bookworm", str(rootfs)], tool)
             tarball = Path(tmp) / "rootfs.tar"
             run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], "tar of the root filesystem")
-        run(["docker", "import", str(tarball), BASE_IMAGE], f"docker import {BASE_IMAGE}")
-    say(f"{BASE_IMAGE} built in {time.monotonic() - start:.0f} s")
+        change = [arg for line in changes for arg in ("--change", line)]
+        run(["docker", "import", *change, str(tarball), image], f"docker import {image}")
+    say(f"{image} built in {time.monotonic() - start:.0f} s")
+
+
+def ensure_proxy_image(pull: bool = True) -> str:
+    """The proxy's image: already here, pulled, or a stand-in built under its name from Debian's
+    nginx package. Says which."""
+    if image_exists(PROXY_IMAGE):
+        return "present"
+    if pull:
+        try:
+            run(["docker", "pull", "--quiet", PROXY_IMAGE], f"docker pull {PROXY_IMAGE}",
+                timeout=900)  # fmt: skip
+            return "pulled"
+        except ImageError as err:
+            say(f"{PROXY_IMAGE} cannot be pulled ({str(err).splitlines()[-1][:160]}); "
+                "building a stand-in under its name")  # fmt: skip
+    debian_image(PROXY_IMAGE, ["nginx", "curl", "ca-certificates"],
+                 ('CMD ["nginx", "-g", "daemon off;"]',))  # fmt: skip
+    return "built"
 
 
 def collect_wheels(folder: Path, requirements: list[str]) -> None:
@@ -349,9 +379,14 @@ def ensure_app_image(wheels: Path = APP_WHEELS) -> str:
 
 
 def ensure_images(pull: bool = True) -> dict[str, str]:
-    """Flower's images and the app image, each present, pulled or built; what happened."""
+    """Flower's images, the proxy's and the app image, each present, pulled or built; what
+    happened."""
     with build_lock():
-        return {"flower": ensure_flower_images(pull), "app": ensure_app_image()}
+        return {
+            "flower": ensure_flower_images(pull),
+            "proxy": ensure_proxy_image(pull),
+            "app": ensure_app_image(),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with docker_engine():
             made = ensure_images(pull=not args.no_pull)
-        say(f"Flower's images: {made['flower']}; {APP_IMAGE}: {made['app']}")
+        say(f"Flower's images: {made['flower']}; {PROXY_IMAGE}: {made['proxy']}; "
+            f"{APP_IMAGE}: {made['app']}")  # fmt: skip
     except ImageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,11 +1,14 @@
-"""docker-compose.yml and its TLS variant, checked by parsing (tests/test_compose_up.py runs them).
+"""The compose files, checked by parsing (tests/test_compose_up.py runs the demo's two variants).
 
-Every service runs one of Flower's own programs unchanged: `flower-superlink` and
+Every Flower service runs one of Flower's own programs unchanged: `flower-superlink` and
 `flower-supernode` from Flower's images, `flower-superexec` from the app image (built `FROM
-flwr/superexec`). Every command is parsed by Flower's own argument parsers (the installed version,
-which the images must match), every address must name a service and its port, every mounted
-certificate must be one that deploy/certs.py writes, and the flags must be those the loopback
-launcher gives Flower's processes (tests/test_deployment.py runs those for real).
+flwr/superexec`); the Fleet proxy is nginx with the configuration deploy/proxy.py writes. Every
+command is parsed by Flower's own argument parsers (the installed version, which the images must
+match), every address must name a service and its port, every mounted certificate must be one
+that deploy/certs.py writes, the flags must be those the loopback launcher gives Flower's
+processes (tests/test_deployment.py runs those for real), and the networks must keep the silos to
+the proxy: the SuperLink is on a network no silo joins, each silo on one of its own. The server
+host's and a silo host's files are the demo's two sides.
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as sup
 
 from deploy.certs import Certificates
 from deploy.federation import Topology, node_config_string, superlink_args, supernode_args
-from deploy.images import is_flower
+from deploy.images import PROXY_IMAGE, is_flower
+from deploy.proxy import nginx_config
 from tests.conftest import ROOT
 
 SILOS = 3
-COMPOSE_ONLY = {"--isolation", "--host"}  # containers: process isolation, listen on all hosts
+# containers: process isolation, listening on all of the container's addresses, state on a volume,
+# the SuperExec secret (the launcher runs on one machine's loopback, without them)
+COMPOSE_ONLY = {"--isolation", "--host", "--database", "--superexec-auth-secret-file"}
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+SERVER_SIDE = {"superlink", "fleet-proxy", "superexec-serverapp"}
 
 
 def flwr_pin() -> str:
@@ -36,18 +44,32 @@ def flwr_pin() -> str:
     return pin.split("==")[1]
 
 
+def with_defaults(text: str) -> str:
+    """compose's `${VAR:-default}` as compose reads it with VAR unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def load_file(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
 def load(name: str) -> dict:
-    return yaml.safe_load((ROOT / name).read_text())["services"]
+    return load_file(name)["services"]
 
 
 def merged(base: dict, override: dict) -> dict:
-    """`docker compose -f base -f override`: commands replaced, volumes added."""
+    """`docker compose -f base -f override`: commands replaced, volumes added (or replaced, at the
+    same path), mappings (such as a healthcheck) merged key by key."""
     services = {name: dict(service) for name, service in base.items()}
     for name, changes in override.items():
         assert name in services, f"the override names an unknown service {name!r}"
         for key, value in changes.items():
-            if key == "volumes":
-                services[name]["volumes"] = [*services[name].get("volumes", []), *value]
+            if key == "volumes":  # by the path in the container: an override's replaces the base's
+                by_target = {v.split(":")[1]: v for v in services[name].get("volumes", [])}
+                by_target |= {v.split(":")[1]: v for v in value}
+                services[name]["volumes"] = list(by_target.values())
+            elif isinstance(value, dict) and isinstance(services[name].get(key), dict):
+                services[name][key] = {**services[name][key], **value}
             else:
                 services[name][key] = value
     return services
@@ -65,82 +87,132 @@ def flags(command: list[str]) -> set[str]:
 
 
 def mounts(service: dict) -> dict[str, str]:
-    """container path -> host path"""
-    pairs = (v.split(":")[:2] for v in service.get("volumes", []))
-    return {target: source for source, target in pairs}
+    """container path -> host path (compose's defaults filled in), `:ro` kept on the path"""
+    result = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = with_defaults(volume).split(":")
+        result[target] = source + (":ro" if mode == ["ro"] else "")
+    return result
 
 
 def assert_app_image(service: dict) -> None:
     """Built from deploy/Dockerfile on the pinned Flower (its superexec image), run with that
     image's own entrypoint, `flower-superexec`."""
     assert service["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert service["build"]["args"]["FLWR_VERSION"] == flwr_pin()
+    assert with_defaults(service["build"]["args"]["FLWR_VERSION"]) == flwr_pin()
     declared = set(re.findall(r"^ARG (\w+)", (ROOT / "deploy" / "Dockerfile").read_text(), re.M))
     assert set(service["build"]["args"]) <= declared, declared
     assert "entrypoint" not in service
 
 
-def check(services: dict, certs: Certificates | None) -> None:
-    version = flwr_pin()
-    names = {"superlink", "superexec-serverapp"}
-    names |= {f"{kind}-{i}" for kind in ("supernode", "superexec-clientapp") for i in (1, 2, 3)}
-    assert set(services) == names
-    for name, service in services.items():  # Flower's programs, as Flower ships them
-        assert "fgl_accel" not in str(service) and "python" not in str(service.get("entrypoint"))
-        assert service["restart"] == "on-failure", name
+def assert_flower_service(name: str, service: dict) -> None:
+    """One of Flower's programs as Flower ships it, with nothing phoning home, restarted a
+    bounded number of times."""
+    assert "fgl_accel" not in str(service) and "python" not in str(service.get("entrypoint"))
+    assert service["restart"] == "on-failure:5", name
+    assert service["environment"] == FLOWER_ENV, name
 
+
+def check_server_side(services: dict, certs: Certificates | None, proxy_bind: str) -> int:
+    """The SuperLink, its ServerApp's SuperExec and the Fleet proxy; the SuperLink's port."""
+    version = flwr_pin()
     link = services["superlink"]
-    assert link["image"] == f"flwr/superlink:{version}" and "entrypoint" not in link
+    assert with_defaults(link["image"]) == f"flwr/superlink:{version}"
+    assert "entrypoint" not in link
     link_args = parse(superlink_parser(), link["command"])
     port = link_args.port
     assert link_args.isolation == "process" and link_args.host == "0.0.0.0"
-    (published,) = link.get("ports", [])
-    host = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", published)  # compose's ${VAR:-default}
-    assert host == f"127.0.0.1:{port}:{port}"  # loopback unless the operator opens it
     assert flags(link["command"]) - COMPOSE_ONLY == flags(superlink_args(port, certs))
+    # its state on a volume; its own port for the operator, on the host's loopback only
+    assert Path(link_args.database).parent == Path("state")
+    assert mounts(link)["/app/state"] == "./state"
+    assert [with_defaults(p) for p in link["ports"]] == [f"127.0.0.1:9091:{port}"]
+    assert set(link["networks"]) == {"server", "operator"}
+    assert "/health" in str(link["healthcheck"]["test"])
 
-    runtime_of = {"superlink": port}
+    proxy = services["fleet-proxy"]
+    assert proxy["image"] == PROXY_IMAGE and proxy["restart"] == "on-failure:5"
+    assert proxy["command"] == ["nginx", "-e", "stderr", "-g", "daemon off;"]
+    conf = mounts(proxy)["/etc/nginx/nginx.conf"]
+    assert conf.endswith(":ro")
+    in_container = Path("/etc/nginx/certs") if certs is not None else None
+    expected = nginx_config("9093", f"superlink:{port}", in_container, "127.0.0.11")
+    assert (ROOT / conf.removesuffix(":ro")).read_text() == expected, (
+        f"{conf} is not what `python -m deploy.proxy` writes for compose"
+    )
+    assert [with_defaults(p) for p in proxy["ports"]] == [f"{proxy_bind}:9093:9093"]
+    assert "server" in proxy["networks"] and "operator" not in proxy["networks"]
+    assert "/health" in str(proxy["healthcheck"]["test"])
+    assert proxy["depends_on"]["superlink"]["condition"] == "service_healthy"
+
+    serverapp = services["superexec-serverapp"]
+    assert_app_image(serverapp)
+    exec_args = parse(superexec_parser(), serverapp["command"])
+    assert exec_args.runtime_api_address == f"superlink:{port}"
+    assert serverapp["networks"] == ["server"]
+    assert mounts(serverapp)["/app/outputs"] == "./outputs"
+    assert exec_args.insecure == (certs is None)
+    if certs is not None:
+        assert exec_args.root_certificates == str(certs.ca)
+        secret = str(certs.superexec_secret)
+        assert link_args.superexec_auth_secret_file == secret
+        assert exec_args.superexec_auth_secret_file == secret
+        for name, target in (("superlink", f"/app/{secret}"),
+                             ("superexec-serverapp", f"/app/{secret}")):  # fmt: skip
+            assert mounts(services[name])[target] == f"./{secret}:ro"
+        for file in ("ca.crt", "server.pem", "server.key"):
+            assert mounts(proxy)[f"/etc/nginx/certs/{file}"] == f"./certs/{file}:ro"
+    for name in SERVER_SIDE - {"fleet-proxy"}:
+        assert_flower_service(name, services[name])
+    return port
+
+
+def check(services: dict, certs: Certificates | None) -> None:
+    """docker-compose.yml (with docker-compose.tls.yml where `certs`): the server side, and three
+    silos, each on a network of its own that only the proxy shares."""
+    version = flwr_pin()
+    names = set(SERVER_SIDE)
+    names |= {f"{kind}-{i}" for kind in ("supernode", "superexec-clientapp") for i in (1, 2, 3)}
+    assert set(services) == names
+    port = check_server_side(services, certs, proxy_bind="127.0.0.1")
+    networks = load_file("docker-compose.yml")["networks"]
+    assert networks["server"]["internal"] is True
+
     partitions = Topology.partitions(SILOS).node_configs
     for i in range(1, SILOS + 1):
         node = services[f"supernode-{i}"]
-        assert node["image"] == f"flwr/supernode:{version}" and "entrypoint" not in node
+        assert with_defaults(node["image"]) == f"flwr/supernode:{version}"
+        assert "entrypoint" not in node
+        assert_flower_service(f"supernode-{i}", node)
         node_args = parse(supernode_parser(), node["command"])
-        assert node_args.superlink == f"superlink:{port}"
+        assert node_args.superlink == "fleet-proxy:9093"  # the proxy, never the SuperLink
         assert node_args.isolation == "process" and node_args.host == "0.0.0.0"
         assert node_args.node_config == node_config_string(partitions[i - 1])
         key = certs.node_key(i - 1) if certs else None
-        expected = supernode_args(f"superlink:{port}", node_args.port, "", certs, key)
+        expected = supernode_args("fleet-proxy:9093", node_args.port, "", certs, key)
         assert flags(node["command"]) - COMPOSE_ONLY == flags(expected)
-        runtime_of[f"supernode-{i}"] = node_args.port
-
-    served = []
-    for name in ["superexec-serverapp", *(f"superexec-clientapp-{i}" for i in (1, 2, 3))]:
-        service = services[name]
-        assert_app_image(service)
-        exec_args = parse(superexec_parser(), service["command"])
-        host, exec_port = exec_args.runtime_api_address.split(":")
-        assert runtime_of[host] == int(exec_port), f"{name} points at {host}:{exec_port}"
-        served.append(host)
-        talks_to_superlink = host == "superlink"
-        assert exec_args.insecure == (certs is None or not talks_to_superlink)
-        if certs is not None and talks_to_superlink:
-            assert exec_args.root_certificates == str(certs.ca)
-    assert sorted(served) == sorted(runtime_of)  # one SuperExec per SuperLink and SuperNode
-    assert mounts(services["superexec-serverapp"])["/app/outputs"] == "./outputs"
-
-    if certs is not None:  # every certificate a command names is mounted from deploy/certs.py
-        for name in ["superlink", "superexec-serverapp", *(f"supernode-{i}" for i in (1, 2, 3))]:
-            command, mounted = services[name]["command"], mounts(services[name])
-            for flag in (
-                "--ssl-ca-certfile",
-                "--ssl-certfile",
-                "--ssl-keyfile",
-                "--root-certificates",
-                "--auth-supernode-private-key",
-            ):
-                if flag in command:
-                    path = command[command.index(flag) + 1]
-                    assert mounted[f"/app/{path}"] == f"./{path}", (name, flag)
+        clientapp = services[f"superexec-clientapp-{i}"]
+        assert_app_image(clientapp)
+        assert_flower_service(f"superexec-clientapp-{i}", clientapp)
+        exec_args = parse(superexec_parser(), clientapp["command"])
+        assert exec_args.runtime_api_address == f"supernode-{i}:{node_args.port}"
+        assert exec_args.insecure  # the silo's own network
+        # the silo's own network: its SuperNode, its ClientApp container and the proxy alone
+        own = f"silo-{i}"
+        assert node["networks"] == [own] and clientapp["networks"] == [own]
+        assert networks[own]["internal"] is True
+        members = {name for name, service in services.items() if own in service.get("networks", [])}
+        assert members == {f"supernode-{i}", f"superexec-clientapp-{i}", "fleet-proxy"}
+        if certs is not None:
+            for flag in ("--root-certificates", "--auth-supernode-private-key"):
+                path = node["command"][node["command"].index(flag) + 1]
+                assert mounts(node)[f"/app/{path}"] == f"./{path}:ro", (i, flag)
+    if certs is not None:
+        for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+            command = services["superlink"]["command"]
+            path = command[command.index(flag) + 1]
+            assert mounts(services["superlink"])[f"/app/{path}"] == f"./{path}:ro", flag
+    assert port == 9093
 
 
 def test_compose_matches_the_launcher_and_flowers_own_flags():
@@ -150,6 +222,43 @@ def test_compose_matches_the_launcher_and_flowers_own_flags():
 def test_compose_tls_variant_matches_the_launcher_and_deploy_certs():
     services = merged(load("docker-compose.yml"), load("docker-compose.tls.yml"))
     check(services, certs=Certificates(Path("certs")))
+
+
+def test_the_server_hosts_compose_file_is_the_demos_server_side_open_to_other_hosts():
+    demo = merged(load("docker-compose.yml"), load("docker-compose.tls.yml"))
+    server = load("docker-compose.server.yml")
+    assert set(server) == SERVER_SIDE
+    check_server_side(server, Certificates(Path("certs")), proxy_bind="0.0.0.0")
+    for name in SERVER_SIDE:
+        for key in ("image", "command", "environment", "restart", "healthcheck", "depends_on"):
+            assert server[name].get(key) == demo[name].get(key), (name, key)
+        assert sorted(server[name].get("volumes", [])) == sorted(demo[name].get("volumes", []))
+    assert set(server["fleet-proxy"]["networks"]) == {"server", "public"}
+    assert load_file("docker-compose.server.yml")["networks"]["server"]["internal"] is True
+
+
+def test_a_silo_hosts_compose_file_connects_out_with_its_key_and_mounts_its_data_read_only():
+    silo = load("docker-compose.silo.yml")
+    demo = merged(load("docker-compose.yml"), load("docker-compose.tls.yml"))
+    assert set(silo) == {"supernode", "superexec-clientapp"}
+    node, clientapp = silo["supernode"], silo["superexec-clientapp"]
+    assert_flower_service("supernode", node)
+    assert_flower_service("superexec-clientapp", clientapp)
+    assert_app_image(clientapp)
+    command = [re.sub(r"\$\{FGL_SERVER:\?[^}]*\}", "server.example.org", with_defaults(token))
+               for token in node["command"]]  # fmt: skip
+    node_args = parse(supernode_parser(), command)
+    assert node_args.superlink == "server.example.org:9093"
+    assert node_args.node_config == 'data-path="/data/silo.npz"'
+    assert flags(command) == flags(demo["supernode-1"]["command"])
+    assert mounts(node)["/app/certs/silo.key"] == "./certs/supernode-0:ro"
+    assert mounts(node)["/app/certs/ca.crt"] == "./certs/ca.crt:ro"
+    assert mounts(clientapp)["/data"] == "./data:ro"  # the silo's data, read-only
+    exec_args = parse(superexec_parser(), clientapp["command"])
+    assert exec_args.runtime_api_address == f"supernode:{node_args.port}"
+    networks = load_file("docker-compose.silo.yml")["networks"]
+    assert clientapp["networks"] == ["silo"] and networks["silo"]["internal"] is True
+    assert set(node["networks"]) == {"silo", "outside"}
 
 
 def test_dockerfile_builds_on_the_pinned_superexec_and_copies_the_app():
