@@ -305,6 +305,10 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
         assert len(nodes_known["nodes"]) == SILOS, nodes_known
         runs = json.loads(flwr("ls", "fgl", "--format", "json").stdout)["runs"]
         assert first_run in {r["run-id"] for r in runs} and len(runs) <= 2, runs
+        # and the operator, on the server's loopback, reads the run's log (run, ls and
+        # supernode register were the doc's own blocks above)
+        log = flwr("log", str(first_run), "fgl", "--show")
+        assert log.returncode == 0 and "configure_train" in log.stdout, log.stdout[-2000:]
         for proc in [runner, proxy, superexec, superlink, *nodes]:
             stop_group(proc)
     # nothing of the hosts is left running

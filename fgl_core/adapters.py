@@ -1,0 +1,190 @@
+"""Federated LoRA adapters of the generator's denoiser: a silo's training, the adapter's files in
+diffusers' format, and the server's aggregation.
+
+Where the generator never saw the silos' domain (medical images; `fgl-mini`, which only draws
+digits), each silo can adapt it to its own images before synthesis: low-rank adapters (LoRA, by
+PEFT) on the UNet's attention projections, trained with the denoising loss on the silo's images,
+conditioned on the prompts the silo would send. The server averages the silos' adapters and
+synthesizes with the adapted generator.
+
+Averaging LoRA's two factors separately is not averaging their product: the mean of B_i times the
+mean of A_i is not the mean of B_i A_i. This module follows FFA-LoRA (Sun et al., ICLR 2024): A is
+drawn once from a seed every silo shares and frozen, and only B trains (from zero). All silos'
+updates then share one A, so the weighted mean of their B is exactly the weighted mean of their
+updates (`tests/test_adapters.py` checks it, and that averaging both factors is not), and a silo
+sends only B, half the bytes of a whole adapter.
+
+The adapter loads where diffusers loads LoRA (`diffusers_state` and `save_lora_weights` /
+`load_lora_weights`), so the same files work on `fgl-mini` and on SD 2.1. Not yet wired into a
+run: the `adapt` message, its rounds and checkpoints follow (issue "Where the generator has never
+seen the silos' domain").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# the attention projections of every transformer block: self- and cross-attention
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "fgl"
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used; the message names whose and what."""
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What every silo's adapter is: its rank and scale, where it sits, and the seed of the
+    frozen factor A that all silos share (the run's seed tree gives it)."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    seed: int = 0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+def attach(unet: torch.nn.Module, spec: AdapterSpec) -> None:
+    """Add the adapter to `unet` in place: A drawn from `spec.seed` (the same on every silo and on
+    the server) and frozen, B at zero, so the UNet's output is unchanged until B trains; every
+    other weight frozen."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(spec.targets),
+    )
+    with torch.random.fork_rng(devices=[]):  # the shared A, without touching the caller's RNG
+        torch.manual_seed(spec.seed)
+        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    unet.requires_grad_(False)
+    for name, param in unet.named_parameters():
+        if ".lora_B." in name:
+            param.requires_grad_(True)
+
+
+def trainable_state(unet: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The adapter's B factors (what a silo trains and sends), float32, by parameter name."""
+    return {
+        name: param.detach().to(torch.float32).cpu().numpy().copy()
+        for name, param in unet.named_parameters()
+        if ".lora_B." in name
+    }
+
+
+def load_trainable(unet: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Set the adapter's B factors from `state` (as `trainable_state` gives them)."""
+    params = dict(unet.named_parameters())
+    expected = {name for name in params if ".lora_B." in name}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise AdapterError(f"adapter factors do not match the UNet's: missing {missing[:3]}, "
+                           f"unexpected {extra[:3]}")  # fmt: skip
+    with torch.no_grad():
+        for name, value in state.items():
+            param = params[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterError(f"{name}: shape {tuple(value.shape)}, the UNet's is "
+                                   f"{tuple(param.shape)}")  # fmt: skip
+            param.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+def diffusers_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter (A and B) in diffusers' LoRA layout, for
+    `StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=...)`; a pipeline's
+    `load_lora_weights(folder)` then loads it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    return convert_state_dict_to_diffusers(state)
+
+
+def denoising_loss(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    conditioning: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,  # type: ignore[no-untyped-def]
+) -> torch.Tensor:
+    """Stable Diffusion's training loss: the noise added to `latents` at `timesteps`, predicted
+    from the noisy latents and the prompt's conditioning (epsilon prediction, mean squared)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    predicted = unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
+    return F.mse_loss(predicted.float(), noise.float())
+
+
+def train_adapter(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    conditioning: torch.Tensor,
+    scheduler,  # type: ignore[no-untyped-def]
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Train the adapter's B factors on a silo's images: `latents` (N, C, h, w) are the images
+    through the generator's VAE (scaled), `conditioning` (N, 77, D) each image's prompt
+    embedding; one flat loop of `steps` AdamW steps on random batches. The loss of each step."""
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise AdapterError("the UNet has no trainable adapter: attach() it first")
+    if len(latents) != len(conditioning):
+        raise AdapterError(f"{len(latents)} images, {len(conditioning)} conditionings")
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    horizon = scheduler.config.num_train_timesteps
+    losses = []
+    unet.train()
+    for _ in range(steps):
+        batch = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=generator)
+        noise = torch.randn(latents[batch].shape, generator=generator)
+        timesteps = torch.randint(horizon, (len(batch),), generator=generator)
+        loss = denoising_loss(unet, latents[batch], conditioning[batch], noise, timesteps,
+                              scheduler)  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    unet.eval()
+    return losses
+
+
+def average(
+    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The silos' B factors averaged, weighted by `weights` (their examples), in float32. With
+    the shared frozen A this is exactly the weighted mean of the silos' updates. `names` say whose
+    each state is, for the errors: different factors, shapes, or values that are not finite."""
+    if not states or len(states) != len(weights) or len(states) != len(names):
+        raise AdapterError(f"{len(states)} adapters, {len(weights)} weights, {len(names)} names")
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise AdapterError(f"weights must be positive: {list(weights)}")
+    reference = states[0]
+    for state, name in zip(states, names, strict=True):
+        if set(state) != set(reference):
+            raise AdapterError(f"{name}'s adapter has other factors than {names[0]}'s")
+        for key, value in state.items():
+            if value.shape != reference[key].shape:
+                raise AdapterError(f"{name}'s {key} has shape {value.shape}, "
+                                   f"{names[0]}'s {reference[key].shape}")  # fmt: skip
+            if not np.all(np.isfinite(value)):
+                raise AdapterError(f"{name}'s {key} holds values that are not finite")
+    shares = [np.float32(w / float(sum(weights))) for w in weights]
+    merged = {}
+    for key in reference:
+        total = np.zeros(reference[key].shape, dtype=np.float32)
+        for state, share in zip(states, shares, strict=True):
+            total += np.asarray(state[key], dtype=np.float32) * share
+        merged[key] = total
+    return merged
