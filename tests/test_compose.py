@@ -306,3 +306,21 @@ def test_private_keys_are_owner_only_from_the_start_and_never_widened(tmp_path):
     key.chmod(0o400)
     make_node_key(key, pub)
     assert mode(key) == 0o400  # never widened
+
+
+def test_a_server_certificate_lacking_an_asked_for_name_is_made_again_from_the_same_ca(tmp_path):
+    import stat
+
+    from deploy.certs import covers, make_certificates
+
+    certs = make_certificates(tmp_path, supernodes=1)
+    ca, first = certs.ca.read_bytes(), certs.server_cert.read_bytes()
+    assert covers(certs.server_cert, ["127.0.0.1", "localhost", "superlink", "fleet-proxy"])
+    assert stat.S_IMODE(certs.superexec_secret.stat().st_mode) == 0o600
+    secret = certs.superexec_secret.read_bytes()
+    assert len(secret) == 64 and not secret.endswith(b"\n")  # Flower reads the exact bytes
+    make_certificates(tmp_path, supernodes=1)  # nothing new asked: all kept
+    assert certs.server_cert.read_bytes() == first
+    make_certificates(tmp_path, supernodes=1, extra_names=["10.77.0.1"])
+    assert certs.server_cert.read_bytes() != first and covers(certs.server_cert, ["10.77.0.1"])
+    assert certs.ca.read_bytes() == ca and certs.superexec_secret.read_bytes() == secret
