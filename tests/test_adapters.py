@@ -1,10 +1,13 @@
-"""LoRA adapters of the generator's denoiser (fgl_core/adapters.py), on `fgl-mini` and BloodMNIST.
+"""LoRA adapters of the generator's denoiser (fgl_core/adapters.py) and learned class embeddings
+(fgl_core/learned_prompts.py), on `fgl-mini` and BloodMNIST.
 
 `fgl-mini` only ever drew digits; a silo's blood-cell images are a domain it never saw. The tests
 attach the adapter, train it on a silo's images, check that only B moved and that the denoising
 loss on those images fell, that the FFA-LoRA average (shared frozen A, B averaged) is exactly the
 mean of the silos' updates while averaging both factors is not, that the adapter loads back
-through diffusers' own `load_lora_weights`, and that a bad adapter is refused by name.
+through diffusers' own `load_lora_weights`, and that a bad adapter is refused by name; and that a
+class embedding learned from the template's denoises that class's images better than the template
+does, leaving the UNet as it was.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def blood_batch(mini, blood_npz):
                              padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids  # fmt: skip
         conditioning = pipe.text_encoder(ids)[0]
-    return latents, conditioning
+    return latents, conditioning, torch.from_numpy(labels.astype(np.int64))
 
 
 def fresh_unet(mini, spec: AdapterSpec):
@@ -116,7 +119,7 @@ def test_training_on_a_silos_blood_cells_moves_only_b_and_lowers_their_denoising
     mini, blood_batch
 ):
     _, schedule = mini
-    latents, conditioning = blood_batch
+    latents, conditioning, _ = blood_batch
     unet = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
     before_pairs = lora_pairs(unet)
     before = held_out_loss(unet, latents, conditioning, schedule)
@@ -163,7 +166,7 @@ def test_the_adapter_loads_back_through_diffusers_load_lora_weights(mini, blood_
     from fgl_core.mini import weights_dir
 
     pipe, schedule = mini
-    latents, conditioning = blood_batch
+    latents, conditioning, _ = blood_batch
     unet = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
     train_adapter(unet, latents, conditioning, schedule, steps=5, lr=3e-3, seed=1)
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=diffusers_state(unet))
@@ -198,3 +201,33 @@ def test_a_bad_adapter_is_refused_by_whose_it_is(mini):
         average([good, good], [1, 0], names)
     with pytest.raises(AdapterError, match="missing"):
         load_trainable(unet, missing)
+
+
+def test_a_learned_class_embedding_denoises_its_class_better_than_the_template_unet_untouched(
+    mini, blood_batch
+):
+    from fgl_core.learned_prompts import learn_class_embedding
+
+    _, schedule = mini
+    latents, conditioning, labels = blood_batch
+    cls = int(torch.mode(labels).values)
+    mine = labels == cls
+    template = conditioning[mine][0]
+    unet = fresh_unet(mini, AdapterSpec(rank=4, seed=0))  # an adapter's B stays trainable
+    before_weights = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    learned, losses = learn_class_embedding(unet, latents[mine], template, schedule, steps=40,
+                                            lr=2e-2, seed=3)  # fmt: skip
+    assert learned.shape == template.shape and len(losses) == 40
+    assert all(torch.equal(before_weights[n], p) for n, p in unet.named_parameters())
+    assert {n for n, p in unet.named_parameters() if p.requires_grad} == {
+        n for n in before_weights if ".lora_B." in n
+    }
+    count = int(mine.sum())
+    with_template = held_out_loss(unet, latents[mine], template.expand(count, -1, -1), schedule)
+    with_learned = held_out_loss(unet, latents[mine], learned.expand(count, -1, -1), schedule)
+    moved = float((learned - template).norm() / template.norm())
+    print(f"class {cls} ({count} images): denoising loss {with_template:.4f} with the template, "
+          f"{with_learned:.4f} learned; moved {moved:.3f} of the template's norm")  # fmt: skip
+    assert with_learned < with_template, (with_template, with_learned)
+    with pytest.raises(ValueError, match="one embedding"):
+        learn_class_embedding(unet, latents[mine], conditioning[:2], schedule, steps=1)
