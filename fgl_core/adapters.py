@@ -15,14 +15,16 @@ updates (`tests/test_adapters.py` checks it, and that averaging both factors is 
 sends only B, half the bytes of a whole adapter.
 
 The adapter loads where diffusers loads LoRA (`diffusers_state` and `save_lora_weights` /
-`load_lora_weights`), so the same files work on `fgl-mini` and on SD 2.1. Not yet wired into a
-run: the `adapt` message, its rounds and checkpoints follow (issue "Where the generator has never
-seen the silos' domain").
+`load_lora_weights`), so the same files work on `fgl-mini` and on SD 2.1. A silo may train under
+DP-SGD (`train_adapter_private`, Opacus), its epsilon over all its rounds counted by Opacus' RDP
+accountant. Not yet wired into a run: the `adapt` message, its rounds and checkpoints follow
+(issue "Where the generator has never seen the silos' domain").
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -158,6 +160,104 @@ def train_adapter(
         losses.append(float(loss.detach()))
     unet.eval()
     return losses
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """DP-SGD for a silo's adapter, by Opacus: each image's gradient clipped to `max_grad_norm`,
+    Gaussian noise of `noise_multiplier` times that norm added to the batch's sum, batches drawn
+    by Poisson sampling (each image in each step with probability batch size / images), and the
+    privacy spent counted by Opacus' RDP accountant at `delta`."""
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass(frozen=True)
+class PrivateResult:
+    """What a private adapter training gives: each step's loss, the accountant's history over all
+    of this silo's private steps so far (carry it to the next round), and the silo's epsilon at
+    the training's delta over that whole history."""
+
+    losses: list[float]
+    history: list[tuple[float, float, int]]
+    epsilon: float
+
+
+def train_adapter_private(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    conditioning: torch.Tensor,
+    scheduler,  # type: ignore[no-untyped-def]
+    steps: int,
+    private: PrivateTraining,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    history: Sequence[tuple[float, float, int]] = (),
+) -> PrivateResult:
+    """`train_adapter` under DP-SGD: the same loss and optimizer, with Opacus' per-image clipping
+    and noise and Poisson-sampled batches. `history` is what the silo's earlier rounds spent
+    (`PrivateResult.history`), so that the epsilon returned covers every round.
+
+    The noise and the batches' sampling are drawn from the operating system's entropy, never from
+    `seed` (the run's seed tree, which the server knows: it could draw the same noise and take it
+    back out, or know which images each step used). `seed` drives only the diffusion noise and
+    timesteps of the loss, which do not depend on the data. Opacus' `secure_mode` (a
+    cryptographically secure generator) needs torchcsprng, which is not installed: a generator
+    seeded from the OS is unpredictable to the server but not a CSPRNG; so private runs do not
+    repeat bit for bit, as the silos' embedding noise does not."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise AdapterError("the UNet has no trainable adapter: attach() it first")
+    if len(latents) != len(conditioning):
+        raise AdapterError(f"{len(latents)} images, {len(conditioning)} conditionings")
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = [tuple(step) for step in history]
+    images = TensorDataset(latents, conditioning)
+    loader = DataLoader(images, batch_size=min(batch_size, len(latents)))
+    unet.train()  # Opacus checks it
+    module, optimizer, batches = engine.make_private(
+        module=unet,
+        optimizer=torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0),
+        data_loader=loader,
+        noise_multiplier=private.noise_multiplier,
+        max_grad_norm=private.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    horizon = scheduler.config.num_train_timesteps
+    losses: list[float] = []
+    try:
+        with torch.random.fork_rng(devices=[]):  # Poisson sampling draws from the global RNG
+            torch.manual_seed(secrets.randbits(63))
+            while len(losses) < steps:
+                for batch_latents, batch_conditioning in batches:
+                    noise = torch.randn(batch_latents.shape, generator=generator)
+                    timesteps = torch.randint(horizon, (len(batch_latents),), generator=generator)
+                    loss = denoising_loss(module, batch_latents, batch_conditioning, noise,
+                                          timesteps, scheduler)  # fmt: skip
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()) if len(batch_latents) else float("nan"))
+                    if len(losses) == steps:
+                        break
+    finally:
+        module.remove_hooks()
+        for param in trainable:
+            param.grad_sample = None
+        unet.eval()
+    return PrivateResult(
+        losses=losses,
+        history=[tuple(step) for step in engine.accountant.history],
+        epsilon=float(engine.get_epsilon(private.delta)),
+    )
 
 
 def average(

@@ -231,3 +231,56 @@ def test_a_learned_class_embedding_denoises_its_class_better_than_the_template_u
     assert with_learned < with_template, (with_template, with_learned)
     with pytest.raises(ValueError, match="one embedding"):
         learn_class_embedding(unet, latents[mine], conditioning[:2], schedule, steps=1)
+
+
+def test_private_training_clips_each_images_gradient_adds_noise_and_accounts_every_round(
+    mini, blood_batch
+):
+    from opacus.accountants import RDPAccountant
+
+    from fgl_core.adapters import PrivateTraining, train_adapter_private
+
+    _, schedule = mini
+    latents, conditioning, _ = blood_batch
+    clip, batch = 1e-4, 8
+    seen: list[float] = []
+
+    def gradient_norm(optimizer, args, kwargs):  # the step's gradient, after Opacus
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(gradient_norm)
+    try:
+        plain = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
+        train_adapter(plain, latents, conditioning, schedule, steps=3, batch_size=batch, seed=1)
+        unclipped, seen[:] = list(seen), []
+        quiet = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
+        first = train_adapter_private(quiet, latents, conditioning, schedule, steps=3,
+                                      private=PrivateTraining(0.0, clip), batch_size=batch,
+                                      seed=1)  # fmt: skip
+        clipped = list(seen)
+    finally:
+        hook.remove()
+    # each image's gradient clipped to `clip`; Opacus divides the sum by the expected batch
+    assert max(clipped) <= clip * len(latents) / batch * (1 + 1e-4), clipped
+    assert min(unclipped) > 10 * max(clipped), (unclipped, clipped)
+    assert len(first.losses) == 3
+    noisy = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
+    one = train_adapter_private(noisy, latents, conditioning, schedule, steps=3,
+                                private=PrivateTraining(1.0, clip), batch_size=batch,
+                                seed=1)  # fmt: skip
+    quiet_b, noisy_b = trainable_state(quiet), trainable_state(noisy)
+    assert any(not np.allclose(quiet_b[k], noisy_b[k]) for k in quiet_b)  # the noise is there
+    # a second round adds to the first's spending; the epsilon is the accountant's for all of it
+    two = train_adapter_private(noisy, latents, conditioning, schedule, steps=3,
+                                private=PrivateTraining(1.0, clip), batch_size=batch, seed=2,
+                                history=one.history)  # fmt: skip
+    assert sum(s for *_, s in two.history) == 6 and two.epsilon > one.epsilon > 0
+    accountant = RDPAccountant()
+    accountant.history = [(1.0, batch / len(latents), 6)]
+    assert two.epsilon == pytest.approx(accountant.get_epsilon(1e-5))
+    print(f"epsilon at delta 1e-5, noise 1.0, sampling {batch / len(latents)}: "
+          f"{one.epsilon:.2f} after 3 steps, {two.epsilon:.2f} after 6")  # fmt: skip
+    assert all(getattr(p, "grad_sample", None) is None for p in noisy.parameters())
