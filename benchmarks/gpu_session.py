@@ -16,9 +16,12 @@ docs/measurements.md quotes from them (each names its commit and date). The part
 1. `sd21`: SD 2.1-base synthesis (random weights, real architecture), plain diffusers beside the
    engine at batch 32 and 64, compiled, and SD-Turbo's 1 and 4 unguided steps
    (`benchmarks.synthesis --sprint`);
-2. `resnet-cells`: the ResNet-18 bloodmnist alpha 0.5 and 0.01 cells, shortened to fit;
-3. `train-throughput`: ResNet-18 training throughput, bf16 and channels-last against float32;
-4. `captioning`: captions/s with the BLIP-base architecture.
+2. `adapter`: what a silo pays to adapt the generator: one LoRA adapter training step on the
+   SD 2.1-base UNet at 512 px, plain and under DP-SGD, at the largest batch that fits, its peak
+   memory and the adapter's bytes (`benchmarks.adapter_step`);
+3. `resnet-cells`: the ResNet-18 bloodmnist alpha 0.5 and 0.01 cells, shortened to fit;
+4. `train-throughput`: ResNet-18 training throughput, bf16 and channels-last against float32;
+5. `captioning`: captions/s with the BLIP-base architecture.
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ PARTS = (
         least_s=150,
     ),
     Part(
+        "adapter",
+        "adapter_step",
+        ("--batch-sizes", "16", "8", "4", "1", "--steps", "3"),
+        ("--tiny", "--batch-sizes", "2", "--steps", "1"),
+        limit_s=150,
+        least_s=60,
+    ),
+    Part(
         "resnet-cells",
         "resnet_gpu",
         ("--cells", "alpha-0.5", "alpha-0.01", "--jobs", "2", "--rounds", "10"),
@@ -93,7 +104,7 @@ def command(part: Part, smoke: bool, device: str, timeout: float) -> list[str]:
         args += ["--no-compile"] if smoke else ["--compile-s", "150"]
     elif part.module == "resnet_gpu":
         args += ["--local-epochs", "1"] + (["--train-subset", "400"] if smoke else [])
-    elif part.module in ("train_throughput", "captioning"):
+    elif part.module in ("train_throughput", "captioning", "adapter_step"):
         args += ["--device", device]
     return [sys.executable, "-m", f"benchmarks.{part.module}", *args]
 

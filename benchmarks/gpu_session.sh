@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 WHEELS="diffusers==0.42.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
 typing-inspection==0.4.5 flwr==1.42.0 certifi==2026.10.19.post1 pycryptodome==3.24.1 cryptography==50.0.2 cffi==2.1.1
 pycparser==3.12 grpcio-health-checking==1.81.1 iterators==0.0.2 open-clip-torch==3.3.0
-ftfy==6.3.1 wcwidth==0.9.4 tomli==2.5.0"
+ftfy==6.3.1 wcwidth==0.9.4 tomli==2.5.0 peft==0.21.2 opacus==1.6.0 opt-einsum==3.4.0"
 case "${1:-}" in
 prepare)
   mkdir -p .gpu/wheels .gpu/datasets

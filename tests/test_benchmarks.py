@@ -88,7 +88,9 @@ def run_session(args: list[str], out: Path, timeout: float = 600) -> dict:
 
 def test_gpu_session_runs_every_part_at_its_smallest_and_keeps_their_json(tmp_path):
     summary = run_session(["--smoke", "--device", "cpu"], tmp_path)
-    assert list(summary["parts"]) == ["sd21", "resnet-cells", "train-throughput", "captioning"]
+    assert list(summary["parts"]) == [
+        "sd21", "adapter", "resnet-cells", "train-throughput", "captioning"
+    ]  # fmt: skip
     assert all(part["status"] == "done" for part in summary["parts"].values()), summary
     log = (tmp_path / "gpu_session.log").read_text()
     assert "== all parts done" in log and "benchmarks.resnet_gpu" in log
@@ -108,6 +110,13 @@ def test_gpu_session_runs_every_part_at_its_smallest_and_keeps_their_json(tmp_pa
     assert all(rate > 0 for rate in rates.values()) and throughput["images"] == 400
     assert throughput["project-over-fastest-dataloader"] > 0
     assert throughput["bf16-channels-last-over-fp32"] > 0
+
+    adapter = record("adapter_step_tiny")
+    assert adapter["generator"] == "fgl-mini" and adapter["adapted-layers"] == 32
+    assert 0 < adapter["bytes-sent-by-a-silo"] < adapter["bytes-of-the-adapter-file"]
+    (row,) = adapter["rows"]
+    assert row["batch-size"] == 2
+    assert row["plain"]["seconds-per-step"] > 0 and row["dp-sgd"]["seconds-per-step"] > 0
 
     captions = record("captioning_cpu")
     for name in ("offline-tiny", "blip-base-sized"):
@@ -152,3 +161,16 @@ def test_synthesis_workers_benchmark_gives_each_worker_a_whole_gpu(monkeypatch):
     for gpus, counts in ((1, [1]), (2, [1, 2]), (8, [1, 2])):
         monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
         assert worker_counts(None, torch.device("cuda")) == counts
+
+
+def test_the_adapter_step_runs_on_the_sd21_base_architecture_at_512_px_on_a_cpu(tmp_path):
+    """The same adaptation code on the real generator's architecture (random weights): one plain
+    and one DP-SGD step at 512 px, and what a silo would send (about 30 s here)."""
+    args = ["--batch-sizes", "1", "--steps", "1", "--warmup", "0"]
+    record = run_benchmark("adapter_step", args, tmp_path)
+    assert record["resolution"] == 512 and record["unet-parameters"] > 8e8
+    assert record["adapted-layers"] == 128  # every attention projection of SD 2.1's UNet
+    # rank 4: B is (out, 4) for each projection; float32; the file holds A too
+    assert 1e6 < record["bytes-sent-by-a-silo"] < record["bytes-of-the-adapter-file"] < 1e7
+    (row,) = record["rows"]
+    assert row["plain"]["seconds-per-step"] > 0 and row["dp-sgd"]["seconds-per-step"] > 0
