@@ -125,6 +125,17 @@ def denoising_loss(
     return F.mse_loss(predicted.float(), noise.float())
 
 
+def random_batch(
+    latents: torch.Tensor, batch_size: int, generator: torch.Generator, horizon: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training step's draw: which images (indices into `latents`), their diffusion noise, and
+    their timesteps below `horizon`."""
+    batch = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=generator)
+    noise = torch.randn(latents[batch].shape, generator=generator)
+    timesteps = torch.randint(horizon, (len(batch),), generator=generator)
+    return batch, noise, timesteps
+
+
 def train_adapter(
     unet: torch.nn.Module,
     latents: torch.Tensor,
@@ -149,9 +160,7 @@ def train_adapter(
     losses = []
     unet.train()
     for _ in range(steps):
-        batch = torch.randint(len(latents), (min(batch_size, len(latents)),), generator=generator)
-        noise = torch.randn(latents[batch].shape, generator=generator)
-        timesteps = torch.randint(horizon, (len(batch),), generator=generator)
+        batch, noise, timesteps = random_batch(latents, batch_size, generator, horizon)
         loss = denoising_loss(unet, latents[batch], conditioning[batch], noise, timesteps,
                               scheduler)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)

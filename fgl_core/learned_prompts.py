@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fgl_core.adapters import denoising_loss
+from fgl_core.adapters import denoising_loss, random_batch
 
 
 def learn_class_embedding(
@@ -45,10 +45,7 @@ def learn_class_embedding(
     losses = []
     try:
         for _ in range(steps):
-            batch = torch.randint(len(latents), (min(batch_size, len(latents)),),
-                                  generator=generator)  # fmt: skip
-            noise = torch.randn(latents[batch].shape, generator=generator)
-            timesteps = torch.randint(horizon, (len(batch),), generator=generator)
+            batch, noise, timesteps = random_batch(latents, batch_size, generator, horizon)
             conditioning = embedding.unsqueeze(0).expand(len(batch), -1, -1)
             loss = denoising_loss(unet, latents[batch], conditioning, noise, timesteps, scheduler)
             optimizer.zero_grad(set_to_none=True)
