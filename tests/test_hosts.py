@@ -166,10 +166,6 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
                   "), timeout=10).status)", str(certs / "ca.crt")]  # fmt: skip
         wait_for(lambda: net.run("silo0", health).stdout.strip() == "200", 60,
                  "the Fleet proxy's /health from a silo's host")  # fmt: skip
-        # the SuperLink itself is out of a silo's reach: it listens on the server's loopback
-        direct = net.run("silo0", [*health[:2], health[2].replace(PUBLIC, f"{SERVER}:9091"),
-                                   health[3]])  # fmt: skip
-        assert direct.returncode != 0 and "refused" in direct.stderr.lower(), direct
         # on the server host, a process without the SuperExec secret claims no task
         local = attempts("server", "127.0.0.1:9091", "--ca", str(certs / "ca.crt"),
                          "--runtime-only")  # fmt: skip
@@ -216,16 +212,18 @@ def test_the_readme_deployment_across_hosts_survives_a_partition_and_a_superlink
         # every other try of a silo, from silo 0's host with its CA certificate and key
         tried = attempts("silo0", PUBLIC, "--ca", str(silo_dirs[0] / "ca.crt"),
                          "--key", str(silo_dirs[0] / "supernode-0"), "--app", str(server),
+                         "--direct", f"{SERVER}:9091",  # the SuperLink's own port
                          "--out", str(tmp_path / "attempts.json"))  # fmt: skip
         print("from a silo's host:", tried.stdout)
         outcomes = json.loads((tmp_path / "attempts.json").read_text())
         assert set(outcomes) == {
             "acquire-task", "pull-task-input", "get-nodes", "push-messages", "pull-messages",
             "fleet-pull-as-another-node", "flwr-ls", "flwr-run", "flwr-supernode-register",
-            "supernode-unregistered-key",
+            "supernode-unregistered-key", "superlink-direct",
         }  # fmt: skip
         let_in = {name: o["answer"] for name, o in outcomes.items() if not o["refused"]}
         assert not let_in and tried.returncode == 0, let_in
+        assert "refused" in outcomes["superlink-direct"]["answer"].lower()  # loopback-bound
 
         run_dir = server / "outputs" / "hosts"
         # drill 1: silo 2's link down for 30 s during round 2
