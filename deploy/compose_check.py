@@ -152,7 +152,7 @@ def crash_supernode(compose: Compose, service: str, wait: float = 60.0) -> dict:
 # what `flwr run` needs of the app and what deploy/silo_attempts.py imports, copied for the
 # attempts' container (not the checkout: it may hold gigabytes of wheels and outputs)
 ATTEMPT_FILES = ["pyproject.toml", "README.md", "fgl_core", "fgl_client", "fgl_server",
-                 "strategies", "deploy/__init__.py", "deploy/certs.py",
+                 "strategies", "deploy/__init__.py", "deploy/certs.py", "deploy/flower_cli.py",
                  "deploy/silo_attempts.py"]  # fmt: skip
 
 

@@ -153,15 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     certs = args.certs.resolve() if args.certs is not None else None
     if certs is not None:
-        missing = [
-            str(p)
-            for p in (
-                Certificates(certs).ca,
-                Certificates(certs).server_cert,
-                Certificates(certs).server_key,
-            )
-            if not p.is_file()
-        ]
+        files = Certificates(certs)
+        needed = (files.ca, files.server_cert, files.server_key)
+        missing = [str(path) for path in needed if not path.is_file()]
         if missing:
             print(
                 f"error: no {', '.join(missing)}: run python -m deploy.certs first", file=sys.stderr

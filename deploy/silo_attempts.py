@@ -133,23 +133,15 @@ def cli_env(home: Path) -> dict[str, str]:
 
 def flwr_cli(home: Path, address: str, ca: Path | None) -> Callable[..., dict]:
     """A `flwr` call through a connection to `address` (only the CA in it), as an outcome."""
-    security = f'root-certificates = "{ca}"' if ca is not None else "insecure = true"
-    (home / "config.toml").write_text(
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
-    )
-    flwr = Path(sys.executable).parent / "flwr"
-    env = cli_env(home)
+    from deploy.flower_cli import FlowerCLI
+
+    host, port = address.rsplit(":", 1)
+    cli = FlowerCLI(home, cli_env(home), CONNECTION)
+    cli.connect(int(port), ca, host=host)
 
     def call(*args: str) -> dict:
         try:
-            proc = subprocess.run(
-                [str(flwr), *args, "--format", "json"],
-                env=env,
-                cwd=home,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            proc = cli([*args, "--format", "json"])
         except subprocess.TimeoutExpired:
             return {"refused": True, "answer": "no answer within 120 s"}
         try:  # with --format json, flwr exits 0 and says "success": false on an error
@@ -158,9 +150,9 @@ def flwr_cli(home: Path, address: str, ca: Path | None) -> Callable[..., dict]:
             said = {"success": False, "error-message": proc.stdout + proc.stderr}
         if said.get("success", True) and proc.returncode == 0:
             return {"refused": False, "answer": f"answered: {proc.stdout.strip()[:200]}"}
-        lines = str(said.get("error-message", "")).splitlines()
-        reason = next((line for line in lines if "error" in line.lower()), lines[-1:] or [""])
-        return {"refused": True, "answer": f"exit {proc.returncode}: {str(reason).strip()[:200]}"}
+        lines = str(said.get("error-message", "")).splitlines() or [""]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1])
+        return {"refused": True, "answer": f"exit {proc.returncode}: {reason.strip()[:200]}"}
 
     return call
 

@@ -21,6 +21,7 @@ import pytest
 
 from deploy import proxy
 from deploy.certs import make_certificates
+from deploy.federation import free_port
 from tests.conftest import ROOT
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -29,12 +30,6 @@ SIGNED = {  # the headers Flower's SuperNode authentication adds (values as it w
     "flwr-timestamp": "2026-12-07T08:00:00.000000+00:00",
     "flwr-signature": "c2lnbmF0dXJlLWJ5dGVz",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Upstream(http.server.ThreadingHTTPServer):
