@@ -35,6 +35,13 @@ def embed(msg: Message, context: Context) -> Message:
     return run_handler("query.embed", msg, context)
 
 
+@app.query("adapt")
+def adapt(msg: Message, context: Context) -> Message:
+    """Before round 0, with `generator-adaptation`: train the generator's adapter on this silo's
+    images and return it."""
+    return run_handler("query.adapt", msg, context)
+
+
 @app.query("embed_chunk")
 def embed_chunk(msg: Message, context: Context) -> Message:
     """Chunk k >= 1 of the payload this silo sent chunk 0 of."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fgl_client.adaptation import adapt
 from fgl_client.embedding import embed_silo, keep_for_chunks, kept_chunk
 from fgl_client.objectives import fedprox_loss, moon_loss
 from fgl_client.silo import Silo, open_silo
@@ -178,6 +179,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
+    "query.adapt": adapt,
     "query.embed": embed,
     "query.embed_chunk": embed_chunk,
     "train": train,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,10 @@ import torch.nn.functional as F
 
 # the attention projections of every transformer block: self- and cross-attention
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# beside them, the rest of the denoiser's blocks: the ResNet blocks' convolutions and the
+# transformer blocks' projections and feed-forward layers
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj",
+                "ff.net.2")  # fmt: skip
 ADAPTER_NAME = "fgl"
 
 
@@ -100,14 +104,17 @@ def load_trainable(unet: torch.nn.Module, state: Mapping[str, np.ndarray]) -> No
 
 
 def diffusers_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole adapter (A and B) in diffusers' LoRA layout, for
-    `StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=...)`; a pipeline's
-    `load_lora_weights(folder)` then loads it."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The whole adapter (A and B) as `StableDiffusionPipeline.save_lora_weights(folder,
+    unet_lora_layers=...)` takes it; a pipeline's `load_lora_weights(folder)` then loads it.
+
+    PEFT's own key layout (`<module>.lora_A.weight`), not diffusers' older `lora.down` layout:
+    `convert_state_dict_to_diffusers` renames only the attention projections' keys, so an
+    adapter that also has convolutions comes out half in each layout, and `load_lora_weights`,
+    which reads one layout per file, then silently drops the attention half (tests/
+    test_adaptation.py loads a saved adapter back and compares the UNet's outputs)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    return convert_state_dict_to_diffusers(state)
+    return get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
 
 
 def denoising_loss(
@@ -207,31 +214,60 @@ def train_adapter_private(
     history: Sequence[tuple[float, float, int]] = (),
 ) -> PrivateResult:
     """`train_adapter` under DP-SGD: the same loss and optimizer, with Opacus' per-image clipping
-    and noise and Poisson-sampled batches. `history` is what the silo's earlier rounds spent
-    (`PrivateResult.history`), so that the epsilon returned covers every round.
+    and noise and Poisson-sampled batches. `history` is what the silo's earlier trainings spent
+    (`PrivateResult.history`), so that the epsilon returned covers them all.
+
+    `seed` drives only the diffusion noise and timesteps of the loss, which do not depend on the
+    data; the privacy noise and the batches come from `train_private`."""
+    if len(latents) != len(conditioning):
+        raise AdapterError(f"{len(latents)} images, {len(conditioning)} conditionings")
+    generator = torch.Generator().manual_seed(seed)
+    horizon = scheduler.config.num_train_timesteps
+
+    def loss(module: torch.nn.Module, batch_latents: torch.Tensor, batch_conditioning: torch.Tensor
+             ) -> torch.Tensor:  # fmt: skip
+        noise = torch.randn(batch_latents.shape, generator=generator)
+        timesteps = torch.randint(horizon, (len(batch_latents),), generator=generator)
+        return denoising_loss(module, batch_latents, batch_conditioning, noise, timesteps,
+                              scheduler)  # fmt: skip
+
+    return train_private(unet, (latents, conditioning), loss, steps, private, batch_size, lr,
+                         history)  # fmt: skip
+
+
+def train_private(
+    module: torch.nn.Module,
+    tensors: tuple[torch.Tensor, ...],
+    loss: Callable[..., torch.Tensor],
+    steps: int,
+    private: PrivateTraining,
+    batch_size: int,
+    lr: float,
+    history: Sequence[tuple[float, float, int]] = (),
+) -> PrivateResult:
+    """`steps` DP-SGD steps (Opacus) of `module`'s trainable parameters on the examples `tensors`
+    hold (one row per example), `loss(module, *batch)` on each Poisson-sampled batch.
 
     The noise and the batches' sampling are drawn from the operating system's entropy, never from
-    `seed` (the run's seed tree, which the server knows: it could draw the same noise and take it
-    back out, or know which images each step used). `seed` drives only the diffusion noise and
-    timesteps of the loss, which do not depend on the data. Opacus' `secure_mode` (a
-    cryptographically secure generator) needs torchcsprng, which is not installed: a generator
-    seeded from the OS is unpredictable to the server but not a CSPRNG; so private runs do not
-    repeat bit for bit, as the silos' embedding noise does not."""
+    the run's seed tree (the server knows it: it could draw the same noise and take it back out,
+    or know which images each step used). Opacus' `secure_mode` (a cryptographically secure
+    generator) needs torchcsprng, which is not installed: a generator seeded from the OS is
+    unpredictable to the server but not a CSPRNG; so private runs do not repeat bit for bit, as
+    the silos' embedding noise does not."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
-        raise AdapterError("the UNet has no trainable adapter: attach() it first")
-    if len(latents) != len(conditioning):
-        raise AdapterError(f"{len(latents)} images, {len(conditioning)} conditionings")
+        raise AdapterError("nothing to train: no parameter of the module requires a gradient")
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = [tuple(step) for step in history]
-    images = TensorDataset(latents, conditioning)
-    loader = DataLoader(images, batch_size=min(batch_size, len(latents)))
-    unet.train()  # Opacus checks it
-    module, optimizer, batches = engine.make_private(
-        module=unet,
+    examples = len(tensors[0])
+    loader = DataLoader(TensorDataset(*tensors), batch_size=min(batch_size, examples))
+    was_training = module.training
+    module.train()  # Opacus checks it
+    wrapped, optimizer, batches = engine.make_private(
+        module=module,
         optimizer=torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0),
         data_loader=loader,
         noise_multiplier=private.noise_multiplier,
@@ -239,34 +275,45 @@ def train_adapter_private(
         poisson_sampling=True,
         noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
     )
-    generator = torch.Generator().manual_seed(seed)
-    horizon = scheduler.config.num_train_timesteps
     losses: list[float] = []
     try:
         with torch.random.fork_rng(devices=[]):  # Poisson sampling draws from the global RNG
             torch.manual_seed(secrets.randbits(63))
             while len(losses) < steps:
-                for batch_latents, batch_conditioning in batches:
-                    noise = torch.randn(batch_latents.shape, generator=generator)
-                    timesteps = torch.randint(horizon, (len(batch_latents),), generator=generator)
-                    loss = denoising_loss(module, batch_latents, batch_conditioning, noise,
-                                          timesteps, scheduler)  # fmt: skip
+                for batch in batches:
+                    value = loss(wrapped, *batch)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    value.backward()
                     optimizer.step()
-                    losses.append(float(loss.detach()) if len(batch_latents) else float("nan"))
+                    losses.append(float(value.detach()) if len(batch[0]) else float("nan"))
                     if len(losses) == steps:
                         break
     finally:
-        module.remove_hooks()
+        wrapped.remove_hooks()
         for param in trainable:
             param.grad_sample = None
-        unet.eval()
+        module.train(was_training)
     return PrivateResult(
         losses=losses,
         history=[tuple(step) for step in engine.accountant.history],
         epsilon=float(engine.get_epsilon(private.delta)),
     )
+
+
+def sample_rate(examples: int, batch_size: int) -> float:
+    """The sampling rate Opacus' Poisson batches have for `examples` at `batch_size`: one over
+    the number of batches of the plain loader (`DPDataLoader.from_data_loader`)."""
+    return 1.0 / math.ceil(examples / min(batch_size, examples))
+
+
+def epsilon_after(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """The (epsilon at `delta`) that Opacus' RDP accountant gives for `history`, a list of
+    (noise multiplier, sample rate, steps): what a silo has spent, computed without training."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [tuple(step) for step in history]
+    return float(accountant.get_epsilon(delta)) if history else 0.0
 
 
 def average(

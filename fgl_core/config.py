@@ -229,6 +229,40 @@ class RunConfig(BaseModel):
     "proportional"` also `max-silo-share = 1.0` (the cap needs each silo's histogram; see [What
     the server learns](privacy.md#what-the-server-learns))"""
 
+    # FGL: the generator adapted to the silos' domain before round 0
+    generator_adaptation: Literal["none", "lora"] = "none"
+    """`lora`: before the embedding round, `adaptation-rounds` rounds in which each silo trains
+    LoRA adapters of the generator's denoiser on its own images (conditioned on its class
+    prompts) and the server averages them (FFA-LoRA: a shared frozen A, B averaged by examples)
+    and synthesizes with the adapted generator; Stable Diffusion 1.x/2.x generators"""
+    adaptation_rounds: int = Field(2, ge=1, le=10_000)
+    """`generator-adaptation`: rounds of adaptation (each checkpointed)"""
+    adaptation_steps: int = Field(100, ge=1, le=1_000_000)
+    """`generator-adaptation`: optimizer steps a silo takes in each round (per adapted part)"""
+    adaptation_batch_size: int = Field(32, ge=1, le=65_536)
+    """`generator-adaptation`: images per step (under DP: the expected batch of Poisson
+    sampling)"""
+    adaptation_lr: float = Field(1e-3, gt=0.0)
+    """`generator-adaptation`: AdamW's learning rate"""
+    adaptation_rank: int = Field(8, ge=1, le=4096)
+    """`generator-adaptation`: the LoRA rank of each adapted attention projection"""
+    adaptation_layers: Literal["attention", "attention+conv"] = "attention+conv"
+    """`generator-adaptation`: which of the denoiser's layers get LoRA: the attention
+    projections only, or also the ResNet blocks' convolutions, the transformers' projections and
+    feed-forward layers (needed where the domain is far from what the generator drew; see
+    [measurements](measurements.md#what-adapts))"""
+    adapt_decoder: bool = False
+    """`generator-adaptation`: also adapt the VAE's decoder (all its weights), for domains whose
+    colours and textures the generator's autoencoder cannot render (`fgl-mini` on medical
+    images; not needed for SD 2.1's)"""
+    adaptation_noise: float = Field(0.0, ge=0.0, le=1e6)
+    """`generator-adaptation`: DP-SGD on the silos (Opacus): noise multiplier; 0 = off. Each
+    silo's epsilon over all adaptation rounds is in results.json (`adaptation`)"""
+    adaptation_clip: float = Field(1.0, gt=0.0)
+    """`generator-adaptation` under DP: each image's gradient is clipped to this L2 norm"""
+    adaptation_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    """`generator-adaptation` under DP: the delta each silo's epsilon is stated at"""
+
     # FGL server: synthesis and one-shot training (defaults follow the paper)
     images_per_class: int = Field(100, ge=1, le=1_000_000)
     """FGL: synthetic images per class (`balanced`) or on average (`proportional`)"""
@@ -433,6 +467,22 @@ class RunConfig(BaseModel):
                 "a proportional plan's max-silo-share < 1 needs each silo's histogram; "
                 "secure-histograms hides them (set max-silo-share = 1.0 to plan from the sum "
                 "uncapped, or use the balanced plan, which no silo's claim moves)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adaptation_fits_the_run(self) -> RunConfig:
+        if self.generator_adaptation == "none":
+            return self
+        if self.strategy != "fgl":
+            raise ValueError(
+                f"generator-adaptation = {self.generator_adaptation!r} adapts FGL's generator; "
+                f"strategy = {self.strategy!r} synthesizes nothing"
+            )
+        if self.domain_prompts:
+            raise ValueError(
+                "generator-adaptation with domain-prompts is not supported yet: the adapters "
+                "train on class prompts without the domains' styles"
             )
         return self
 

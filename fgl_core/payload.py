@@ -59,6 +59,7 @@ from fgl_core.npy import read_npy_header
 
 EMBED_MESSAGE_TYPE = "query.embed"
 CHUNK_MESSAGE_TYPE = "query.embed_chunk"  # the rest of a payload larger than one chunk
+ADAPT_MESSAGE_TYPE = "query.adapt"  # a round of adapting the generator (fgl_core.adapted_generator)
 # with secure-histograms, a silo's label histogram reaches the server only inside a SecAgg+ sum
 # (fgl_client.secure_histogram, fgl_server.secure_histogram), each count at most this
 SECURE_HISTOGRAM_MAX_COUNT = 2**20
@@ -80,6 +81,7 @@ REPLY_RECORDS = {
     CHUNK_MESSAGE_TYPE: frozenset({EMBEDDING_RECORD, CHUNK_RECORD}),
     "train": frozenset({"arrays", "metrics", SILO_RECORD}),
     "evaluate": frozenset({"metrics", SILO_RECORD}),
+    ADAPT_MESSAGE_TYPE: frozenset({"arrays", "metrics", SILO_RECORD}),
 }
 METRIC_KEYS = frozenset(
     {
@@ -93,6 +95,10 @@ METRIC_KEYS = frozenset(
         "num-embeddings",
         "payload-bytes",
         "captions-failed",
+        "adapt-loss",
+        "decoder-loss",
+        "adapt-seconds",
+        "epsilon",
     }
 )
 SILO_COUNT_KEYS = ("partition-id", "num-train", "num-test")  # integers; then the histogram

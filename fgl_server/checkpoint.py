@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -51,9 +52,16 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 def save_checkpoint(
     run_dir: Path, phase: str, step: int, model: nn.Module, fingerprint: str
 ) -> None:
+    save_state(run_dir, phase, step, model.state_dict(), fingerprint)
+
+
+def save_state(
+    run_dir: Path, phase: str, step: int, state: Mapping[str, torch.Tensor], fingerprint: str
+) -> None:
+    """`save_checkpoint` of a state dict that is not a module's (the generator's adapter)."""
     path = checkpoint_path(run_dir, phase)
     tmp = path.with_suffix(".tmp")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in state.items()}
     record = {"step": step, "model": state, "digest": state_digest(state)}
     torch.save({**record, "config-fingerprint": fingerprint}, tmp)
     os.replace(tmp, path)
@@ -64,24 +72,40 @@ def load_checkpoint(
 ) -> int:
     """Load the phase's checkpoint into `model` if it verifies (see the module's docstring);
     return its step (0: none, or set aside: the phase starts afresh)."""
+    step, state = load_state(run_dir, phase, model.state_dict(), fingerprint, last_step)
+    if state is not None:
+        model.load_state_dict(state)
+    return step
+
+
+def load_state(
+    run_dir: Path,
+    phase: str,
+    expected: Mapping[str, torch.Tensor],
+    fingerprint: str,
+    last_step: int,
+) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """The phase's checkpoint, if it verifies against `expected`'s keys and shapes: its step and
+    state; (0, None) if there is none or it was set aside."""
     path = checkpoint_path(run_dir, phase)
     if not path.is_file():
-        return 0
+        return 0, None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        problem = checkpoint_problem(saved, model, fingerprint, last_step)
+        problem = checkpoint_problem(saved, expected, fingerprint, last_step)
     except Exception as err:  # a torn or foreign file
         problem = f"unreadable ({type(err).__name__}: {str(err)[:200]})"
     if problem:
         aside = set_aside(path)
         log.warning("%s %s: set aside as %s; %s starts afresh", path, problem, aside.name, phase)
-        return 0
-    model.load_state_dict(saved["model"])
+        return 0, None
     log.info("resuming %s from %s: step %d done", phase, path.name, saved["step"])
-    return int(saved["step"])
+    return int(saved["step"]), saved["model"]
 
 
-def checkpoint_problem(saved: object, model: nn.Module, fingerprint: str, last_step: int) -> str:
+def checkpoint_problem(
+    saved: object, expected: Mapping[str, torch.Tensor], fingerprint: str, last_step: int
+) -> str:
     """Why a loaded checkpoint cannot be resumed from ("" if it can), checked on the loaded copy
     before anything of the model is replaced."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
@@ -91,7 +115,7 @@ def checkpoint_problem(saved: object, model: nn.Module, fingerprint: str, last_s
     step = saved.get("step")
     if not isinstance(step, int) or not 1 <= step <= last_step:
         return f"is at step {step!r}, outside this phase's 1..{last_step}"
-    state, expected = saved["model"], model.state_dict()
+    state = saved["model"]
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         return f"lacks {missing[:3]} and has {extra[:3]} beside the model's keys"

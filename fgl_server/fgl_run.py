@@ -29,6 +29,7 @@ from fgl_core.plotting import plot_samples
 from fgl_core.progress import Snapshot
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
+from fgl_server.adaptation import adapt_generator
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.embedding_round import embedding_round
 from fgl_server.evaluation import evaluate_on_server
@@ -51,6 +52,8 @@ def store_manifest(
     return {
         "generator": s.generator,
         "generator-digest": engine.weights_digest,  # the weights, whatever their name
+        # the federation's adapter, if any (a store made by another adapter is not reused)
+        **({"adapter-digest": s.adapter_digest} if s.adapter_digest else {}),
         "scheduler": s.scheduler,
         "steps": s.steps,
         "guidance": s.guidance,
@@ -72,6 +75,8 @@ def run_fgl(
 ) -> nn.Module:
     """Run FGL on the server; return the final global model.
 
+    0. adapt (with `generator-adaptation`): rounds in which the silos train adapters of the
+       generator on their images, averaged by the server (`fgl_server.adaptation`).
     1. embed: every silo is asked once for its embedding payload; each reply passes the
        boundary (`accept_payload`) or is rejected by name, and the run goes on with the others.
        With `secure-histograms`, the accepted silos' label histograms are then summed by
@@ -87,10 +92,17 @@ def run_fgl(
     """
     grid = RecordingGrid(grid, data.class_names)
     domains = run_domains(cfg, data)
+    adapter = (
+        adapt_generator(grid, cfg, recorder, device)
+        if cfg.generator_adaptation == "lora"
+        else None
+    )
     settings = SynthesisSettings.from_config(
         cfg,
         train_resolution=data.image_size,
         domain_negatives=tuple(d.negative for d in domains),
+        adapter=str(adapter.folder) if adapter else "",
+        adapter_digest=adapter.digest if adapter else "",
     )
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
     payloads, histogram = embedding_round(grid, cfg, engine, data.class_names, recorder, domains)

@@ -93,6 +93,9 @@ class SynthesisSettings(Settings):
     train_resolution: int  # images are stored at the classifier's input size
     # each domain's negative prompt (`domain-prompts`; "" = `negative_prompt`); () = no domains
     domain_negatives: tuple[str, ...] = ()
+    # the federation's adapter of the generator (`generator-adaptation`): its folder and digest
+    adapter: str = ""
+    adapter_digest: str = ""
 
     @property
     def negative_prompts(self) -> list[str]:
@@ -202,6 +205,10 @@ class SynthesisEngine(ABC):
         family = generator_family(ref) or "StableDiffusionPipeline"
         dtype = pipeline_dtype(device)
         pipe = load_component(getattr(diffusers, family), ref, None, "generator", torch_dtype=dtype)
+        if settings.adapter:
+            from fgl_core.adapted_generator import apply_adapter
+
+            apply_adapter(pipe, Path(settings.adapter))
         if family == CLASS_CONDITIONAL:
             engine: SynthesisEngine = ClassConditionalEngine(
                 pipe, settings, device, generator_labels(ref)

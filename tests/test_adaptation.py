@@ -1,0 +1,190 @@
+"""Adapting the generator in a run (`generator-adaptation = "lora"`): the `query.adapt` rounds
+of two silos in one process, under DP-SGD, interrupted after the first round and resumed; the
+adapter's files loaded by diffusers' own `load_lora_weights`; the synthetic store keyed by the
+adapter; the server's refusal of an adapter that is not one; the config's checks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from fgl_core.adapted_generator import (
+    LORA_FILE,
+    adapter_settings,
+    apply_adapter,
+    load_pipeline,
+    load_state,
+    prepare,
+    state_digest,
+    state_of,
+)
+from fgl_core.adapters import epsilon_after, sample_rate
+from fgl_core.config import ConfigError, RunConfig
+from fgl_core.mini import weights_dir
+from fgl_core.payload import ADAPT_MESSAGE_TYPE
+from fgl_server import adaptation
+from fgl_server.adaptation import check_reply
+from tests.conftest import small_fgl_run
+
+ROUNDS, STEPS, BATCH, NOISE = 2, 2, 16, 1.0
+
+
+def base(blood_npz, cache) -> dict:
+    return {
+        "dataset": str(blood_npz),
+        "train-subset": 160,
+        "eval-subset": 40,
+        "cache-dir": str(cache),
+        "generator-adaptation": "lora",
+        "adaptation-rounds": ROUNDS,
+        "adaptation-steps": STEPS,
+        "adaptation-batch-size": BATCH,
+        "adaptation-rank": 2,
+        "adapt-decoder": True,
+        "adaptation-noise": NOISE,
+    }
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resumed(blood_npz, tmp_path_factory):
+    """A private adaptation run that dies in round 2, then the same run again, which goes on
+    from the checkpoint of round 1 to the end."""
+    tmp = tmp_path_factory.mktemp("adapt")
+    config = base(blood_npz, tmp / "cache")
+    real_round = adaptation.adaptation_round
+
+    def dies_in_round_two(grid, state, server_round, cfg):
+        if server_round == 2:
+            raise Crash("the server died in adaptation round 2")
+        return real_round(grid, state, server_round, cfg)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adaptation, "adaptation_round", dies_in_round_two)
+        with pytest.raises(Crash):
+            small_fgl_run(config, tmp, "private")
+    first = json.loads((tmp / "private" / "results.json").read_text())
+    results = small_fgl_run(config, tmp, "private")
+    return tmp, config, first, results
+
+
+def test_a_crash_in_round_two_costs_one_round_and_the_resumed_run_finishes(resumed):
+    tmp, _, first, results = resumed
+    assert [r["round"] for r in first["adaptation"]["rounds"]] == [1]
+    assert (tmp / "private" / "checkpoint-adapt.pt").is_file()
+    adapt = [e for e in results["traffic"]["exchanges"] if e["message-type"] == ADAPT_MESSAGE_TYPE]
+    assert sorted((e["round"], e["node-id"]) for e in adapt) == [(2, 1), (2, 2)]  # not round 1
+    assert [r["round"] for r in results["adaptation"]["rounds"]] == [1, 2]
+    embed = [e for e in results["traffic"]["exchanges"] if e["message-type"] == "query.embed"]
+    assert embed and {e["round"] for e in embed} == {0}
+    # what travels each way is the adapter: the UNet's B factors and the decoder's weights
+    adapter_bytes = results["adaptation"]["adapter-bytes"]
+    assert all(adapter_bytes < e["bytes-sent"] < adapter_bytes * 1.05 for e in adapt)
+    assert all(adapter_bytes < e["bytes-received"] < adapter_bytes * 1.05 for e in adapt)
+    assert results["synthesis"]["made"] > 0 and "test-accuracy" in results["one-shot"]
+
+
+def test_each_silos_epsilon_covers_every_adaptation_round(resumed):
+    _, _, _, results = resumed
+    dp = results["adaptation"]["dp"]
+    assert dp["noise-multiplier"] == NOISE and dp["delta"] == 1e-5
+    last = results["adaptation"]["rounds"][-1]["silos"]
+    assert set(dp["epsilon-per-silo"]) == set(last) == {"1", "2"}
+    for node, silo in last.items():
+        rate = sample_rate(silo["num-examples"], BATCH)  # Opacus': 1 / batches per epoch
+        # two parts (UNet, decoder) read the images in each of the two rounds
+        expected = epsilon_after([(NOISE, rate, STEPS * ROUNDS)] * 2, 1e-5)
+        one_round = epsilon_after([(NOISE, rate, STEPS)] * 2, 1e-5)
+        assert dp["epsilon-per-silo"][node] == pytest.approx(expected, rel=1e-9)
+        assert expected > one_round > 0
+        first = results["adaptation"]["rounds"][0]["silos"][node]["epsilon"]
+        assert first == pytest.approx(one_round, rel=1e-9)
+
+
+def test_the_adapter_loads_through_diffusers_and_keys_the_synthetic_store(resumed):
+    tmp, config, _, results = resumed
+    folder = tmp / "private" / "adapter"
+    assert (folder / LORA_FILE).is_file() and (folder / "decoder.safetensors").is_file()
+    checkpoint = torch.load(tmp / "private" / "checkpoint-adapt.pt", weights_only=True)
+    state = {k: v.numpy() for k, v in checkpoint["model"].items()}
+    assert state_digest(state) == results["adaptation"]["adapter-digest"]
+
+    settings = adapter_settings(RunConfig.from_flower({**config, "strategy": "fgl"}))
+    ref = str(weights_dir())
+    trained = load_pipeline(ref, torch.device("cpu"))
+    prepare(trained, settings)
+    load_state(trained, state)
+    assert state_digest(state_of(trained, True)) == results["adaptation"]["adapter-digest"]
+    fresh = load_pipeline(ref, torch.device("cpu"))
+    apply_adapter(fresh, folder)  # diffusers' load_lora_weights, fused
+    stock = load_pipeline(ref, torch.device("cpu"))
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([50, 700])
+    with torch.no_grad():
+        want = trained.unet(sample, t, encoder_hidden_states=cond).sample
+        got = fresh.unet(sample, t, encoder_hidden_states=cond).sample
+        before = stock.unet(sample, t, encoder_hidden_states=cond).sample
+        decoded = fresh.vae.decode(sample).sample
+        decoded_want = trained.vae.decode(sample).sample
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, before, atol=1e-4)
+    assert torch.allclose(decoded, decoded_want, atol=1e-6)
+
+    store = results["synthesis"]["store"]
+    manifest = json.loads((tmp / "cache" / "synthetic" / store.split("/")[-1] /
+                           "manifest.json").read_text())  # fmt: skip
+    assert manifest["adapter-digest"] == results["adaptation"]["adapter-digest"]
+    # the same run without adaptation plans the same images but may not use this store
+    plain = {k: v for k, v in config.items() if not k.startswith(("adapt", "generator-adapt"))}
+    again = small_fgl_run(plain, tmp, "plain")
+    assert again["synthesis"]["store"] != store and again["synthesis"]["reused"] == 0
+
+
+def reply(arrays: dict[str, np.ndarray] | None, examples=100, error: str = "") -> Message:
+    request = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                      message_type=ADAPT_MESSAGE_TYPE)  # fmt: skip
+    if error:
+        return Message(Error(code=0, reason=error), reply_to=request)
+    content = RecordDict({"metrics": MetricRecord({"num-examples": examples})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
+    return Message(content, reply_to=request)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda s: {**s, "unet/extra": np.zeros(3, np.float32)}, "unexpected"),
+        (lambda s: {k: v for k, v in list(s.items())[1:]}, "missing"),
+        (lambda s: {k: v.astype(np.float64) for k, v in s.items()}, "float64"),
+        (lambda s: {k: v[..., :1].copy() for k, v in s.items()}, "shape"),
+        (lambda s: {k: np.full_like(v, np.nan) for k, v in s.items()}, "not finite"),
+        (lambda s: None, "no adapter"),
+    ],
+)
+def test_the_server_refuses_a_reply_that_is_not_the_adapter_by_name(task_identity, change, problem):
+    expected = {"unet/a.lora_B.fgl.weight": np.zeros((4, 2), np.float32),
+                "decoder/conv.weight": np.ones((2, 2), np.float32)}  # fmt: skip
+    why, _, _, _ = check_reply(reply(change(expected)), expected)
+    assert problem in why
+    assert check_reply(reply(expected), expected)[0] == ""
+    assert "positive integer" in check_reply(reply(expected, examples=-5), expected)[0]
+    assert "error reply: boom" in check_reply(reply(None, error="boom"), expected)[0]
+
+
+def test_the_config_refuses_adaptation_where_it_cannot_run():
+    with pytest.raises(ConfigError, match="strategy = 'fedavg' synthesizes nothing"):
+        RunConfig.from_flower({"generator-adaptation": "lora"})
+    with pytest.raises(ConfigError, match="domain-prompts is not supported yet"):
+        RunConfig.from_flower({"strategy": "fgl", "generator-adaptation": "lora",
+                               "domain-prompts": "domainnet"})  # fmt: skip
+    cfg = RunConfig.from_flower({"strategy": "fgl", "generator-adaptation": "lora"})
+    assert cfg.adaptation_layers == "attention+conv" and not cfg.adapt_decoder
