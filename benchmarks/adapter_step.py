@@ -5,7 +5,8 @@ architecture at 512 px (random weights, the real arithmetic), plain and under DP
     python -m benchmarks.adapter_step --tiny            # fgl-mini at 16 px, any device (tests)
 
 For each batch size (largest first; one that runs out of memory is recorded and the next tried),
-the adapter (fgl_core.adapters: rank 4 on every attention projection, A frozen, B trained) takes
+the adapter a run attaches (`adaptation-rank`, `adaptation-layers`: by default rank 8 on every
+attention projection and the blocks' convolutions; A frozen, B trained) takes
 `--warmup` untimed steps and then `--steps` timed ones of the denoising loss, as a silo would
 (`train_adapter`), then the same under Opacus' per-image clipping and noise
 (`train_adapter_private`, noise 1.0, clip 1.0). Written: seconds per step and images per second,
@@ -21,8 +22,8 @@ import time
 import torch
 
 from benchmarks.common import write
+from fgl_core.adapted_generator import AdaptSettings
 from fgl_core.adapters import (
-    AdapterSpec,
     PrivateTraining,
     attach,
     diffusers_state,
@@ -30,6 +31,7 @@ from fgl_core.adapters import (
     train_adapter_private,
     trainable_state,
 )
+from fgl_core.config import RunConfig
 
 
 def generator(tiny: bool):  # type: ignore[no-untyped-def]
@@ -86,11 +88,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 4, 1])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rank", type=int, default=4)
+    defaults = RunConfig()
+    parser.add_argument("--rank", type=int, default=defaults.adaptation_rank)
+    parser.add_argument("--layers", default=defaults.adaptation_layers,
+                        choices=["attention", "attention+conv"])  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     unet, noise_schedule, shape, width, pixels = generator(args.tiny)
-    attach(unet, AdapterSpec(rank=args.rank, seed=0))
+    spec = AdaptSettings.defaults(
+        adapter_seed=0, adaptation_rank=args.rank, adaptation_layers=args.layers
+    ).spec  # what a run with these keys attaches
+    attach(unet, spec)
     unet.to(device)
     sent = sum(v.nbytes for v in trainable_state(unet).values())
     whole = sum(t.numel() * t.element_size() for t in diffusers_state(unet).values())
@@ -127,6 +135,7 @@ def main() -> None:
             "resolution": pixels,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type,
             "rank": args.rank,
+            "layers": args.layers,
             "adapted-layers": sum(1 for n, _ in unet.named_parameters() if ".lora_B." in n),
             "bytes-sent-by-a-silo": sent,
             "bytes-of-the-adapter-file": whole,

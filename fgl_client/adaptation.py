@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)  # in simulation one process serves every silo: each message
-def _pipeline(ref: str, device: str, settings: AdaptSettings) -> Any:  # sets all adapted parts
+def pipeline(ref: str, device: str, settings: AdaptSettings) -> Any:  # sets all adapted parts
+    """The generator in float32 with the run's adapter attached (B at zero until set), loaded
+    once per process."""
     pipe = load_pipeline(ref, pick_device(device))
     prepare(pipe, settings)
     return pipe
@@ -66,7 +68,7 @@ def adapt(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     settings = adapter_settings(cfg)
     ref = resolve_model_ref(cfg.generator, "generator", cfg.cache_dir)
-    pipe = _pipeline(ref, cfg.device, settings)
+    pipe = pipeline(ref, cfg.device, settings)
     received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     load_state(pipe, received)
     silo_salt = silo.partition_id if silo.partition_id >= 0 else context.node_id % 1_000_003

@@ -117,7 +117,7 @@ def silo_prompts(request: EmbedRequest, silo: Silo, captioner_fn=None) -> SiloPr
             return request.prompt_style, request.template
         return request.domain_styles[domain], request.domain_templates[domain] or request.template
 
-    if request.prompt_mode == "class":
+    if request.prompt_mode in ("class", "learned"):  # learned: starts from the class prompts
         texts, labels, prompt_domains = [], [], []
         for domain in np.unique(domains).tolist():
             histogram = np.bincount(
@@ -153,10 +153,12 @@ def silo_prompts(request: EmbedRequest, silo: Silo, captioner_fn=None) -> SiloPr
 
 
 def build_payload(
-    request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None
+    request: EmbedRequest, silo: Silo, encoder: TextEncoder, captioner_fn=None, learner=None
 ) -> EmbeddingPayload:
     """The silo's embedding payload: its prompts encoded (and noised if the request says so);
-    for a class-conditional generator, each prompt's class id in the generator's label set."""
+    for a class-conditional generator, each prompt's class id in the generator's label set;
+    at `learned` level each class prompt's embedding learned on the silo's images of the class
+    (`learner(embeds, labels)`, `fgl_client.learned.ClassEmbeddingLearner`)."""
     class_ids = None
     if isinstance(encoder, GeneratorClasses):
         if request.prompt_mode != "class" or request.embedding_clip:
@@ -171,6 +173,10 @@ def build_payload(
             raise PayloadError(f"{silo.name}: {err}") from None
     prompts = silo_prompts(request, silo, captioner_fn)
     embeds, pooled = encoder.encode_with_pooled(prompts.texts)
+    if request.prompt_mode == "learned":
+        if learner is None:
+            raise PayloadError("prompt-mode 'learned' needs the generator's denoiser to learn with")
+        embeds = learner(embeds, prompts.labels)
     if request.embedding_clip:  # OS entropy: noise the server could recompute protects nothing
         noisy = privatize_together(
             [embeds.numpy(), pooled.numpy()],  # SDXL's pooled embedding is part of the release
@@ -207,7 +213,7 @@ def build_payload(
 
 
 def embed_silo(
-    request: EmbedRequest, silo: Silo, cache_dir: str | Path, device: str
+    request: EmbedRequest, silo: Silo, cache_dir: str | Path, device: str, learner=None
 ) -> EmbeddingPayload:
     encoder = text_encoder(request.generator, str(cache_dir), device, request.text_encoder)
     return build_payload(
@@ -215,6 +221,7 @@ def embed_silo(
         silo,
         encoder,
         lambda: captioner(request.captioner, str(cache_dir), device, request.caption_max_tokens),
+        learner,
     )
 
 

@@ -12,13 +12,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fgl_client.adaptation import adapt
 from fgl_client.embedding import embed_silo, keep_for_chunks, kept_chunk
+from fgl_client.learned import ClassEmbeddingLearner
 from fgl_client.objectives import fedprox_loss, moon_loss
 from fgl_client.silo import Silo, open_silo
 from fgl_core.class_list import DIGESTS_KEY, name_digests
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
-from fgl_core.payload import REQUEST_RECORD, SILO_RECORD, ChunkRequest, EmbedRequest
+from fgl_core.payload import (
+    ADAPTER_RECORD,
+    REQUEST_RECORD,
+    SILO_RECORD,
+    ChunkRequest,
+    EmbedRequest,
+)
 from fgl_core.pretrained import ModelRefError
 from fgl_core.seeds import derive_seed
 from fgl_core.training import (
@@ -77,8 +84,14 @@ def embed(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     request = EmbedRequest.from_record(msg.content[REQUEST_RECORD])
     silo = open_silo(cfg, context.node_config)
+    learner = None
+    if request.prompt_mode == "learned":
+        adapter = msg.content.array_records.get(ADAPTER_RECORD)
+        adapter_state = {k: v.numpy() for k, v in adapter.items()} if adapter else None
+        salt = silo.partition_id if silo.partition_id >= 0 else context.node_id % 1_000_003
+        learner = ClassEmbeddingLearner(cfg, request, silo, adapter_state, salt)
     try:
-        payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)))
+        payload = embed_silo(request, silo, cfg.cache_dir, str(pick_device(cfg.device)), learner)
     except ModelRefError as err:  # the refs are the server's choice: its reply says no more
         log.error("a model the run names cannot be loaded here: %s", err)
         models = f"generator {request.generator!r}"

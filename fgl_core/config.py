@@ -196,8 +196,18 @@ class RunConfig(BaseModel):
     `Salesforce/blip2-opt-2.7b`, a local directory, `fgl-mini-captioner` (the trained miniature
     BLIP that ships with the package, `fgl-mini`'s partner: says the digit and how it is drawn,
     "a bold slanted seven"), or `offline-tiny` (random weights: plumbing only)"""
-    prompt_mode: Literal["class", "instance"] = "class"
-    """`class` (one prompt per class in the silo) or `instance` (one per captioned image)"""
+    prompt_mode: Literal["class", "instance", "learned"] = "class"
+    """`class` (one prompt per class in the silo), `instance` (one per captioned image), or
+    `learned` (one per class, learned on the silo: the class prompt's embedding optimized
+    against the (adapted) generator's denoising loss on the silo's images of the class; see
+    [Adapting the generator](adaptation.md#learned-class-embeddings))"""
+    learned_steps: int = Field(100, ge=1, le=1_000_000)
+    """`prompt-mode = "learned"`: optimizer steps per class on the silo"""
+    learned_lr: float = Field(0.01, gt=0.0)
+    """`prompt-mode = "learned"`: Adam's learning rate for a class's embedding"""
+    learned_max_distance: float = Field(1.0, gt=0.0)
+    """`prompt-mode = "learned"`: the server refuses a learned embedding farther than this from
+    its own encoding of the class prompt (L2, relative to that encoding's norm)"""
     prompt_template: str = ""
     """empty = the paper's: `{label}, real world images, high resolution` (class), `{label},
     {caption}, real world images, high resolution.` (instance); must use `{label}`, may use
@@ -420,7 +430,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _template_fits_mode(self) -> RunConfig:
-        allowed = CLASS_FIELDS if self.prompt_mode == "class" else INSTANCE_FIELDS
+        allowed = INSTANCE_FIELDS if self.prompt_mode == "instance" else CLASS_FIELDS
         check_template(self.effective_prompt_template, allowed)
         return self
 
@@ -471,6 +481,24 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _learned_prompts_fit_the_run(self) -> RunConfig:
+        if self.prompt_mode != "learned":
+            return self
+        refused = {
+            "embedding-clip (the noise defence's server check assumes the server's own "
+            "encoding)": bool(self.embedding_clip),
+            "secure-histograms (a silo learns only the classes it holds, so its prompts would "
+            "name them)": self.secure_histograms,
+            "domain-prompts": bool(self.domain_prompts),
+        }
+        asked = [what for what, wanted in refused.items() if wanted]
+        if asked:
+            raise ValueError(
+                f'prompt-mode = "learned" does not support {"; ".join(asked)} yet'
+            )
+        return self
+
+    @model_validator(mode="after")
     def _adaptation_fits_the_run(self) -> RunConfig:
         if self.generator_adaptation == "none":
             return self
@@ -499,8 +527,8 @@ class RunConfig(BaseModel):
         if self.prompt_template:
             return self.prompt_template
         if self.domain_prompts:  # the paper's feature-skew template: each domain's style in it
-            return DOMAIN_TEMPLATE if self.prompt_mode == "class" else DOMAIN_INSTANCE_TEMPLATE
-        return PAPER_TEMPLATE if self.prompt_mode == "class" else INSTANCE_TEMPLATE
+            return DOMAIN_INSTANCE_TEMPLATE if self.prompt_mode == "instance" else DOMAIN_TEMPLATE
+        return INSTANCE_TEMPLATE if self.prompt_mode == "instance" else PAPER_TEMPLATE
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], where: str = "run config") -> RunConfig:

@@ -65,6 +65,7 @@ ADAPT_MESSAGE_TYPE = "query.adapt"  # a round of adapting the generator (fgl_cor
 SECURE_HISTOGRAM_MAX_COUNT = 2**20
 SECAGG_RECORD = "secaggplus_configs"  # the config record each stage of Flower's SecAgg+ sends
 PROBE_PROMPT = "a photo of a cat"  # public and fixed: both sides encode it for the encoder check
+ADAPTER_RECORD = "adapter"  # the federation's adapter, sent with a learned-mode embed request
 REQUEST_RECORD, EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD = (
     "embed-request",
     "embedding",
@@ -116,7 +117,7 @@ class PayloadError(ValueError):
 class EmbedRequest(Settings):
     """What the server asks each silo to embed, and with which generator's text encoder."""
 
-    prompt_mode: Literal["class", "instance"]
+    prompt_mode: Literal["class", "instance", "learned"]
     template: str  # class level: "{label}..." (may use {style}); instance level adds {caption}
     prompt_style: str
     generator: str  # the generator reference whose tokenizer/ and text_encoder/ the silo uses
@@ -130,6 +131,8 @@ class EmbedRequest(Settings):
     embedding_noise: float
     secure_histograms: bool  # True: prompts for every class, the histogram only by SecAgg+
     chunk_bytes: int  # the most payload bytes one reply carries (see "Chunks" above)
+    learned_steps: int  # prompt-mode "learned": steps per class; the adapter, if any, travels
+    learned_lr: float  # beside the request as an ArrayRecord `adapter` (ADAPTER_RECORD)
     # prompts per domain (`domain-prompts`; empty: none): each domain's name, as the silos'
     # <domain>/ folders name it, its style and its template ("" = `template`)
     domain_names: list[str]

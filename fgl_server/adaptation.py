@@ -52,6 +52,7 @@ class Adapter:
 
     folder: Path
     digest: str
+    state: dict[str, np.ndarray]  # what a learned-mode embed request carries to the silos
 
 
 def adapt_generator(
@@ -88,7 +89,7 @@ def adapt_generator(
     folder = recorder.dir / "adapter"
     save_adapter(pipe, folder, settings.adapt_decoder)
     recorder.set("adaptation", summary(rounds, settings, state))
-    return Adapter(folder, state_digest(state))
+    return Adapter(folder, state_digest(state), state)
 
 
 def adaptation_round(

@@ -8,17 +8,18 @@ hands on: the accepted payloads by node (`embedding_round`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.domain_prompts import DomainPrompt, request_fields
 from fgl_core.dp import noise_std
 from fgl_core.payload import (
+    ADAPTER_RECORD,
     CHUNK_MESSAGE_TYPE,
     EMBED_MESSAGE_TYPE,
     REQUEST_RECORD,
@@ -51,12 +52,18 @@ def embedding_round(
     class_names: list[str],
     recorder: RunRecorder,
     domains: Sequence[DomainPrompt] = (),
+    adapter: ArrayRecord | None = None,
 ) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
     """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
     label histograms (else None: each payload carries its own; a secure sum that does not add
-    up gives every class 1, and the log says why); raises if no silo sent a usable payload."""
+    up gives every class 1, and the log says why); raises if no silo sent a usable payload.
+    With learned embeddings, the federation's `adapter` (if the run adapted the generator) goes
+    with the request, so that the silos learn against the generator that will synthesize."""
     limits = payload_limits(cfg, engine, class_names, domains)
     request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()
+    extra = (
+        {ADAPTER_RECORD: adapter} if adapter is not None and cfg.prompt_mode == "learned" else {}
+    )
     with recorder.phase("embed"):
         round0 = collect_embeddings(
             grid,
@@ -65,10 +72,14 @@ def embedding_round(
             cfg.embed_timeout,
             min_nodes=cfg.min_nodes,
             node_wait_timeout=cfg.connect_timeout,
+            extra=extra,
         )
         payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
     rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
-    recorder.set("embedding", embedding_record(grid, round0, payloads, rejected))
+    record = embedding_record(grid, round0, payloads, rejected)
+    if limits.learned_max_distance is not None:
+        record["learned-distance-per-node"] = learned_distances(payloads, limits)
+    recorder.set("embedding", record)
     if not payloads:
         raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
     if not cfg.secure_histograms:
@@ -142,6 +153,7 @@ def payload_limits(
         ),
         embedding_clip=cfg.embedding_clip,
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
+        learned_max_distance=cfg.learned_max_distance if cfg.prompt_mode == "learned" else None,
     )
 
 
@@ -149,6 +161,9 @@ def refuse_text_settings(cfg: RunConfig, domains: Sequence[DomainPrompt]) -> Non
     """`ConfigError` naming each setting that needs text, for a class-conditional generator."""
     needs_text = {
         'prompt-mode = "instance" (captions)': cfg.prompt_mode == "instance",
+        'prompt-mode = "learned" (embeddings learned against a denoiser of text)': (
+            cfg.prompt_mode == "learned"
+        ),
         "domain-prompts (styles)": bool(domains),
         "embedding-clip (noise on embeddings)": bool(cfg.embedding_clip),
     }
@@ -177,6 +192,7 @@ def collect_embeddings(
     min_nodes: int = 2,
     node_wait_timeout: float = 300.0,
     attempts: int = 2,
+    extra: Mapping[str, ArrayRecord] | None = None,
 ) -> EmbeddingRound:
     """FGL's round 0: send `query.embed` to every node; ask again those that did not answer.
 
@@ -196,13 +212,15 @@ def collect_embeddings(
         Seconds to wait for `min_nodes` nodes to connect.
     attempts : int (default: 2)
         How often the request is sent to nodes that have not answered yet.
+    extra : Mapping[str, ArrayRecord] | None (default: None)
+        Records sent beside the request (the adapter, for learned embeddings).
     """
     result = EmbeddingRound(asked=wait_for_nodes(grid, min_nodes, node_wait_timeout))
     pending = list(result.asked)
     for attempt in range(1, attempts + 1):
         messages = [
             Message(
-                RecordDict({request_key: request}),
+                RecordDict({request_key: request, **(extra or {})}),
                 dst_node_id=node,
                 message_type=EMBED_MESSAGE_TYPE,
             )
@@ -349,6 +367,22 @@ def embedding_record(
         "chunks-per-node": {n: 1 + c for n, c in chunks.items() if n in payloads},
         "embeddings-per-node": {n: len(p.labels) for n, p in payloads.items()},
     }
+
+
+def learned_distances(payloads: dict[str, EmbeddingPayload], limits: PayloadLimits) -> dict:
+    """Per accepted node, how far its learned embeddings moved from the server's own encoding of
+    their class prompts (relative L2: the largest and the median), the figure the
+    `learned-max-distance` bound is set from."""
+    assert limits.class_prompts is not None
+    out = {}
+    for node, payload in payloads.items():
+        want = limits.class_prompts[payload.domains, payload.labels].astype(np.float64)
+        got = payload.embeds.astype(np.float64)
+        gaps = np.linalg.norm((got - want).reshape(len(got), -1), axis=1) / np.linalg.norm(
+            want.reshape(len(want), -1), axis=1
+        )
+        out[node] = {"max": round(float(gaps.max()), 4), "median": round(float(np.median(gaps)), 4)}
+    return out
 
 
 def summed_histograms(

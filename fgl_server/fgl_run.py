@@ -93,9 +93,7 @@ def run_fgl(
     grid = RecordingGrid(grid, data.class_names)
     domains = run_domains(cfg, data)
     adapter = (
-        adapt_generator(grid, cfg, recorder, device)
-        if cfg.generator_adaptation == "lora"
-        else None
+        adapt_generator(grid, cfg, recorder, device) if cfg.generator_adaptation == "lora" else None
     )
     settings = SynthesisSettings.from_config(
         cfg,
@@ -105,7 +103,12 @@ def run_fgl(
         adapter_digest=adapter.digest if adapter else "",
     )
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
-    payloads, histogram = embedding_round(grid, cfg, engine, data.class_names, recorder, domains)
+    sent_adapter = (
+        ArrayRecord({k: torch.from_numpy(v) for k, v in adapter.state.items()}) if adapter else None
+    )
+    payloads, histogram = embedding_round(
+        grid, cfg, engine, data.class_names, recorder, domains, sent_adapter
+    )
     synthetic = synthesize(engine, payloads, histogram, cfg, data, recorder)
     del engine
     if device.type == "cuda":

@@ -13,7 +13,8 @@ was expected and what arrived; the run goes on with the other silos. What it che
   `secure-histograms` a payload carries no histogram, and its sum comes by SecAgg+);
 - the encoder: the silo's encoding of the public probe prompt matches the server's own;
 - prompts: each class-level embedding matches the server's own encoding of that class's prompt
-  (the template and class names are public); each instance-level one matches it in the rows
+  (the template and class names are public; a learned one lies within `learned-max-distance`
+  of it); each instance-level one matches it in the rows
   before the caption (the encoder is causal), so a silo cannot pass off other prompts or labels;
   with a class-conditional generator (DiT: no text, width 0) each prompt's class id is the one
   the generator's label set gives its class's name.
@@ -52,6 +53,10 @@ class PayloadLimits:
     # ||silo - server|| / ||server||: fp16 weights or another library stay near 1e-3, another
     # encoder is off by order 1
     probe_tolerance: float = 0.02
+    # how far a class-level embedding may be from the server's own encoding of its class's
+    # prompt (relative L2): None = `probe_tolerance` (the same prompt, encoded by the same
+    # encoder); `learned-max-distance` for learned embeddings
+    learned_max_distance: float | None = None
     # the server's own encoding of each class's prompt in each domain, (domains, classes, 77,
     # width), one domain without `domain-prompts`; at instance level only the first
     # `class_prompt_rows[d][c]` rows (the template before the caption) count
@@ -393,12 +398,17 @@ def check_class_prompts(
     else:
         gaps = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
         worst = int(np.argmax(gaps))
-        if gaps[worst] <= limits.probe_tolerance:
+        learned = limits.learned_max_distance is not None and not pooled
+        tolerance = limits.learned_max_distance if learned else limits.probe_tolerance
+        if gaps[worst] <= tolerance:
             return
-        detail = f"off by {gaps[worst]:.3g}, relative L2; tolerance {limits.probe_tolerance}"
+        bound = "learned-max-distance" if learned else "tolerance"
+        detail = f"off by {gaps[worst]:.3g}, relative L2; {bound} {tolerance}"
     label = int(labels[worst])
     name = limits.class_names[label] if label < len(limits.class_names) else str(label)
     part = "class prompt" if limits.class_prompt_rows is None else "prompt before the caption"
+    if limits.learned_max_distance is not None and not pooled:
+        part = "class prompt, learned within its bound"
     part = "class prompt's pooled embedding" if pooled else part
     if limits.embedding_clip:
         part += f" plus noise of standard deviation {limits.noise_std:.3g}"

@@ -1,11 +1,13 @@
 """Adapting the generator in a run (`generator-adaptation = "lora"`): the `query.adapt` rounds
-of two silos in one process, under DP-SGD, interrupted after the first round and resumed; the
-adapter's files loaded by diffusers' own `load_lora_weights`; the synthetic store keyed by the
-adapter; the server's refusal of an adapter that is not one; the config's checks.
+of two silos in one process, under DP-SGD, interrupted after the first round and resumed, then
+learned class embeddings against the adapted generator; the adapter's files loaded by diffusers'
+own `load_lora_weights`; the synthetic store keyed by the adapter; the server's refusal of an
+adapter that is not one, and of a learned embedding beyond its bound; the config's checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -47,6 +49,8 @@ def base(blood_npz, cache) -> dict:
         "adaptation-rank": 2,
         "adapt-decoder": True,
         "adaptation-noise": NOISE,
+        "prompt-mode": "learned",  # against the adapted generator: the adapter goes with round 0
+        "learned-steps": 2,
     }
 
 
@@ -85,6 +89,11 @@ def test_a_crash_in_round_two_costs_one_round_and_the_resumed_run_finishes(resum
     assert [r["round"] for r in results["adaptation"]["rounds"]] == [1, 2]
     embed = [e for e in results["traffic"]["exchanges"] if e["message-type"] == "query.embed"]
     assert embed and {e["round"] for e in embed} == {0}
+    # learned embeddings: each silo got the federation's adapter with the request, and learned
+    assert all(e["bytes-sent"] > results["adaptation"]["adapter-bytes"] for e in embed)
+    moved = results["embedding"]["learned-distance-per-node"]
+    assert set(moved) == {"node 1", "node 2"}
+    assert all(0 < m["median"] <= m["max"] < 1.0 for m in moved.values())
     # what travels each way is the adapter: the UNet's B factors and the decoder's weights
     adapter_bytes = results["adaptation"]["adapter-bytes"]
     assert all(adapter_bytes < e["bytes-sent"] < adapter_bytes * 1.05 for e in adapt)
@@ -188,3 +197,43 @@ def test_the_config_refuses_adaptation_where_it_cannot_run():
                                "domain-prompts": "domainnet"})  # fmt: skip
     cfg = RunConfig.from_flower({"strategy": "fgl", "generator-adaptation": "lora"})
     assert cfg.adaptation_layers == "attention+conv" and not cfg.adapt_decoder
+
+
+def test_a_learned_embedding_passes_within_its_bound_and_is_refused_beyond_it_by_name():
+    from fgl_core.payload import EmbeddingPayload
+    from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
+
+    rng = np.random.default_rng(0)
+    prompts = rng.standard_normal((1, 2, 77, 8)).astype(np.float32)  # the server's encodings
+    probe = rng.standard_normal((77, 8)).astype(np.float32)
+    limits = PayloadLimits(width=8, num_classes=2, probe=probe, class_prompts=prompts,
+                           class_names=("basophil", "eosinophil"),
+                           learned_max_distance=0.5)  # fmt: skip
+
+    def payload(moved: float) -> EmbeddingPayload:
+        direction = rng.standard_normal((2, 77, 8))
+        direction /= np.linalg.norm(direction.reshape(2, -1), axis=1)[:, None, None]
+        norms = np.linalg.norm(prompts[0].reshape(2, -1), axis=1)[:, None, None]
+        return EmbeddingPayload(
+            embeds=(prompts[0] + moved * norms * direction).astype(np.float16),
+            labels=np.arange(2), weights=np.ones(2, np.int64), domains=np.zeros(2, np.int64),
+            probe=probe.astype(np.float16), label_histogram=[3, 4],
+        )  # fmt: skip
+
+    validate_payload("node 1", payload(0.45), limits)  # learned, within the bound
+    with pytest.raises(PayloadRejected, match=r"node 1: .*class 0 \('basophil'\).*learned within"
+                       r" its bound.*off by 0\.6.*learned-max-distance 0\.5"):  # fmt: skip
+        validate_payload("node 1", payload(0.6), limits)
+    exact = dataclasses.replace(limits, learned_max_distance=None)  # a class-level run
+    with pytest.raises(PayloadRejected, match=r"tolerance 0\.02"):
+        validate_payload("node 1", payload(0.45), exact)
+
+
+def test_the_config_refuses_learned_embeddings_with_what_they_cannot_be_checked_with():
+    with pytest.raises(ConfigError, match="does not support embedding-clip"):
+        RunConfig.from_flower({"prompt-mode": "learned", "embedding-clip": 1.0})
+    with pytest.raises(ConfigError, match="secure-histograms"):
+        RunConfig.from_flower({"prompt-mode": "learned", "secure-histograms": True})
+    assert RunConfig.from_flower({"prompt-mode": "learned"}).effective_prompt_template == (
+        "{label}, real world images, high resolution"
+    )

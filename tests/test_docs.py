@@ -90,6 +90,7 @@ MEASURED = {
     "privacy.md": figure_or_table_of_decimals,
     "experiments.md": figure_or_table_of_decimals,
     "server.md": figure_or_table_of_decimals,
+    "adaptation.md": figure_or_table_of_decimals,
     "deployment.md": figure_or_table_of_decimals,
     "fgl-mini.md": lambda text: bool(FIGURE.search(text)),  # its tables' decimals are settings
     "reliability.md": lambda text: bool(FIGURE.search(text)),  # so are its table's

@@ -1,0 +1,154 @@
+"""FGL where the generator never saw the silos' domain: `fgl-mini` (digits only) on BloodMNIST,
+with class-level text prompts against the generator adapted by the silos
+(`generator-adaptation = "lora"`, with and without DP-SGD), one-shot and after FedAvg rounds.
+
+Each row is the real ServerApp and ClientApps in one process (`deploy.inprocess`), 5 silos; per
+row: the one-shot model's test accuracy (last epoch, and at its best validation epoch), after the
+rounds, the bytes each silo sent and received, each silo's adaptation and training seconds, the
+phases' seconds, under DP each silo's epsilon, and the replication search's share of synthetic
+images closer to a silo's training image than the calibrated threshold (the privacy report's).
+Every row is written as soon as it is measured.
+
+    python -m benchmarks.adaptation [--rows text lora] [--seeds 0 1 2] [--alpha 0.5]
+    # -> outputs/benchmarks/adaptation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import DATASETS, OUT, write
+from deploy.inprocess import run_in_process
+from fgl_core.datasets import load_dataset
+from fgl_privacy.report import _final_model as final_model
+from fgl_privacy.report import _union as union
+from fgl_privacy.report import read_results, replication_section, run_silos
+
+SILOS = 5
+RUN = {
+    "strategy": "fgl",
+    "generator": "fgl-mini",
+    "images-per-class": 200,
+    "steps": 12,
+    "synthesis-batch-size": 50,
+    "min-nodes": SILOS,
+}
+ADAPT = {
+    "generator-adaptation": "lora",
+    "adaptation-rounds": 3,
+    "adaptation-steps": 250,
+    "adaptation-rank": 16,
+    "adaptation-lr": 0.002,
+    "adaptation-batch-size": 32,
+    "adapt-decoder": True,
+}
+ROWS = {
+    "text": {},
+    "lora": ADAPT,
+    "lora-attention": {**ADAPT, "adaptation-layers": "attention"},
+    "lora-no-decoder": {**ADAPT, "adapt-decoder": False},
+    "lora-dp-1": {**ADAPT, "adaptation-noise": 1.0},
+    "lora-dp-0.6": {**ADAPT, "adaptation-noise": 0.6},
+}
+
+
+def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
+    run_config = {
+        **RUN,
+        **ROWS[row],
+        "dataset": str(args.dataset),
+        "partition": "dirichlet",
+        "alpha": args.alpha,
+        "seed": seed,
+        "num-server-rounds": args.rounds,
+        "output-dir": str(work),
+        "run-name": f"{row}-{seed}",
+        "cache-dir": str(work / "cache"),
+    }
+    start = time.perf_counter()
+    run_in_process(run_config, num_silos=SILOS)
+    wall = time.perf_counter() - start
+    results = json.loads((work / f"{row}-{seed}" / "results.json").read_text())
+    per_node: dict[str, dict] = {}
+    for e in results["traffic"]["exchanges"]:
+        node = per_node.setdefault(str(e["node-id"]), {"bytes-up": 0, "bytes-down": 0})
+        node["bytes-up"] += e["bytes-received"]
+        node["bytes-down"] += e["bytes-sent"]
+        seconds = e["metrics"].get("adapt-seconds", 0.0) + e["metrics"].get("train-seconds", 0.0)
+        node["compute-seconds"] = node.get("compute-seconds", 0.0) + seconds
+    replication = replication_share(work / f"{row}-{seed}")
+    rounds = results.get("rounds", [])
+    adaptation = results.get("adaptation", {})
+    return {
+        "row": row,
+        "seed": seed,
+        "config": ROWS[row],
+        "one-shot-test-accuracy": results["one-shot"]["test-accuracy"],
+        "one-shot-best-val-test-accuracy": best_val(results.get("one-shot-curve", [])),
+        "after-rounds-test-accuracy": rounds[-1]["test-accuracy"] if args.rounds else None,
+        "silos": per_node,
+        "adapter-bytes": adaptation.get("adapter-bytes"),
+        "epsilon-per-silo": adaptation.get("dp", {}).get("epsilon-per-silo"),
+        "replication": replication,
+        "phase-seconds": results["phase-seconds"],
+        "wall-seconds": wall,
+    }
+
+
+def replication_share(run_dir: Path) -> dict:
+    """The privacy report's replication search on the run: each synthetic image's nearest
+    training image of the silos by the final model's features, the threshold calibrated on the
+    test split (`fgl_privacy.replication`)."""
+    results, cfg = read_results(run_dir)
+    data = load_dataset(cfg)
+    train = union([silo.train for silo in run_silos(results, cfg)])
+    model, unusable = final_model(run_dir, cfg, data)
+    figures: dict = {}
+    replication_section(run_dir, results, cfg, model, train, data, unusable, figures)
+    return figures.get("replication", {"not-measured": unusable})
+
+
+def best_val(curve: list[dict]) -> float | None:
+    if not curve:
+        return None
+    return max(curve, key=lambda e: e["val-accuracy"])["test-accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", default=["text", "lora"], choices=sorted(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=0, help="FedAvg rounds after one-shot")
+    parser.add_argument("--dataset", type=Path, default=DATASETS / "bloodmnist_28.npz")
+    parser.add_argument("--name", default="adaptation", help="the JSON's name in " + str(OUT))
+    args = parser.parse_args()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for row in args.rows:
+                rows.append(measure(row, seed, args, Path(tmp)))
+                shown = ("row", "seed", "one-shot-test-accuracy", "one-shot-best-val-test-accuracy")
+                print(json.dumps({k: rows[-1][k] for k in shown}), flush=True)
+                summary = {
+                    name: {
+                        "mean": float(np.mean([r["one-shot-test-accuracy"] for r in group])),
+                        "std": float(np.std([r["one-shot-test-accuracy"] for r in group])),
+                        "seeds": len(group),
+                    }
+                    for name in args.rows
+                    if (group := [r for r in rows if r["row"] == name])
+                }
+                record = {"args": {**vars(args), "dataset": str(args.dataset)}, "run": RUN,
+                          "rows": rows, "summary": summary}  # fmt: skip
+                write(args.name, record, echo=False)
+
+
+if __name__ == "__main__":
+    main()
