@@ -34,7 +34,6 @@ SILOS = 5
 RUN = {
     "strategy": "fgl",
     "generator": "fgl-mini",
-    "images-per-class": 200,
     "steps": 12,
     "synthesis-batch-size": 50,
     "min-nodes": SILOS,
@@ -55,6 +54,9 @@ ROWS = {
     "lora-no-decoder": {**ADAPT, "adapt-decoder": False},
     "lora-dp-1": {**ADAPT, "adaptation-noise": 1.0},
     "lora-dp-0.6": {**ADAPT, "adaptation-noise": 0.6},
+    "learned": {"prompt-mode": "learned"},
+    "lora+learned": {**ADAPT, "prompt-mode": "learned"},
+    "instance": {"prompt-mode": "instance"},
 }
 
 
@@ -62,9 +64,11 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     run_config = {
         **RUN,
         **ROWS[row],
-        "dataset": str(args.dataset),
+        "dataset": args.dataset,
         "partition": "dirichlet",
         "alpha": args.alpha,
+        "images-per-class": args.images_per_class,
+        "min-partition-size": 5,
         "seed": seed,
         "num-server-rounds": args.rounds,
         "output-dir": str(work),
@@ -95,6 +99,7 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         "silos": per_node,
         "adapter-bytes": adaptation.get("adapter-bytes"),
         "epsilon-per-silo": adaptation.get("dp", {}).get("epsilon-per-silo"),
+        "learned-distance-per-node": results["embedding"].get("learned-distance-per-node"),
         "replication": replication,
         "phase-seconds": results["phase-seconds"],
         "wall-seconds": wall,
@@ -126,7 +131,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=0, help="FedAvg rounds after one-shot")
-    parser.add_argument("--dataset", type=Path, default=DATASETS / "bloodmnist_28.npz")
+    parser.add_argument("--images-per-class", type=int, default=200)
+    blood = str(DATASETS / "bloodmnist_28.npz")
+    parser.add_argument("--dataset", default=blood, help="as a run config names it: digits, a path")
     parser.add_argument("--name", default="adaptation", help="the JSON's name in " + str(OUT))
     args = parser.parse_args()
     rows: list[dict] = []
@@ -145,7 +152,7 @@ def main() -> None:
                     for name in args.rows
                     if (group := [r for r in rows if r["row"] == name])
                 }
-                record = {"args": {**vars(args), "dataset": str(args.dataset)}, "run": RUN,
+                record = {"args": vars(args), "run": RUN,
                           "rows": rows, "summary": summary}  # fmt: skip
                 write(args.name, record, echo=False)
 

@@ -15,6 +15,12 @@
    update, full-rank), and that mean truncated back to the rank by SVD; with the bytes each
    uploads per round.
 
+3. `prompts`: what the server's bound on learned class embeddings can tell apart: the relative
+   L2 distance between the encodings of two classes' prompts (the paper's template), for
+   BloodMNIST's class names and for the digits. A learned embedding may move up to
+   `learned-max-distance` from its class's prompt; where another class's prompt lies closer than
+   that, a silo can send it under this class's label and pass.
+
     python -m benchmarks.what_adapts      # -> outputs/benchmarks/what_adapts.json
 """
 
@@ -240,9 +246,27 @@ def aggregation_part(pipe, train: ImageSet, held: ImageSet, args) -> dict:  # ty
     return out
 
 
+def prompts_part(pipe, class_names: list[str]) -> dict:  # type: ignore[no-untyped-def]
+    out = {}
+    digits = [str(d) for d in range(10)]
+    for name, names in (("bloodmnist", class_names), ("digits", digits)):
+        encoded = encode_texts(pipe, [class_prompt(PAPER_TEMPLATE, n) for n in names])
+        flat = encoded.reshape(len(names), -1).double()
+        distance = torch.cdist(flat, flat) / flat.norm(dim=1)[:, None]
+        others = distance[~torch.eye(len(names), dtype=torch.bool)]
+        out[name] = {
+            "inter-class-distance": {
+                "min": float(others.min()),
+                "median": float(others.median()),
+                "max": float(others.max()),
+            }
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["decoder", "aggregation"])
+    parser.add_argument("--parts", nargs="+", default=["prompts", "decoder", "aggregation"])
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--decoder-steps", type=int, default=1500)
@@ -268,7 +292,9 @@ def main() -> None:
     record: dict = {"args": {k: v for k, v in vars(args).items()}}
     for part in args.parts:
         start = time.perf_counter()
-        if part == "decoder":
+        if part == "prompts":
+            record["prompts"] = prompts_part(pipe, args.class_names)
+        elif part == "decoder":
             record["decoder"] = decoder_part(pipe, train, test, args)
         else:
             record["aggregation"] = aggregation_part(pipe, train, held, args)

@@ -147,9 +147,25 @@ def check_reply(
         return f"num-examples {examples!r} is not a positive integer", {}, 0, metrics
     if "arrays" not in content.array_records:
         return "no adapter in the reply", {}, 0, metrics
+    arrays = content.array_records["arrays"]
+    # the layout from each array's header first: nothing is decoded that is not the adapter's
+    header = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+    want = {k: (tuple(v.shape), "float32") for k, v in expected.items()}
+    if header != want:
+        wrong = sorted(k for k in set(header) | set(want) if header.get(k) != want.get(k))
+        key = wrong[0]
+        return (
+            (
+                f"not the adapter's layout: {len(wrong)} parts differ, first {key!r}: "
+                f"{header.get(key, 'missing')} where the adapter has {want.get(key, 'nothing')}"
+            ),
+            {},
+            0,
+            metrics,
+        )
     try:
-        adapter = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
-    except Exception as err:  # arrays in a format that does not deserialize
+        adapter = {k: a.numpy() for k, a in arrays.items()}
+    except Exception as err:  # bytes that do not decode to what the header says
         return f"unreadable adapter ({type(err).__name__}: {err})", {}, 0, metrics
     problem = state_problem(adapter, expected)
     return problem, adapter, examples, metrics

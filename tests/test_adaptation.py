@@ -171,10 +171,10 @@ def reply(arrays: dict[str, np.ndarray] | None, examples=100, error: str = "") -
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        (lambda s: {**s, "unet/extra": np.zeros(3, np.float32)}, "unexpected"),
+        (lambda s: {**s, "unet/extra": np.zeros(3, np.float32)}, "'unet/extra': ((3,), 'float32')"),
         (lambda s: {k: v for k, v in list(s.items())[1:]}, "missing"),
         (lambda s: {k: v.astype(np.float64) for k, v in s.items()}, "float64"),
-        (lambda s: {k: v[..., :1].copy() for k, v in s.items()}, "shape"),
+        (lambda s: {k: v[..., :1].copy() for k, v in s.items()}, "((2, 1), 'float32')"),
         (lambda s: {k: np.full_like(v, np.nan) for k, v in s.items()}, "not finite"),
         (lambda s: None, "no adapter"),
     ],

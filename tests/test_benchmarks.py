@@ -112,7 +112,7 @@ def test_gpu_session_runs_every_part_at_its_smallest_and_keeps_their_json(tmp_pa
     assert throughput["bf16-channels-last-over-fp32"] > 0
 
     adapter = record("adapter_step_tiny")
-    assert adapter["generator"] == "fgl-mini" and adapter["adapted-layers"] == 32
+    assert adapter["generator"] == "fgl-mini" and adapter["adapted-layers"] == 69  # attention+conv
     assert 0 < adapter["bytes-sent-by-a-silo"] < adapter["bytes-of-the-adapter-file"]
     (row,) = adapter["rows"]
     assert row["batch-size"] == 2
