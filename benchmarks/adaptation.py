@@ -40,7 +40,7 @@ RUN = {
 }
 ADAPT = {
     "generator-adaptation": "lora",
-    "adaptation-rounds": 3,
+    "adaptation-rounds": 6,
     "adaptation-steps": 250,
     "adaptation-rank": 16,
     "adaptation-lr": 0.002,
