@@ -420,12 +420,13 @@ class Progress:
     """One line per phase and per round as results.json records them, with central accuracy,
     and the server's progress lines while a long phase runs (synthesis, one-shot)."""
 
-    PHASES = ("load-data", "embed", "synthesize", "one-shot")
+    PHASES = ("load-data", "adapt", "embed", "synthesize", "one-shot")
 
     def __init__(self, results: Path, rounds: int) -> None:
         self.results, self.rounds = results, rounds
         self.phases: set[str] = set()
         self.logged: set[int] = set()
+        self.adapted: set[int] = set()  # adaptation rounds printed
         self.progress: dict | None = None
         self.mtime = time.time_ns()  # a results.json from an earlier run is not this one's
 
@@ -443,6 +444,14 @@ class Progress:
             self.progress = progress
             with contextlib.suppress(TypeError, ValueError):  # another version's: not shown
                 print(f"  {Snapshot.from_json(progress).line()}", flush=True)
+        adaptation = results.get("adaptation")
+        for record in adaptation.get("rounds", []) if isinstance(adaptation, dict) else []:
+            if record["round"] not in self.adapted:
+                self.adapted.add(record["round"])
+                silos = [s for s in record["silos"].values() if "left-out" not in s]
+                loss = sum(s["adapt-loss"] for s in silos) / max(1, len(silos))
+                print(f"  adaptation round {record['round']}: {len(silos)} silos averaged, "
+                      f"mean loss {loss:.4f}", flush=True)  # fmt: skip
         for phase, seconds in results.get("phase-seconds", {}).items():
             if phase in self.PHASES and phase not in self.phases:
                 self.phases.add(phase)

@@ -112,8 +112,10 @@ def test_progress_prints_each_phase_and_round_of_this_run_once(tmp_path, capsys)
     show = Progress(results, rounds=2)
     show()
     assert capsys.readouterr().out == ""
+    adapted = {"1": {"adapt-loss": 0.04}, "2": {"adapt-loss": 0.06}, "3": {"left-out": "no reply"}}
     running = {
-        "phase-seconds": {"load-data": 0.4, "embed": 2.0},
+        "phase-seconds": {"load-data": 0.4, "adapt": 5.0},
+        "adaptation": {"rounds": [{"round": 1, "silos": adapted}]},
         "progress": {
             "phase": "synthesis",
             "done": 240,
@@ -126,7 +128,8 @@ def test_progress_prints_each_phase_and_round_of_this_run_once(tmp_path, capsys)
     results.write_text(json.dumps(running))
     show()
     now = {
-        "phase-seconds": {"load-data": 0.4, "embed": 2.0, "rounds": 3.0},
+        "phase-seconds": {"load-data": 0.4, "adapt": 5.0, "embed": 2.0, "rounds": 3.0},
+        "adaptation": running["adaptation"],
         "progress": running["progress"],  # the last progress the server wrote stays
         "rounds": [{"round": 0, "test-accuracy": 0.1, "end-seconds": 1.0}]
         + [{"round": r, "test-accuracy": 0.5 + r / 10, "end-seconds": 2.0 * r} for r in (1, 2)],
@@ -137,7 +140,9 @@ def test_progress_prints_each_phase_and_round_of_this_run_once(tmp_path, capsys)
     show()  # nothing new: nothing printed twice
     assert capsys.readouterr().out.splitlines() == [
         "  synthesis: 240/600 images (40%), 3.1 images/s, about 1 min 56 s left",
+        "  adaptation round 1: 2 silos averaged, mean loss 0.0500",
         "  load-data done in 0 s",
+        "  adapt done in 5 s",
         "  embed done in 2 s",
         "  round 1/2: test accuracy 0.600 (2 s)",
         "  round 2/2: test accuracy 0.700 (4 s)",
