@@ -84,7 +84,8 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         node = per_node.setdefault(str(e["node-id"]), {"bytes-up": 0, "bytes-down": 0})
         node["bytes-up"] += e["bytes-received"]
         node["bytes-down"] += e["bytes-sent"]
-        seconds = e["metrics"].get("adapt-seconds", 0.0) + e["metrics"].get("train-seconds", 0.0)
+        seconds = sum(e["metrics"].get(k, 0.0) for k in ("adapt-seconds", "embed-seconds",
+                                                          "train-seconds"))  # fmt: skip
         node["compute-seconds"] = node.get("compute-seconds", 0.0) + seconds
     replication = replication_share(work / f"{row}-{seed}")
     rounds = results.get("rounds", [])
@@ -135,12 +136,14 @@ def main() -> None:
     blood = str(DATASETS / "bloodmnist_28.npz")
     parser.add_argument("--dataset", default=blood, help="as a run config names it: digits, a path")
     parser.add_argument("--name", default="adaptation", help="the JSON's name in " + str(OUT))
+    parser.add_argument("--keep", type=Path, help="keep the runs' folders (adapters, stores) here")
     args = parser.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
         for seed in args.seeds:
             for row in args.rows:
-                rows.append(measure(row, seed, args, Path(tmp)))
+                rows.append(measure(row, seed, args, work))
                 shown = ("row", "seed", "one-shot-test-accuracy", "one-shot-best-val-test-accuracy")
                 print(json.dumps({k: rows[-1][k] for k in shown}), flush=True)
                 summary = {
@@ -152,7 +155,8 @@ def main() -> None:
                     for name in args.rows
                     if (group := [r for r in rows if r["row"] == name])
                 }
-                record = {"args": vars(args), "run": RUN,
+                record = {"args": {k: v if not isinstance(v, Path) else str(v)
+                                   for k, v in vars(args).items()}, "run": RUN,
                           "rows": rows, "summary": summary}  # fmt: skip
                 write(args.name, record, echo=False)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,6 +24,7 @@ from fgl_core.payload import (
     ADAPTER_RECORD,
     REQUEST_RECORD,
     SILO_RECORD,
+    SUMMARY_RECORD,
     ChunkRequest,
     EmbedRequest,
 )
@@ -83,6 +85,7 @@ def embed(msg: Message, context: Context) -> Message:
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
     request = EmbedRequest.from_record(msg.content[REQUEST_RECORD])
+    start = time.perf_counter()
     silo = open_silo(cfg, context.node_config)
     learner = None
     if request.prompt_mode == "learned":
@@ -103,7 +106,9 @@ def embed(msg: Message, context: Context) -> Message:
         ) from None
     if payload.num_chunks(request.chunk_bytes) > 1:  # the server asks for the rest by digest
         keep_for_chunks(payload, cfg.cache_dir, context.node_id)
-    return Message(content=payload.to_records(request.chunk_bytes), reply_to=msg)
+    content = payload.to_records(request.chunk_bytes)
+    content[SUMMARY_RECORD]["embed-seconds"] = time.perf_counter() - start  # this silo's compute
+    return Message(content=content, reply_to=msg)
 
 
 def embed_chunk(msg: Message, context: Context) -> Message:

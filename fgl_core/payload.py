@@ -10,7 +10,7 @@ Reply (silo -> server):
   generators conditioned on text), `probe` (77, D) float16: the silo's encoding of
   the public `PROBE_PROMPT`, so the server can check that the silo's encoder computes the same
   function as its own, whichever library ran it;
-- MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`;
+- MetricRecord `summary`: `num-embeddings`, `payload-bytes`, `captions-failed`, `embed-seconds`;
 - ConfigRecord `silo`: `label-histogram` (images per class in the silo; empty with
   `secure-histograms`, where the server gets only the silos' sum, by SecAgg+) and
   `class-name-digests` (one per class name, in label order: `fgl_core.class_list`).
@@ -96,6 +96,7 @@ METRIC_KEYS = frozenset(
         "num-embeddings",
         "payload-bytes",
         "captions-failed",
+        "embed-seconds",
         "adapt-loss",
         "decoder-loss",
         "adapt-seconds",
