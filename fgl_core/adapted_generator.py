@@ -10,9 +10,9 @@ Two parts adapt (`fgl_core.adapters` holds the mechanics):
   so both parts train on the same latents, independently, in the same round.
 
 Why the decoder: `fgl-mini`'s autoencoder only ever saw white-on-black digits; BloodMNIST images
-sent through it and back lose their colours and textures, and a classifier trained on the round
-trip reaches 0.25 test accuracy where one trained on the same images at 16 px reaches 0.69
-(docs/measurements.md, "What adapts"). No adapter of the denoiser can draw what the decoder
+sent through it and back lose their colours and textures: a classifier trained on the round
+trip learns far less than one trained on the same images at 16 px (docs/measurements.md, "What
+adapts"). No adapter of the denoiser can draw what the decoder
 cannot render. SD 2.1's autoencoder was trained on web images and renders most domains; there
 `adapt-decoder` stays off and only the UNet's LoRA (1.6 MB a silo a round) travels.
 """

@@ -169,8 +169,11 @@ def test_the_adapter_step_runs_on_the_sd21_base_architecture_at_512_px_on_a_cpu(
     args = ["--batch-sizes", "1", "--steps", "1", "--warmup", "0"]
     record = run_benchmark("adapter_step", args, tmp_path)
     assert record["resolution"] == 512 and record["unet-parameters"] > 8e8
-    assert record["adapted-layers"] == 128  # every attention projection of SD 2.1's UNet
-    # rank 4: B is (out, 4) for each projection; float32; the file holds A too
-    assert 1e6 < record["bytes-sent-by-a-silo"] < record["bytes-of-the-adapter-file"] < 1e7
+    # the run's default adapter: every attention projection, ResNet convolution, transformer
+    # projection and feed-forward layer of SD 2.1's UNet, rank 8
+    assert record["adapted-layers"] == 250 and record["layers"] == "attention+conv"
+    # B is (out, 8) for each, float32: 9.28 MB a silo sends; the file holds A too (3 x 3 kernels)
+    assert record["bytes-sent-by-a-silo"] == 9_277_440
+    assert 3 * record["bytes-sent-by-a-silo"] < record["bytes-of-the-adapter-file"] < 4e7
     (row,) = record["rows"]
     assert row["plain"]["seconds-per-step"] > 0 and row["dp-sgd"]["seconds-per-step"] > 0
