@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fgl_client.silo import Silo, open_silo
@@ -49,9 +50,10 @@ def pipeline(ref: str, device: str, settings: AdaptSettings) -> Any:  # sets all
 
 def class_conditioning(pipe: Any, silo: Silo, cfg: RunConfig) -> Any:
     """Each training image's conditioning: its class's prompt (the run's class-level template
-    and style; the paper's class template when the run's prompts are per image), encoded by the
-    generator's own text encoder."""
-    template = cfg.effective_prompt_template if cfg.prompt_mode == "class" else PAPER_TEMPLATE
+    and style; the paper's class template when the run's prompts are per image, whose template
+    needs a caption), encoded by the generator's own text encoder."""
+    instance = cfg.prompt_mode == "instance"
+    template = PAPER_TEMPLATE if instance else cfg.effective_prompt_template
     present = np.unique(silo.train.labels)
     texts = [class_prompt(template, silo.class_names[int(c)], cfg.prompt_style) for c in present]
     encoded = encode_texts(pipe, texts)
@@ -91,7 +93,7 @@ def adapt(msg: Message, context: Context) -> Message:
     state = state_of(pipe, settings.adapt_decoder)
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: _tensor(v) for k, v in state.items()}),
+            "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()}),
             "metrics": MetricRecord(metrics),
             SILO_RECORD: ConfigRecord(
                 {"num-train": len(silo.train), DIGESTS_KEY: name_digests(silo.class_names)}
@@ -99,9 +101,3 @@ def adapt(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
-
-
-def _tensor(array: np.ndarray) -> Any:
-    import torch
-
-    return torch.from_numpy(array)

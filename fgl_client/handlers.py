@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fgl_client.adaptation import adapt
+from fgl_client.adaptation import adapt as adapt_generator
 from fgl_client.embedding import embed_silo, keep_for_chunks, kept_chunk
 from fgl_client.learned import ClassEmbeddingLearner
 from fgl_client.objectives import fedprox_loss, moon_loss
@@ -109,6 +109,19 @@ def embed(msg: Message, context: Context) -> Message:
     content = payload.to_records(request.chunk_bytes)
     content[SUMMARY_RECORD]["embed-seconds"] = time.perf_counter() - start  # this silo's compute
     return Message(content=content, reply_to=msg)
+
+
+def adapt(msg: Message, context: Context) -> Message:
+    """Before round 0: a round of adapting the generator on this silo's images."""
+    try:
+        return adapt_generator(msg, context)
+    except ModelRefError as err:  # the generator is the server's choice: its reply says no more
+        log.error("the generator the run names cannot be loaded here: %s", err)
+        generator = context.run_config.get("generator", "fgl-mini")
+        raise SiloModelUnusable(
+            f"a model the run names (generator {generator!r}) cannot be loaded on this silo "
+            "(the silo's log says why)"
+        ) from None
 
 
 def embed_chunk(msg: Message, context: Context) -> Message:

@@ -46,32 +46,36 @@ def test_a_silo_tells_the_server_only_that_a_named_model_cannot_be_loaded(
 ):
     """The generator's path is the server's choice: the reply must not say whether it exists on
     the silo (a missing directory and an empty one read the same), only which model it named."""
-    from flwr.app import Context, Message, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-    from fgl_client.handlers import SiloModelUnusable, embed
+    from fgl_client.handlers import SiloModelUnusable, adapt, embed
     from fgl_core.payload import REQUEST_RECORD, EmbedRequest
 
     missing, empty = tmp_path / "no-such-model", tmp_path / "empty-model"
     empty.mkdir()
     replies = []
-    for path in (missing, empty):
-        run_config = {"generator": str(path), "cache-dir": str(tmp_path / "cache")}
-        request = EmbedRequest.from_config(RunConfig.from_flower(run_config)).to_record()
-        msg = Message(
-            content=RecordDict({REQUEST_RECORD: request}), dst_node_id=1, message_type="query.embed"
-        )
-        context = Context(
-            run_id=1,
-            node_id=1,
-            node_config={"data-path": str(breast_npz)},
-            state=RecordDict(),
-            run_config=run_config,
-        )
-        with pytest.raises(SiloModelUnusable) as err:
-            embed(msg, context)
-        replies.append(str(err.value).replace(path.name, "X"))
-    assert replies[0] == replies[1]  # existence is not told apart
-    assert "generator" in replies[0] and "the silo's log says why" in replies[0]
+    for handler in (embed, adapt):  # round 0, and a round of adapting the generator
+        for path in (missing, empty):
+            run_config = {"generator": str(path), "cache-dir": str(tmp_path / "cache"),
+                          "strategy": "fgl", "generator-adaptation": "lora"}  # fmt: skip
+            request = EmbedRequest.from_config(RunConfig.from_flower(run_config)).to_record()
+            content = RecordDict({REQUEST_RECORD: request})
+            if handler is adapt:
+                content = RecordDict({"arrays": ArrayRecord(),
+                                      "config": ConfigRecord({"server-round": 1})})  # fmt: skip
+            msg = Message(content=content, dst_node_id=1, message_type="query.x")
+            context = Context(
+                run_id=1,
+                node_id=1,
+                node_config={"data-path": str(breast_npz)},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            with pytest.raises(SiloModelUnusable) as err:
+                handler(msg, context)
+            replies.append(str(err.value).replace(path.name, "X"))
+    assert replies[0] == replies[1] and replies[2] == replies[3]  # existence is not told apart
+    assert all("generator" in r and "the silo's log says why" in r for r in replies)
     # the handler logs as a ClientApp does: to stderr, or where logging is already configured
     log = capfd.readouterr().err + caplog.text
     assert "no such directory" in log and "could not be loaded from it" in log
