@@ -298,8 +298,8 @@ def relabelling_silos(monkeypatch, shift_of_partition) -> None:
 
     honest = embedding.build_payload
 
-    def build_payload(request, silo, encoder, captioner_fn=None):
-        payload = honest(request, silo, encoder, captioner_fn)
+    def build_payload(request, silo, encoder, captioner_fn=None, learner=None):
+        payload = honest(request, silo, encoder, captioner_fn, learner)
         shift = shift_of_partition(silo.partition_id)
         return dataclasses.replace(
             payload,
