@@ -13,13 +13,13 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fgl_client.silo import Silo, open_silo
 from fgl_core.adapted_generator import (
     AdaptSettings,
     adapt_on_silo,
+    adapter_record,
     adapter_settings,
     encode_texts,
     load_pipeline,
@@ -93,7 +93,7 @@ def adapt(msg: Message, context: Context) -> Message:
     state = state_of(pipe, settings.adapt_decoder)
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()}),
+            "arrays": adapter_record(state),
             "metrics": MetricRecord(metrics),
             SILO_RECORD: ConfigRecord(
                 {"num-train": len(silo.train), DIGESTS_KEY: name_digests(silo.class_names)}

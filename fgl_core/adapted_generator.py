@@ -131,6 +131,13 @@ def state_of(pipe: Any, decoder: bool) -> dict[str, np.ndarray]:
     return state
 
 
+def adapter_record(state: Mapping[str, np.ndarray]) -> Any:
+    """The adapter as the ArrayRecord `query.adapt` and the learned-mode embed request carry."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({key: torch.from_numpy(value) for key, value in state.items()})
+
+
 def state_problem(state: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> str:
     """Why `state` is not an adapter of `expected`'s layout ("" if it is): its keys, each array's
     shape and dtype (float32), finite values."""

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fgl_core.adapted_generator import (
     AdaptSettings,
+    adapter_record,
     adapter_settings,
     load_pipeline,
     load_state,
@@ -98,7 +99,7 @@ def adaptation_round(
     """One round: the adapter to every connected silo, their adapters back, checked and
     averaged by examples. The new adapter and the round's record (per node: examples, loss,
     seconds, epsilon, or why it was left out)."""
-    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()})
+    arrays = adapter_record(state)
     nodes = sorted(grid.get_node_ids())
     messages = [
         Message(

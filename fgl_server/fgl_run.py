@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
+from fgl_core.adapted_generator import adapter_record
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
 from fgl_core.domain_prompts import (
@@ -103,9 +104,7 @@ def run_fgl(
         adapter_digest=adapter.digest if adapter else "",
     )
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
-    sent_adapter = (
-        ArrayRecord({k: torch.from_numpy(v) for k, v in adapter.state.items()}) if adapter else None
-    )
+    sent_adapter = adapter_record(adapter.state) if adapter else None
     payloads, histogram = embedding_round(
         grid, cfg, engine, data.class_names, recorder, domains, sent_adapter
     )
