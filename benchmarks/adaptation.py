@@ -57,6 +57,7 @@ ROWS = {
     "learned": {"prompt-mode": "learned"},
     "lora+learned": {**ADAPT, "prompt-mode": "learned"},
     "instance": {"prompt-mode": "instance"},
+    "lora+instance": {**ADAPT, "prompt-mode": "instance"},
 }
 
 

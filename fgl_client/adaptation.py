@@ -1,8 +1,8 @@
 """A silo's round of adapting the generator: the server's adapter in, this silo's out.
 
 The silo loads the generator (the run's `generator`, as it does to embed), sets the adapter the
-server sent, trains it on its own training images, each conditioned on its class's prompt as the
-silo would send it at class level, and replies with the trained adapter and its number of
+server sent, trains it on its own training images, each conditioned on the prompt the silo sends
+for it at round 0 (`conditioning`), and replies with the trained adapter and its number of
 images (`fgl_core.adapted_generator` says what adapts and how).
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fgl_client.embedding import captioner, silo_prompts
 from fgl_client.silo import Silo, open_silo
 from fgl_core.adapted_generator import (
     AdaptSettings,
@@ -30,7 +31,7 @@ from fgl_core.adapted_generator import (
 from fgl_core.class_list import DIGESTS_KEY, name_digests
 from fgl_core.config import RunConfig
 from fgl_core.console import configure_logging
-from fgl_core.payload import SILO_RECORD
+from fgl_core.payload import SILO_RECORD, EmbedRequest
 from fgl_core.pretrained import resolve_model_ref
 from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
 from fgl_core.seeds import derive_seed
@@ -48,17 +49,27 @@ def pipeline(ref: str, device: str, settings: AdaptSettings) -> Any:  # sets all
     return pipe
 
 
-def class_conditioning(pipe: Any, silo: Silo, cfg: RunConfig) -> Any:
-    """Each training image's conditioning: its class's prompt (the run's class-level template
-    and style; the paper's class template when the run's prompts are per image, whose template
-    needs a caption), encoded by the generator's own text encoder."""
+def conditioning(pipe: Any, silo: Silo, cfg: RunConfig) -> Any:
+    """Each training image's conditioning, encoded by the generator's own text encoder: the
+    prompt the silo sends for it at round 0. At class level (and `learned`, which starts from
+    it) its class's prompt, in the run's template and style; at instance level the images the
+    silo captions for round 0 (the same draw, so the same captions) carry their own prompts,
+    and the rest their class's prompt in the paper's class template."""
+    labels = silo.train.labels
     instance = cfg.prompt_mode == "instance"
     template = PAPER_TEMPLATE if instance else cfg.effective_prompt_template
-    present = np.unique(silo.train.labels)
-    texts = [class_prompt(template, silo.class_names[int(c)], cfg.prompt_style) for c in present]
-    encoded = encode_texts(pipe, texts)
-    row = {int(c): i for i, c in enumerate(present)}
-    return encoded[[row[int(label)] for label in silo.train.labels]]
+    per_image = [class_prompt(template, silo.class_names[int(c)], cfg.prompt_style)
+                 for c in labels]  # fmt: skip
+    if instance:
+        request = EmbedRequest.from_config(cfg)
+        device = str(pick_device(cfg.device))
+        prompts = silo_prompts(request, silo, lambda: captioner(
+            request.captioner, cfg.cache_dir, device, request.caption_max_tokens))  # fmt: skip
+        for image, text in zip(prompts.images or [], prompts.texts, strict=True):
+            per_image[image] = text
+    texts = sorted(set(per_image))  # each distinct prompt encoded once
+    row = {text: i for i, text in enumerate(texts)}
+    return encode_texts(pipe, texts)[[row[text] for text in per_image]]
 
 
 def adapt(msg: Message, context: Context) -> Message:
@@ -75,7 +86,7 @@ def adapt(msg: Message, context: Context) -> Message:
     load_state(pipe, received)
     silo_salt = silo.partition_id if silo.partition_id >= 0 else context.node_id % 1_000_003
     seed = derive_seed(cfg.seed, "silo-adapt", silo_salt, server_round)
-    done = adapt_on_silo(pipe, silo.train.images, class_conditioning(pipe, silo, cfg), settings,
+    done = adapt_on_silo(pipe, silo.train.images, conditioning(pipe, silo, cfg), settings,
                          server_round, seed)  # fmt: skip
     tail = max(1, len(done.unet_losses) // 5)  # the last fifth of the round's steps
     metrics = {

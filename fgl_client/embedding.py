@@ -78,12 +78,14 @@ def pick_images_to_caption(labels: np.ndarray, per_class: int, seed: int) -> np.
 @dataclass(frozen=True)
 class SiloPrompts:
     """The texts a silo encodes, with each one's label and domain (its index in the request's
-    `domain-names`; 0 without domains), and how many captions failed."""
+    `domain-names`; 0 without domains), how many captions failed, and at instance level each
+    text's training image (its index in the silo's training set)."""
 
     texts: list[str]
     labels: list[int]
     domains: list[int]
     captions_failed: int = 0
+    images: list[int] | None = None
 
 
 def image_domains(request: EmbedRequest, silo: Silo) -> np.ndarray:
@@ -149,7 +151,7 @@ def silo_prompts(request: EmbedRequest, silo: Silo, captioner_fn=None) -> SiloPr
     for label, domain, caption in zip(labels, prompt_domains, captions.texts, strict=True):
         style, template = style_and_template(domain)
         texts.append(instance_prompt(silo.class_names[label], caption, template, style))
-    return SiloPrompts(texts, labels, prompt_domains, len(captions.failed))
+    return SiloPrompts(texts, labels, prompt_domains, len(captions.failed), images)
 
 
 def build_payload(

@@ -237,3 +237,37 @@ def test_the_config_refuses_learned_embeddings_with_what_they_cannot_be_checked_
     assert RunConfig.from_flower({"prompt-mode": "learned"}).effective_prompt_template == (
         "{label}, real world images, high resolution"
     )
+
+
+def test_at_instance_level_a_silo_adapts_on_the_prompts_it_sends(blood_npz, tmp_path):
+    """The images a silo captions for round 0 are conditioned on their own prompts, the same
+    texts it sends; the others on their class's prompt."""
+    from fgl_client.adaptation import conditioning
+    from fgl_client.embedding import captioner, silo_prompts
+    from fgl_client.silo import load_silo
+    from fgl_core.adapted_generator import encode_texts
+    from fgl_core.payload import EmbedRequest
+    from fgl_core.pretrained import resolve_model_ref
+    from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
+
+    cache = str(tmp_path)
+    cfg = RunConfig.from_flower({"strategy": "fgl", "dataset": str(blood_npz),
+                                 "train-subset": 120, "prompt-mode": "instance",
+                                 "max-captions-per-class": 2, "generator": "offline-tiny",
+                                 "captioner": "offline-tiny", "cache-dir": cache,
+                                 "generator-adaptation": "lora"})  # fmt: skip
+    silo = load_silo(cfg, {"partition-id": 0, "num-partitions": 2})
+    pipe = load_pipeline(resolve_model_ref("offline-tiny", "generator", cache), torch.device("cpu"))
+    rows = conditioning(pipe, silo, cfg)
+    sent = silo_prompts(EmbedRequest.from_config(cfg), silo,
+                        lambda: captioner("offline-tiny", cache, "cpu"))  # fmt: skip
+    captioned = np.asarray(sent.images)
+    assert len(rows) == len(silo.train) and 0 < len(captioned) < len(silo.train)
+    assert torch.allclose(rows[captioned], encode_texts(pipe, sent.texts))
+    rest = np.setdiff1d(np.arange(len(silo.train)), captioned)
+    names = [class_prompt(PAPER_TEMPLATE, silo.class_names[int(c)])
+             for c in silo.train.labels[rest]]  # fmt: skip
+    assert torch.allclose(rows[rest], encode_texts(pipe, names))
+    own_class = encode_texts(pipe, [class_prompt(PAPER_TEMPLATE, silo.class_names[int(c)])
+                                    for c in silo.train.labels[captioned]])  # fmt: skip
+    assert not torch.allclose(rows[captioned], own_class)  # the captions are in them
