@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 class ClassEmbeddingLearner:
     """`learner(embeds, labels)` for `fgl_client.embedding.build_payload`: each row's class
     embedding learned from that row (the class prompt's encoding) on the silo's images of its
-    class; (n, 77, D) float32 out."""
+    class; (n, 77, D) float32 out. The generator: the run's with `adapter` set, or `pipe` as
+    given."""
 
     def __init__(
         self,
@@ -39,11 +40,14 @@ class ClassEmbeddingLearner:
         silo: Silo,
         adapter: Mapping[str, np.ndarray] | None,
         seed_salt: int,
+        pipe: Any = None,
     ) -> None:
         self.cfg, self.request, self.silo, self.seed_salt = cfg, request, silo, seed_salt
-        self.adapter = adapter
+        self.adapter, self.given_pipe = adapter, pipe
 
     def _pipe(self) -> Any:
+        if self.given_pipe is not None:  # a generator already set as wanted (the privacy report)
+            return self.given_pipe
         ref = resolve_model_ref(self.request.generator, "generator", self.cfg.cache_dir)
         pipe = pipeline(ref, self.cfg.device, adapter_settings(self.cfg))
         if self.adapter is not None:

@@ -13,6 +13,9 @@ The server's inversion (`fgl_privacy.inversion`) then tries to read each prompt 
 noise and under a range of noise multipliers; the report gives token accuracy and exact
 recovery, the (epsilon, delta) of each noise level, and what the server receives that it could
 not compute itself (each silo's label histogram, or with `secure-histograms` only their sum).
+A run of learned class embeddings has them learned again as its silos learned them (their seeds,
+the run's adapter) and read back, with how far they moved; a run that adapted the generator has
+what the server received in the adaptation rounds, and each silo's epsilon for them.
 
 Where the run left its model and synthetic set, the report adds the replication search
 (`fgl_privacy.replication`: each synthetic image's nearest real training image) and, with
@@ -27,6 +30,7 @@ exactly as each target, is `benchmarks/lira.py`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -101,6 +105,8 @@ class InversionRow:
     token_accuracy: float
     exact: float
     example: tuple[str, str]  # (the prompt, what the server read)
+    moved: tuple[float, ...] = ()  # learned: each silo's median L2 distance from its templates'
+    # embeddings, over their norms
 
 
 def server_inverter(encoder: TextEncoder) -> tuple[PromptInverter, int] | None:
@@ -169,13 +175,77 @@ def silo_texts(
     return prompts
 
 
+def learned_embeddings(
+    cfg: RunConfig, silos: list[Silo], per_silo: int, run_dir: Path, encoder: TextEncoder
+) -> tuple[list[str], list[np.ndarray], tuple[float, ...]]:
+    """Up to `per_silo` class prompts of each silo and their embeddings learned as the silo
+    learns them (`fgl_client.learned`, its seeds), against the generator the run adapted
+    (its `adapter/`) or the stock one: (the prompts, [learned, pooled] as the silo sends them,
+    each silo's median distance moved, relative to the template's norm)."""
+    from fgl_client.learned import ClassEmbeddingLearner
+    from fgl_core.adapted_generator import apply_adapter, load_pipeline
+    from fgl_core.pretrained import resolve_model_ref
+
+    pipe = load_pipeline(resolve_model_ref(cfg.generator, "generator", cfg.cache_dir), CPU)
+    if (run_dir / "adapter").is_dir():
+        apply_adapter(pipe, run_dir / "adapter")
+    pipe.unet.requires_grad_(False)
+    request = EmbedRequest.from_config(cfg)
+    prompts, learned, pooled, moved = [], [], [], []
+    for silo in silos:
+        sent = silo_prompts(request, silo)
+        texts, labels = sent.texts[:per_silo], sent.labels[:per_silo]
+        embeds, pool = encoder.encode_with_pooled(texts)
+        learner = ClassEmbeddingLearner(cfg, request, silo, None, silo.partition_id, pipe)
+        rows = learner(embeds, labels).to(torch.float16).to(torch.float32)
+        gaps = torch.linalg.norm((rows - embeds).flatten(1), dim=1) / torch.linalg.norm(
+            embeds.flatten(1), dim=1
+        )
+        moved.append(round(float(np.median(gaps.numpy())), 4))
+        prompts += texts
+        learned.append(rows.numpy())
+        pooled.append(pool.numpy())
+    return prompts, [np.concatenate(learned), np.concatenate(pooled)], tuple(moved)
+
+
+def adaptation_section(results: dict, cfg: RunConfig) -> list[str]:
+    """What the adaptation rounds gave the server: each silo's adapter every round, and under
+    DP-SGD each silo's (epsilon, delta) for them."""
+    record = results.get("adaptation")
+    if cfg.generator_adaptation == "none" or not isinstance(record, dict):
+        return []
+    rounds = record.get("rounds") or []
+    parts = "the UNet's LoRA B factors" + (" and the decoder's weights" if cfg.adapt_decoder
+                                            else "")  # fmt: skip
+    lines = [
+        "", "## The generator's adapter", "",
+        f"In {len(rounds)} adaptation rounds the server received each silo's adapter every "
+        f"round ({parts}, {record.get('adapter-bytes', 0) / 1e6:.2f} MB): a model update trained "
+        "on the silo's own images, which the server could use alone, not only in the average. "
+        "The replication search below runs over the synthetic set the averaged adapter drew.",
+    ]  # fmt: skip
+    dp = record.get("dp")
+    if not cfg.adaptation_noise or not isinstance(dp, dict):
+        return [*lines, "", "No DP-SGD (`adaptation-noise = 0`): the adapters carry no "
+                "guarantee; what they give away is measured only by that search."]  # fmt: skip
+    epsilons = dp.get("epsilon-per-silo") or {}
+    lines += [
+        "", f"DP-SGD on every silo (noise multiplier {cfg.adaptation_noise:g}, each image's "
+        f"gradient clipped to {cfg.adaptation_clip:g}); each silo's (epsilon, delta) over all "
+        f"rounds, by Opacus' RDP accountant, at delta = {cfg.adaptation_delta:g}:", "",
+        "| silo | epsilon |", "| --- | --- |",
+    ]  # fmt: skip
+    lines += [f"| {silo} | {float(eps):.3g} |" for silo, eps in sorted(epsilons.items())]
+    return lines
+
+
 def inversion_section(
     run_dir: Path, rows: list[InversionRow], cfg: RunConfig, delta: float
 ) -> list[str]:
     """The inversion table and its plot (privacy_inversion.png)."""
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("class", "instance"):
+    for mode in ("class", "instance", "learned"):
         points = [(r.noise_multiplier, r.token_accuracy) for r in rows if r.mode == mode]
         if points:
             x, y = zip(*[(max(m, 1e-4), a) for m, a in points], strict=True)
@@ -215,6 +285,16 @@ def inversion_section(
             f"| {r.mode} level | {r.noise_multiplier:g} | {epsilon} | {r.prompts} | "
             f"{r.token_accuracy:.2f} | {r.exact:.2f} | `{sent}` / `{read}` |"
         )
+    learned = [r for r in rows if r.mode == "learned"]
+    if learned:
+        lines += [
+            "",
+            f"Learned level: each prompt's class embedding learned as its silo learned it "
+            f"(each silo's median moved {min(learned[0].moved):.2f}-{max(learned[0].moved):.2f} "
+            "of the template's norm), read back against "
+            "the template it started from; what it encodes of the silo's images beyond the "
+            "class is what the synthetic images it draws show (the replication search).",
+        ]
     return [*lines, "", "![inversion against noise](privacy_inversion.png)"]
 
 
@@ -422,10 +502,12 @@ def inversion_rows(
     delta: float = 1e-5,
     seed: int = 0,
     modes: tuple[str, ...] = ("class", "instance"),
+    run_dir: Path | None = None,
 ) -> list[InversionRow]:
     """The server's inversion of up to `per_silo` prompts of each silo in each mode, as sent
-    (float16) and under each noise multiplier (and the run's own); none for a class-conditional
-    generator."""
+    (float16) and under each noise multiplier (and the run's own); for a run of learned
+    embeddings (given its folder) first theirs, learned as its silos learned them; none for a
+    class-conditional generator."""
     cache_dir = cfg.cache_dir if Path(cfg.cache_dir).is_dir() else tempfile.mkdtemp()
     encoder = text_encoder(cfg.generator, cache_dir, "cpu")
     target = server_inverter(encoder)
@@ -436,6 +518,11 @@ def inversion_rows(
         return rows
     inverter, columns = target
     start = time.perf_counter()
+    if cfg.prompt_mode == "learned" and run_dir is not None:  # what this run's silos sent
+        prompts, parts, moved = learned_embeddings(cfg, silos, per_silo, run_dir, encoder)
+        row = measure(inverter, prompts, parts, columns, "learned", 0.0, 0.0, delta, rng)
+        rows.append(dataclasses.replace(row, moved=moved))
+        log.info("learned: %.2f of the templates' tokens read back", row.token_accuracy)
     for mode in modes:
         prompts = silo_texts(cfg, silos, mode, per_silo, cache_dir)
         parts = [t.numpy() for t in encoder.encode_with_pooled(prompts)]
@@ -467,12 +554,14 @@ def report(
     silos = run_silos(results, cfg)
     histograms = [silo.train.label_histogram(silo.num_classes) for silo in silos]
     start = time.perf_counter()
-    rows = inversion_rows(cfg, silos, multipliers, per_silo, delta, seed, modes)
+    rows = inversion_rows(cfg, silos, multipliers, per_silo, delta, seed, modes, run_dir)
     figures = report_figures(run_dir, cfg, rows, histograms, delta)
     figures["seconds"]["inversion"] = round(time.perf_counter() - start, 1)
     path = write_report(run_dir, rows, histograms, cfg, delta)  # kept if what follows fails
     write_figures(run_dir, figures)
-    extra: list[str] = []
+    extra: list[str] = adaptation_section(results, cfg)
+    adapted = results.get("adaptation")
+    figures["adaptation-dp"] = adapted.get("dp") if isinstance(adapted, dict) else None
     failed: list[str] = []
 
     def part(name: str, heading: str, run) -> None:  # type: ignore[no-untyped-def]

@@ -271,3 +271,27 @@ def test_at_instance_level_a_silo_adapts_on_the_prompts_it_sends(blood_npz, tmp_
     own_class = encode_texts(pipe, [class_prompt(PAPER_TEMPLATE, silo.class_names[int(c)])
                                     for c in silo.train.labels[captioned]])  # fmt: skip
     assert not torch.allclose(rows[captioned], own_class)  # the captions are in them
+
+
+def test_the_privacy_report_covers_the_adapters_and_relearns_what_the_silos_sent(resumed):
+    """The report states each silo's epsilon for the adapters, and learns each silo's class
+    embeddings again as the silo did (its seeds, the run's adapter): they moved as far from the
+    templates as the embeddings the server received."""
+    from fgl_client.embedding import text_encoder
+    from fgl_privacy.report import learned_embeddings, read_results, report, run_silos
+
+    tmp, _, _, results = resumed
+    run = tmp / "private"
+    text = report(run, multipliers=(0.0,), per_silo=1, modes=()).read_text()
+    assert f"In {ROUNDS} adaptation rounds the server received each silo's adapter" in text
+    for node, epsilon in results["adaptation"]["dp"]["epsilon-per-silo"].items():
+        assert f"| {node} | {epsilon:.3g} |" in text
+    figures = json.loads((run / "privacy_report.json").read_text())
+    (learned,) = [row for row in figures["inversion"] if row["mode"] == "learned"]
+    assert learned["prompts"] == 2 and "| learned level | 0 | none |" in text
+    _, cfg = read_results(run)  # every class of each silo, as the silos learned them
+    encoder = text_encoder(cfg.generator, cfg.cache_dir, "cpu")
+    moved = learned_embeddings(cfg, run_silos(results, cfg), 8, run, encoder)[2]
+    received = results["embedding"]["learned-distance-per-node"].values()
+    assert min(moved) > 0
+    assert sorted(moved) == pytest.approx(sorted(d["median"] for d in received), abs=2e-3)
