@@ -7,7 +7,7 @@ embedding, the silo optimizes it against Stable Diffusion's denoising loss on it
 the class, through the frozen (or adapted) UNet, and would send the result in today's wire format
 (77 x D float16, the same chunks, caps and noise option). What the server can check of it, and what
 it leaks, are measured separately (issue "Where the generator has never seen the silos' domain");
-this module only learns it. Not yet wired into a run (`prompt-mode = "learned"` follows).
+this module only learns it; `fgl_client.learned` runs it on a silo for `prompt-mode = "learned"`.
 """
 
 from __future__ import annotations

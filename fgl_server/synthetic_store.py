@@ -9,12 +9,16 @@ file matches that record: a truncated, zeroed, flipped or replaced shard is name
 run makes it again; `load()` refuses one by name. A manifest that cannot be read or does not
 match the plan (the folder's name is the plan's hash, so either is damage) is rebuilt from the
 shards that verify: each read whole (its zip's CRC checks every byte), with the plan's image
-count and labels for its range and uint8 RGB images; only the others are made again.
+count and labels for its range and uint8 RGB images; only the others are made again. A manifest
+of another shape (a list, a shard record that is not one) is such damage; a folder in its place
+is refused by name. Every load checks the bytes it loads against the shard table, so a shard
+changed on disk while a `ShardStream` trains from it is refused at its next epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -56,10 +60,17 @@ class SyntheticStore:
         store_dir = Path(store_dir)
         try:
             plan = json.loads((store_dir / "manifest.json").read_text())
-            plan.pop("shards")
-            shard_size = plan.pop("shard-size")
-        except (OSError, ValueError, KeyError, AttributeError) as err:
+        except (OSError, ValueError) as err:
             raise StoreError(f"{store_dir}: no readable manifest ({err})") from None
+        shard_size = plan.get("shard-size") if isinstance(plan, dict) else None
+        if not isinstance(plan, dict) or not isinstance(plan.get("labels"), list) or not (
+            isinstance(shard_size, int) and shard_size > 0
+        ):
+            raise StoreError(
+                f"{store_dir}: manifest.json is not a store's manifest (a JSON object with "
+                "`labels` and a positive `shard-size`)"
+            )
+        plan = {k: v for k, v in plan.items() if k not in ("shards", "shard-size")}
         store = cls(store_dir.parent, plan, shard_size)
         if store.dir != store_dir:
             raise StoreError(f"{store_dir}: its manifest describes another plan")
@@ -72,14 +83,19 @@ class SyntheticStore:
     def _read_shard_table(self) -> dict[str, dict]:
         """The finished shards the manifest records; a manifest that is unreadable or of
         another plan is rebuilt (and then no shard is trusted)."""
+        if self.manifest_path.is_dir():  # not ours to delete: the operator removes it
+            raise StoreError(f"{self.manifest_path} is a folder, not the store's manifest: "
+                             "remove it, and the next run rebuilds the manifest")  # fmt: skip
         if self.manifest_path.exists():
             try:
                 stored = json.loads(self.manifest_path.read_text())
-                shards = stored.pop("shards")
-                if stored == self.plan and isinstance(shards, dict):
-                    return shards
-                reason = "it records another plan"
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                reason = "it is not a JSON object"
+                if isinstance(stored, dict):
+                    shards = stored.pop("shards", None)
+                    if stored == self.plan and _is_shard_table(shards):
+                        return shards
+                    reason = "it records another plan, or a shard table of another shape"
+            except (OSError, ValueError) as err:
                 reason = f"it cannot be read ({type(err).__name__}: {err})"
             kept = {str(shard): record for shard, record in self._shards_that_verify()}
             log.warning(
@@ -135,21 +151,18 @@ class SyntheticStore:
         return self.dir / f"shard-{shard:05d}.npz"
 
     def problem(self, shard: int) -> str | None:
-        """Why shard `shard` is not usable as recorded (missing, unrecorded, altered), or None.
-        Each shard is hashed once per store: `load()` after synthesis does not read it again."""
+        """Why shard `shard` is not usable as recorded (missing, unrecorded, altered), or None;
+        to decide what to make, each shard is hashed once per store (`load_shards` checks the
+        bytes it loads at every load)."""
         path, record = self.shard_path(shard), self.shards.get(str(shard))
         if shard in self._verified and path.is_file():
             return None
         if not path.is_file():
             return None if record is None else f"{path.name} is missing"
-        if record is None:
-            return f"{path.name} is not in the manifest's shard table"
-        digest = _sha256(path)
-        if digest != record.get("sha256"):
-            recorded = str(record.get("sha256"))[:12]
-            return f"{path.name} has sha256 {digest[:12]}..., the manifest recorded {recorded}..."
-        self._verified.add(shard)
-        return None
+        problem = _digest_problem(path, record, _sha256(path))
+        if problem is None:
+            self._verified.add(shard)
+        return problem
 
     def missing(self) -> list[int]:
         """The shards still to make: absent, or present but damaged (each named in the log)."""
@@ -186,13 +199,17 @@ class SyntheticStore:
         """These shards' images, in this order, each checked as `load` checks it."""
         images, labels = [], []
         for shard in shards:
-            path = self.shard_path(shard)
-            problem = self.problem(shard) or (None if path.is_file() else f"{path.name} is missing")
+            path, record = self.shard_path(shard), self.shards.get(str(shard))
+            try:  # the bytes checked are the bytes loaded, at every load (a stream's every epoch)
+                data = path.read_bytes()
+                problem = _digest_problem(path, record, hashlib.sha256(data).hexdigest())
+            except OSError:
+                problem = f"{path.name} is missing"
             if problem:
                 raise StoreError(f"synthetic store {self.dir}: {problem}; rerun to remake it")
             start, end = self.shard_range(shard)
             try:
-                with np.load(path, allow_pickle=False) as archive:
+                with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                     shard_images, shard_labels = archive["images"], archive["labels"]
             except Exception as err:  # the digest matched, so this is a store written wrongly
                 raise StoreError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
@@ -313,6 +330,26 @@ def synthesize_into_store(
         "seconds": seconds,
         "images-per-second": rate,
     }
+
+
+def _is_shard_table(shards: object) -> bool:
+    """A manifest's shard table as `write` records it: {shard: {"images": n, "sha256": hex}}."""
+    return isinstance(shards, dict) and all(
+        isinstance(record, dict)
+        and isinstance(record.get("images"), int)
+        and isinstance(record.get("sha256"), str)
+        for record in shards.values()
+    )
+
+
+def _digest_problem(path: Path, record: dict | None, digest: str) -> str | None:
+    """Why a shard whose bytes hash to `digest` is not the one the manifest recorded, or None."""
+    if record is None:
+        return f"{path.name} is not in the manifest's shard table"
+    if digest != record["sha256"]:
+        recorded = record["sha256"][:12]
+        return f"{path.name} has sha256 {digest[:12]}..., the manifest recorded {recorded}..."
+    return None
 
 
 def _sha256(path: Path) -> str:
