@@ -235,9 +235,10 @@ class RunConfig(BaseModel):
     `embedding-clip` per value; needs `embedding-clip`"""
     secure_histograms: bool = False
     """the label histograms reach the server only as their sum, through Flower's SecAgg+; silos
-    then send every class's prompt. Needs `prompt-mode = "class"`; with `synthesis-plan =
-    "proportional"` also `max-silo-share = 1.0` (the cap needs each silo's histogram; see [What
-    the server learns](privacy.md#what-the-server-learns))"""
+    then send every class's prompt, and the `balanced` plan draws every class. Needs
+    `prompt-mode = "class"`; with `synthesis-plan = "proportional"` also `max-silo-share = 1.0`
+    (the cap needs each silo's histogram; see [What the server
+    learns](privacy.md#what-the-server-learns))"""
 
     # FGL: the generator adapted to the silos' domain before round 0
     generator_adaptation: Literal["none", "lora"] = "none"

@@ -164,7 +164,8 @@ def synthesize(
     prompts, histogram = merge_payloads(
         payloads, data.num_classes, cfg.max_silo_share, secure_histogram, cfg.synthesis_plan
     )
-    jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed)
+    jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed,
+                       every_class=secure_histogram is not None)  # fmt: skip
     store = SyntheticStore(
         Path(cfg.cache_dir) / "synthetic",
         store_manifest(engine, prompts, jobs, cfg.synthesis_batch_size),

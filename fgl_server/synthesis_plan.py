@@ -143,13 +143,17 @@ def plan_images(
     images_per_class: int,
     mode: str,
     run_seed: int,
+    every_class: bool = False,
 ) -> list[ImageJob]:
-    """Images per class by `mode`, spread over each class's prompts by their weights."""
+    """Images per class by `mode`, spread over each class's prompts by their weights. A class
+    no silo holds gets nothing; with `every_class` (secure histograms: every silo sends every
+    class's prompt, and a silo can hide a negative count inside the secure sum that zeroes
+    another's class) the balanced plan draws every class with a prompt, whatever the sum says."""
     by_class: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_class.setdefault(prompt.label, []).append(i)
-    # a class no silo holds gets nothing (with secure histograms every class has a prompt)
-    classes = [c for c in sorted(by_class) if histogram[c] > 0]
+    held = every_class and mode == "balanced"
+    classes = [c for c in sorted(by_class) if held or histogram[c] > 0]
     if mode == "balanced":
         counts = {c: images_per_class for c in classes}
     elif mode == "proportional":

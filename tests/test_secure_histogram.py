@@ -130,17 +130,21 @@ def test_a_silo_sends_every_class_and_no_histogram(secure_payload):
             validate_payload("node 1", silent, secure)
 
 
-def test_the_plan_skips_classes_the_secure_sum_says_nobody_holds(secure_payload):
+def test_the_secure_sum_shares_the_proportional_plan_and_cannot_erase_a_balanced_class(
+    secure_payload,
+):
     _, _, payload = secure_payload
     histogram = [0, 5, 0, 3, 0, 0, 0, 0, 0, 2]
     prompts, merged = merge_payloads({"node 1": payload}, 10, secure_histogram=histogram)
     assert merged == histogram and len(prompts) == 10
-    jobs = plan_images(prompts, merged, 10, "proportional", run_seed=0)
+    jobs = plan_images(prompts, merged, 10, "proportional", run_seed=0, every_class=True)
     assert np.bincount([j.label for j in jobs], minlength=10).tolist() == [
         0, 15, 0, 9, 0, 0, 0, 0, 0, 6,
     ]  # fmt: skip
-    balanced = plan_images(prompts, merged, 4, "balanced", run_seed=0)
-    assert sorted({j.label for j in balanced}) == [1, 3, 9]
+    # a silo's share of -5 for class 1 (another's count, +5 elsewhere to keep its num-train)
+    lied = [0, 0, 0, 3, 0, 0, 5, 0, 0, 2]
+    balanced = plan_images(prompts, lied, 4, "balanced", run_seed=0, every_class=True)
+    assert np.bincount([j.label for j in balanced], minlength=10).tolist() == [4] * 10
 
 
 # --- a silo that lies inside the exchange -------------------------------------------------
