@@ -8,6 +8,7 @@ hands on: the accepted payloads by node (`embedding_round`)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -138,6 +139,8 @@ def payload_limits(
         sequence, summary = engine.encode_with_pooled(texts)
         encodings.append(sequence.float().cpu().numpy())
         pooled.append(summary.float().cpu().numpy())
+    if cfg.embedding_clip:
+        check_clip_fits_float16(cfg, np.stack(encodings))
     return PayloadLimits(
         **common,
         class_prompts=np.stack(encodings),
@@ -155,6 +158,45 @@ def payload_limits(
         noise_std=noise_std(cfg.embedding_clip, cfg.embedding_noise),
         learned_max_distance=cfg.learned_max_distance if cfg.prompt_mode == "learned" else None,
     )
+
+
+def float16_loss(prompts: np.ndarray, clip: float) -> float:
+    """The largest share of a prompt's norm that the payload's float16 loses once the prompt is
+    clipped to L2 norm `clip` (1.0: it arrives as zeros)."""
+    flat = prompts.reshape(-1, prompts.shape[-2] * prompts.shape[-1]).astype(np.float64)
+    clipped = flat * np.minimum(1.0, clip / np.linalg.norm(flat, axis=1, keepdims=True))
+    error = clipped.astype(np.float16).astype(np.float64) - clipped
+    return float((np.linalg.norm(error, axis=1) / np.linalg.norm(clipped, axis=1)).max())
+
+
+def check_clip_fits_float16(cfg: RunConfig, prompts: np.ndarray) -> None:
+    """`ConfigError` before any silo is asked when `embedding-clip` is so small that the class
+    prompts clipped to it lose more than `probe-tolerance` of their norm to the payload's
+    float16 (at 1e-6 every value rounds to 0: the server could not tell a prompt from zeros and
+    would draw every class from nothing); names the smallest clip that carries them."""
+    loss = float16_loss(prompts, cfg.embedding_clip)
+    if loss <= cfg.probe_tolerance:
+        return
+    # bisect in log space between this clip and the prompts' own norm (unclipped, they fit)
+    low, high = cfg.embedding_clip, float(np.linalg.norm(prompts.reshape(-1)))
+    for _ in range(60):
+        middle = float(np.sqrt(low * high))
+        if float16_loss(prompts, middle) > cfg.probe_tolerance:
+            low = middle
+        else:
+            high = middle
+    raise ConfigError(
+        f"embedding-clip = {cfg.embedding_clip:g} is too small for the payload's float16: the "
+        f"class prompts clipped to it lose up to {loss:.0%} of their norm to rounding (the "
+        f"probe-tolerance is {cfg.probe_tolerance:g}), so what the silos send could not be "
+        f"told from zeros; set it to at least {_round_up(high):g}"
+    )
+
+
+def _round_up(value: float) -> float:
+    """`value` rounded up to two significant digits."""
+    unit = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / unit) * unit
 
 
 def refuse_text_settings(cfg: RunConfig, domains: Sequence[DomainPrompt]) -> None:

@@ -63,8 +63,10 @@ class SyntheticStore:
         except (OSError, ValueError) as err:
             raise StoreError(f"{store_dir}: no readable manifest ({err})") from None
         shard_size = plan.get("shard-size") if isinstance(plan, dict) else None
-        if not isinstance(plan, dict) or not isinstance(plan.get("labels"), list) or not (
-            isinstance(shard_size, int) and shard_size > 0
+        if (
+            not isinstance(plan, dict)
+            or not isinstance(plan.get("labels"), list)
+            or not (isinstance(shard_size, int) and shard_size > 0)
         ):
             raise StoreError(
                 f"{store_dir}: manifest.json is not a store's manifest (a JSON object with "

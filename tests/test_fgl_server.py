@@ -14,7 +14,7 @@ from flwr.app import Array, Message
 from deploy.inprocess import InProcessGrid, silo_context
 from fgl_client.embedding import build_payload, text_encoder
 from fgl_client.silo import load_silo
-from fgl_core.config import RunConfig
+from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.offline_models import TINY_TEXT_WIDTH
 from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, rows_per_chunk
@@ -181,6 +181,25 @@ def test_class_prompts_must_be_the_tasks_own(engine, payloads, blood_npz, cache_
     swapped = altered(payload, labels=np.roll(payload.labels, 1))
     with pytest.raises(PayloadRejected, match="is not this task's class prompt"):
         validate_payload("node 1", swapped, checked)
+
+
+def test_a_clip_that_float16_rounds_to_nothing_is_refused_and_so_are_zeros(
+    engine, payloads, blood_npz, cache_dir
+):
+    """embedding-clip = 1e-6 without noise: every value of a clipped prompt rounds to 0 in the
+    payload's float16. Refused before any silo is asked, naming the smallest clip that fits; a
+    silo's embeddings of zeros are refused by name whatever the clip."""
+    cfg = fgl_config(blood_npz, cache_dir, **{"embedding-clip": 1e-6})
+    class_names = load_dataset(cfg).class_names
+    with pytest.raises(ConfigError, match=r"embedding-clip = 1e-06 is too small .* lose up to "
+                       r"\d+% .* set it to at least (\S+)$") as refused:  # fmt: skip
+        payload_limits(cfg, engine, class_names)
+    enough = float(str(refused.value).rsplit(" ", 1)[1])
+    payload_limits(cfg.model_copy(update={"embedding_clip": enough}), engine, class_names)
+    payload = payloads["node 1"]
+    zeros = altered(payload, embeds=np.zeros_like(payload.embeds))
+    with pytest.raises(PayloadRejected, match=r"^node 1: sent \d+ embeddings of zeros only"):
+        validate_payload("node 1", zeros, limits(engine))
 
 
 def test_instance_prompts_must_begin_as_the_tasks_own(engine, payloads, blood_npz, cache_dir):
