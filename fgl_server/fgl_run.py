@@ -39,7 +39,7 @@ from fgl_server.results import RunRecorder
 from fgl_server.rounds import run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
-from fgl_server.synthesis_pool import RayShardPool
+from fgl_server.synthesis_pool import RayShardPool, check_workers_fit
 from fgl_server.synthetic_store import ShardStream, SyntheticStore, synthesize_into_store
 from strategies.build import build_strategy
 
@@ -93,6 +93,7 @@ def run_fgl(
     """
     grid = RecordingGrid(grid, data.class_names)
     domains = run_domains(cfg, data)
+    check_workers_fit(cfg.synthesis_workers, cfg.synthesis_ray_address, device.type)
     adapter = (
         adapt_generator(grid, cfg, recorder, device) if cfg.generator_adaptation == "lora" else None
     )

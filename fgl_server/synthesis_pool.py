@@ -14,6 +14,7 @@ batches wherever it is made (on a GPU, identical only between identical devices 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,6 +67,22 @@ def check_local_cluster(total: dict[str, float], device_type: str, workers: int)
             f"cluster has {have}; set synthesis-workers to at most {max(have, 1)}, or point "
             "synthesis-ray-address at a cluster with more"
         )
+
+
+def check_workers_fit(workers: int, address: str, device_type: str) -> None:
+    """`check_local_cluster` before any silo is asked, on the local cluster a pool would start
+    here (this machine's CPUs and GPUs) or the one already running; a cluster at `address` is
+    checked when the pool starts."""
+    if workers <= 1 or address:
+        return
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+    else:
+        total = {"CPU": len(os.sched_getaffinity(0)), "GPU": torch.cuda.device_count()}
+    check_local_cluster(total, device_type, workers)
 
 
 class RayShardPool:

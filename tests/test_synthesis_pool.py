@@ -126,3 +126,18 @@ def test_a_pool_that_cannot_be_placed_in_time_says_what_it_needs(setup, ray_clus
             RayShardPool(settings, tmp_path, "cpu", workers=1, ready_timeout=3)
     finally:
         ray_cluster.kill(holder)
+
+
+def test_more_workers_than_the_local_cluster_holds_are_refused_before_any_silo_is_asked(
+    ray_cluster, blood_npz, tmp_path
+):
+    from tests.conftest import small_fgl_run
+
+    too_many = int(ray_cluster.cluster_resources()["CPU"]) + 1
+    config = {"dataset": str(blood_npz), "train-subset": 40, "cache-dir": str(tmp_path / "c"),
+              "generator": "offline-tiny", "synthesis-workers": too_many}  # fmt: skip
+    with pytest.raises(ConfigError, match=f"synthesis-workers = {too_many}: each worker"):
+        small_fgl_run(config, tmp_path, "too-many")
+    results = tmp_path / "too-many" / "results.json"  # written once a phase ends
+    assert not results.exists() or '"embedding"' not in results.read_text()
+    assert not (tmp_path / "c" / "synthetic").exists()  # nothing was planned
