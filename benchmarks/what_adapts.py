@@ -114,17 +114,7 @@ def train_decoder_lora(vae, latents, pixels, args) -> int:  # type: ignore[no-un
     vae.add_adapter(config, adapter_name=ADAPTER_NAME)
     vae.requires_grad_(False)
     params = [p for n, p in vae.named_parameters() if ".lora_B." in n]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(args.decoder_steps):
-        batch = torch.randint(len(latents), (64,), generator=generator)
-        loss = F.mse_loss(vae.decode(latents[batch]).sample, pixels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    vae.requires_grad_(False)
+    train_decoder(vae, latents, pixels, args.decoder_steps, 64, 1e-3, 0, params=params)
     return sum(p.numel() for p in params)
 
 

@@ -302,10 +302,12 @@ def train_decoder(
     batch_size: int,
     lr: float,
     seed: int,
+    params: list[torch.nn.Parameter] | None = None,
 ) -> list[float]:
-    """`steps` AdamW steps of the decoder's weights to render `pixels` from their `latents`
-    (mean squared error); the encoder stays as it was. Each step's loss."""
-    params = list(decoder_parameters(vae).values())
+    """`steps` AdamW steps of the decoder's weights (or of `params`, e.g. a LoRA of it) to
+    render `pixels` from their `latents` (mean squared error); the encoder stays as it was.
+    Each step's loss."""
+    params = list(decoder_parameters(vae).values()) if params is None else params
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
