@@ -355,6 +355,24 @@ class RunConfig(BaseModel):
     moon_projection_dim: int = Field(256, ge=1, le=65_536)
     """MOON: output size of the projection head"""
 
+    # Robust aggregation of the rounds
+    aggregation: Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"] = (
+        "fedavg"
+    )
+    """how each round's training replies are combined: `fedavg` (the strategy's own weighted
+    mean), or one of Flower's robust rules: `median` (coordinate-wise), `trimmed-mean`
+    (`trimmed-beta` of the values cut from each end), `krum` (the one reply closest to its
+    neighbours), `multi-krum` (the mean of the `aggregation-select` closest), `bulyan`; Krum and
+    Bulyan assume at most `aggregation-malicious` lying silos. Not with `fedopt` (its server
+    step is built on the mean) or `centralized`"""
+    aggregation_malicious: int = Field(1, ge=0, le=10_000)
+    """`krum`, `multi-krum`, `bulyan`: the most silos assumed to lie; `min-nodes` must be at
+    least 2f + 3 (Krum) or 4f + 3 (Bulyan)"""
+    aggregation_select: int = Field(2, ge=1, le=100_000)
+    """`multi-krum`: how many of the closest replies are averaged (at most `min-nodes` - f)"""
+    trimmed_beta: float = Field(0.2, ge=0.0, lt=0.5)
+    """`trimmed-mean`: the share of values cut from each end of every coordinate"""
+
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     """share of connected silos sampled for each training round"""
@@ -512,6 +530,37 @@ class RunConfig(BaseModel):
             raise ValueError(
                 "generator-adaptation with domain-prompts is not supported yet: the adapters "
                 "train on class prompts without the domains' styles"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _aggregation_fits_the_run(self) -> RunConfig:
+        if self.aggregation == "fedavg":
+            return self
+        if self.strategy in ("fedopt", "centralized"):
+            why = {
+                "fedopt": "FedAdam's server step is built on the replies' mean",
+                "centralized": "it has no silos' replies to combine",
+            }[self.strategy]
+            raise ValueError(
+                f"aggregation = {self.aggregation!r} is not supported with strategy = "
+                f"{self.strategy!r}: {why}"
+            )
+        f = self.aggregation_malicious
+        need = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(
+            self.aggregation, 1
+        )
+        if self.min_nodes < need:
+            raise ValueError(
+                f"aggregation = {self.aggregation!r} against {f} lying silo(s) "
+                f"(aggregation-malicious) needs at least {need} silos; min-nodes is "
+                f"{self.min_nodes}"
+            )
+        if self.aggregation == "multi-krum" and self.aggregation_select > self.min_nodes - f:
+            raise ValueError(
+                f"aggregation-select = {self.aggregation_select} averages more replies than "
+                f"multi-krum can trust: at most min-nodes - aggregation-malicious = "
+                f"{self.min_nodes - f}"
             )
         return self
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fgl_core.config import RunConfig
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def run_rounds(
-    strategy: FedAvg,
+    strategy: Strategy,
     grid: RecordingGrid,
     model: nn.Module,
     cfg: RunConfig,

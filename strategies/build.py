@@ -5,12 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fgl_core.config import RunConfig
 from strategies.fedopt import FedAdamFloat32
 from strategies.fgl import FGL
 from strategies.moon import MOON
+from strategies.robust import RobustAggregation
 
 
 def sampling(cfg: RunConfig) -> dict:
@@ -32,11 +42,21 @@ def sampling(cfg: RunConfig) -> dict:
 
 def build_strategy(
     cfg: RunConfig, finetune_fn: Callable[[int, ArrayRecord], ArrayRecord] | None = None
-) -> FedAvg:
-    """FedAvg, FedOpt (Flower's FedAdam), FedProx (Flower's), MOON or FGL's rounds (ours).
+) -> Strategy:
+    """FedAvg, FedOpt (Flower's FedAdam), FedProx (Flower's), MOON or FGL's rounds (ours), their
+    training replies aggregated by the run's `aggregation` (`strategies.robust`).
 
     `finetune_fn` is FGL's server-side fine-tune of each aggregated model (None: off).
     """
+    strategy = _strategy(cfg, finetune_fn)
+    if cfg.aggregation == "fedavg":
+        return strategy
+    return RobustAggregation(strategy, robust_rule(cfg), cfg.aggregation)
+
+
+def _strategy(
+    cfg: RunConfig, finetune_fn: Callable[[int, ArrayRecord], ArrayRecord] | None
+) -> FedAvg:
     if cfg.strategy == "fedopt":
         optimizer = {"eta": cfg.server_lr, "eta_l": cfg.lr, "tau": cfg.server_tau}
         betas = {"beta_1": cfg.server_beta1, "beta_2": cfg.server_beta2}
@@ -48,3 +68,19 @@ def build_strategy(
     if cfg.strategy == "fgl":
         return FGL(finetune_fn=finetune_fn, **sampling(cfg))
     return FedAvg(**sampling(cfg))
+
+
+def robust_rule(cfg: RunConfig) -> FedAvg:
+    """Flower's strategy for `cfg.aggregation` with the run's parameters."""
+    f = cfg.aggregation_malicious
+    if cfg.aggregation == "median":
+        return FedMedian()
+    if cfg.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(beta=cfg.trimmed_beta)
+    if cfg.aggregation == "krum":
+        return Krum(num_malicious_nodes=f)
+    if cfg.aggregation == "multi-krum":
+        return MultiKrum(num_malicious_nodes=f, num_nodes_to_select=cfg.aggregation_select)
+    if cfg.aggregation == "bulyan":
+        return Bulyan(num_malicious_nodes=f)
+    raise ValueError(f"aggregation {cfg.aggregation!r} is not one of Flower's robust rules")

@@ -66,6 +66,9 @@ class FGL(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None and self.finetune_fn is not None:
-            arrays = self.finetune_fn(server_round, arrays)
-        return arrays, metrics
+        return (None if arrays is None else self.after_aggregate(server_round, arrays)), metrics
+
+    def after_aggregate(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate fine-tuned on the synthetic set (as it is, without `finetune_fn`);
+        also applied after a robust rule (`strategies.robust`)."""
+        return arrays if self.finetune_fn is None else self.finetune_fn(server_round, arrays)

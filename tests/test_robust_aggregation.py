@@ -1,0 +1,86 @@
+"""Rounds no lying silo decides alone: `aggregation` puts one of Flower's robust rules in front
+of each strategy's own aggregation. One silo of five scales its update by 100: FedAvg's model
+follows it, each robust rule's stays with the honest silos'; the dtypes the silos sent are
+kept, FGL's fine-tune still follows, and the config refuses what a rule cannot do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fgl_core.config import ConfigError, RunConfig
+from strategies.build import build_strategy
+
+GLOBAL = np.zeros(64, np.float32)
+RULES = ["median", "trimmed-mean", "krum", "multi-krum"]
+
+
+def replies(scale: float = 100.0, silos: int = 5) -> list[Message]:
+    """Each honest silo's model: the global one plus a small update of its own; silo 0's update
+    multiplied by `scale`. Each reply also carries an int64 counter (a BatchNorm's)."""
+    rng = np.random.default_rng(0)
+    request = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                      message_type="train")  # fmt: skip
+    out = []
+    for silo in range(silos):
+        update = (0.1 + 0.01 * rng.standard_normal(GLOBAL.shape)).astype(np.float32)
+        weights = GLOBAL + (scale if silo == 0 else 1.0) * update
+        arrays = {"w": torch.from_numpy(weights), "batches": torch.tensor(7 + silo)}
+        content = RecordDict({"arrays": ArrayRecord(arrays),
+                              "metrics": MetricRecord({"num-examples": 100})})  # fmt: skip
+        out.append(Message(content, reply_to=request))
+    return out
+
+
+def aggregate(aggregation: str, **keys) -> ArrayRecord:
+    cfg = RunConfig.from_flower({"aggregation": aggregation, "min-nodes": 5, **keys})
+    arrays, _ = build_strategy(cfg).aggregate_train(1, replies())
+    assert arrays is not None
+    return arrays
+
+
+@pytest.mark.parametrize("aggregation", RULES)
+def test_a_silo_scaling_its_update_by_100_moves_fedavg_and_no_robust_rule(
+    task_identity, aggregation
+):
+    fedavg = aggregate("fedavg")["w"].numpy()
+    assert np.abs(fedavg - 0.1).max() > 1.5  # the mean follows the one liar ~20 x 0.1 away
+    arrays = aggregate(aggregation)
+    robust = arrays["w"].numpy()
+    assert np.abs(robust - 0.1).max() < 0.05  # where the honest silos' updates lead
+    assert robust.dtype == np.float32 and arrays["batches"].numpy().dtype == np.int64
+
+
+def test_bulyan_needs_4f_plus_3_silos_and_then_holds(task_identity):
+    with pytest.raises(ConfigError, match=r"bulyan.* needs at least 7 silos; min-nodes is 5"):
+        RunConfig.from_flower({"aggregation": "bulyan", "min-nodes": 5})
+    cfg = RunConfig.from_flower({"aggregation": "bulyan", "min-nodes": 7})
+    arrays, _ = build_strategy(cfg).aggregate_train(1, replies(silos=7))
+    assert np.abs(arrays["w"].numpy() - 0.1).max() < 0.05
+
+
+def test_fgl_fine_tunes_what_the_robust_rule_aggregated(task_identity):
+    seen = []
+
+    def finetune(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        seen.append(arrays["w"].numpy().copy())
+        return ArrayRecord({"w": torch.zeros(64), "batches": torch.tensor(0)})
+
+    cfg = RunConfig.from_flower({"strategy": "fgl", "aggregation": "median", "min-nodes": 5})
+    arrays, _ = build_strategy(cfg, finetune_fn=finetune).aggregate_train(1, replies())
+    assert len(seen) == 1 and np.abs(seen[0] - 0.1).max() < 0.05  # the median, fine-tuned
+    assert not arrays["w"].numpy().any()
+
+
+def test_the_config_refuses_what_a_robust_rule_cannot_do():
+    with pytest.raises(ConfigError, match="not supported with strategy = 'fedopt'"):
+        RunConfig.from_flower({"strategy": "fedopt", "aggregation": "median"})
+    with pytest.raises(ConfigError, match=r"krum.* against 2 lying silo\(s\).* needs at least 7"):
+        RunConfig.from_flower({"aggregation": "krum", "aggregation-malicious": 2, "min-nodes": 5})
+    with pytest.raises(ConfigError, match="aggregation-select = 5 averages more replies"):
+        RunConfig.from_flower({"aggregation": "multi-krum", "aggregation-select": 5,
+                               "min-nodes": 5})  # fmt: skip
+    with pytest.raises(ConfigError, match="trimmed-beta"):
+        RunConfig.from_flower({"aggregation": "trimmed-mean", "trimmed-beta": 0.5})
