@@ -27,7 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fgl_core.config import RunConfig
 
 SERVER_NODE_ID = 0
-Reply = Callable[[Message], Message]
+Reply = Callable[[Message, Message], Message]  # (the reply, the message it answers) -> reply
 
 
 def silo_context(run_config: dict, node_id: int, partition_id: int, num_partitions: int) -> Context:
@@ -44,10 +44,11 @@ def silo_context(run_config: dict, node_id: int, partition_id: int, num_partitio
 class InProcessGrid(Grid):
     """A Grid over ClientApps in this process: node id -> that silo's Context.
 
-    `on_reply` sees each reply before the ServerApp does (tests use it to play a hostile silo).
+    `on_reply(reply, message)` sees each reply, with the message it answers, before the
+    ServerApp does (tests and benchmarks use it to play a hostile silo: `benchmarks.attacks`).
     """
 
-    def __init__(self, contexts: dict[int, Context], on_reply: Reply = lambda reply: reply):
+    def __init__(self, contexts: dict[int, Context], on_reply: Reply = lambda reply, _: reply):
         self.contexts = contexts
         self.on_reply = on_reply
         self._replies: dict[str, Message] = {}  # message id -> its reply, until pulled
@@ -65,7 +66,8 @@ class InProcessGrid(Grid):
             # each silo gets its own copy, as a transport would deliver it: a ServerApp may send
             # one RecordDict to many nodes, and a ClientApp (or a mod) may change what it got
             context = self.contexts[message.metadata.dst_node_id]
-            self._replies[message_id] = self.on_reply(client_app(copy.deepcopy(message), context))
+            reply = client_app(copy.deepcopy(message), context)
+            self._replies[message_id] = self.on_reply(reply, message)
             ids.append(message_id)
         return ids
 
@@ -104,7 +106,7 @@ def task_identity(run_id: int = 1) -> Iterator[None]:
 def run_in_process(
     run_config: dict,
     num_silos: int,
-    on_reply: Reply = lambda reply: reply,
+    on_reply: Reply = lambda reply, _: reply,
     node_configs: dict[int, dict] | None = None,
 ) -> None:
     """Run the ServerApp with `num_silos` in-process silos (partitions of the dataset, unless

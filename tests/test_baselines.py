@@ -164,7 +164,7 @@ def test_fedopt_keeps_the_global_model_float32(task_identity):
     strategy = build_strategy(RunConfig.from_flower({"strategy": "fedopt"}))
     model = build_model("cnn", 8, 28)
     arrays = ArrayRecord(state_dict_float32(model))
-    grid = InProcessGrid({1: None, 2: None}, on_reply=lambda m: m)
+    grid = InProcessGrid({1: None, 2: None}, on_reply=lambda m, _: m)
     instructions = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = []
     for i, instruction in enumerate(instructions):

@@ -99,7 +99,7 @@ class Crash(Exception):
 def crash_in_round(k: int, silos: int):
     seen = []
 
-    def on_reply(reply):
+    def on_reply(reply, _):
         if reply.metadata.message_type == "train":
             seen.append(reply)
             if len(seen) > (k - 1) * silos:  # the first silo's reply of round k

@@ -1,7 +1,9 @@
 """Rounds no lying silo decides alone: `aggregation` puts one of Flower's robust rules in front
 of each strategy's own aggregation. One silo of five scales its update by 100: FedAvg's model
 follows it, each robust rule's stays with the honest silos'; the dtypes the silos sent are
-kept, FGL's fine-tune still follows, and the config refuses what a rule cannot do."""
+kept, FGL's fine-tune still follows, and the config refuses what a rule cannot do. In a run,
+through the attack harness (`benchmarks.attacks`): FedAvg falls to chance, the median does not;
+the harness's data attacks write what they claim."""
 
 from __future__ import annotations
 
@@ -84,3 +86,58 @@ def test_the_config_refuses_what_a_robust_rule_cannot_do():
                                "min-nodes": 5})  # fmt: skip
     with pytest.raises(ConfigError, match="trimmed-beta"):
         RunConfig.from_flower({"aggregation": "trimmed-mean", "trimmed-beta": 0.5})
+
+
+# --- in a run: the attack harness (benchmarks.attacks) against FedAvg and the median ----------
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """FedAvg on digits, 5 silos, 3 rounds of 5 local epochs: clean; with silo 1 scaling its
+    update by 100; the same attack against the median."""
+    import json
+
+    from benchmarks.attacks import UpdateAttack
+    from deploy.inprocess import run_in_process
+
+    tmp = tmp_path_factory.mktemp("attacks")
+    base = {"dataset": "digits", "num-server-rounds": 3, "local-epochs": 5, "min-nodes": 5,
+            "fraction-evaluate": 0.0, "output-dir": str(tmp)}  # fmt: skip
+
+    def run(name: str, attack=None, **keys) -> float:
+        run_in_process({**base, **keys, "run-name": name}, 5,
+                       on_reply=attack or (lambda reply, _: reply))  # fmt: skip
+        results = json.loads((tmp / name / "results.json").read_text())
+        return results["summary"]["final-test-accuracy"]
+
+    return {
+        "clean": run("clean"),
+        "fedavg": run("fedavg", UpdateAttack("scale", {1})),
+        "median": run("median", UpdateAttack("scale", {1}), aggregation="median"),
+    }
+
+
+def test_one_silo_of_five_scaling_by_100_breaks_fedavg_and_not_the_median(digits_runs):
+    assert digits_runs["clean"] > 0.4  # 3 short rounds on non-IID silos (0.53 here)
+    assert digits_runs["fedavg"] < digits_runs["clean"] - 0.3  # the liar decides the model
+    assert digits_runs["median"] > digits_runs["clean"] - 0.1
+
+
+def test_the_data_attacks_poison_a_silos_own_file(blood_npz, tmp_path):
+    from benchmarks.attacks import backdoor_success, poisoned_data, with_trigger
+    from fgl_core.datasets import ImageSet, load_dataset
+
+    data = load_dataset(RunConfig.from_flower({"dataset": str(blood_npz), "train-subset": 80,
+                                               "eval-subset": 40}))  # fmt: skip
+    names = data.class_names
+    flipped = np.load(poisoned_data(data.train, data.test, names, "label-flip", tmp_path / "f.npz"))
+    assert (flipped["train_labels"] == (data.train.labels + 1) % len(names)).all()
+    backdoor = np.load(poisoned_data(data.train, data.test, names, "backdoor", tmp_path / "b.npz",
+                                     target=3, share=0.5))  # fmt: skip
+    stamped = (backdoor["train_images"][:, -5:-1, -5:-1] == 255).all(axis=(1, 2, 3))
+    assert stamped.sum() == 40 and (backdoor["train_labels"][stamped] == 3).all()
+    test = ImageSet(data.test.images, data.test.labels)
+    spotted = lambda images: np.where((images[:, -5:-1, -5:-1] == 255).all(axis=(1, 2, 3)), 3, 0)  # noqa: E731
+    assert backdoor_success(spotted, test, target=3) == 1.0  # a model that learned the trigger
+    assert backdoor_success(lambda images: np.zeros(len(images)), test, target=3) == 0.0
+    assert (with_trigger(test.images)[:, -5:-1, -5:-1] == 255).all()

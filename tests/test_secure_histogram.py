@@ -150,7 +150,7 @@ def test_the_secure_sum_shares_the_proportional_plan_and_cannot_erase_a_balanced
 # --- a silo that lies inside the exchange -------------------------------------------------
 
 
-def in_process_sum(tmp_path, on_reply=lambda reply: reply, **overrides):
+def in_process_sum(tmp_path, on_reply=lambda reply, _: reply, **overrides):
     """The secure sum over 3 in-process silos; with the silos' true histograms."""
     run_config = RunConfig.from_flower(secure_config(tmp_path, **overrides)).to_flower()
     contexts = {n: silo_context(run_config, n, n - 1, SILOS) for n in range(1, SILOS + 1)}
@@ -222,7 +222,7 @@ def array_bytes(array: np.ndarray) -> bytes:
 def test_a_malformed_masked_vector_drops_its_silo_by_name_and_the_others_are_summed(
     tmp_path, task_identity, garble, reason
 ):
-    def garble_node_2(reply: Message) -> Message:
+    def garble_node_2(reply: Message, _: Message) -> Message:
         record = reply.content.config_records.get(SECAGG_RECORD)
         if reply.metadata.src_node_id == 2 and record and "masked_params" in record:
             record["masked_params"] = [array_bytes(a) for a in garble(masked_parts(reply))]
