@@ -10,6 +10,7 @@ images closer to a silo's training image than the calibrated threshold (the priv
 Every row is written as soon as it is measured.
 
     python -m benchmarks.adaptation [--rows text lora] [--seeds 0 1 2] [--alpha 0.5]
+        [--set guidance=1 'lr-schedule="cosine"']
     # -> outputs/benchmarks/adaptation.json
 """
 
@@ -72,6 +73,7 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         "min-partition-size": 5,
         "seed": seed,
         "num-server-rounds": args.rounds,
+        **dict(args.set),
         "output-dir": str(work),
         "run-name": f"{row}-{seed}",
         "cache-dir": str(work / "cache"),
@@ -121,6 +123,17 @@ def replication_share(run_dir: Path) -> dict:
     return figures.get("replication", {"not-measured": unusable})
 
 
+def config_value(text: str) -> tuple[str, object]:
+    """`key=value` of `--set`, the value parsed as TOML (as a run config is)."""
+    import tomllib
+
+    key, _, value = text.partition("=")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=<TOML value>") from None
+
+
 def best_val(curve: list[dict]) -> float | None:
     if not curve:
         return None
@@ -138,6 +151,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=blood, help="as a run config names it: digits, a path")
     parser.add_argument("--name", default="adaptation", help="the JSON's name in " + str(OUT))
     parser.add_argument("--keep", type=Path, help="keep the runs' folders (adapters, stores) here")
+    parser.add_argument("--set", nargs="+", type=config_value, default=[], metavar="KEY=VALUE",
+                        help="run config keys for every row, e.g. guidance=1 "
+                        'lr-schedule=\"cosine\" (values as TOML writes them)')  # fmt: skip
     args = parser.parse_args()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +174,7 @@ def main() -> None:
                 }
                 record = {"args": {k: v if not isinstance(v, Path) else str(v)
                                    for k, v in vars(args).items()}, "run": RUN,
-                          "rows": rows, "summary": summary}  # fmt: skip
+                          "set": dict(args.set), "rows": rows, "summary": summary}  # fmt: skip
                 write(args.name, record, echo=False)
 
 
