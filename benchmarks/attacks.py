@@ -60,7 +60,7 @@ class UpdateAttack:
                 weights = (start + self.change(weights - start)).astype(weights.dtype)
             changed[key] = weights
         reply.content["arrays"] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in changed.items()}
+            {k: Array(np.array(v)) for k, v in changed.items()}  # 0-d stays 0-d
         )
         return reply
 

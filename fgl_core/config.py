@@ -356,11 +356,13 @@ class RunConfig(BaseModel):
     """MOON: output size of the projection head"""
 
     # Robust aggregation of the rounds
-    aggregation: Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"] = (
-        "fedavg"
-    )
+    aggregation: Literal[
+        "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "synthetic-trust"
+    ] = "fedavg"
     """how each round's training replies are combined: `fedavg` (the strategy's own weighted
-    mean), or one of Flower's robust rules: `median` (coordinate-wise), `trimmed-mean`
+    mean), `synthetic-trust` (FGL: FLTrust, each silo's update weighted by its agreement with
+    the server's own update trained on the synthetic set, and rescaled to its size), or one of
+    Flower's robust rules: `median` (coordinate-wise), `trimmed-mean`
     (`trimmed-beta` of the values cut from each end), `krum` (the one reply closest to its
     neighbours), `multi-krum` (the mean of the `aggregation-select` closest), `bulyan`; Krum and
     Bulyan assume at most `aggregation-malicious` lying silos. Not with `fedopt` (its server
@@ -545,6 +547,11 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"aggregation = {self.aggregation!r} is not supported with strategy = "
                 f"{self.strategy!r}: {why}"
+            )
+        if self.aggregation == "synthetic-trust" and self.strategy != "fgl":
+            raise ValueError(
+                "aggregation = 'synthetic-trust' trains the server's trusted update on FGL's "
+                f"synthetic set; strategy = {self.strategy!r} makes none (use strategy = 'fgl')"
             )
         f = self.aggregation_malicious
         need = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(

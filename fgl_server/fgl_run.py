@@ -119,11 +119,18 @@ def run_fgl(
         recorder.set("traffic", grid.to_json())
         return model
     finetune = (
-        server_finetune(synthetic, model, cfg, recorder, device)
+        synthetic_trainer(synthetic, model, cfg, recorder, device, cfg.server_finetune_epochs,
+                          "server-finetune")
         if cfg.server_finetune_epochs
         else None
-    )
-    strategy = build_strategy(cfg, finetune_fn=finetune)
+    )  # fmt: skip
+    trusted = (
+        synthetic_trainer(synthetic, model, cfg, recorder, device, cfg.local_epochs,
+                          "server-update")
+        if cfg.aggregation == "synthetic-trust"
+        else None
+    )  # fmt: skip
+    strategy = build_strategy(cfg, finetune_fn=finetune, server_update_fn=trusted)
     return run_rounds(strategy, grid, model, cfg, data, recorder, device, await_nodes=False)
 
 
@@ -295,28 +302,29 @@ def one_shot(
     return model
 
 
-def server_finetune(
+def synthetic_trainer(
     synthetic: ImageSet | ShardStream,
     like: nn.Module,
     cfg: RunConfig,
     recorder: RunRecorder,
     device: torch.device,
+    epochs: int,
+    purpose: str,
 ) -> Callable[[int, ArrayRecord], ArrayRecord]:
-    """Phase 4's fine-tune: each round's aggregate, trained a few epochs on the synthetic set,
-    on a model of its own (the central evaluation has another)."""
+    """Phase 4's training on the synthetic set: given a round and a model's arrays, those
+    trained `epochs` epochs on it, on a model of its own (the central evaluation has another);
+    `purpose` names the phase and the seed (`server-finetune`: FGL's fine-tune of each
+    aggregate; `server-update`: the trusted update of `aggregation = "synthetic-trust"`)."""
     model = copy.deepcopy(like)
 
-    def finetune(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+    def train(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        seed = derive_seed(cfg.seed, "server-finetune", server_round)
+        seed = derive_seed(cfg.seed, purpose, server_round)
         settings = TrainSettings.from_config(
-            cfg,
-            epochs=cfg.server_finetune_epochs,
-            seed=seed,
-            weight_decay=cfg.effective_synthetic_weight_decay,
+            cfg, epochs=epochs, seed=seed, weight_decay=cfg.effective_synthetic_weight_decay
         )
-        with recorder.phase("server-finetune"):
-            train_model(model, synthetic, settings, device, desc=f"fine-tune round {server_round}")
+        with recorder.phase(purpose):
+            train_model(model, synthetic, settings, device, desc=f"{purpose} round {server_round}")
         return ArrayRecord(state_dict_float32(model))
 
-    return finetune
+    return train

@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
 from fgl_core.config import RunConfig
 from strategies.fedopt import FedAdamFloat32
 from strategies.fgl import FGL
+from strategies.fltrust import SyntheticTrust
 from strategies.moon import MOON
 from strategies.robust import RobustAggregation
 
@@ -41,16 +42,24 @@ def sampling(cfg: RunConfig) -> dict:
 
 
 def build_strategy(
-    cfg: RunConfig, finetune_fn: Callable[[int, ArrayRecord], ArrayRecord] | None = None
+    cfg: RunConfig,
+    finetune_fn: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
+    server_update_fn: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
 ) -> Strategy:
     """FedAvg, FedOpt (Flower's FedAdam), FedProx (Flower's), MOON or FGL's rounds (ours), their
-    training replies aggregated by the run's `aggregation` (`strategies.robust`).
+    training replies aggregated by the run's `aggregation` (`strategies.robust`,
+    `strategies.fltrust`).
 
-    `finetune_fn` is FGL's server-side fine-tune of each aggregated model (None: off).
+    `finetune_fn` is FGL's server-side fine-tune of each aggregated model (None: off);
+    `server_update_fn` trains a global model on the synthetic set (`synthetic-trust`).
     """
     strategy = _strategy(cfg, finetune_fn)
     if cfg.aggregation == "fedavg":
         return strategy
+    if cfg.aggregation == "synthetic-trust":
+        if server_update_fn is None:
+            raise ValueError("aggregation 'synthetic-trust' needs the server's update function")
+        return SyntheticTrust(strategy, server_update_fn)
     return RobustAggregation(strategy, robust_rule(cfg), cfg.aggregation)
 
 

@@ -76,6 +76,63 @@ def test_fgl_fine_tunes_what_the_robust_rule_aggregated(task_identity):
     assert not arrays["w"].numpy().any()
 
 
+def trusted(attack: str) -> tuple[ArrayRecord, MetricRecord, list[int]]:
+    """FLTrust over `replies()` with silo 0's update changed by `attack`; the server's own
+    update on the synthetic set is the honest direction. (arrays, metrics, calls' rounds)"""
+    from deploy.inprocess import InProcessGrid
+
+    calls = []
+
+    def server_update(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        calls.append(server_round)
+        start = arrays["w"].numpy()
+        return ArrayRecord({"w": torch.from_numpy(start + np.float32(0.1)),
+                            "batches": torch.tensor(3)})  # fmt: skip
+
+    cfg = RunConfig.from_flower({"strategy": "fgl", "aggregation": "synthetic-trust"})
+    strategy = build_strategy(cfg, server_update_fn=server_update)
+    sent = ArrayRecord({"w": torch.from_numpy(GLOBAL), "batches": torch.tensor(0)})
+    grid = InProcessGrid({n: None for n in range(1, 6)})
+    list(strategy.configure_train(4, sent, ConfigRecord(), grid))
+    got = replies(scale={"scale": 100.0, "sign": -100.0}[attack])
+    for node, reply in enumerate(got, start=1):
+        reply.metadata.__dict__["_src_node_id"] = node
+    arrays, metrics = strategy.aggregate_train(4, got)
+    return arrays, metrics, calls
+
+
+@pytest.mark.parametrize("attack", ["scale", "sign"])
+def test_synthetic_trust_weighs_each_update_by_its_agreement_with_the_servers(
+    task_identity, attack
+):
+    arrays, metrics, calls = trusted(attack)
+    assert calls == [4]  # one update of its own per round, on the round's global model
+    assert np.abs(arrays["w"].numpy() - 0.1).max() < 0.02  # where the honest updates lead
+    assert arrays["w"].numpy().dtype == np.float32 and int(arrays["batches"].numpy()) == 3
+    honest = [metrics[f"trust-node-{n}"] for n in range(2, 6)]
+    assert min(honest) > 0.9  # they point where the server's update points
+    liar = metrics["trust-node-1"]
+    assert liar == 0.0 if attack == "sign" else liar > 0.9  # scaled: same way, cut to size
+
+
+def test_an_fgl_run_trusts_by_its_synthetic_set_and_records_each_silos_trust(blood_npz, tmp_path):
+    from tests.conftest import small_fgl_run
+
+    config = {"dataset": str(blood_npz), "train-subset": 80, "eval-subset": 40,
+              "generator": "offline-tiny", "cache-dir": str(tmp_path / "cache"),
+              "aggregation": "synthetic-trust", "local-epochs": 1}  # fmt: skip
+    results = small_fgl_run(config, tmp_path, "trusted", **{"num-server-rounds": 1})
+    assert "server-update" in results["phase-seconds"]
+    (round1,) = [r for r in results["rounds"] if r["round"] == 1]
+    trust = {k: v for k, v in round1.items() if k.startswith("silo-trust-node-")}
+    assert len(trust) == 2 and all(0.0 <= v <= 1.0 for v in trust.values())
+
+
+def test_synthetic_trust_needs_a_synthetic_set(task_identity):
+    with pytest.raises(ConfigError, match="'synthetic-trust' trains the server's trusted update"):
+        RunConfig.from_flower({"strategy": "fedavg", "aggregation": "synthetic-trust"})
+
+
 def test_the_config_refuses_what_a_robust_rule_cannot_do():
     with pytest.raises(ConfigError, match="not supported with strategy = 'fedopt'"):
         RunConfig.from_flower({"strategy": "fedopt", "aggregation": "median"})
