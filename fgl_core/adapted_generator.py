@@ -247,8 +247,8 @@ def adapt_on_silo(
 
     Under DP, this silo's epsilon covers every round up to `server_round`: each round runs the
     same steps at the same sampling rate (batch / images), so the rounds before it are
-    (noise, rate, steps x (round - 1)) for each trained part, and the RDP accountant composes
-    them (the decoder's steps and the UNet's both read the images)."""
+    (noise, rate, steps x (round - 1)) for each trained part, and dp-accounting composes them
+    (`fgl_core.accounting`; the decoder's steps and the UNet's both read the images)."""
     from diffusers import DDPMScheduler
 
     start = time.perf_counter()

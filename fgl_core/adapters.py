@@ -307,13 +307,12 @@ def sample_rate(examples: int, batch_size: int) -> float:
 
 
 def epsilon_after(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """The (epsilon at `delta`) that Opacus' RDP accountant gives for `history`, a list of
-    (noise multiplier, sample rate, steps): what a silo has spent, computed without training."""
-    from opacus.accountants import RDPAccountant
+    """The epsilon at `delta` of `history`, Opacus' record of (noise multiplier, sample rate,
+    steps), by dp-accounting (`fgl_core.accounting`): what a silo has spent, computed without
+    training."""
+    from fgl_core.accounting import dp_sgd, epsilon
 
-    accountant = RDPAccountant()
-    accountant.history = [tuple(step) for step in history]
-    return float(accountant.get_epsilon(delta)) if history else 0.0
+    return epsilon([dp_sgd(history)], delta)
 
 
 def average(

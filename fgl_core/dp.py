@@ -9,7 +9,8 @@ that of a Gaussian with mu = 1 / noise_multiplier (Balle and Wang 2018, "analyti
 
     delta(epsilon) = Phi(-epsilon / mu + mu / 2) - e^epsilon Phi(-epsilon / mu - mu / 2)
 
-`epsilon_for` inverts it. The probe embedding (a public prompt) is never noised.
+`epsilon_for` gives its epsilon (by dp-accounting, `fgl_core.accounting`). The probe embedding (a
+public prompt) is never noised.
 """
 
 from __future__ import annotations
@@ -59,25 +60,9 @@ def privatize_together(
     return [piece.reshape(part.shape) for piece, part in zip(pieces, parts, strict=True)]
 
 
-def delta_for(epsilon: float, noise_multiplier: float) -> float:
-    """The smallest delta at which one release is (epsilon, delta)-DP."""
-    from scipy.special import log_ndtr, ndtr  # log Phi: e^epsilon Phi(.) without overflow
-
-    mu = 1.0 / noise_multiplier
-    second = math.exp(epsilon + float(log_ndtr(-epsilon / mu - mu / 2)))
-    return max(float(ndtr(-epsilon / mu + mu / 2)) - second, 0.0)
-
-
 def epsilon_for(delta: float, noise_multiplier: float) -> float:
-    """The smallest epsilon at which one release is (epsilon, delta)-DP (bisection)."""
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if delta_for(0.0, noise_multiplier) <= delta:
-        return 0.0
-    low, high = 0.0, 1.0
-    while delta_for(high, noise_multiplier) > delta:
-        low, high = high, 2.0 * high
-    for _ in range(100):
-        middle = (low + high) / 2
-        low, high = (middle, high) if delta_for(middle, noise_multiplier) > delta else (low, middle)
-    return high
+    """The smallest epsilon at which one release is (epsilon, delta)-DP (`fgl_core.accounting`:
+    dp-accounting's privacy loss distribution, the analytic Gaussian's value)."""
+    from fgl_core.accounting import epsilon, gaussian_release
+
+    return epsilon([gaussian_release(noise_multiplier)], delta)

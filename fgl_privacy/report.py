@@ -232,7 +232,7 @@ def adaptation_section(results: dict, cfg: RunConfig) -> list[str]:
     lines += [
         "", f"DP-SGD on every silo (noise multiplier {cfg.adaptation_noise:g}, each image's "
         f"gradient clipped to {cfg.adaptation_clip:g}); each silo's (epsilon, delta) over all "
-        f"rounds, by Opacus' RDP accountant, at delta = {cfg.adaptation_delta:g}:", "",
+        f"rounds, by dp-accounting, at delta = {cfg.adaptation_delta:g}:", "",
         "| silo | epsilon |", "| --- | --- |",
     ]  # fmt: skip
     lines += [f"| {silo} | {float(eps):.3g} |" for silo, eps in sorted(epsilons.items())]

@@ -118,6 +118,23 @@ def test_each_silos_epsilon_covers_every_adaptation_round(resumed):
         assert first == pytest.approx(one_round, rel=1e-9)
 
 
+def test_the_run_states_each_silos_budget_and_what_it_does_not_cover(resumed):
+    """results.json's `privacy`: each silo's adaptation epsilon, rebuilt by the server from the
+    rounds it took part in, is the one the silo reported; nothing else here was noised, and
+    what no guarantee covers is named."""
+    _, _, _, results = resumed
+    privacy = results["privacy"]
+    reported = results["adaptation"]["dp"]["epsilon-per-silo"]
+    assert set(privacy["silos"]) == {f"node {n}" for n in reported}
+    for node, epsilon in reported.items():
+        budget = privacy["silos"][f"node {node}"]
+        assert budget["delta"] == 1e-5 and set(budget["parts"]) == {"adaptation"}
+        assert budget["parts"]["adaptation"] == pytest.approx(epsilon, rel=1e-3)
+        assert budget["epsilon"] == budget["parts"]["adaptation"]
+    assert "the learned-level embeddings, sent without noise" in privacy["not-covered"]
+    assert "the label histogram, sent in the clear" in privacy["not-covered"]
+
+
 def test_the_adapter_loads_through_diffusers_and_keys_the_synthetic_store(resumed):
     tmp, config, _, results = resumed
     folder = tmp / "private" / "adapter"
