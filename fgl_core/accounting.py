@@ -65,7 +65,8 @@ def _empty(event: dpa.DpEvent) -> bool:
 def silo_budget(
     delta: float, embedding_noise: float, adaptation: Sequence[tuple[float, float, int]]
 ) -> dict:
-    """One silo's budget for a run: each part's epsilon at `delta` and all of them composed.
+    """One silo's budget for a run: each part's epsilon at `delta` and all of them composed
+    (None where nothing was noised: no guarantee is claimed, not a perfect one).
     `embedding_noise`: the multiplier of its noised embeddings (0: none sent noised);
     `adaptation`: its DP-SGD history (empty: none)."""
     events, parts = {}, {}
@@ -75,4 +76,5 @@ def silo_budget(
         events["adaptation"] = dp_sgd(adaptation)
     for name, event in events.items():
         parts[name] = epsilon([event], delta)
-    return {"delta": delta, "parts": parts, "epsilon": epsilon(list(events.values()), delta)}
+    composed = epsilon(list(events.values()), delta) if events else None  # None: no guarantee
+    return {"delta": delta, "parts": parts, "epsilon": composed}
