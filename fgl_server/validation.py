@@ -188,8 +188,10 @@ def validate_payload(node: str, payload: EmbeddingPayload, limits: PayloadLimits
     if not np.isfinite(embeds).all():
         bad = int((~np.isfinite(embeds)).any(axis=(1, 2)).sum())
         reject(f"sent {bad} embeddings with NaN or infinite values")
-    empty = np.flatnonzero(~embeds.any(axis=(1, 2)))
-    if len(empty):  # no encoder gives zeros, and noise never does: nothing to synthesize from
+    # no encoder gives zeros, and noise never does: nothing to synthesize from (a generator
+    # that reads no text, DiT, takes embeddings of width 0 beside its class ids)
+    empty = np.flatnonzero(~embeds.any(axis=(1, 2))) if limits.width else []
+    if len(empty):
         i = int(empty[0])
         reject(f"sent {len(empty)} embeddings of zeros only (first: #{i}, class {labels[i]}): "
                "they carry no prompt")  # fmt: skip
