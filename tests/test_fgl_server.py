@@ -471,7 +471,7 @@ def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
         node: silo_context(cfg.to_flower(), node, i, 3) for i, node in enumerate((101, 102, 103))
     }
 
-    def nan_from_102(reply: Message) -> Message:
+    def nan_from_102(reply: Message, _: Message) -> Message:
         if reply.metadata.message_type == "query.embed" and reply.metadata.src_node_id == 102:
             embeds = reply.content["embedding"]["embeds"].numpy().copy()
             embeds[0, 3, 0] = np.nan
@@ -497,7 +497,7 @@ def test_chunked_payloads_are_fetched_whole_and_an_oversized_chunk_rejects_its_s
     )
     contexts = {n: silo_context(cfg.to_flower(), n, i, 3) for i, n in enumerate((101, 102, 103))}
 
-    def inflate_102s_chunk_2(reply: Message) -> Message:
+    def inflate_102s_chunk_2(reply: Message, _: Message) -> Message:
         content = reply.content
         if reply.metadata.src_node_id == 102 and content["chunk"]["index"] == 2:
             embeds = content["embedding"]["embeds"].numpy()
