@@ -23,8 +23,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from strategies.wrapped import Wrapped
 
-class SyntheticTrust(Strategy):
+
+class SyntheticTrust(Wrapped):
     """`strategy`'s rounds, their training replies combined by FLTrust against the update
     `server_update_fn(server_round, arrays)` trains on the synthetic set."""
 
@@ -35,7 +37,8 @@ class SyntheticTrust(Strategy):
         arrayrecord_key: str = "arrays",
         weighted_by_key: str = "num-examples",
     ) -> None:
-        self.strategy, self.server_update_fn = strategy, server_update_fn
+        super().__init__(strategy)
+        self.server_update_fn = server_update_fn
         self.arrayrecord_key, self.weighted_by_key = arrayrecord_key, weighted_by_key
         self.sent: ArrayRecord | None = None  # the global model of the round in progress
 
@@ -89,8 +92,7 @@ class SyntheticTrust(Strategy):
                 [r.content for r in used], self.weighted_by_key
             ).items():
                 metrics[key] = value
-        after = getattr(self.strategy, "after_aggregate", None)
-        return (after(server_round, arrays) if after else arrays), metrics
+        return self.after_aggregate(server_round, arrays), metrics
 
     def update_of(
         self, reply: Message, start: dict[str, np.ndarray], floats: list[str]
@@ -104,16 +106,6 @@ class SyntheticTrust(Strategy):
             return None
         update = self.flat({k: got[k].numpy() for k in floats}, start, floats)
         return update if np.isfinite(update).all() else None
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s, its training replies combined by FLTrust against the server's "

@@ -14,23 +14,20 @@ from collections.abc import Iterable
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common import log
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from strategies.wrapped import Wrapped
 
-class RobustAggregation(Strategy):
+
+class RobustAggregation(Wrapped):
     """`strategy`'s rounds, its training replies aggregated by `rule` (then, if `strategy` has
     an `after_aggregate(server_round, arrays)`, as FGL's fine-tune, passed through it)."""
 
     def __init__(self, strategy: Strategy, rule: FedAvg, name: str) -> None:
-        self.strategy, self.rule, self.name = strategy, rule, name
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        super().__init__(strategy)
+        self.rule, self.name = rule, name
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -46,18 +43,7 @@ class RobustAggregation(Strategy):
                 for key, value in arrays.items()
             }
         )
-        after = getattr(self.strategy, "after_aggregate", None)
-        return (after(server_round, arrays) if after else arrays), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        return self.after_aggregate(server_round, arrays), metrics
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s, its training replies aggregated by %s:",
