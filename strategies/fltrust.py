@@ -20,8 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from strategies.wrapped import Wrapped
 
@@ -39,6 +38,8 @@ class SyntheticTrust(Wrapped):
     ) -> None:
         super().__init__(strategy)
         self.server_update_fn = server_update_fn
+        # the silos' training metrics, weighted as FedAvg weighs them (its public default)
+        self.metrics_of = FedAvg().train_metrics_aggr_fn
         self.arrayrecord_key, self.weighted_by_key = arrayrecord_key, weighted_by_key
         self.sent: ArrayRecord | None = None  # the global model of the round in progress
 
@@ -88,9 +89,8 @@ class SyntheticTrust(Wrapped):
             {n: round(s, 3) for n, s in sorted(scores.items())})  # fmt: skip
         metrics = MetricRecord({f"trust-node-{n}": float(s) for n, s in scores.items()})
         if used:
-            for key, value in aggregate_metricrecords(
-                [r.content for r in used], self.weighted_by_key
-            ).items():
+            silos = self.metrics_of([r.content for r in used], self.weighted_by_key)
+            for key, value in silos.items():
                 metrics[key] = value
         return self.after_aggregate(server_round, arrays), metrics
 
