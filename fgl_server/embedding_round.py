@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.domain_prompts import DomainPrompt, request_fields
-from fgl_core.dp import noise_std
+from fgl_core.dp import clip_rows, noise_std
 from fgl_core.payload import (
     ADAPTER_RECORD,
     CHUNK_MESSAGE_TYPE,
@@ -163,8 +163,8 @@ def payload_limits(
 def float16_loss(prompts: np.ndarray, clip: float) -> float:
     """The largest share of a prompt's norm that the payload's float16 loses once the prompt is
     clipped to L2 norm `clip` (1.0: it arrives as zeros)."""
-    flat = prompts.reshape(-1, prompts.shape[-2] * prompts.shape[-1]).astype(np.float64)
-    clipped = flat * np.minimum(1.0, clip / np.linalg.norm(flat, axis=1, keepdims=True))
+    flat = prompts.reshape(-1, prompts.shape[-2] * prompts.shape[-1])
+    clipped = clip_rows(flat, clip)  # as the silo clips each embedding (float64)
     error = clipped.astype(np.float16).astype(np.float64) - clipped
     return float((np.linalg.norm(error, axis=1) / np.linalg.norm(clipped, axis=1)).max())
 
