@@ -1,6 +1,7 @@
 """FGL where the generator never saw the silos' domain: `fgl-mini` (digits only) on BloodMNIST,
 with class-level text prompts against the generator adapted by the silos
-(`generator-adaptation = "lora"`, with and without DP-SGD), one-shot and after FedAvg rounds.
+(`generator-adaptation = "lora"`, with and without DP-SGD), one-shot and after FedAvg rounds,
+beside FedAvg alone for the same rounds (row `fedavg`).
 
 Each row is the real ServerApp and ClientApps in one process (`deploy.inprocess`), 5 silos; per
 row: the one-shot model's test accuracy (last epoch, and at its best validation epoch), after the
@@ -59,6 +60,7 @@ ROWS = {
     "lora+learned": {**ADAPT, "prompt-mode": "learned"},
     "instance": {"prompt-mode": "instance"},
     "lora+instance": {**ADAPT, "prompt-mode": "instance"},
+    "fedavg": {"strategy": "fedavg"},  # no one-shot start: the rounds alone
 }
 
 
@@ -97,7 +99,7 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         "row": row,
         "seed": seed,
         "config": ROWS[row],
-        "one-shot-test-accuracy": results["one-shot"]["test-accuracy"],
+        "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
         "one-shot-best-val-test-accuracy": best_val(results.get("one-shot-curve", [])),
         "after-rounds-test-accuracy": rounds[-1]["test-accuracy"] if args.rounds else None,
         "silos": per_node,
@@ -140,6 +142,21 @@ def best_val(curve: list[dict]) -> float | None:
     return max(curve, key=lambda e: e["val-accuracy"])["test-accuracy"]
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Per row: mean and standard deviation over its seeds of the one-shot and after-rounds
+    test accuracy (where the row has them)."""
+    summary: dict[str, dict] = {}
+    for r in rows:
+        summary.setdefault(r["row"], {"seeds": 0})["seeds"] += 1
+    for name, entry in summary.items():
+        for key in ("one-shot-test-accuracy", "after-rounds-test-accuracy"):
+            values = [r[key] for r in rows if r["row"] == name and r[key] is not None]
+            if values:
+                entry[f"{key}-mean"] = float(np.mean(values))
+                entry[f"{key}-std"] = float(np.std(values))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", default=["text", "lora"], choices=sorted(ROWS))
@@ -161,20 +178,12 @@ def main() -> None:
         for seed in args.seeds:
             for row in args.rows:
                 rows.append(measure(row, seed, args, work))
-                shown = ("row", "seed", "one-shot-test-accuracy", "one-shot-best-val-test-accuracy")
+                shown = ("row", "seed", "one-shot-test-accuracy", "one-shot-best-val-test-accuracy",
+                         "after-rounds-test-accuracy")  # fmt: skip
                 print(json.dumps({k: rows[-1][k] for k in shown}), flush=True)
-                summary = {
-                    name: {
-                        "mean": float(np.mean([r["one-shot-test-accuracy"] for r in group])),
-                        "std": float(np.std([r["one-shot-test-accuracy"] for r in group])),
-                        "seeds": len(group),
-                    }
-                    for name in args.rows
-                    if (group := [r for r in rows if r["row"] == name])
-                }
-                record = {"args": {k: v if not isinstance(v, Path) else str(v)
-                                   for k, v in vars(args).items()}, "run": RUN,
-                          "set": dict(args.set), "rows": rows, "summary": summary}  # fmt: skip
+                arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+                record = {"args": arguments, "run": RUN, "set": dict(args.set), "rows": rows,
+                          "summary": summarize(rows)}  # fmt: skip
                 write(args.name, record, echo=False)
 
 
