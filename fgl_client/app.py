@@ -13,10 +13,12 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fgl_client.round_dp import round_dp_mod
 from fgl_client.secure_histogram import secure_histogram_mod
 from fgl_core.console import configure_logging
 
-app = ClientApp(mods=[secure_histogram_mod])  # SecAgg+ stages go to Flower's secaggplus_mod
+# SecAgg+ stages go to Flower's secaggplus_mod; with `round-dp` training replies are clipped
+app = ClientApp(mods=[secure_histogram_mod, round_dp_mod])
 log = logging.getLogger(__name__)
 CODE = Path(__file__).resolve().parent.parent  # which copy of the app runs: the FAB's, or not
 

@@ -7,13 +7,16 @@ What reaches the server from a silo's images, as dp-accounting's `DpEvent`s abou
   embedding (its caption's at instance level; at class level the public template's, sent only
   if the silo holds the class), so one `GaussianDpEvent` per run;
 - the adaptation rounds under DP-SGD (`adaptation-noise`): per trained part (the UNet's adapter,
-  the decoder), `steps` Poisson-sampled Gaussian steps at the sampling rate Opacus uses.
+  the decoder), `steps` Poisson-sampled Gaussian steps at the sampling rate Opacus uses;
+- the training rounds under `round-dp`: one Gaussian mechanism per round about the silo's whole
+  update (so about any one image in it), its multiplier against the silo's weight in the mean
+  (`strategies.private`).
 
 Composed by privacy loss distributions (`PLDAccountant`, pessimistic estimate): one release
 gets the analytic Gaussian's exact value, and a composition a bound tighter than Renyi DP's
 (Opacus' own accountant; below it by 7-13 % for this project's DP-SGD histories, measured in
-the tests). What no mechanism covers (the label histogram sent in the clear, FedAvg rounds
-without DP) is named beside the figure by the caller, never folded into it.
+the tests). What no mechanism covers (the label histogram sent in the clear, training rounds
+without DP) is named beside the figure by the caller (`fgl_server.budget`), never folded into it.
 """
 
 from __future__ import annotations
@@ -63,17 +66,23 @@ def _empty(event: dpa.DpEvent) -> bool:
 
 
 def silo_budget(
-    delta: float, embedding_noise: float, adaptation: Sequence[tuple[float, float, int]]
+    delta: float,
+    embedding_noise: float,
+    adaptation: Sequence[tuple[float, float, int]],
+    rounds: Sequence[float] = (),
 ) -> dict:
     """One silo's budget for a run: each part's epsilon at `delta` and all of them composed
     (None where nothing was noised: no guarantee is claimed, not a perfect one).
     `embedding_noise`: the multiplier of its noised embeddings (0: none sent noised);
-    `adaptation`: its DP-SGD history (empty: none)."""
+    `adaptation`: its DP-SGD history (empty: none); `rounds`: the multiplier of each noised
+    release of the training rounds it was aggregated in (empty: none)."""
     events, parts = {}, {}
     if embedding_noise:
         events["embedding"] = gaussian_release(embedding_noise)
     if adaptation:
         events["adaptation"] = dp_sgd(adaptation)
+    if rounds:
+        events["rounds"] = dpa.ComposedDpEvent([gaussian_release(z) for z in rounds])
     for name, event in events.items():
         parts[name] = epsilon([event], delta)
     composed = epsilon(list(events.values()), delta) if events else None  # None: no guarantee

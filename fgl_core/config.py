@@ -375,6 +375,23 @@ class RunConfig(BaseModel):
     trimmed_beta: float = Field(0.2, ge=0.0, lt=0.5)
     """`trimmed-mean`: the share of values cut from each end of every coordinate"""
 
+    # Differential privacy in the rounds (Flower's central-DP wrappers and ClientApp mods)
+    round_dp: Literal["none", "client-fixed", "client-adaptive"] = "none"
+    """central DP in the training rounds: each silo clips its update (Flower's
+    `fixedclipping_mod` / `adaptiveclipping_mod`), the server checks the clip, adds Gaussian
+    noise to the mean (`DifferentialPrivacyClientSide{Fixed,Adaptive}Clipping`) and accounts it
+    in each silo's budget (results.json `privacy`); `client-adaptive` moves the clip toward the
+    `round-dp-quantile` of the silos' update norms. Not with `fedopt`, `centralized`, or an
+    `aggregation` other than `fedavg` (the accounting assumes the mean)"""
+    round_dp_noise: float = Field(1.0, gt=0.0, le=1e6)
+    """`round-dp`: the noise multiplier, the noise's standard deviation over the clip norm"""
+    round_dp_clip: float = Field(1.0, gt=0.0, le=1e6)
+    """`round-dp`: the L2 norm each silo's update is clipped to (`client-adaptive`: to start
+    with)"""
+    round_dp_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    """`round-dp = "client-adaptive"`: the share of silos whose update the clip should leave
+    unclipped"""
+
     # Federation
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     """share of connected silos sampled for each training round"""
@@ -532,6 +549,23 @@ class RunConfig(BaseModel):
             raise ValueError(
                 "generator-adaptation with domain-prompts is not supported yet: the adapters "
                 "train on class prompts without the domains' styles"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _round_dp_fits_the_run(self) -> RunConfig:
+        if self.round_dp == "none":
+            return self
+        why = {
+            "fedopt": "FedAdam's server step would move the noise the accounting assumes",
+            "centralized": "it has no rounds of silos' updates",
+        }.get(self.strategy)
+        if why:
+            raise ValueError(f"round-dp is not supported with strategy = {self.strategy!r}: {why}")
+        if self.aggregation != "fedavg":
+            raise ValueError(
+                f"round-dp with aggregation = {self.aggregation!r} is not supported: the noise "
+                "and its accounting assume the replies' mean (aggregation = 'fedavg')"
             )
         return self
 

@@ -239,6 +239,37 @@ def adaptation_section(results: dict, cfg: RunConfig) -> list[str]:
     return lines
 
 
+def budget_section(results: dict) -> list[str]:
+    """Each silo's (epsilon, delta) for the whole run as results.json's `privacy` states it
+    (`fgl_server.budget`): each part's and all composed, and what no guarantee covers."""
+    privacy = results.get("privacy")
+    if not isinstance(privacy, dict) or not isinstance(privacy.get("silos"), dict):
+        return []
+    silos = privacy["silos"]
+    parts = sorted({p for silo in silos.values() for p in silo.get("parts", {})})
+    accountant = privacy.get("accountant", "dp-accounting")
+    lines = ["", "## Each silo's budget for the run", "",
+             f"Composed by {accountant}: every noised release of the silo, each part alone and "
+             "all together (epsilon at the silo's delta).", ""]  # fmt: skip
+    if silos:
+        lines += ["| silo | delta | " + " | ".join(parts) + " | whole run |",
+                  "| --- " * (len(parts) + 3) + "|"]  # fmt: skip
+        for node, silo in sorted(silos.items(), key=lambda kv: int(kv[0].split()[-1])):
+            cells = [_epsilon(silo.get("parts", {}).get(p)) for p in parts]
+            lines.append(f"| {node} | {silo.get('delta')} | " + " | ".join(cells)
+                         + f" | {_epsilon(silo.get('epsilon'))} |")  # fmt: skip
+    else:
+        lines.append("No silo sent anything noised: the run claims no guarantee.")
+    uncovered = privacy.get("not-covered") or []
+    if uncovered:
+        lines += ["", "Covered by no guarantee: " + "; ".join(map(str, uncovered)) + "."]
+    return lines
+
+
+def _epsilon(value: object) -> str:
+    return f"{float(value):.3g}" if isinstance(value, (int, float)) else "none"
+
+
 def inversion_section(
     run_dir: Path, rows: list[InversionRow], cfg: RunConfig, delta: float
 ) -> list[str]:
@@ -559,7 +590,7 @@ def report(
     figures["seconds"]["inversion"] = round(time.perf_counter() - start, 1)
     path = write_report(run_dir, rows, histograms, cfg, delta)  # kept if what follows fails
     write_figures(run_dir, figures)
-    extra: list[str] = adaptation_section(results, cfg)
+    extra: list[str] = budget_section(results) + adaptation_section(results, cfg)
     adapted = results.get("adaptation")
     figures["adaptation-dp"] = adapted.get("dp") if isinstance(adapted, dict) else None
     failed: list[str] = []

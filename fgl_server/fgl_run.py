@@ -14,9 +14,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from fgl_core.accounting import silo_budget
 from fgl_core.adapted_generator import adapter_record
-from fgl_core.adapters import sample_rate
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
 from fgl_core.domain_prompts import (
@@ -33,6 +31,7 @@ from fgl_core.progress import Snapshot
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.adaptation import adapt_generator
+from fgl_server.budget import privacy_budget
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.embedding_round import embedding_round
 from fgl_server.evaluation import evaluate_on_server
@@ -111,7 +110,7 @@ def run_fgl(
     payloads, histogram = embedding_round(
         grid, cfg, engine, data.class_names, recorder, domains, sent_adapter
     )
-    recorder.set("privacy", privacy_budget(cfg, recorder.results.get("adaptation"), payloads))
+    recorder.set("privacy", privacy_budget(cfg, recorder.results))
     synthetic = synthesize(engine, payloads, histogram, cfg, data, recorder)
     del engine
     if device.type == "cuda":
@@ -135,45 +134,6 @@ def run_fgl(
     )  # fmt: skip
     strategy = build_strategy(cfg, finetune_fn=finetune, server_update_fn=trusted)
     return run_rounds(strategy, grid, model, cfg, data, recorder, device, await_nodes=False)
-
-
-def privacy_budget(
-    cfg: RunConfig, adaptation: dict | None, payloads: dict[str, EmbeddingPayload]
-) -> dict:
-    """Each silo's (epsilon, delta) for what it gave the server up to round 0, by dp-accounting
-    (`fgl_core.accounting`): its noised embeddings and its DP-SGD adaptation rounds (rebuilt
-    from each round it took part in: its images, the run's noise, batch and steps), each part
-    and composed, at `adaptation-delta`; and what no guarantee covers."""
-    history: dict[str, list[tuple[float, float, int]]] = {}
-    if adaptation and cfg.adaptation_noise:
-        parts = 2 if cfg.adapt_decoder else 1
-        for record in adaptation.get("rounds", []):
-            for node, silo in record["silos"].items():
-                if "left-out" in silo or "num-examples" not in silo:
-                    continue
-                rate = sample_rate(int(silo["num-examples"]), cfg.adaptation_batch_size)
-                step = (cfg.adaptation_noise, rate, cfg.adaptation_steps)
-                history.setdefault(f"node {node}", []).extend([step] * parts)
-    nodes = sorted(set(history) | set(payloads), key=lambda n: int(n.split()[-1]))
-    uncovered = ["the FedAvg rounds (no DP in them yet)"]
-    if not cfg.secure_histograms:
-        uncovered.append("the label histogram, sent in the clear")
-    if not cfg.embedding_noise and cfg.prompt_mode in ("instance", "learned"):
-        uncovered.append(f"the {cfg.prompt_mode}-level embeddings, sent without noise")
-    if cfg.generator_adaptation != "none" and not cfg.adaptation_noise:
-        uncovered.append("the adapters, trained without DP-SGD")
-    return {
-        "accountant": "dp-accounting, privacy loss distributions",
-        "silos": {
-            node: silo_budget(
-                cfg.adaptation_delta,
-                cfg.embedding_noise if node in payloads else 0.0,
-                history.get(node, []),
-            )
-            for node in nodes
-        },
-        "not-covered": uncovered,
-    }
 
 
 def run_domains(cfg: RunConfig, data: DatasetSplits) -> list[DomainPrompt]:

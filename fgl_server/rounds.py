@@ -12,6 +12,7 @@ from torch import nn
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import state_dict_float32
+from fgl_server.budget import ROUND_PREFIX, privacy_budget
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
@@ -78,7 +79,8 @@ def run_rounds(
             for r, m in trained.items()
         }
     for per_round in (evaluated, trained):
-        recorder.merge_round_metrics(per_round, prefix="silo-")
+        recorder.merge_round_metrics(per_round, prefix=ROUND_PREFIX)
+    recorder.set("privacy", privacy_budget(cfg, recorder.results))  # with the rounds' noise
     recorder.set("traffic", grid.to_json())
     if len(result.arrays):
         model.load_state_dict(result.arrays.to_torch_state_dict())

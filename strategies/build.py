@@ -7,6 +7,8 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import (
     Bulyan,
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
     FedMedian,
     FedProx,
@@ -21,6 +23,7 @@ from strategies.fedopt import FedAdamFloat32
 from strategies.fgl import FGL
 from strategies.fltrust import SyntheticTrust
 from strategies.moon import MOON
+from strategies.private import CentralDP, PrivateRounds
 from strategies.robust import RobustAggregation
 
 
@@ -52,7 +55,11 @@ def build_strategy(
 
     `finetune_fn` is FGL's server-side fine-tune of each aggregated model (None: off);
     `server_update_fn` trains a global model on the synthetic set (`synthetic-trust`).
+    With `round-dp`, Flower's client-side DP wrapper noises the mean (`strategies.private`),
+    FGL's fine-tune after the noise.
     """
+    if cfg.round_dp != "none":
+        return PrivateRounds(private_rule(cfg, _strategy(cfg, None)), finetune_fn)
     strategy = _strategy(cfg, finetune_fn)
     if cfg.aggregation == "fedavg":
         return strategy
@@ -77,6 +84,26 @@ def _strategy(
     if cfg.strategy == "fgl":
         return FGL(finetune_fn=finetune_fn, **sampling(cfg))
     return FedAvg(**sampling(cfg))
+
+
+def private_rule(cfg: RunConfig, strategy: FedAvg) -> CentralDP:
+    """Flower's client-side DP wrapper for `cfg.round_dp` around `strategy`; `min-nodes` silos
+    are expected each round (fewer make the noise larger against each, as accounted)."""
+    if cfg.round_dp == "client-fixed":
+        return DifferentialPrivacyClientSideFixedClipping(
+            strategy, cfg.round_dp_noise, cfg.round_dp_clip, cfg.min_nodes
+        )
+    # the clipped count's noise: Flower's default (n / 20) unless the multiplier needs more
+    # (Andrew et al.: z must stay below twice its standard deviation)
+    count_noise = max(cfg.min_nodes / 20, cfg.round_dp_noise)
+    return DifferentialPrivacyClientSideAdaptiveClipping(
+        strategy,
+        cfg.round_dp_noise,
+        cfg.min_nodes,
+        initial_clipping_norm=cfg.round_dp_clip,
+        target_clipped_quantile=cfg.round_dp_quantile,
+        clipped_count_stddev=count_noise,
+    )
 
 
 def robust_rule(cfg: RunConfig) -> FedAvg:
