@@ -360,8 +360,9 @@ class RunConfig(BaseModel):
         "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "synthetic-trust"
     ] = "fedavg"
     """how each round's training replies are combined: `fedavg` (the strategy's own weighted
-    mean), `synthetic-trust` (FGL: FLTrust, each silo's update weighted by its agreement with
-    the server's own update trained on the synthetic set, and rescaled to its size), or one of
+    mean), `synthetic-trust` (FGL, or a baseline naming `trusted-store`: FLTrust, each silo's
+    update weighted by its agreement with the server's own update trained on the synthetic set,
+    and rescaled to its size), or one of
     Flower's robust rules: `median` (coordinate-wise), `trimmed-mean`
     (`trimmed-beta` of the values cut from each end), `krum` (the one reply closest to its
     neighbours), `multi-krum` (the mean of the `aggregation-select` closest), `bulyan`; Krum and
@@ -374,6 +375,9 @@ class RunConfig(BaseModel):
     """`multi-krum`: how many of the closest replies are averaged (at most `min-nodes` - f)"""
     trimmed_beta: float = Field(0.2, ge=0.0, lt=0.5)
     """`trimmed-mean`: the share of values cut from each end of every coordinate"""
+    trusted_store: str = ""
+    """`synthetic-trust` in a baseline run (not `fgl`): the synthetic store of a previous FGL
+    run on the same dataset (its results.json's `synthesis.store`), the server's trusted data"""
 
     # Differential privacy in the rounds (Flower's central-DP wrappers and ClientApp mods)
     round_dp: Literal["none", "client-fixed", "client-adaptive"] = "none"
@@ -531,9 +535,7 @@ class RunConfig(BaseModel):
         }
         asked = [what for what, wanted in refused.items() if wanted]
         if asked:
-            raise ValueError(
-                f'prompt-mode = "learned" does not support {"; ".join(asked)} yet'
-            )
+            raise ValueError(f'prompt-mode = "learned" does not support {"; ".join(asked)} yet')
         return self
 
     @model_validator(mode="after")
@@ -571,6 +573,12 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _aggregation_fits_the_run(self) -> RunConfig:
+        if self.trusted_store and (self.aggregation != "synthetic-trust" or self.strategy == "fgl"):
+            raise ValueError(
+                "trusted-store is the trusted data of aggregation = 'synthetic-trust' in a "
+                f"baseline run; with aggregation = {self.aggregation!r} and strategy = "
+                f"{self.strategy!r} nothing would read it (an FGL run trusts its own set)"
+            )
         if self.aggregation == "fedavg":
             return self
         if self.strategy in ("fedopt", "centralized"):
@@ -582,10 +590,12 @@ class RunConfig(BaseModel):
                 f"aggregation = {self.aggregation!r} is not supported with strategy = "
                 f"{self.strategy!r}: {why}"
             )
-        if self.aggregation == "synthetic-trust" and self.strategy != "fgl":
+        trusts = self.aggregation == "synthetic-trust"
+        if trusts and self.strategy != "fgl" and not self.trusted_store:
             raise ValueError(
                 "aggregation = 'synthetic-trust' trains the server's trusted update on FGL's "
-                f"synthetic set; strategy = {self.strategy!r} makes none (use strategy = 'fgl')"
+                f"synthetic set; strategy = {self.strategy!r} makes none (use strategy = "
+                "'fgl', or name a previous FGL run's store in trusted-store)"
             )
         f = self.aggregation_malicious
         need = {"krum": 2 * f + 3, "multi-krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(

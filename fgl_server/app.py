@@ -15,7 +15,7 @@ from fgl_core.models import build_model_for
 from fgl_core.seeds import derive_seed
 from fgl_core.training import pick_device
 from fgl_server.centralized import run_centralized
-from fgl_server.fgl_run import run_fgl
+from fgl_server.fgl_run import run_fgl, synthetic_trainer, trusted_set
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.rounds import run_rounds
@@ -52,7 +52,13 @@ def main(grid: Grid, context: Context) -> None:
         model = run_fgl(grid, cfg, data, recorder, device)
     else:
         model = build_model_for(cfg, data.num_classes, data.image_size)
-        strategy = build_strategy(cfg)
+        trusted = (  # `synthetic-trust`: a previous FGL run's store as the trusted data
+            synthetic_trainer(trusted_set(cfg, data, recorder), model, cfg, recorder, device,
+                              cfg.local_epochs, "server-update")
+            if cfg.aggregation == "synthetic-trust"
+            else None
+        )  # fmt: skip
+        strategy = build_strategy(cfg, server_update_fn=trusted)
         model = run_rounds(
             strategy, RecordingGrid(grid, data.class_names), model, cfg, data, recorder, device
         )

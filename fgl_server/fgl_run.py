@@ -41,7 +41,12 @@ from fgl_server.rounds import run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
 from fgl_server.synthesis_pool import RayShardPool, check_workers_fit
-from fgl_server.synthetic_store import ShardStream, SyntheticStore, synthesize_into_store
+from fgl_server.synthetic_store import (
+    ShardStream,
+    StoreError,
+    SyntheticStore,
+    synthesize_into_store,
+)
 from strategies.build import build_strategy
 
 log = logging.getLogger(__name__)
@@ -302,6 +307,30 @@ def one_shot(
         "one-shot: test accuracy %.4f (val %.4f)", metrics["test-accuracy"], metrics["val-accuracy"]
     )
     return model
+
+
+def trusted_set(cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder) -> ImageSet:
+    """`trusted-store`: a previous FGL run's synthetic set as a baseline's trusted data for
+    `synthetic-trust`, every shard verified, checked to be of this dataset's classes and image
+    size; a bad store is a `ConfigError` naming it, before any silo is asked."""
+    where = f"trusted-store {cfg.trusted_store!r}"
+    try:
+        synthetic = SyntheticStore.open(cfg.trusted_store).load()
+    except StoreError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    size, labels = synthetic.images.shape[1:3], synthetic.labels
+    if tuple(size) != (data.image_size, data.image_size):
+        raise ConfigError(
+            f"{where}: its images are {size[0]}x{size[1]} px, this dataset's "
+            f"{data.image_size} px (a store of another dataset?)"
+        )
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= data.num_classes:
+        raise ConfigError(
+            f"{where}: its labels do not fit this dataset's {data.num_classes} classes"
+        )
+    recorder.set("trusted-store", {"store": cfg.trusted_store, "images": len(labels)})
+    log.info("%s: %d synthetic images as the server's trusted data", where, len(labels))
+    return synthetic
 
 
 def synthetic_trainer(

@@ -115,7 +115,9 @@ def test_synthetic_trust_weighs_each_update_by_its_agreement_with_the_servers(
     assert liar == 0.0 if attack == "sign" else liar > 0.9  # scaled: same way, cut to size
 
 
-def test_an_fgl_run_trusts_by_its_synthetic_set_and_records_each_silos_trust(blood_npz, tmp_path):
+def test_an_fgl_run_trusts_by_its_synthetic_set_and_a_baseline_by_its_store(blood_npz, tmp_path):
+    import json
+
     from tests.conftest import small_fgl_run
 
     config = {"dataset": str(blood_npz), "train-subset": 80, "eval-subset": 40,
@@ -126,11 +128,27 @@ def test_an_fgl_run_trusts_by_its_synthetic_set_and_records_each_silos_trust(blo
     (round1,) = [r for r in results["rounds"] if r["round"] == 1]
     trust = {k: v for k, v in round1.items() if k.startswith("silo-trust-node-")}
     assert len(trust) == 2 and all(0.0 <= v <= 1.0 for v in trust.values())
+    # a FedAvg baseline trusts by that run's store, named in trusted-store
+    from deploy.inprocess import run_in_process
+
+    baseline = {**config, "strategy": "fedavg", "min-nodes": 2, "num-server-rounds": 1,
+                "trusted-store": results["synthesis"]["store"], "output-dir": str(tmp_path),
+                "run-name": "baseline"}  # fmt: skip
+    run_in_process(baseline, num_silos=2)
+    trusted = json.loads((tmp_path / "baseline" / "results.json").read_text())
+    assert trusted["trusted-store"]["images"] == sum(results["synthesis"]["images-per-class"])
+    (round1,) = [r for r in trusted["rounds"] if r["round"] == 1]
+    assert len([k for k in round1 if k.startswith("silo-trust-node-")]) == 2
+    with pytest.raises(ConfigError, match=r"trusted-store '.*nowhere': .*no readable manifest"):
+        run_in_process({**baseline, "trusted-store": str(tmp_path / "nowhere")}, num_silos=2)
 
 
 def test_synthetic_trust_needs_a_synthetic_set(task_identity):
     with pytest.raises(ConfigError, match="'synthetic-trust' trains the server's trusted update"):
         RunConfig.from_flower({"strategy": "fedavg", "aggregation": "synthetic-trust"})
+    with pytest.raises(ConfigError, match="an FGL run trusts its own set"):
+        RunConfig.from_flower({"strategy": "fgl", "aggregation": "synthetic-trust",
+                               "trusted-store": "outputs/store"})  # fmt: skip
 
 
 def test_the_config_refuses_what_a_robust_rule_cannot_do():
