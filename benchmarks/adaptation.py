@@ -53,6 +53,7 @@ ROWS = {
     "text": {},
     "lora": ADAPT,
     "lora-attention": {**ADAPT, "adaptation-layers": "attention"},
+    "lora-null": {**ADAPT, "adaptation-null-share": 0.1},  # condition dropout, for guidance > 1
     "lora-no-decoder": {**ADAPT, "adapt-decoder": False},
     "lora-dp-1": {**ADAPT, "adaptation-noise": 1.0},
     "lora-dp-0.6": {**ADAPT, "adaptation-noise": 0.6},

@@ -35,6 +35,7 @@ from fgl_core.adapters import (
     LORA_TARGETS,
     AdapterError,
     AdapterSpec,
+    NullCondition,
     PrivateTraining,
     attach,
     diffusers_state,
@@ -61,6 +62,7 @@ class AdaptSettings(Settings):
     adaptation_steps: int
     adaptation_batch_size: int
     adaptation_lr: float
+    adaptation_null_share: float
     adapt_decoder: bool
     adaptation_noise: float  # DP-SGD's noise multiplier; 0 = no DP
     adaptation_clip: float
@@ -261,10 +263,15 @@ def adapt_on_silo(
         settings.adaptation_lr,
     )
     private = settings.private
+    null = (
+        NullCondition(encode_texts(pipe, [""]), settings.adaptation_null_share)
+        if settings.adaptation_null_share
+        else None
+    )
     decoder_losses: list[float] = []
     if private is None:
         unet_losses = train_adapter(pipe.unet, scaled, conditioning, noise_schedule, steps, batch,
-                                    lr, seed)  # fmt: skip
+                                    lr, seed, null)  # fmt: skip
         if settings.adapt_decoder:
             decoder_losses = train_decoder(pipe.vae, latents, pixels, steps, batch, lr, seed)
         return SiloAdaptation(unet_losses, decoder_losses, time.perf_counter() - start)
@@ -272,7 +279,7 @@ def adapt_on_silo(
     parts = 2 if settings.adapt_decoder else 1
     history = [(private.noise_multiplier, rate, steps * (server_round - 1))] * parts
     result = train_adapter_private(pipe.unet, scaled, conditioning, noise_schedule, steps, private,
-                                   batch, lr, seed, history)  # fmt: skip
+                                   batch, lr, seed, history, null)  # fmt: skip
     history = result.history
     if settings.adapt_decoder:
         params = decoder_parameters(pipe.vae)

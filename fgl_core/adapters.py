@@ -143,6 +143,25 @@ def random_batch(
     return batch, noise, timesteps
 
 
+@dataclass(frozen=True)
+class NullCondition:
+    """Condition dropout: each training image is conditioned on `embedding` (the empty prompt's,
+    (1, 77, D)) with probability `share` instead of its own prompt, as Stable Diffusion was
+    trained for classifier-free guidance."""
+
+    embedding: torch.Tensor
+    share: float
+
+    def apply(self, conditioning: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        dropped = torch.rand(len(conditioning), generator=generator) < self.share
+        if not dropped.any():
+            return conditioning
+        null = self.embedding.to(conditioning.dtype).expand(int(dropped.sum()), -1, -1)
+        out = conditioning.clone()
+        out[dropped] = null
+        return out
+
+
 def train_adapter(
     unet: torch.nn.Module,
     latents: torch.Tensor,
@@ -152,10 +171,12 @@ def train_adapter(
     batch_size: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
+    null: NullCondition | None = None,
 ) -> list[float]:
     """Train the adapter's B factors on a silo's images: `latents` (N, C, h, w) are the images
     through the generator's VAE (scaled), `conditioning` (N, 77, D) each image's prompt
-    embedding; one flat loop of `steps` AdamW steps on random batches. The loss of each step."""
+    embedding (some replaced by the empty prompt's with `null`); one flat loop of `steps` AdamW
+    steps on random batches. The loss of each step."""
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
         raise AdapterError("the UNet has no trainable adapter: attach() it first")
@@ -168,7 +189,9 @@ def train_adapter(
     unet.train()
     for _ in range(steps):
         batch, noise, timesteps = random_batch(latents, batch_size, generator, horizon)
-        loss = denoising_loss(unet, latents[batch], conditioning[batch], noise, timesteps,
+        condition = conditioning[batch] if null is None else null.apply(conditioning[batch],
+                                                                        generator)  # fmt: skip
+        loss = denoising_loss(unet, latents[batch], condition, noise, timesteps,
                               scheduler)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,6 +235,7 @@ def train_adapter_private(
     lr: float = 1e-3,
     seed: int = 0,
     history: Sequence[tuple[float, float, int]] = (),
+    null: NullCondition | None = None,
 ) -> PrivateResult:
     """`train_adapter` under DP-SGD: the same loss and optimizer, with Opacus' per-image clipping
     and noise and Poisson-sampled batches. `history` is what the silo's earlier trainings spent
@@ -228,6 +252,8 @@ def train_adapter_private(
              ) -> torch.Tensor:  # fmt: skip
         noise = torch.randn(batch_latents.shape, generator=generator)
         timesteps = torch.randint(horizon, (len(batch_latents),), generator=generator)
+        if null is not None:  # per image, so each image's gradient stays its own
+            batch_conditioning = null.apply(batch_conditioning, generator)
         return denoising_loss(module, batch_latents, batch_conditioning, noise, timesteps,
                               scheduler)  # fmt: skip
 

@@ -255,6 +255,10 @@ class RunConfig(BaseModel):
     sampling)"""
     adaptation_lr: float = Field(1e-3, gt=0.0)
     """`generator-adaptation`: AdamW's learning rate"""
+    adaptation_null_share: float = Field(0.0, ge=0.0, lt=1.0)
+    """`generator-adaptation`: the share of training images conditioned on the empty prompt
+    instead of their own (as Stable Diffusion was trained), so that classifier-free guidance
+    (`guidance` > 1) has an adapted unconditional prediction to steer from; 0 = off"""
     adaptation_rank: int = Field(8, ge=1, le=4096)
     """`generator-adaptation`: the LoRA rank of each adapted attention projection"""
     adaptation_layers: Literal["attention", "attention+conv"] = "attention+conv"

@@ -133,6 +133,35 @@ def test_training_on_a_silos_blood_cells_moves_only_b_and_lowers_their_denoising
     assert after < before * 0.97, (before, after)
 
 
+def test_condition_dropout_puts_the_empty_prompt_on_its_share_of_each_batch(mini, blood_batch):
+    """Classifier-free guidance steers from the prediction under the empty prompt: with
+    `adaptation-null-share` that share of the training images is conditioned on it, the rest on
+    their own prompts; whether it helps guidance is measured by `benchmarks.adaptation`."""
+    from fgl_core.adapted_generator import encode_texts
+    from fgl_core.adapters import NullCondition
+
+    pipe, schedule = mini
+    latents, conditioning, _ = blood_batch
+    with torch.no_grad():
+        empty = encode_texts(pipe, [""])
+    generator = torch.Generator().manual_seed(0)
+    counts = []
+    for _ in range(20):
+        dropped = NullCondition(empty, share=0.25).apply(conditioning, generator)
+        is_null = (dropped == empty).flatten(1).all(1)
+        assert torch.equal(dropped[~is_null], conditioning[~is_null])
+        counts.append(int(is_null.sum()))
+    assert 0.2 < np.mean(counts) / len(conditioning) < 0.3
+    assert NullCondition(empty, share=0.0).apply(conditioning, generator) is conditioning
+    unet = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
+    plain = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
+    train_adapter(unet, latents, conditioning, schedule, steps=2, seed=1,
+                  null=NullCondition(empty, share=0.5))  # fmt: skip
+    train_adapter(plain, latents, conditioning, schedule, steps=2, seed=1)
+    b, plain_b = trainable_state(unet), trainable_state(plain)
+    assert any(not np.allclose(b[k], plain_b[k]) for k in b)  # it trained on other conditions
+
+
 def test_the_average_of_b_with_a_shared_a_is_exactly_the_mean_update_unlike_averaging_both(mini):
     spec = AdapterSpec(rank=4, seed=3)
     rng = np.random.default_rng(0)
