@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fgl_core.config import RunConfig
 from fgl_core.hf_datasets import HFDatasetError, is_hf, load_hf_splits
+from fgl_core.image_ops import square_rgb
 from fgl_core.npy import read_npy_header
 
 log = logging.getLogger(__name__)
@@ -388,19 +389,6 @@ def _read_image(file: Path, size: int, resize: str = "squash") -> np.ndarray:
 
     with Image.open(file) as image:
         return square_rgb(image, size, resize)
-
-
-def square_rgb(image, size: int, resize: str = "squash") -> np.ndarray:  # type: ignore[no-untyped-def]
-    """A PIL image as a size x size RGB array, as `resize` says (left as it is at that size)."""
-    from PIL import Image, ImageOps
-
-    rgb = image.convert("RGB")
-    if rgb.size != (size, size):
-        if resize == "shorter-side":
-            rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)
-        else:
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _resolve_class_names(

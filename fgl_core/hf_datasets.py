@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fgl_core.config import RunConfig
+from fgl_core.image_ops import square_rgb
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,6 @@ def _images(
     """(images, kept): every row's image at `size`, and which rows could be decoded (the others
     are zeros). Decoded one row at a time (a whole column of PIL images would hold every
     original in memory at once), with a progress line every 30 s for large sets."""
-    from fgl_core.datasets import square_rgb  # here: fgl_core.datasets imports this module
     from fgl_core.progress import PhaseProgress
 
     out = np.zeros((len(part), size, size, 3), np.uint8)

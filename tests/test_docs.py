@@ -53,6 +53,34 @@ def test_the_code_keeps_the_documented_import_rules():
             assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
 
 
+def test_no_module_of_ours_imports_itself_back_through_others():
+    """No import circle (at module level or inside a function): each module can be read before
+    the ones that import it."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+
+    packages = ["fgl_core", "fgl_client", "fgl_server", "strategies", "fgl_privacy", "deploy",
+                "fgl_accel", "fgl_mini"]  # fmt: skip
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in packages
+        for path in (ROOT / package).rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        graph[name] = (imported & modules.keys()) - {name}
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as err:
+        pytest.fail(f"import circle: {' -> '.join(err.args[1])}")
+
+
 def test_strategies_holds_strategy_classes_only():
     """`strategies/` is Flower strategies, one class a file, and the factory that picks one:
     message exchange of the server's own (round 0, the secure sum, node waiting) lives in
