@@ -1,5 +1,7 @@
-"""An FGL run on the server: embed -> validate -> synthesize -> one-shot -> FedAvg rounds
-(`run_fgl`), with the boundary's limits (`payload_limits`) and the store's manifest."""
+"""An FGL run on the server: adapt -> embed -> synthesize -> one-shot -> rounds (`run_fgl`),
+with what its phases need: the store's manifest, the synthetic set as training reads it, and
+the server's trainers on it (FGL's fine-tune, `synthetic-trust`'s update, a baseline's
+`trusted-store`). Round 0's limits and checks are `fgl_server.embedding_round`'s."""
 
 from __future__ import annotations
 
