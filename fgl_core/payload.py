@@ -101,6 +101,7 @@ METRIC_KEYS = frozenset(
         "decoder-loss",
         "adapt-seconds",
         "epsilon",
+        "norm_bit",  # Flower's adaptiveclipping_mod: whether it clipped (`round-dp`)
     }
 )
 SILO_COUNT_KEYS = ("partition-id", "num-train", "num-test")  # integers; then the histogram

@@ -126,41 +126,50 @@ def test_the_config_refuses_round_dp_where_its_accounting_would_not_hold():
         RunConfig.from_flower({"round-dp": "client-fixed", "round-dp-noise": 0.0})
 
 
-def test_in_a_run_every_update_is_clipped_a_silo_that_does_not_is_left_out_and_budgeted(tmp_path):
-    """FedAvg on digits, 5 silos, 2 rounds: the silos' mod clips each update to 0.5; silo 1
-    multiplies its clipped update by 100 after the mod (as a silo that skipped it would)."""
+@pytest.mark.parametrize("mode", ["client-fixed", "client-adaptive"])
+def test_in_a_run_every_update_is_clipped_a_silo_that_does_not_is_left_out_and_budgeted(
+    tmp_path, mode
+):
+    """FedAvg on digits, 5 silos, 2 rounds: the silos' mod clips each update (to 0.5 at
+    first); silo 1 multiplies its clipped update by 100 after the mod (as a silo that skipped
+    it would). Each silo's epsilon is the analytic Gaussian's for its releases composed: k
+    Gaussians of multipliers z_j are one of multiplier (sum z_j^-2)^-1/2."""
     from benchmarks.attacks import UpdateAttack
     from deploy.inprocess import run_in_process
+    from fgl_privacy.report import budget_section
 
-    attack, norms = UpdateAttack("scale", {1}), []
+    attack, norms = UpdateAttack("scale", {1}), {1: [], 2: []}
 
     def on_reply(reply: Message, message: Message) -> Message:
         if reply.metadata.message_type == "train" and not reply.has_error():
             sent, got = message.content["arrays"], reply.content["arrays"]
-            norms.append(np.sqrt(sum(float(((got[k].numpy() - sent[k].numpy()) ** 2).sum())
-                                     for k in got)))  # fmt: skip
+            server_round = int(message.content["config"]["server-round"])
+            norms[server_round].append(np.sqrt(sum(
+                float(((got[k].numpy() - sent[k].numpy()) ** 2).sum()) for k in got)))  # fmt: skip
         return attack(reply, message)
 
     config = {"dataset": "digits", "num-server-rounds": 2, "local-epochs": 1, "min-nodes": 5,
-              "fraction-evaluate": 0.0, "round-dp": "client-fixed", "round-dp-clip": 0.5,
+              "fraction-evaluate": 0.0, "round-dp": mode, "round-dp-clip": 0.5,
               "round-dp-noise": 0.8, "output-dir": str(tmp_path), "run-name": "dp"}  # fmt: skip
     run_in_process(config, 5, on_reply=on_reply)
     results = json.loads((tmp_path / "dp" / "results.json").read_text())
-    assert len(norms) == 10 and max(norms) <= 0.5 * (1 + 1e-4)  # the mod clipped every update
     rounds = [r for r in results["rounds"] if r["round"] >= 1]
-    assert [r["silo-dp-clip"] for r in rounds] == [0.5, 0.5]
+    clips = [r["silo-dp-clip"] for r in rounds]
+    assert clips[0] == 0.5 and (clips[1] == 0.5) == (mode == "client-fixed")  # adaptive moves
+    for server_round, clip in zip((1, 2), clips, strict=True):  # the mod clipped every update
+        assert len(norms[server_round]) == 5 and max(norms[server_round]) <= clip * (1 + 1e-4)
     assert all("silo-dp-noise-node-1" not in r for r in rounds)  # the liar, left out each round
     privacy = results["privacy"]
     assert sorted(privacy["silos"]) == ["node 2", "node 3", "node 4", "node 5"]
+    count = [r.get("silo-dp-count-noise") for r in rounds]
+    assert (count == [None, None]) == (mode == "client-fixed")
     for node, silo in privacy["silos"].items():
-        multipliers = [r[f"silo-dp-noise-node-{node.split()[-1]}"] for r in rounds]
-        assert multipliers[0] == multipliers[1] > 0.8 / 5  # the same weights each round
-        assert analytic_delta(silo["epsilon"], multipliers[0] / 2**0.5) == pytest.approx(
-            1e-5, rel=2e-3
-        )
+        releases = [r[f"silo-dp-noise-node-{node.split()[-1]}"] for r in rounds]
+        releases += [c for c in count if c is not None]
+        assert min(releases) > 0.8 / 5 * 0.5  # the noise against a silo's share of the mean
+        combined = sum(z**-2 for z in releases) ** -0.5
+        assert analytic_delta(silo["epsilon"], combined) == pytest.approx(1e-5, rel=2e-3)
     assert privacy["not-covered"] == []
-    from fgl_privacy.report import budget_section
-
     table = budget_section(results)
     assert "| silo | delta | rounds | whole run |" in table
     node2 = next(line for line in table if line.startswith("| node 2 |"))
