@@ -48,6 +48,7 @@ RUN = {
     "alpha": 0.5,
     "min-partition-size": 5,
     "min-nodes": SILOS,
+    "oneshot-epochs": 30,
     "local-epochs": 2,
     "fraction-evaluate": 0.0,
 }
