@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fgl_core.config import RunConfig
+from fgl_core.config import DataSettings, RunConfig
 from fgl_core.datasets import DatasetError, DatasetSplits, ImageSet, load_dataset
 from fgl_core.hf_datasets import PREFIX as HF_PREFIX
 from fgl_core.partition import PARTITION_SCHEME, silo_data
@@ -56,34 +56,12 @@ def open_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
         ) from None
 
 
-# the config fields that decide a silo's data; the cache key holds them and the node config
-DATA_FIELDS = (
-    "dataset",
-    "class_names",
-    "image_size",
-    "resize",
-    "train_subset",
-    "eval_subset",
-    "val_fraction",
-    "partition",
-    "alpha",
-    "min_partition_size",
-    "self_balancing",
-    "classes_per_partition",
-    "hf_train_split",
-    "hf_test_split",
-    "hf_image_column",
-    "hf_label_column",
-    "hf_domain_column",
-    "seed",
-)
-
-
-def silo_cache_key(cfg: RunConfig, node_config: Mapping[str, object]) -> str:
-    """What decides the silo's data, hashed: the data fields, the node config, the partition
-    code's version, and a dataset file's or folder's fingerprint (so changed data is read
-    again)."""
-    described: dict[str, object] = {name: getattr(cfg, name) for name in DATA_FIELDS}
+def silo_cache_key(config: RunConfig | DataSettings, node_config: Mapping[str, object]) -> str:
+    """What decides the silo's data, hashed: every data key (`DataSettings`), the node config,
+    the partition code's version, and a dataset file's or folder's fingerprint (so changed data
+    is read again)."""
+    cfg = DataSettings.of(config)
+    described: dict[str, object] = cfg.model_dump()
     described["node-config"] = sorted((str(k), str(v)) for k, v in node_config.items())
     # the code that draws partitions: a silo cached by another version is drawn again
     described["partitioner"] = [PARTITION_SCHEME, importlib.metadata.version("flwr-datasets")]
@@ -108,16 +86,17 @@ def _fingerprint(path: Path) -> list[int]:
     ]
 
 
-def cached_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
+def cached_silo(config: RunConfig | DataSettings, node_config: Mapping[str, object]) -> Silo:
     """`load_silo`, kept in this node's `cache-dir/silos/`: a deployed node starts a fresh
     ClientApp process for every message, which would otherwise load (digits: import scikit-learn)
     and partition the whole dataset again each time. The node writes the file and only it reads
     it (no pickle); one it cannot read is rebuilt."""
+    cfg = DataSettings.of(config)  # the caches are keyed by the data keys alone
     return _cached_silo(cfg, silo_cache_key(cfg, node_config), tuple(node_config.items()))
 
 
 @functools.lru_cache(maxsize=8)  # a simulation actor serves many silos: keep the latest few
-def _cached_silo(cfg: RunConfig, key: str, node_items: tuple) -> Silo:
+def _cached_silo(cfg: DataSettings, key: str, node_items: tuple) -> Silo:
     path = Path(cfg.cache_dir) / "silos" / f"{key}.npz"
     silo = None
     if path.is_file():
@@ -161,8 +140,9 @@ def _read_silo(path: Path) -> Silo:
     return _described(Silo(name, partition_id, train, test, names, size, domain_names))
 
 
-def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
+def load_silo(config: RunConfig | DataSettings, node_config: Mapping[str, object]) -> Silo:
     """Read the node config: `data-path`, or `partition-id` and `num-partitions`."""
+    cfg = DataSettings.of(config)
     data_path = str(node_config.get("data-path", "") or "")
     if data_path:
         return _node_local_silo(cfg, data_path)
@@ -178,12 +158,12 @@ def load_silo(cfg: RunConfig, node_config: Mapping[str, object]) -> Silo:
 
 
 @functools.lru_cache(maxsize=2)  # a simulation actor serves many silos from one shared dataset
-def _shared_dataset(cfg: RunConfig) -> DatasetSplits:
+def _shared_dataset(cfg: DataSettings) -> DatasetSplits:
     return load_dataset(cfg)
 
 
 @functools.lru_cache(maxsize=8)
-def _partition_silo(cfg: RunConfig, partition_id: int, num_partitions: int) -> Silo:
+def _partition_silo(cfg: DataSettings, partition_id: int, num_partitions: int) -> Silo:
     data = _shared_dataset(cfg)
     train, test = silo_data(cfg, data, partition_id, num_partitions)
     name = f"partition {partition_id}/{num_partitions}"
@@ -192,7 +172,7 @@ def _partition_silo(cfg: RunConfig, partition_id: int, num_partitions: int) -> S
 
 
 @functools.lru_cache(maxsize=2)
-def _node_local_silo(cfg: RunConfig, data_path: str) -> Silo:
+def _node_local_silo(cfg: DataSettings, data_path: str) -> Silo:
     data = load_dataset(cfg, source=data_path)
     silo = Silo(data_path, -1, data.train, data.test, data.class_names, data.image_size)
     return _described(dataclasses.replace(silo, domain_names=data.domain_names))

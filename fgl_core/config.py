@@ -704,7 +704,7 @@ class RunConfig(BaseModel):
 
     @property
     def class_name_list(self) -> list[str]:
-        return [name.strip() for name in self.class_names.split(",") if name.strip()]
+        return name_list(self.class_names)
 
     def default_run_name(self, stamp: str) -> str:
         dataset = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.dataset).stem)
@@ -735,6 +735,46 @@ class Settings(BaseModel):
     @classmethod
     def defaults(cls, **values: Any) -> Self:
         return cls.from_config(RunConfig(), **values)
+
+
+def name_list(text: str) -> list[str]:
+    """`class-names` as a list: comma-separated, each name stripped, empty ones left out."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+class DataSettings(Settings):
+    """The keys that decide what a silo's data is: the dataset, how it is read, resized, split,
+    subset and partitioned. The dataset and partition code read these alone, and a silo's data
+    is cached under all of them (`fgl_client.silo.silo_cache_key`): a key the data code reads is
+    a field here, so it cannot be left out of the cache's key."""
+
+    dataset: str
+    class_names: str
+    image_size: int
+    resize: Literal["squash", "shorter-side"]
+    train_subset: int
+    eval_subset: int
+    val_fraction: float
+    partition: Literal["iid", "dirichlet", "pathological", "domain"]
+    alpha: float
+    min_partition_size: int
+    self_balancing: bool
+    classes_per_partition: int
+    hf_train_split: str
+    hf_test_split: str
+    hf_image_column: str
+    hf_label_column: str
+    hf_domain_column: str
+    seed: int
+    cache_dir: str  # where a downloaded dataset is kept; not what it holds, but read with it
+
+    @classmethod
+    def of(cls, cfg: RunConfig | DataSettings) -> DataSettings:
+        return cfg if isinstance(cfg, DataSettings) else cls.from_config(cfg)
+
+    @property
+    def class_name_list(self) -> list[str]:
+        return name_list(self.class_names)
 
 
 if __name__ == "__main__":  # python -m fgl_core.config > the table in docs/configuration.md

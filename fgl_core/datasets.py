@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fgl_core.config import RunConfig
+from fgl_core.config import DataSettings, RunConfig
 from fgl_core.hf_datasets import HFDatasetError, is_hf, load_hf_splits
 from fgl_core.image_ops import square_rgb
 from fgl_core.npy import read_npy_header
@@ -111,8 +111,10 @@ class DatasetSplits:
         return int(self.train.images.shape[1])
 
 
-def load_dataset(cfg: RunConfig, source: str | None = None) -> DatasetSplits:
-    """Load `source` (default: `cfg.dataset`), then resize, split and subset it per `cfg`."""
+def load_dataset(config: RunConfig | DataSettings, source: str | None = None) -> DatasetSplits:
+    """Load `source` (default: the config's `dataset`), then resize, split and subset it as the
+    config's data keys say (`DataSettings`)."""
+    cfg = DataSettings.of(config)
     source = source or cfg.dataset
     path = Path(source).expanduser()
     if source == "digits":
@@ -183,7 +185,7 @@ def _load_digits() -> tuple[dict[str, ImageSet], list[str], list[str]]:
     return {"train": full.take(tr), "test": full.take(te)}, [str(d) for d in range(10)], []
 
 
-def _load_hf(cfg: RunConfig, source: str) -> tuple[dict[str, ImageSet], list[str], list[str]]:
+def _load_hf(cfg: DataSettings, source: str) -> tuple[dict[str, ImageSet], list[str], list[str]]:
     try:
         arrays, names, domain_names = load_hf_splits(cfg, source)
     except HFDatasetError as err:

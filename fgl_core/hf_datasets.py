@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fgl_core.config import RunConfig
+from fgl_core.config import DataSettings
 from fgl_core.image_ops import square_rgb
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def absolute_source(source: str, always: bool = False) -> str:
 
 
 def load_hf_splits(
-    cfg: RunConfig, source: str
+    cfg: DataSettings, source: str
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]], list[str], list[str]]:
     """{split: (images (N, H, W, 3) uint8, labels, domains or None)}, class names, domain names.
 

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from fgl_core.config import RunConfig
+from fgl_core.config import DataSettings, RunConfig
 from fgl_core.datasets import DatasetSplits, ImageSet
 from fgl_core.seeds import derive_seed
 
@@ -47,9 +47,10 @@ class PartitionError(ValueError):
 
 
 def partition_dataset(
-    cfg: RunConfig, data: DatasetSplits, num_partitions: int
+    config: RunConfig | DataSettings, data: DatasetSplits, num_partitions: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Indices into (train, test) for each partition; the test shares follow the train ones."""
+    cfg = DataSettings.of(config)
     if num_partitions < 1:
         raise PartitionError(f"num-partitions must be at least 1, got {num_partitions}")
     if cfg.partition == "domain":
@@ -62,9 +63,10 @@ def partition_dataset(
 
 
 def partition_labels(
-    cfg: RunConfig, labels: np.ndarray, num_partitions: int, seed: int
+    config: RunConfig | DataSettings, labels: np.ndarray, num_partitions: int, seed: int
 ) -> list[np.ndarray]:
     """Indices into `labels` for each partition, drawn by the Flower Datasets partitioner."""
+    cfg = DataSettings.of(config)
     if cfg.partition == "dirichlet" and len(labels) < num_partitions * cfg.min_partition_size:
         raise PartitionError(
             f"{len(labels)} samples cannot give {num_partitions} partitions "
@@ -93,7 +95,7 @@ def partition_labels(
 
 
 def _run_partitioner(
-    cfg: RunConfig, labels: np.ndarray, num_partitions: int, seed: int
+    cfg: DataSettings, labels: np.ndarray, num_partitions: int, seed: int
 ) -> list[np.ndarray]:
     from datasets import Dataset
     from flwr_datasets import partitioner as fds
@@ -196,7 +198,7 @@ def split_by_proportions(labels: np.ndarray, shares: np.ndarray, seed: int) -> l
 
 
 def silo_data(
-    cfg: RunConfig, data: DatasetSplits, partition_id: int, num_partitions: int
+    cfg: RunConfig | DataSettings, data: DatasetSplits, partition_id: int, num_partitions: int
 ) -> tuple[ImageSet, ImageSet]:
     """The (train, test) data of one simulated silo."""
     if not 0 <= partition_id < num_partitions:

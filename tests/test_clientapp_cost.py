@@ -109,3 +109,31 @@ def test_whatever_decides_a_silos_data_changes_its_cache_key(tmp_path, monkeypat
     before = silo_cache_key(config(tmp_path, dataset=f"hf:{tmp_path / 'folder'}"), NODE)
     (folder / "3.png").write_bytes(b"x")  # the same, for a local Hugging Face dataset
     assert silo_cache_key(config(tmp_path, dataset=f"hf:{tmp_path / 'folder'}"), NODE) != before
+
+
+def test_every_data_key_is_in_the_silo_cache_key_and_a_new_one_would_be(tmp_path):
+    """The data code reads `DataSettings` alone, and the cache key holds all of it: each of its
+    keys changes the key, and so does one a later change adds (a subclass here)."""
+    from typing import Literal, get_args, get_origin
+
+    from fgl_core.config import DataSettings
+
+    base = DataSettings.of(config(tmp_path))
+    key = silo_cache_key(base, NODE)
+    for name, field in DataSettings.model_fields.items():
+        value = getattr(base, name)
+        if get_origin(field.annotation) is Literal:
+            changed = next(v for v in get_args(field.annotation) if v != value)
+        else:
+            changed = {bool: lambda v: not v, str: lambda v: v + "x"}.get(
+                type(value), lambda v: v + 1
+            )(value)
+        assert silo_cache_key(base.model_copy(update={name: changed}), NODE) != key, name
+
+    class WithCrop(DataSettings):
+        crop: int = 0
+
+    cropped = WithCrop(**base.model_dump())
+    assert silo_cache_key(cropped, NODE) != silo_cache_key(cropped.model_copy(update={"crop": 2}),
+                                                           NODE)  # fmt: skip
+    assert len(load_silo(base, NODE).train) == len(load_silo(config(tmp_path), NODE).train)
