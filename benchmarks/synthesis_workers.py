@@ -90,7 +90,7 @@ def main() -> None:
         startup = time.perf_counter() - start
         try:
             stats = synthesize_into_store(
-                None if pool else engine,
+                engine,
                 prompts,
                 jobs,
                 store,

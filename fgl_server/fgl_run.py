@@ -29,7 +29,6 @@ from fgl_core.payload import (
     EmbeddingPayload,
 )
 from fgl_core.plotting import plot_samples
-from fgl_core.progress import Snapshot
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.adaptation import adapt_generator
@@ -41,8 +40,8 @@ from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.rounds import run_rounds
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
-from fgl_server.synthesis_plan import ImageJob, Prompt, merge_payloads, plan_images
-from fgl_server.synthesis_pool import RayShardPool, check_workers_fit
+from fgl_server.synthesis_plan import merge_payloads, plan_images
+from fgl_server.synthesis_pool import check_workers_fit, pool_for
 from fgl_server.synthetic_store import (
     ShardStream,
     StoreError,
@@ -52,31 +51,6 @@ from fgl_server.synthetic_store import (
 from strategies.build import build_strategy
 
 log = logging.getLogger(__name__)
-
-
-def store_manifest(
-    engine: SynthesisEngine, prompts: list[Prompt], jobs: list[ImageJob], batch_size: int
-) -> dict:
-    s = engine.settings
-    return {
-        "generator": s.generator,
-        "generator-digest": engine.weights_digest,  # the weights, whatever their name
-        # the federation's adapter, if any (a store made by another adapter is not reused)
-        **({"adapter-digest": s.adapter_digest} if s.adapter_digest else {}),
-        "scheduler": s.scheduler,
-        "steps": s.steps,
-        "guidance": s.guidance,
-        "negative-prompt": s.negative_prompt,
-        **({"domain-negative-prompts": s.negative_prompts} if s.domain_negatives else {}),
-        "resolution": engine.resolution,
-        "train-resolution": s.train_resolution,
-        "device": engine.device.type,
-        "dtype": str(engine.dtype),
-        "batch-size": batch_size,  # batch composition can change the last bits on a GPU
-        "prompt-digests": [prompts[job.prompt].digest for job in jobs],
-        "seeds": [job.seed for job in jobs],
-        "labels": [job.label for job in jobs],
-    }
 
 
 def run_fgl(
@@ -183,13 +157,14 @@ def synthesize(
     )
     jobs = plan_images(prompts, histogram, cfg.images_per_class, cfg.synthesis_plan, cfg.seed,
                        every_class=secure_histogram is not None)  # fmt: skip
-    store = SyntheticStore(
-        Path(cfg.cache_dir) / "synthetic",
-        store_manifest(engine, prompts, jobs, cfg.synthesis_batch_size),
-        cfg.synthesis_shard_size,
-    )
+    batch = cfg.synthesis_batch_size
+    store = SyntheticStore.for_plan(Path(cfg.cache_dir) / "synthetic", engine, prompts, jobs,
+                                    batch, cfg.synthesis_shard_size)  # fmt: skip
     with recorder.phase("synthesize"):
-        stats = make_images(engine, prompts, jobs, store, cfg, recorder.progress)
+        stats = synthesize_into_store(engine, prompts, jobs, store, batch,
+                                      start_pool=pool_for(engine, cfg),
+                                      progress_every=cfg.progress_seconds,
+                                      report=recorder.progress)  # fmt: skip
     synthetic, labels, samples = training_set(store, cfg, engine.device)
     recorder.set(
         "synthesis",
@@ -203,41 +178,6 @@ def synthesize(
     )
     plot_samples(samples, data.class_names, recorder.dir / "synthetic_samples.png")
     return synthetic
-
-
-def make_images(
-    engine: SynthesisEngine,
-    prompts: list[Prompt],
-    jobs: list[ImageJob],
-    store: SyntheticStore,
-    cfg: RunConfig,
-    report: Callable[[Snapshot], object] | None = None,
-) -> dict:
-    """The shards the store lacks, made by `engine` here or by a Ray pool of
-    `synthesis-workers` (started only when something is missing); progress every
-    `progress-seconds`, in the log and to `report`."""
-
-    def start_pool() -> RayShardPool:
-        return RayShardPool(
-            engine.settings,
-            cfg.cache_dir,
-            engine.device.type,
-            cfg.synthesis_workers,
-            cfg.synthesis_ray_address,
-            ready_timeout=cfg.connect_timeout,
-        )
-
-    workers = start_pool if cfg.synthesis_workers > 1 else None
-    return synthesize_into_store(
-        engine,
-        prompts,
-        jobs,
-        store,
-        cfg.synthesis_batch_size,
-        start_pool=workers,
-        progress_every=cfg.progress_seconds,
-        report=report,
-    )
 
 
 def training_set(

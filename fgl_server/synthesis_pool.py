@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fgl_core.config import ConfigError
+from fgl_core.config import ConfigError, RunConfig
 from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 
 log = logging.getLogger(__name__)
@@ -156,3 +156,17 @@ class RayShardPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def pool_for(engine: SynthesisEngine, cfg: RunConfig) -> Callable[[], RayShardPool] | None:
+    """What starts the run's pool of `synthesis-workers` (only when a shard is missing), or None
+    when the engine makes the shards here (one worker)."""
+    if cfg.synthesis_workers <= 1:
+        return None
+
+    def start() -> RayShardPool:
+        return RayShardPool(engine.settings, cfg.cache_dir, engine.device.type,
+                            cfg.synthesis_workers, cfg.synthesis_ray_address,
+                            ready_timeout=cfg.connect_timeout)  # fmt: skip
+
+    return start

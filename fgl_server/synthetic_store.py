@@ -55,6 +55,41 @@ class SyntheticStore:
         self._verified: set[int] = set()  # shards hashed (or written) by this store: once each
 
     @classmethod
+    def for_plan(
+        cls,
+        root: str | Path,
+        engine: SynthesisEngine,
+        prompts: list[Prompt],
+        jobs: list[ImageJob],
+        batch_size: int,
+        shard_size: int,
+    ) -> SyntheticStore:
+        """The store of `jobs` as `engine` draws them: its identity is everything that decides
+        the images (the generator's weights by digest, the federation's adapter, sampler, steps,
+        guidance, resolutions, device, dtype, batch, and each image's prompt, seed and label)."""
+        s = engine.settings
+        manifest = {
+            "generator": s.generator,
+            "generator-digest": engine.weights_digest,  # the weights, whatever their name
+            # the federation's adapter, if any (a store made by another adapter is not reused)
+            **({"adapter-digest": s.adapter_digest} if s.adapter_digest else {}),
+            "scheduler": s.scheduler,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "negative-prompt": s.negative_prompt,
+            **({"domain-negative-prompts": s.negative_prompts} if s.domain_negatives else {}),
+            "resolution": engine.resolution,
+            "train-resolution": s.train_resolution,
+            "device": engine.device.type,
+            "dtype": str(engine.dtype),
+            "batch-size": batch_size,  # batch composition can change the last bits on a GPU
+            "prompt-digests": [prompts[job.prompt].digest for job in jobs],
+            "seeds": [job.seed for job in jobs],
+            "labels": [job.label for job in jobs],
+        }
+        return cls(root, manifest, shard_size)
+
+    @classmethod
     def open(cls, store_dir: str | Path) -> SyntheticStore:
         """A store a run made, its plan read from its own manifest (to audit what it holds)."""
         store_dir = Path(store_dir)
@@ -177,9 +212,6 @@ class SyntheticStore:
                 todo.append(shard)
         return todo
 
-    def is_done(self, shard: int) -> bool:
-        return self.shard_path(shard).is_file() and self.problem(shard) is None
-
     def write(self, shard: int, images: np.ndarray, labels: np.ndarray) -> None:
         start, end = self.shard_range(shard)
         if len(images) != end - start or len(labels) != end - start:
@@ -262,12 +294,11 @@ class ShardStream:
 
 
 def synthesize_into_store(
-    engine: SynthesisEngine | None,
+    engine: SynthesisEngine,
     prompts: list[Prompt],
     jobs: list[ImageJob],
     store: SyntheticStore,
     batch_size: int,
-    on_shard: Callable[[int], None] | None = None,
     start_pool: Callable[[], RayShardPool] | None = None,
     progress_every: float = 30.0,
     report: Callable[[Snapshot], object] | None = None,
@@ -276,8 +307,6 @@ def synthesize_into_store(
     `start_pool` starts (only if a shard is missing; it is closed at the end); return counts
     and the synthesis rate. Each shard is written as soon as it is made; a progress line every
     `progress_every` seconds (`fgl_core.progress`), handed to `report` too."""
-    if engine is None and start_pool is None:
-        raise ValueError("synthesize_into_store needs an engine or a pool")
     todo = store.missing()
     reused = store.num_images - sum(len(range(*store.shard_range(s))) for s in todo)
     if reused:
@@ -297,7 +326,6 @@ def synthesize_into_store(
         )
 
     def made_here(progress: PhaseProgress) -> Iterator[tuple[int, np.ndarray]]:
-        assert engine is not None
         for shard in todo:
             yield shard, make_shard(engine, inputs(shard), batch_size, progress.update)
 
@@ -315,8 +343,6 @@ def synthesize_into_store(
                 shard_jobs = jobs[slice(*store.shard_range(shard))]
                 store.write(shard, images, np.asarray([j.label for j in shard_jobs], np.int64))
                 made += len(images)
-                if on_shard is not None:
-                    on_shard(shard)
     finally:
         if pool is not None:
             pool.close()

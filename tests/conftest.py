@@ -155,3 +155,19 @@ def small_fgl_run(base: dict, tmp_path: Path, name: str, **overrides) -> dict:
     }
     run_in_process(run_config, num_silos=2)
     return json.loads((tmp_path / name / "results.json").read_text())
+
+
+def recorded_writes(store, after=None) -> list[int]:  # type: ignore[no-untyped-def]
+    """The shards `store` writes from now on, in order (its `write` wrapped); `after(shard)`,
+    if given, is called after each write (a test's crash or a killed worker)."""
+    written: list[int] = []
+    write = store.write
+
+    def recorded(shard, images, labels):  # type: ignore[no-untyped-def]
+        write(shard, images, labels)
+        written.append(shard)
+        if after is not None:
+            after(shard)
+
+    store.write = recorded
+    return written

@@ -20,7 +20,7 @@ from fgl_core.offline_models import TINY_TEXT_WIDTH
 from fgl_core.payload import REQUEST_RECORD, EmbeddingPayload, EmbedRequest, rows_per_chunk
 from fgl_core.pretrained import ModelRefError, generator_family, resolve_model_ref
 from fgl_server.embedding_round import collect_embeddings, payload_limits, validated_payloads
-from fgl_server.fgl_run import run_fgl, store_manifest
+from fgl_server.fgl_run import run_fgl
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
@@ -35,7 +35,7 @@ from fgl_server.synthesis import (
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthetic_store import StoreError, SyntheticStore, synthesize_into_store
 from fgl_server.validation import PayloadLimits, PayloadRejected, validate_payload
-from tests.conftest import launch
+from tests.conftest import launch, recorded_writes
 
 CPU = torch.device("cpu")
 
@@ -354,7 +354,7 @@ def test_a_store_made_by_other_weights_under_the_same_name_is_not_reused(
     assert same.weights_digest == engine.weights_digest  # the same files, wherever they are
     prompts, histogram = merge_payloads(payloads, 8)
     jobs = plan_images(prompts, histogram, 1, "balanced", run_seed=0)
-    first = SyntheticStore(tmp_path / "stores", store_manifest(same, prompts, jobs, 4), 8)
+    first = SyntheticStore.for_plan(tmp_path / "stores", same, prompts, jobs, 4, 8)
 
     unet = next((generator / "unet").glob("*.safetensors"))
     weights = bytearray(unet.read_bytes())
@@ -362,7 +362,7 @@ def test_a_store_made_by_other_weights_under_the_same_name_is_not_reused(
     unet.write_bytes(bytes(weights))
     changed = SynthesisEngine.load(settings, cache_dir, CPU)
     assert changed.weights_digest != same.weights_digest
-    second = SyntheticStore(tmp_path / "stores", store_manifest(changed, prompts, jobs, 4), 8)
+    second = SyntheticStore.for_plan(tmp_path / "stores", changed, prompts, jobs, 4, 8)
     assert second.dir != first.dir
 
 
@@ -382,12 +382,14 @@ def test_resume_reuses_finished_shards_and_matches_an_uninterrupted_run(engine, 
             raise Crash
 
     resumed = SyntheticStore(tmp_path / "b", manifest, shard_size=8)
+    recorded_writes(resumed, after=crash_after_two)
     with pytest.raises(Crash):
-        synthesize_into_store(engine, prompts, jobs, resumed, 4, on_shard=crash_after_two)
+        synthesize_into_store(engine, prompts, jobs, resumed, 4)
     finished = {s: resumed.shard_path(s).stat().st_mtime_ns for s in (0, 1)}
-    assert [resumed.is_done(s) for s in range(5)] == [True, True, False, False, False]
-    made = []
-    stats = synthesize_into_store(engine, prompts, jobs, resumed, 4, on_shard=made.append)
+    resumed = SyntheticStore(tmp_path / "b", manifest, shard_size=8)  # the rerun's
+    assert resumed.missing() == [2, 3, 4]
+    made = recorded_writes(resumed)
+    stats = synthesize_into_store(engine, prompts, jobs, resumed, 4)
     assert made == [2, 3, 4] and stats["reused"] == 16 and stats["made"] == 24
     assert {s: resumed.shard_path(s).stat().st_mtime_ns for s in (0, 1)} == finished
     for s in range(5):
@@ -435,8 +437,9 @@ def test_a_damaged_shard_is_named_on_load_and_remade_alone_by_the_rerun(
     damage(store.shard_path(2))
     with pytest.raises(StoreError, match=r"shard-00002\.npz has sha256 .* rerun to remake it"):
         SyntheticStore(tmp_path, manifest, shard_size=4).load()
-    rerun, made = SyntheticStore(tmp_path, manifest, shard_size=4), []
-    stats = synthesize_into_store(engine, prompts, jobs, rerun, 4, on_shard=made.append)
+    rerun = SyntheticStore(tmp_path, manifest, shard_size=4)
+    made = recorded_writes(rerun)
+    stats = synthesize_into_store(engine, prompts, jobs, rerun, 4)
     assert made == [2] and stats["made"] == 4
     assert rerun.shard_path(2).read_bytes() == good
     assert rerun.load().labels.tolist() == manifest["labels"]
@@ -453,8 +456,8 @@ def test_a_broken_manifest_is_rebuilt_from_the_shards_that_verify(engine, payloa
     damage_flip(store.shard_path(1))  # and one shard damaged too
     rebuilt = SyntheticStore(tmp_path, manifest, shard_size=4)
     assert set(rebuilt.shards) == {"0"}  # shard 0 verifies and is kept; shard 1 does not
-    made = []
-    synthesize_into_store(engine, prompts, jobs, rebuilt, 4, on_shard=made.append)
+    made = recorded_writes(rebuilt)
+    synthesize_into_store(engine, prompts, jobs, rebuilt, 4)
     assert made == [1]  # only the damaged shard is made again
     again = SyntheticStore(tmp_path, manifest, shard_size=4).load()
     assert np.array_equal(again.images, good.images)

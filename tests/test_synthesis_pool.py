@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from fgl_core.config import ConfigError, RunConfig
-from fgl_server.fgl_run import make_images
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import Prompt, plan_images
-from fgl_server.synthesis_pool import RayShardPool
+from fgl_server.synthesis_pool import RayShardPool, pool_for
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
+from tests.conftest import recorded_writes
 
 SHARD, BATCH = 4, 3  # batches do not divide shards: each shard is cut the same way anywhere
 
@@ -50,19 +50,16 @@ def test_two_ray_workers_make_the_same_store_and_a_lost_worker_costs_one_shard(s
 
     store = SyntheticStore(tmp_path / "pool", manifest, SHARD)
     pool = RayShardPool(settings, cache, "cpu", workers=2)
-    written = []
 
     def kill_a_worker_after_the_first_shard(shard: int) -> None:
-        written.append(shard)
         if len(written) == 1:
             import ray
 
             ray.kill(pool.actors[0])
 
+    written = recorded_writes(store, after=kill_a_worker_after_the_first_shard)
     try:
-        stats = synthesize_into_store(
-            None, prompts, jobs, store, BATCH, kill_a_worker_after_the_first_shard, lambda: pool
-        )
+        stats = synthesize_into_store(engine, prompts, jobs, store, BATCH, lambda: pool)
     finally:
         pool.close()
     assert sorted(written) == list(range(store.num_shards))  # each shard written exactly once
@@ -80,7 +77,8 @@ def test_the_run_config_sends_synthesis_to_the_pool_and_refuses_more_workers_tha
     cache, _, engine, prompts, jobs, manifest = setup
     keys = {"cache-dir": cache, "synthesis-batch-size": BATCH, "synthesis-workers": 2}
     store = SyntheticStore(tmp_path / "pool", manifest, SHARD)
-    stats = make_images(engine, prompts, jobs, store, RunConfig.from_flower(keys))
+    stats = synthesize_into_store(engine, prompts, jobs, store, BATCH,
+                                  pool_for(engine, RunConfig.from_flower(keys)))  # fmt: skip
     alone = SyntheticStore(tmp_path / "one", manifest, SHARD)
     synthesize_into_store(engine, prompts, jobs, alone, BATCH)
     assert stats["made"] == len(jobs)
@@ -89,13 +87,9 @@ def test_the_run_config_sends_synthesis_to_the_pool_and_refuses_more_workers_tha
     too_many = int(ray_cluster.cluster_resources()["CPU"]) + 1
     fresh = SyntheticStore(tmp_path / "too-many", manifest, SHARD)
     with pytest.raises(ConfigError, match=f"synthesis-workers = {too_many}"):
-        make_images(
-            engine,
-            prompts,
-            jobs,
-            fresh,
-            RunConfig.from_flower({**keys, "synthesis-workers": too_many, "connect-timeout": 30.0}),
-        )
+        more = {**keys, "synthesis-workers": too_many, "connect-timeout": 30.0}
+        synthesize_into_store(engine, prompts, jobs, fresh, BATCH,
+                              pool_for(engine, RunConfig.from_flower(more)))  # fmt: skip
     assert fresh.missing() == list(range(fresh.num_shards))
 
 
