@@ -12,7 +12,8 @@ labels mean other classes.
 And it hands the replies over in an order fixed by the models they hold (`reply_order`), not by
 when they came: Flower's FedAvg adds the silos' models in the order it is given them, and a
 float32 sum depends on its order, so the same seed gave models that differed in their last bits
-from run to run (3e-8 after two rounds), and accuracies that drifted apart over the rounds.
+from run to run, and accuracies that drifted apart over the rounds (the README's quickstart
+section names the runs).
 """
 
 from __future__ import annotations
