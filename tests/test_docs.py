@@ -81,6 +81,24 @@ def test_no_module_of_ours_imports_itself_back_through_others():
         pytest.fail(f"import circle: {' -> '.join(err.args[1])}")
 
 
+def test_flower_records_are_used_only_where_the_architecture_doc_says():
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    rule = re.search(r"Flower records \(.*?A test\s+keeps this list", doc, re.S)
+    assert rule, "docs/ARCHITECTURE.md has lost its rule on where Flower records are used"
+    allowed = set(re.findall(r"`(\w+/(?:[\w/]+\.py)?)`", rule.group(0)))
+    names = r"\b(?:Message|RecordDict|ArrayRecord|ConfigRecord|MetricRecord)\b"
+    using = set()
+    for package in ("fgl_core", "fgl_client", "fgl_server", "strategies", "fgl_privacy"):
+        for path in (ROOT / package).rglob("*.py"):
+            imports = re.findall(r"^\s*from flwr[\w.]* import (\([^)]*\)|.*)$", path.read_text(),
+                                 re.MULTILINE)  # fmt: skip
+            if any(re.search(names, imported) for imported in imports):
+                using.add(str(path.relative_to(ROOT)))
+    outside = {p for p in using if p not in allowed and not any(
+        a.endswith("/") and p.startswith(a) for a in allowed)}  # fmt: skip
+    assert not outside, f"Flower records used outside the documented places: {sorted(outside)}"
+
+
 def test_strategies_holds_strategy_classes_only():
     """`strategies/` is Flower strategies, one class a file, and the factory that picks one:
     message exchange of the server's own (round 0, the secure sum, node waiting) lives in
