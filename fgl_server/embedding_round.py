@@ -1,9 +1,10 @@
-"""FGL's round 0 on the server, top to bottom: what a payload must satisfy (`payload_limits`),
-the request sent to every silo and asked again of the silent ones (`collect_embeddings`), each
-reply through the boundary with the rest of a chunked payload fetched first
-(`validated_payloads`, `fetch_chunks`), what the round recorded (`embedding_record`) and, with
-`secure-histograms`, the label histograms summed by SecAgg+ (`summed_histograms`). What it
-hands on: the accepted payloads by node (`embedding_round`)."""
+"""FGL's round 0 on the server, top to bottom: what a payload must satisfy (`payload_limits`,
+from the generator's encoder as `Encoder` describes it), the request sent to every silo and
+asked again of the silent ones (`collect_embeddings`), each reply through the boundary with the
+rest of a chunked payload fetched first (`validated_payloads`, `fetch_chunks`), what the round
+recorded (`embedding_record`) and, with `secure-histograms`, the label histograms summed by
+SecAgg+ (`summed_histograms`). It returns what it made (`Round0`); `fgl_server.fgl_run` times
+the phases and records them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -33,9 +35,7 @@ from fgl_core.payload import (
 from fgl_core.prompt_templates import class_prompt
 from fgl_server.ledger import RecordingGrid
 from fgl_server.nodes import replying_node, sent_ids, wait_for_nodes
-from fgl_server.results import RunRecorder
 from fgl_server.secure_histogram import secure_histogram_sum
-from fgl_server.synthesis import SynthesisEngine
 from fgl_server.validation import (
     PayloadLimits,
     PayloadRejected,
@@ -43,54 +43,73 @@ from fgl_server.validation import (
     announced_chunks,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    """What round 0 needs of the generator: its own text encoder (and the sizes it encodes to),
+    the probe it encodes, and the class ids a class-conditional generator reads
+    (`fgl_server.synthesis.SynthesisEngine` is one)."""
+
+    width: int
+    pooled_width: int
+    probe: np.ndarray
+
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def class_ids(self, class_names: list[str]) -> np.ndarray | None: ...
+
+    def token_counts(self, texts: list[str]) -> list[int]: ...
+
+
+@dataclass
+class Round0:
+    """What round 0 gives the run: the accepted payloads by node, what results.json records
+    of it (`embedding`), and the round's replies (the secure sum asks their nodes again)."""
+
+    payloads: dict[str, EmbeddingPayload]
+    record: dict
+    replies: EmbeddingRound
 
 
 def embedding_round(
     grid: RecordingGrid,
     cfg: RunConfig,
-    engine: SynthesisEngine,
-    class_names: list[str],
-    recorder: RunRecorder,
+    limits: PayloadLimits,
     domains: Sequence[DomainPrompt] = (),
     adapter: ArrayRecord | None = None,
-) -> tuple[dict[str, EmbeddingPayload], list[int] | None]:
-    """Phase 1: the accepted payloads by node and, with `secure-histograms`, the sum of their
-    label histograms (else None: each payload carries its own; a secure sum that does not add
-    up gives every class 1, and the log says why); raises if no silo sent a usable payload.
-    With learned embeddings, the federation's `adapter` (if the run adapted the generator) goes
-    with the request, so that the silos learn against the generator that will synthesize."""
-    limits = payload_limits(cfg, engine, class_names, domains)
+) -> Round0:
+    """Phase 1: every silo asked for its payload, each reply through the boundary (`limits`),
+    the silent ones asked again; raises if no silo sent a usable payload. With learned
+    embeddings, the federation's `adapter` (if the run adapted the generator) goes with the
+    request, so that the silos learn against the generator that will synthesize."""
     request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()
     extra = (
         {ADAPTER_RECORD: adapter} if adapter is not None and cfg.prompt_mode == "learned" else {}
     )
-    with recorder.phase("embed"):
-        round0 = collect_embeddings(
-            grid,
-            request,
-            REQUEST_RECORD,
-            cfg.embed_timeout,
-            min_nodes=cfg.min_nodes,
-            node_wait_timeout=cfg.connect_timeout,
-            extra=extra,
-        )
-        payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
+    round0 = collect_embeddings(
+        grid,
+        request,
+        REQUEST_RECORD,
+        cfg.embed_timeout,
+        min_nodes=cfg.min_nodes,
+        node_wait_timeout=cfg.connect_timeout,
+        extra=extra,
+    )
+    payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
     rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
     record = embedding_record(grid, round0, payloads, rejected)
     if limits.learned_max_distance is not None:
         record["learned-distance-per-node"] = learned_distances(payloads, limits)
-    recorder.set("embedding", record)
-    if not payloads:
-        raise RuntimeError(f"no silo sent a usable embedding payload: {rejected}")
-    if not cfg.secure_histograms:
-        return payloads, None
-    return payloads, summed_histograms(grid, cfg, round0, payloads, len(class_names), recorder)
+    return Round0(payloads, record, round0)
 
 
 def payload_limits(
     cfg: RunConfig,
-    engine: SynthesisEngine,
+    engine: Encoder,
     class_names: list[str],
     domains: Sequence[DomainPrompt] = (),
 ) -> PayloadLimits:
@@ -133,7 +152,7 @@ def payload_limits(
             prefix = template.split("{caption}")[0]
             texts = [class_prompt(prefix, name, style).rstrip() for name in class_names]
             # the prefix's tokens with the start token, without the end token
-            rows.append(tuple(len(ids) - 1 for ids in engine.pipe.tokenizer(texts).input_ids))
+            rows.append(tuple(count - 1 for count in engine.token_counts(texts)))
         else:
             texts = [class_prompt(template, name, style) for name in class_names]
         sequence, summary = engine.encode_with_pooled(texts)
@@ -428,21 +447,16 @@ def learned_distances(payloads: dict[str, EmbeddingPayload], limits: PayloadLimi
 
 
 def summed_histograms(
-    grid: RecordingGrid,
-    cfg: RunConfig,
-    round0: EmbeddingRound,
-    payloads: dict[str, EmbeddingPayload],
-    num_classes: int,
-    recorder: RunRecorder,
-) -> list[int]:
+    grid: RecordingGrid, cfg: RunConfig, round0: Round0, num_classes: int
+) -> tuple[list[int], dict]:
     """With `secure-histograms`: the accepted silos' label histograms summed by Flower's SecAgg+
-    (`fgl_server.secure_histogram`), recorded as `secure-histograms`; a sum that does not add
-    up gives every class 1 (the plan then needs no histogram), and the log says why."""
-    accepted = [n for n in round0.replies if f"node {n}" in payloads]
+    (`fgl_server.secure_histogram`), and what results.json records of it; a sum that does not
+    add up gives every class 1 (the plan then needs no histogram), and the log says why."""
+    payloads = round0.payloads
+    accepted = [n for n in round0.replies.replies if f"node {n}" in payloads]
     first = len(grid.exchanges)
     num_train = {n: payloads[f"node {n}"].num_train for n in accepted}
-    with recorder.phase("secure-histograms"):
-        total = secure_histogram_sum(grid, accepted, num_classes, cfg.embed_timeout, num_train)
+    total = secure_histogram_sum(grid, accepted, num_classes, cfg.embed_timeout, num_train)
     secagg = grid.exchanges[first:]
     histogram = total.histogram
     if histogram is None:  # the run goes on: a plan that needs no histogram
@@ -451,16 +465,13 @@ def summed_histograms(
             total.problem,
         )
         histogram = [1] * num_classes
-    recorder.set(
-        "secure-histograms",
-        {
-            "nodes": total.nodes,
-            "failures": total.failures,
-            "rejected": {str(n): why for n, why in total.rejected.items()},
-            "unusable": total.problem,
-            "messages": len(secagg),
-            "bytes-sent": sum(e.bytes_sent for e in secagg),
-            "bytes-received": sum(e.bytes_received for e in secagg),
-        },
-    )
-    return histogram
+    record = {
+        "nodes": total.nodes,
+        "failures": total.failures,
+        "rejected": {str(n): why for n, why in total.rejected.items()},
+        "unusable": total.problem,
+        "messages": len(secagg),
+        "bytes-sent": sum(e.bytes_sent for e in secagg),
+        "bytes-received": sum(e.bytes_received for e in secagg),
+    }
+    return histogram, record

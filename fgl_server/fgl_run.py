@@ -34,7 +34,7 @@ from fgl_core.training import TrainSettings, train_model
 from fgl_server.adaptation import adapt_generator
 from fgl_server.budget import privacy_budget
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
-from fgl_server.embedding_round import embedding_round
+from fgl_server.embedding_round import embedding_round, payload_limits, summed_histograms
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
@@ -87,10 +87,18 @@ def run_fgl(
         adapter_digest=adapter.digest if adapter else "",
     )
     engine = SynthesisEngine.load(settings, cfg.cache_dir, device)
-    sent_adapter = adapter_record(adapter.state) if adapter else None
-    payloads, histogram = embedding_round(
-        grid, cfg, engine, data.class_names, recorder, domains, sent_adapter
-    )
+    limits = payload_limits(cfg, engine, data.class_names, domains)
+    with recorder.phase("embed"):
+        round0 = embedding_round(grid, cfg, limits, domains,
+                                 adapter_record(adapter.state) if adapter else None)  # fmt: skip
+    recorder.set("embedding", round0.record)
+    payloads, histogram = round0.payloads, None
+    if not payloads:
+        raise RuntimeError(f"no silo sent a usable embedding payload: {round0.record['rejected']}")
+    if cfg.secure_histograms:
+        with recorder.phase("secure-histograms"):
+            histogram, summed = summed_histograms(grid, cfg, round0, data.num_classes)
+        recorder.set("secure-histograms", summed)
     recorder.set("privacy", privacy_budget(cfg, recorder.results))
     synthetic = synthesize(engine, payloads, histogram, cfg, data, recorder)
     del engine

@@ -227,6 +227,11 @@ class SynthesisEngine(ABC):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_with_pooled(prompts)[0]
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """How many tokens the generator's tokenizer makes of each text (start and end
+        included)."""
+        return [len(ids) for ids in self.pipe.tokenizer(texts).input_ids]
+
     @abstractmethod
     def encode_with_pooled(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 77, width) and (N, pooled width) embeddings, as the pipeline computes them."""
