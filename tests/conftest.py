@@ -25,9 +25,37 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+# Each test's tier (pyproject's markers): `unit` is the fast loop (`pytest -m unit`, a few
+# minutes on 2 cores); the others run whole runs in one process (`simulation`), processes of
+# Flower's, nginx or network namespaces (`deployment`), or Docker (`docker`). A module all of
+# one tier is named here; a module that mixes them marks its slow tests itself.
+TIERS = ("simulation", "deployment", "docker")
+MODULE_TIERS = {
+    "test_compose_up": "docker",
+    "test_hosts": "deployment",
+    "test_deployment": "deployment",
+    "test_crash_drills": "deployment",
+    "test_proxy": "deployment",
+    "test_simulation": "simulation",
+    "test_baselines": "simulation",
+    "test_compare": "simulation",
+    "test_inprocess": "simulation",
+    "test_adaptation": "simulation",
+    "test_benchmarks": "simulation",
+    "test_adapters": "simulation",
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that need the Docker images run last (their order otherwise kept): .ci/run builds
-    the images beside the suite, and the first such test waits for that build."""
+    """Every test gets its tier (unmarked ones are `unit`); tests that need the Docker images
+    run last (their order otherwise kept): .ci/run builds the images beside the suite, and the
+    first such test waits for that build."""
+    for item in items:
+        tier = MODULE_TIERS.get(item.module.__name__.rpartition(".")[2])
+        if tier and not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: item.get_closest_marker("images") is not None)
 
 

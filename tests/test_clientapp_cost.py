@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from fgl_client import silo as silo_module
 from fgl_client.silo import cached_silo, load_silo, silo_cache_key
@@ -44,6 +45,7 @@ def config(tmp_path, **overrides) -> RunConfig:
     return RunConfig.from_flower({**values, **overrides})
 
 
+@pytest.mark.simulation
 def test_a_cnn_train_message_imports_no_model_zoo_nor_scikit_learn(tmp_path):
     cfg = config(tmp_path)
     expected = len(cached_silo(cfg, NODE).train)  # the node's first message wrote its cache

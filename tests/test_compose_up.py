@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import ROOT, project_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.images]
+pytestmark = [pytest.mark.docker, pytest.mark.images]
 
 
 def compose_check(*flags: str) -> tuple[subprocess.CompletedProcess, dict]:

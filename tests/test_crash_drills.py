@@ -65,7 +65,7 @@ def rounds_trained(results: dict) -> list[int]:
     return sorted({e["round"] for e in exchanges if e["message-type"] == "train"})
 
 
-@pytest.mark.slow
+@pytest.mark.deployment
 def test_a_killed_serverapp_resumes_from_its_shards_one_shot_model_and_last_round(tmp_path):
     run_config = (
         'strategy="fgl" dataset="digits" images-per-class=20 synthesis-shard-size=10 '

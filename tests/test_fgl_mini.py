@@ -255,7 +255,7 @@ ONE_SHOT = {
 CHANCE = 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_fgl_one_shot_with_fgl_mini_at_extreme_label_skew_beats_chance_by_far(tmp_path):
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in ONE_SHOT.items())
     overrides += f' run-name="one-shot" output-dir="{tmp_path}" cache-dir="{tmp_path / "cache"}"'
@@ -322,7 +322,7 @@ def test_a_silo_that_sends_its_embeddings_under_the_wrong_labels_is_rejected(
     assert "is not this task's class prompt" in embedding["rejected"]["node 100"]
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_one_shot_accuracy_comes_from_the_embedding_label_pairing(
     tmp_path, task_identity, monkeypatch
 ):
@@ -350,7 +350,7 @@ def test_one_shot_accuracy_comes_from_the_embedding_label_pairing(
     assert honest >= 3 * CHANCE and shifted_accuracy <= 1.5 * CHANCE, (honest, shifted_accuracy)
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_instance_level_synthetic_images_show_their_label_in_every_seed(tmp_path, task_identity):
     """Instance-level FGL with the default captioner: each silo captions its own images and
     sends one embedding per image; the images the server makes from them and files under the

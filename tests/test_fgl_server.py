@@ -524,6 +524,7 @@ def test_chunked_payloads_are_fetched_whole_and_an_oversized_chunk_rejects_its_s
 # --- a whole run through Flower --------------------------------------------------------------
 
 
+@pytest.mark.simulation
 def test_three_silo_fgl_simulation_end_to_end(blood_npz, tmp_path):
     """At instance level: every one of 10,000 training images captioned, and each silo's
     payload (thousands of embeddings, 10-22 MB) sent in chunks of 1 MiB."""

@@ -119,7 +119,7 @@ def test_a_hub_id_that_cannot_be_reached_is_a_clear_error(monkeypatch):
         load("nobody/nothing")
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_a_hub_id_in_the_cache_runs_a_simulation_offline_on_flower_datasets_shards(
     blood_npz, blood_hf, tmp_path, monkeypatch
 ):

@@ -38,7 +38,7 @@ import pytest
 from tests.conftest import ROOT, silo_file
 from tests.hosts import Hosts, host_script, namespaces_work, readme_block, stop_group, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.deployment
 
 SERVER = "10.77.0.1"
 PUBLIC = f"{SERVER}:9093"  # the Fleet proxy, as the doc's silo block reaches it

@@ -94,6 +94,7 @@ def test_a_rebuild_removes_the_image_it_replaces_unless_a_container_uses_it(tmp_
             subprocess.run(["docker", "image", "rm", "-f", *made], capture_output=True)
 
 
+@pytest.mark.docker
 @pytest.mark.images  # after .ci/run's image build: a prune must not race a build's last step
 def test_untagged_app_images_are_pruned_and_nothing_else(tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY stamp /stamp\n")

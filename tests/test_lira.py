@@ -57,7 +57,7 @@ def digits():
     return load_dataset(RunConfig.from_flower({"dataset": "digits"}))
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_lira_finds_an_overfit_models_members_and_not_those_of_a_model_without_them(digits):
     """The sanity pair: small CNNs trained for many epochs on 128 images are clearly
     attackable; a model that never saw the pool scores as chance against the same shadows."""

@@ -138,6 +138,7 @@ print(hashlib.sha256(b"".join(p.tobytes() for p in train + test)).hexdigest())
 """
 
 
+@pytest.mark.simulation
 def test_same_seed_gives_the_same_partition_in_fresh_processes(blood_npz):
     overrides = {"dataset": str(blood_npz), "alpha": 0.3, "seed": 7}
 

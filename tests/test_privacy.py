@@ -158,7 +158,7 @@ def test_the_cached_step_computes_what_the_encoder_computes(encoder):
             assert torch.allclose(hidden[0], expected[position], atol=1e-4), position
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_the_report_reads_prompts_back_lists_disclosures_and_audits_the_run(tmp_path):
     from deploy.inprocess import run_in_process
     from fgl_privacy.report import report

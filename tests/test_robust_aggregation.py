@@ -115,6 +115,7 @@ def test_synthetic_trust_weighs_each_update_by_its_agreement_with_the_servers(
     assert liar == 0.0 if attack == "sign" else liar > 0.9  # scaled: same way, cut to size
 
 
+@pytest.mark.simulation
 def test_an_fgl_run_trusts_by_its_synthetic_set_and_a_baseline_by_its_store(blood_npz, tmp_path):
     import json
 
@@ -192,6 +193,7 @@ def digits_runs(tmp_path_factory):
     }
 
 
+@pytest.mark.simulation
 def test_one_silo_of_five_scaling_by_100_breaks_fedavg_and_not_the_median(digits_runs):
     assert digits_runs["clean"] > 0.4  # 3 short rounds on non-IID silos (0.53 here)
     assert digits_runs["fedavg"] < digits_runs["clean"] - 0.3  # the liar decides the model

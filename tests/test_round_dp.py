@@ -126,6 +126,7 @@ def test_the_config_refuses_round_dp_where_its_accounting_would_not_hold():
         RunConfig.from_flower({"round-dp": "client-fixed", "round-dp-noise": 0.0})
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("mode", ["client-fixed", "client-adaptive"])
 def test_in_a_run_every_update_is_clipped_a_silo_that_does_not_is_left_out_and_budgeted(
     tmp_path, mode

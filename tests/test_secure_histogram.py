@@ -57,7 +57,7 @@ def silo_histograms(run_config: dict) -> list[list[int]]:
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.simulation
 def test_a_simulation_sums_the_histograms_by_secagg_plus_and_reveals_none(tmp_path):
     run_config = secure_config(tmp_path)
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
