@@ -52,9 +52,13 @@ def app_code_folders(log: Path) -> list[str]:
 # of fgl_accel.superexec); TLS: Flower's own SuperNode and SuperExec, as Flower ships them
 @pytest.mark.parametrize("tls", [False, True], ids=["insecure-ours", "tls-and-auth-plain-flower"])
 def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
-    # the quickstart's FGL run with a smaller synthesis: this tests the deployment, not fgl-mini
+    # the quickstart's FGL run with a smaller synthesis: this tests the deployment, not fgl-mini;
+    # on Flower's own processes the silos also adapt the generator (one short round of LoRA)
     quickstart = dict(item.split("=", 1) for item in RUNS["fgl"].split())
     quickstart |= {"images-per-class": "10", "steps": "4"}
+    if tls:
+        quickstart |= {"generator-adaptation": '"lora"', "adaptation-rounds": "1",
+                       "adaptation-steps": "3", "adaptation-batch-size": "8"}  # fmt: skip
     smaller = " ".join(f"{k}={v}" for k, v in quickstart.items())
     overrides = (
         f'{smaller} num-server-rounds=2 run-name="deployed" '
@@ -100,14 +104,22 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
 
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["embedding"]["nodes-accepted"]) == 3 and not results["embedding"]["rejected"]
+    if tls:  # the adapter the three silos trained, averaged, and the store keyed by it
+        (adapted,) = results["adaptation"]["rounds"]
+        assert len(adapted["silos"]) == 3 and all("left-out" not in s
+                                                   for s in adapted["silos"].values())  # fmt: skip
+        store = json.loads((Path(results["synthesis"]["store"]) / "manifest.json").read_text())
+        assert store["adapter-digest"] == results["adaptation"]["adapter-digest"]
     assert results["synthesis"]["images"] == int(quickstart["images-per-class"]) * 10
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
     assert results["rounds"][-1]["test-accuracy"] > 0.3  # digits: real rounds learn (chance 0.1)
     traffic = results["traffic"]
     assert not traffic["failed"] and len(traffic["silos"]) == 3
-    # Flower's own count of bytes on the wire covers at least the payloads the ledger saw
+    # Flower's own count of bytes on the wire covers at least the payloads the ledger saw (the
+    # adapter, one record sent to every silo, Flower pushes and counts once)
     payload = sum(n["bytes-sent"] + n["bytes-received"] for n in traffic["bytes-per-node"].values())
-    assert launched["run"]["network-traffic"]["total-bytes"] >= payload
+    adapter = [e["bytes-sent"] for e in traffic["exchanges"] if e["message-type"] == "query.adapt"]
+    assert launched["run"]["network-traffic"]["total-bytes"] >= payload - sum(adapter[1:])
 
 
 def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tmp_path):
