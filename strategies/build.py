@@ -87,19 +87,21 @@ def _strategy(
 
 
 def private_rule(cfg: RunConfig, strategy: FedAvg) -> CentralDP:
-    """Flower's client-side DP wrapper for `cfg.round_dp` around `strategy`; `min-nodes` silos
-    are expected each round (fewer make the noise larger against each, as accounted)."""
+    """Flower's client-side DP wrapper for `cfg.round_dp` around `strategy`; the silos a round
+    samples of `min-nodes` are expected to reply (fewer make the noise larger against each, as
+    `strategies.private` accounts it)."""
+    sampled = max(1, int(cfg.fraction_train * cfg.min_nodes))  # as Flower's FedAvg samples
     if cfg.round_dp == "client-fixed":
         return DifferentialPrivacyClientSideFixedClipping(
-            strategy, cfg.round_dp_noise, cfg.round_dp_clip, cfg.min_nodes
+            strategy, cfg.round_dp_noise, cfg.round_dp_clip, sampled
         )
     # the clipped count's noise: Flower's default (n / 20) unless the multiplier needs more
     # (Andrew et al.: z must stay below twice its standard deviation)
-    count_noise = max(cfg.min_nodes / 20, cfg.round_dp_noise)
+    count_noise = max(sampled / 20, cfg.round_dp_noise)
     return DifferentialPrivacyClientSideAdaptiveClipping(
         strategy,
         cfg.round_dp_noise,
-        cfg.min_nodes,
+        sampled,
         initial_clipping_norm=cfg.round_dp_clip,
         target_clipped_quantile=cfg.round_dp_quantile,
         clipped_count_stddev=count_noise,

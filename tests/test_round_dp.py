@@ -175,3 +175,9 @@ def test_in_a_run_every_update_is_clipped_a_silo_that_does_not_is_left_out_and_b
     assert "| silo | delta | rounds | whole run |" in table
     node2 = next(line for line in table if line.startswith("| node 2 |"))
     assert node2.endswith(f"| {privacy['silos']['node 2']['epsilon']:.3g} |")
+
+
+def test_the_noise_is_calibrated_to_the_silos_a_round_samples():
+    cfg = RunConfig.from_flower({"round-dp": "client-fixed", "min-nodes": 10,
+                                 "fraction-train": 0.3})  # fmt: skip
+    assert build_strategy(cfg).strategy.num_sampled_clients == 3  # as FedAvg samples 10 x 0.3
