@@ -75,6 +75,11 @@ class SyntheticTrust(Wrapped):
             used.append(reply)
         weight = sum(scores.values())
         step = total / weight if weight > 0 else np.zeros_like(trusted)
+        if weight == 0:
+            log(WARNING, "synthetic-trust round %d: no silo's update agrees with the server's on "
+                "the synthetic set, so the model stays as sent; if rounds keep ending so, the "
+                "synthetic set is too far from the silos' data for this rule (median and "
+                "trimmed-mean need no trusted data)", server_round)  # fmt: skip
         arrays, offset = ArrayRecord(), 0
         for key, value in start.items():
             if key in floats:

@@ -115,6 +115,27 @@ def test_synthetic_trust_weighs_each_update_by_its_agreement_with_the_servers(
     assert liar == 0.0 if attack == "sign" else liar > 0.9  # scaled: same way, cut to size
 
 
+def test_synthetic_trust_keeps_the_model_and_says_so_when_no_silo_agrees(task_identity, caplog):
+    """Every silo's update points away from the server's (as when the synthetic set is far from
+    the silos' data): all trust 0, the model stays as sent, and the log says why."""
+    from deploy.inprocess import InProcessGrid
+
+    cfg = RunConfig.from_flower({"strategy": "fgl", "aggregation": "synthetic-trust"})
+    away = lambda _, arrays: ArrayRecord({"w": torch.full((64,), -0.1),  # noqa: E731
+                                          "batches": torch.tensor(0)})  # fmt: skip
+    strategy = build_strategy(cfg, server_update_fn=away)
+    sent = ArrayRecord({"w": torch.from_numpy(GLOBAL), "batches": torch.tensor(0)})
+    grid = InProcessGrid({n: None for n in range(1, 6)})
+    list(strategy.configure_train(1, sent, ConfigRecord(), grid))
+    got = replies(scale=1.0)
+    for node, reply in enumerate(got, start=1):
+        reply.metadata.__dict__["_src_node_id"] = node
+    arrays, metrics = strategy.aggregate_train(1, got)
+    assert all(metrics[f"trust-node-{n}"] == 0.0 for n in range(1, 6))
+    assert np.array_equal(arrays["w"].numpy(), GLOBAL)
+    assert "no silo's update agrees with the server's" in caplog.text
+
+
 @pytest.mark.simulation
 def test_an_fgl_run_trusts_by_its_synthetic_set_and_a_baseline_by_its_store(blood_npz, tmp_path):
     import json
