@@ -106,7 +106,7 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         "silos": per_node,
         "adapter-bytes": adaptation.get("adapter-bytes"),
         "epsilon-per-silo": adaptation.get("dp", {}).get("epsilon-per-silo"),
-        "learned-distance-per-node": results["embedding"].get("learned-distance-per-node"),
+        "learned-distance-per-node": results.get("embedding", {}).get("learned-distance-per-node"),
         "replication": replication,
         "phase-seconds": results["phase-seconds"],
         "wall-seconds": wall,
