@@ -131,7 +131,10 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=RUN["images-per-class"])
     parser.add_argument("--dp-noise", nargs="*", type=float, default=[0.01, 0.03, 0.1, 0.3],
                         help="round-dp-noise values of the DP rows (none: no DP rows)")  # fmt: skip
-    parser.add_argument("--dp-clip", type=float, default=1.0)
+    parser.add_argument("--dp-clip", type=float, default=1.0, help="round-dp-clip (adaptive: "
+                        "the clip it starts from)")  # fmt: skip
+    parser.add_argument("--dp-mode", default="client-fixed",
+                        choices=["client-fixed", "client-adaptive"])  # fmt: skip
     parser.add_argument("--name", default="robustness", help="the JSON's name in " + str(OUT))
     args = parser.parse_args()
     dataset = args.dataset
@@ -163,8 +166,8 @@ def main() -> None:
                                 **measured})  # fmt: skip
             for strategy in ("fedavg", "fgl"):
                 for noise in args.dp_noise:
-                    name = f"dp-{strategy}-{noise}-{seed}"
-                    keys = {"strategy": strategy, "round-dp": "client-fixed",
+                    name = f"dp-{strategy}-{args.dp_mode}-{noise}-{seed}"
+                    keys = {"strategy": strategy, "round-dp": args.dp_mode,
                             "round-dp-noise": noise, "round-dp-clip": args.dp_clip}  # fmt: skip
                     measured = run({**base, **keys}, work, name, "clean", set())
                     record({"part": "dp", "seed": seed, "aggregation": strategy,
