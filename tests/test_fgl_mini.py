@@ -334,12 +334,12 @@ def test_one_shot_accuracy_comes_from_the_embedding_label_pairing(
     evaluation), it would survive; it falls to chance or below."""
     import dataclasses
 
-    import fgl_server.embedding_round as embedding_round
+    import fgl_server.fgl_run as fgl_run
 
     honest = run_in_process(tmp_path, "honest")["one-shot"]["test-accuracy"]
-    checked = embedding_round.payload_limits
+    checked = fgl_run.payload_limits  # the limits run_fgl builds for round 0
     monkeypatch.setattr(
-        embedding_round,
+        fgl_run,
         "payload_limits",
         lambda *a, **k: dataclasses.replace(checked(*a, **k), class_prompts=None),
     )
