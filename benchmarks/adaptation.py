@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.common import DATASETS, OUT, write
+from benchmarks.common import DATASETS, OUT, over_seeds, write
 from deploy.inprocess import run_in_process
 from fgl_core.datasets import load_dataset
 from fgl_privacy.report import _final_model as final_model
@@ -146,16 +144,8 @@ def best_val(curve: list[dict]) -> float | None:
 def summarize(rows: list[dict]) -> dict:
     """Per row: mean and standard deviation over its seeds of the one-shot and after-rounds
     test accuracy (where the row has them)."""
-    summary: dict[str, dict] = {}
-    for r in rows:
-        summary.setdefault(r["row"], {"seeds": 0})["seeds"] += 1
-    for name, entry in summary.items():
-        for key in ("one-shot-test-accuracy", "after-rounds-test-accuracy"):
-            values = [r[key] for r in rows if r["row"] == name and r[key] is not None]
-            if values:
-                entry[f"{key}-mean"] = float(np.mean(values))
-                entry[f"{key}-std"] = float(np.std(values))
-    return summary
+    return over_seeds(rows, lambda r: r["row"],
+                      ("one-shot-test-accuracy", "after-rounds-test-accuracy"))  # fmt: skip
 
 
 def main() -> None:

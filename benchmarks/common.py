@@ -15,8 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -131,3 +133,20 @@ def write(name: str, record: dict, out: Path = OUT, echo: bool = True) -> Path:
         print(json.dumps(record, indent=2))
         print(f"wrote {path}")
     return path
+
+
+def over_seeds(rows: list[dict], group: Callable[[dict], str], fields: Sequence[str]) -> dict:
+    """Per group of rows (`group(row)`, in the order groups first appear): how many rows (one a
+    seed), and each field's mean and standard deviation over the rows that measured it."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(group(row), []).append(row)
+    summary: dict[str, dict] = {}
+    for name, members in groups.items():
+        entry: dict = summary.setdefault(name, {"seeds": len(members)})
+        for field in fields:
+            values = [r[field] for r in members if r.get(field) is not None]
+            if values:
+                entry[f"{field}-mean"] = float(np.mean(values))
+                entry[f"{field}-std"] = float(np.std(values))
+    return summary

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.attacks import UpdateAttack, backdoor_success, poisoned_data
-from benchmarks.common import DATASETS, OUT, write
+from benchmarks.common import DATASETS, OUT, over_seeds, write
 from deploy.inprocess import run_in_process
 from fgl_client.silo import load_silo
 from fgl_core.config import RunConfig
@@ -104,20 +104,9 @@ def privacy_epsilon(run_dir: Path) -> float | None:
 def summarize(rows: list[dict]) -> dict:
     """Mean and standard deviation over seeds per (part, strategy/aggregation, attack, liars,
     noise) of the test accuracy, the backdoor's success and epsilon where measured."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        key = " ".join(str(r[k]) for k in ("part", "aggregation", "attack", "liars", "noise"))
-        groups.setdefault(key, []).append(r)
-    summary = {}
-    for key, group in groups.items():
-        entry: dict = {"seeds": len(group)}
-        for field in ("test-accuracy", "backdoor-success", "epsilon"):
-            values = [r[field] for r in group if r.get(field) is not None]
-            if values:
-                entry[f"{field}-mean"] = float(np.mean(values))
-                entry[f"{field}-std"] = float(np.std(values))
-        summary[key] = entry
-    return summary
+    keys = ("part", "aggregation", "attack", "liars", "noise")
+    return over_seeds(rows, lambda r: " ".join(str(r[k]) for k in keys),
+                      ("test-accuracy", "backdoor-success", "epsilon"))  # fmt: skip
 
 
 def main() -> None:
