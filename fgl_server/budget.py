@@ -22,9 +22,8 @@ from typing import Any
 from fgl_core.accounting import silo_budget
 from fgl_core.adapters import sample_rate
 from fgl_core.config import RunConfig
+from fgl_server.results import SILO_PREFIX
 from strategies.private import COUNT_NOISE_KEY, NOISE_KEY
-
-ROUND_PREFIX = "silo-"  # how `run_rounds` files the aggregated train metrics in a round's row
 
 
 def privacy_budget(cfg: RunConfig, results: dict[str, Any]) -> dict:
@@ -69,9 +68,9 @@ def round_history(rounds: list[dict]) -> dict[str, list[float]]:
     """Per silo ("node N"), the Gaussian multiplier of each noised release of the rounds it was
     aggregated in (the adaptive clip's count beside its update's)."""
     history: dict[str, list[float]] = {}
-    prefix = f"{ROUND_PREFIX}{NOISE_KEY}"
+    prefix = f"{SILO_PREFIX}{NOISE_KEY}"
     for row in rounds:
-        count = row.get(f"{ROUND_PREFIX}{COUNT_NOISE_KEY}")
+        count = row.get(f"{SILO_PREFIX}{COUNT_NOISE_KEY}")
         for key, multiplier in row.items():
             if key.startswith(prefix):
                 releases = history.setdefault(f"node {key[len(prefix) :]}", [])

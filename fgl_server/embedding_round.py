@@ -83,7 +83,7 @@ def embedding_round(
     adapter: ArrayRecord | None = None,
 ) -> Round0:
     """Phase 1: every silo asked for its payload, each reply through the boundary (`limits`),
-    the silent ones asked again; raises if no silo sent a usable payload. With learned
+    the silent ones asked again (`Round0.payloads` may be empty: the caller decides). With learned
     embeddings, the federation's `adapter` (if the run adapted the generator) goes with the
     request, so that the silos learn against the generator that will synthesize."""
     request = EmbedRequest.from_config(cfg, **request_fields(list(domains))).to_record()

@@ -25,6 +25,7 @@ from fgl_server.checkpoint import set_aside
 from fgl_server.tracking import Tracker
 
 log = logging.getLogger(__name__)
+SILO_PREFIX = "silo-"  # a round row's keys for the silos' aggregated train and evaluate metrics
 
 # how a run's accuracy is reported: the last model; the model the validation split picks (the
 # default: the test split only reports); the best test accuracy over epochs and rounds (the

@@ -12,12 +12,12 @@ from torch import nn
 from fgl_core.config import RunConfig
 from fgl_core.datasets import DatasetSplits
 from fgl_core.models import state_dict_float32
-from fgl_server.budget import ROUND_PREFIX, privacy_budget
+from fgl_server.budget import privacy_budget
 from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
 from fgl_server.nodes import wait_for_nodes
-from fgl_server.results import RunRecorder
+from fgl_server.results import SILO_PREFIX, RunRecorder
 from strategies.resumed import RoundsAfter
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def run_rounds(
             for r, m in trained.items()
         }
     for per_round in (evaluated, trained):
-        recorder.merge_round_metrics(per_round, prefix=ROUND_PREFIX)
+        recorder.merge_round_metrics(per_round, prefix=SILO_PREFIX)
     recorder.set("privacy", privacy_budget(cfg, recorder.results))  # with the rounds' noise
     recorder.set("traffic", grid.to_json())
     if len(result.arrays):
