@@ -115,11 +115,14 @@ def test_three_supernodes_run_the_quickstart_end_to_end(tls, tmp_path):
     assert results["rounds"][-1]["test-accuracy"] > 0.3  # digits: real rounds learn (chance 0.1)
     traffic = results["traffic"]
     assert not traffic["failed"] and len(traffic["silos"]) == 3
-    # Flower's own count of bytes on the wire covers at least the payloads the ledger saw (the
-    # adapter, one record sent to every silo, Flower pushes and counts once)
+    # Flower's own count of bytes on the wire covers at least the payloads the ledger saw, but
+    # for the adapter the server sends: Flower addresses arrays by content, and the adapter of
+    # round 1 is all-zero B factors, many of one shape, so a SuperNode pulls far fewer bytes
+    # than the record's size (how many depends on the shapes, not on the silo)
     payload = sum(n["bytes-sent"] + n["bytes-received"] for n in traffic["bytes-per-node"].values())
     adapter = [e["bytes-sent"] for e in traffic["exchanges"] if e["message-type"] == "query.adapt"]
-    assert launched["run"]["network-traffic"]["total-bytes"] >= payload - sum(adapter[1:])
+    assert len(adapter) == (3 if tls else 0)
+    assert launched["run"]["network-traffic"]["total-bytes"] >= payload - sum(adapter)
 
 
 def test_a_supernode_killed_during_the_rounds_is_recorded_and_the_rest_finish(tmp_path):
