@@ -76,7 +76,7 @@ REJECTED = 0  # the error code of a reply the server refuses (Flower's "unknown"
 CHUNK_RECORD, CHUNK_REQUEST_RECORD = "chunk", "chunk-request"
 # What each reply of the protocol may hold: its records by name and, in its metric and silo
 # records, the keys. The server drops everything else from a reply before it records or uses it
-# (fgl_server.ledger), so bytes a silo adds beside its payload reach neither results nor plan.
+# (fgl_server.replies), so bytes a silo adds beside its payload reach neither results nor plan.
 REPLY_RECORDS = {
     EMBED_MESSAGE_TYPE: frozenset({EMBEDDING_RECORD, SUMMARY_RECORD, SILO_RECORD, CHUNK_RECORD}),
     CHUNK_MESSAGE_TYPE: frozenset({EMBEDDING_RECORD, CHUNK_RECORD}),

@@ -14,6 +14,7 @@ The average is checkpointed after every round (`checkpoint-adapt.pt`): a crash c
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from fgl_server.checkpoint import load_state as load_checkpointed
 from fgl_server.checkpoint import save_state
 from fgl_server.ledger import RecordingGrid
 from fgl_server.nodes import replying_node, sent_ids, wait_for_nodes
+from fgl_server.replies import ReplyCheck
 from fgl_server.results import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -57,10 +59,15 @@ class Adapter:
 
 
 def adapt_generator(
-    grid: RecordingGrid, cfg: RunConfig, recorder: RunRecorder, device: torch.device
+    grid: RecordingGrid,
+    cfg: RunConfig,
+    class_names: Sequence[str],
+    recorder: RunRecorder,
+    device: torch.device,
 ) -> Adapter:
     """Run the adaptation rounds (or resume them) and write the adapter's files into the run
-    folder (`adapter/`)."""
+    folder (`adapter/`); the silos' replies are read as `fgl_server.replies` accepts them for
+    a run of `class_names`."""
     settings = adapter_settings(cfg)
     ref = resolve_model_ref(cfg.generator, "generator", cfg.cache_dir)
     try:
@@ -79,7 +86,8 @@ def adapt_generator(
         if done < cfg.adaptation_rounds:
             wait_for_nodes(grid, cfg.min_nodes, cfg.connect_timeout)
         for server_round in range(done + 1, cfg.adaptation_rounds + 1):
-            state, record = adaptation_round(grid, state, server_round, cfg)
+            state, record = adaptation_round(ReplyCheck(grid, class_names), state, server_round,
+                                             cfg)  # fmt: skip
             rounds.append(record)
             tensors = {k: torch.from_numpy(v) for k, v in state.items()}
             save_state(recorder.dir, PHASE, server_round, tensors, recorder.fingerprint)
@@ -94,13 +102,13 @@ def adapt_generator(
 
 
 def adaptation_round(
-    grid: RecordingGrid, state: dict[str, np.ndarray], server_round: int, cfg: RunConfig
+    check: ReplyCheck, state: dict[str, np.ndarray], server_round: int, cfg: RunConfig
 ) -> tuple[dict[str, np.ndarray], dict]:
     """One round: the adapter to every connected silo, their adapters back, checked and
     averaged by examples. The new adapter and the round's record (per node: examples, loss,
     seconds, epsilon, or why it was left out)."""
     arrays = adapter_record(state)
-    nodes = sorted(grid.get_node_ids())
+    nodes = sorted(check.ledger.get_node_ids())
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
@@ -109,7 +117,7 @@ def adaptation_round(
         )
         for node in nodes
     ]
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    replies = check.send_and_accept(messages, cfg.round_timeout)
     sent = sent_ids(messages)
     accepted: list[tuple[int, dict[str, np.ndarray], int]] = []
     silos: dict[str, dict] = {str(node): {"left-out": "no reply"} for node in nodes}

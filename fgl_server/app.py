@@ -46,10 +46,11 @@ def main(grid: Grid, context: Context) -> None:
         data.image_size,
     )
 
+    ledger = RecordingGrid(grid)  # every exchange of the run recorded (`fgl_server.ledger`)
     if cfg.strategy == "centralized":
         model = run_centralized(cfg, data, recorder, device)
     elif cfg.strategy == "fgl":
-        model = run_fgl(grid, cfg, data, recorder, device)
+        model = run_fgl(ledger, cfg, data, recorder, device)
     else:
         model = build_model_for(cfg, data.num_classes, data.image_size)
         trusted = (  # `synthetic-trust`: a previous FGL run's store as the trusted data
@@ -59,7 +60,5 @@ def main(grid: Grid, context: Context) -> None:
             else None
         )  # fmt: skip
         strategy = build_strategy(cfg, server_update_fn=trusted)
-        model = run_rounds(
-            strategy, RecordingGrid(grid, data.class_names), model, cfg, data, recorder, device
-        )
+        model = run_rounds(strategy, ledger, model, cfg, data, recorder, device)
     recorder.finish(model)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.domain_prompts import DomainPrompt, request_fields
@@ -35,6 +34,7 @@ from fgl_core.payload import (
 from fgl_core.prompt_templates import class_prompt
 from fgl_server.ledger import RecordingGrid
 from fgl_server.nodes import replying_node, sent_ids, wait_for_nodes
+from fgl_server.replies import ReplyCheck
 from fgl_server.secure_histogram import secure_histogram_sum
 from fgl_server.validation import (
     PayloadLimits,
@@ -90,8 +90,9 @@ def embedding_round(
     extra = (
         {ADAPTER_RECORD: adapter} if adapter is not None and cfg.prompt_mode == "learned" else {}
     )
+    check = ReplyCheck(grid, limits.class_names)
     round0 = collect_embeddings(
-        grid,
+        check,
         request,
         REQUEST_RECORD,
         cfg.embed_timeout,
@@ -99,7 +100,7 @@ def embedding_round(
         node_wait_timeout=cfg.connect_timeout,
         extra=extra,
     )
-    payloads, rejected = validated_payloads(round0.replies, limits, grid, cfg.embed_timeout)
+    payloads, rejected = validated_payloads(round0.replies, limits, check, cfg.embed_timeout)
     rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
     record = embedding_record(grid, round0, payloads, rejected)
     if limits.learned_max_distance is not None:
@@ -246,7 +247,7 @@ class EmbeddingRound:
 
 
 def collect_embeddings(
-    grid: Grid,
+    check: ReplyCheck,
     request: ConfigRecord,
     request_key: str,
     timeout: float,
@@ -259,8 +260,8 @@ def collect_embeddings(
 
     Parameters
     ----------
-    grid : Grid
-        The grid to send through.
+    check : ReplyCheck
+        The server's acceptance of replies, with the grid (its ledger) to send through.
     request : ConfigRecord
         The embed request, sent under `request_key`.
     request_key : str
@@ -276,7 +277,7 @@ def collect_embeddings(
     extra : Mapping[str, ArrayRecord] | None (default: None)
         Records sent beside the request (the adapter, for learned embeddings).
     """
-    result = EmbeddingRound(asked=wait_for_nodes(grid, min_nodes, node_wait_timeout))
+    result = EmbeddingRound(asked=wait_for_nodes(check.ledger, min_nodes, node_wait_timeout))
     pending = list(result.asked)
     for attempt in range(1, attempts + 1):
         messages = [
@@ -287,7 +288,7 @@ def collect_embeddings(
             )
             for node in pending
         ]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = check.send_and_accept(messages, timeout)
         sent = sent_ids(messages)
         for reply in replies:
             node = replying_node(reply, sent)
@@ -308,12 +309,12 @@ def collect_embeddings(
 def validated_payloads(
     replies: dict[int, RecordDict],
     limits: PayloadLimits,
-    grid: Grid | None = None,
+    check: ReplyCheck | None = None,
     timeout: float = 600.0,
 ) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
-    """Each reply through the boundary, with the rest of its chunks fetched through `grid` when
-    it announces more (and may send them; without a grid such a node is rejected): accepted
-    payloads and, by node, why the others were not."""
+    """Each reply through the boundary, with the rest of its chunks fetched through `check`'s
+    grid when it announces more (and may send them; without one such a node is rejected):
+    accepted payloads and, by node, why the others were not."""
     rejected: dict[str, str] = {}
 
     def reject(node_id: int, reason: str) -> None:
@@ -324,13 +325,13 @@ def validated_payloads(
     for node_id, content in replies.items():
         try:
             info = announced_chunks(f"node {node_id}", content, limits)
-            if info.count > 1 and grid is None:
+            if info.count > 1 and check is None:
                 raise PayloadRejected(f"node {node_id}: sent chunk 0 of {info.count} alone")
             announced[node_id] = (info.count, info.digest)
         except PayloadRejected as err:
             reject(node_id, str(err))
     pieces, failed = fetch_chunks(
-        grid,  # type: ignore[arg-type]  # only used for chunked payloads, which need one
+        check,  # type: ignore[arg-type]  # only used for chunked payloads, which need one
         {n: replies[n] for n in announced},
         announced,
         limits.chunk_bytes,
@@ -348,7 +349,7 @@ def validated_payloads(
 
 
 def fetch_chunks(
-    grid: Grid,
+    check: ReplyCheck,
     first: dict[int, RecordDict],
     announced: dict[int, tuple[int, str]],
     chunk_bytes: int,
@@ -376,7 +377,7 @@ def fetch_chunks(
     ]
     received: dict[int, dict[int, RecordDict]] = {node: {0: c} for node, c in first.items()}
     failures: dict[int, str] = {}
-    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    replies = check.send_and_accept(messages, timeout) if messages else []
     # the grid gives each message its id as it sends it
     chunk_of = {
         m.metadata.message_id: (n, k) for m, (n, k, _) in zip(messages, wanted, strict=True)

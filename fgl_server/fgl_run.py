@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from flwr.serverapp import Grid
 from torch import nn
 
 from fgl_core.adapted_generator import adapter_record
@@ -54,7 +53,11 @@ log = logging.getLogger(__name__)
 
 
 def run_fgl(
-    grid: Grid, cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder, device: torch.device
+    grid: RecordingGrid,
+    cfg: RunConfig,
+    data: DatasetSplits,
+    recorder: RunRecorder,
+    device: torch.device,
 ) -> nn.Module:
     """Run FGL on the server; return the final global model.
 
@@ -73,11 +76,12 @@ def run_fgl(
     Each phase is timed, and results.json is rewritten as the run goes, so a run that stops
     keeps what it had done; a rerun of the same run resumes (see `fgl_server.checkpoint`).
     """
-    grid = RecordingGrid(grid, data.class_names)
     domains = run_domains(cfg, data)
     check_workers_fit(cfg.synthesis_workers, cfg.synthesis_ray_address, device.type)
     adapter = (
-        adapt_generator(grid, cfg, recorder, device) if cfg.generator_adaptation == "lora" else None
+        adapt_generator(grid, cfg, data.class_names, recorder, device)
+        if cfg.generator_adaptation == "lora"
+        else None
     )
     settings = SynthesisSettings.from_config(
         cfg,

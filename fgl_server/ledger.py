@@ -1,42 +1,27 @@
 """A Grid that forwards to the real one and keeps a ledger of every exchange.
 
 For each message it records the round, the message type, the node, the payload bytes each
-way, the reply's metrics and any error, and it names the nodes that never answered. Strategies
-run on it unchanged, so every strategy gets the same per-node traffic accounting.
+way, the reply's metrics and any error, and it names the nodes that never answered. It carries
+messages and nothing else decides here: what the server accepts of a reply (its protocol, the
+class list, the order a strategy sees replies in) is `fgl_server.replies`, which writes its
+verdicts back into this ledger. Every exchange of a run goes through the one `RecordingGrid`
+the ServerApp wraps its grid in (`fgl_server.app`), so every strategy gets the same per-node
+traffic accounting.
 
-It is also where every strategy's replies are checked for the class list (`fgl_core.class_list`):
-a reply whose silo describes its data with another class list than the server's reaches the
-strategy as an error reply, so no round aggregates, and no synthesis plan counts, a silo whose
-labels mean other classes.
-
-And it hands the replies over in an order fixed by the models they hold (`reply_order`), not by
-when they came: Flower's FedAvg adds the silos' models in the order it is given them, and a
-float32 sum depends on its order, so the same seed gave models that differed in their last bits
-from run to run, and accuracies that drifted apart over the rounds (the README's quickstart
-section names the runs).
+The grid also decides how long a message lives (`expire_when_unawaited`) and how often replies
+are pulled (`send_and_poll`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fgl_core.class_list import DIGESTS_KEY, class_list_mismatch
-from fgl_core.payload import (  # SILO_RECORD: a silo's data described
-    METRIC_KEYS,
-    REJECTED,
-    REPLY_RECORDS,
-    SECAGG_RECORD,
-    SILO_COUNT_KEYS,
-    SILO_RECORD,
-    content_bytes,
-)
+from fgl_core.payload import METRIC_KEYS, content_bytes
 
 
 @dataclass
@@ -53,8 +38,6 @@ class Exchange:
     def to_json(self) -> dict:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
-
-log = logging.getLogger(__name__)
 
 POLL_SECONDS = (0.05, 0.2)  # first and longest wait between two pulls for replies
 
@@ -86,22 +69,6 @@ def send_and_poll(grid: Grid, messages: list[Message], timeout: float | None) ->
     return replies
 
 
-def reply_order(reply: Message) -> tuple[int, str]:
-    """A sort key from a reply's arrays alone (errors last), so that the same models, in
-    whatever order they arrived, reach the strategy in one order: sha256 of the arrays' names
-    and bytes. Not of its metrics: they hold timings, which differ from run to run. Replies
-    without arrays (evaluations) tie, and stay in the order they came."""
-    if reply.has_error():
-        return 1, ""
-    digest = hashlib.sha256()
-    for name, record in sorted(reply.content.array_records.items()):
-        digest.update(name.encode())
-        for key, array in record.items():
-            digest.update(key.encode())
-            digest.update(array.data)
-    return 0, digest.hexdigest()
-
-
 def expire_when_unawaited(messages: Iterable[Message], timeout: float) -> None:
     """Shorten each message's TTL so that it expires when the server stops waiting for its
     reply, `timeout` seconds from now (Flower's default TTL is 12 hours, whatever the timeout).
@@ -116,53 +83,15 @@ def expire_when_unawaited(messages: Iterable[Message], timeout: float) -> None:
         msg.metadata.ttl = min(msg.metadata.ttl, expires - msg.metadata.created_at)
 
 
-def keep_protocol(message_type: str, content: RecordDict) -> int:
-    """Drop from a reply what its message type's protocol does not define (`REPLY_RECORDS`,
-    `METRIC_KEYS`); the bytes dropped. Replies of other types are left as they are."""
-    allowed = REPLY_RECORDS.get(message_type)
-    if allowed is None:
-        return 0
-    before = content_bytes(content)
-    for name in [n for n in content if n not in allowed]:
-        del content[name]
-    for record in content.metric_records.values():
-        for key in [k for k in record if k not in METRIC_KEYS]:
-            del record[key]
-    silo = content.config_records.get(SILO_RECORD)
-    for key in [
-        k for k in silo or {} if k not in (*SILO_COUNT_KEYS, "label-histogram", DIGESTS_KEY)
-    ]:
-        del silo[key]
-    return before - content_bytes(content)
-
-
-def describe_silo(record: ConfigRecord | None, num_classes: int) -> dict:
-    """What a silo record says of its data, as the results keep it: its counts if they are
-    non-negative integers, its label histogram if it has `num_classes` of them."""
-    described: dict = {}
-    for key in SILO_COUNT_KEYS:
-        value = (record or {}).get(key)
-        if (type(value) is int and 0 <= value < 2**53) or (key == "partition-id" and value == -1):
-            described[key] = value
-    histogram = (record or {}).get("label-histogram")
-    if (
-        isinstance(histogram, list)
-        and len(histogram) == num_classes
-        and all(type(c) is int and 0 <= c < 2**53 for c in histogram)
-    ):
-        described["label-histogram"] = histogram
-    return described
-
-
 class RecordingGrid(Grid):
-    """`grid`, recorded; replies that describe a silo's data must carry `class_names`' digests."""
+    """`grid`, recorded."""
 
-    def __init__(self, grid: Grid, class_names: Sequence[str]) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.class_names = list(class_names)
         self.exchanges: list[Exchange] = []
         self.silos: dict[int, dict] = {}  # node id -> what the silo said about its data
         self.current_round = 0
+        self._by_message: dict[str, Exchange] = {}  # a sent message's id -> its exchange
 
     # --- plain delegation ---
     def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
@@ -191,6 +120,8 @@ class RecordingGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Flower's `send_and_receive`, each message and reply recorded; the replies in the
+        order they came, as they came."""
         messages = list(messages)
         entries = []
         for msg in messages:
@@ -210,55 +141,43 @@ class RecordingGrid(Grid):
             expire_when_unawaited(messages, timeout)
         replies = send_and_poll(self._grid, messages, timeout)
         # a node may get several messages (a payload's chunks): each reply answers one message
-        pending = {m.metadata.message_id: (m, e) for m, e in zip(messages, entries, strict=True)}
-        checked = []
+        pending = {m.metadata.message_id: e for m, e in zip(messages, entries, strict=True)}
+        self._by_message.update(pending)
         for reply in replies:
-            sent, entry = pending.pop(reply.metadata.reply_to_message_id, (None, None))
-            if sent is None or entry is None:
-                checked.append(reply)
+            entry = pending.pop(reply.metadata.reply_to_message_id, None)
+            if entry is None:
                 continue
-            if not reply.has_error():
-                entry.bytes_received = content_bytes(reply.content)
-                if SECAGG_RECORD not in sent.content.config_records:  # SecAgg+'s own format
-                    entry.dropped_bytes = keep_protocol(entry.message_type, reply.content)
-                if entry.dropped_bytes:
-                    log.warning(
-                        "node %d sent %d bytes beyond the protocol in its %s reply: dropped",
-                        entry.node_id,
-                        entry.dropped_bytes,
-                        entry.message_type,
-                    )
-            reply = self._check_class_list(entry.node_id, reply, sent)
-            checked.append(reply)
             if reply.has_error():
                 entry.error = reply.error.reason or f"error code {reply.error.code}"
                 continue
-            for record in reply.content.metric_records.values():
+            entry.bytes_received = content_bytes(reply.content)
+            for record in reply.content.metric_records.values():  # the protocol's keys only
                 entry.metrics.update(
-                    {k: v for k, v in record.items() if isinstance(v, (int, float))}
+                    {
+                        k: v
+                        for k, v in record.items()
+                        if k in METRIC_KEYS and isinstance(v, int | float)
+                    }
                 )
-            described = describe_silo(
-                reply.content.config_records.get(SILO_RECORD), len(self.class_names)
-            )
-            if described:  # the latest description of the silo's data (evaluate replies: none)
-                self.silos[entry.node_id] = described
-        for _, entry in pending.values():
+        for entry in pending.values():
             entry.error = f"no reply within the timeout ({timeout} s)"
-        return sorted(checked, key=reply_order)
+        return replies
 
-    def _check_class_list(self, node: int, reply: Message, sent: Message) -> Message:
-        """`reply`, or an error reply in its place if its silo has another class list."""
-        if reply.has_error():
-            return reply
-        silo = reply.content.config_records.get(SILO_RECORD)
-        if silo is None:  # a reply that does not describe the silo's data (a SecAgg+ stage)
-            return reply
-        problem = class_list_mismatch(self.class_names, silo.get(DIGESTS_KEY))
-        if problem is None:
-            return reply
-        reason = f"rejected by the server: node {node}: {problem}"
-        log.warning("%s", reason)
-        return Message(Error(code=REJECTED, reason=reason), reply_to=sent)
+    # --- what the server's acceptance (`fgl_server.replies`) found ---
+    def record_dropped(self, reply: Message, dropped_bytes: int) -> None:
+        """`reply` held `dropped_bytes` beyond its protocol, which the server dropped."""
+        if (entry := self._by_message.get(reply.metadata.reply_to_message_id)) is not None:
+            entry.dropped_bytes = dropped_bytes
+
+    def record_rejection(self, reply: Message, reason: str) -> None:
+        """The server refused `reply` (`reason`): its exchange failed, its metrics do not count."""
+        if (entry := self._by_message.get(reply.metadata.reply_to_message_id)) is not None:
+            entry.error, entry.metrics = reason, {}
+
+    def record_silo(self, reply: Message, described: dict) -> None:
+        """What an accepted reply said of its silo's data: the latest description of the node."""
+        if described and (entry := self._by_message.get(reply.metadata.reply_to_message_id)):
+            self.silos[entry.node_id] = described
 
     # --- summaries for results.json ---
     def to_json(self) -> dict:

@@ -17,7 +17,9 @@ from fgl_server.checkpoint import load_checkpoint, save_checkpoint
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
 from fgl_server.nodes import wait_for_nodes
+from fgl_server.replies import ReplyCheck
 from fgl_server.results import SILO_PREFIX, RunRecorder
+from strategies.checked import CheckedReplies
 from strategies.resumed import RoundsAfter
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ def run_rounds(
     await_nodes: bool = True,
 ) -> nn.Module:
     """Run `num-server-rounds` rounds from `model`, evaluating centrally after each; each
-    evaluated round is checkpointed, and a rerun of the same run goes on after the last.
+    evaluated round is checkpointed, and a rerun of the same run goes on after the last. The
+    strategy aggregates what the server accepts of each reply (`fgl_server.replies`).
 
     The first round waits for `min-nodes` silos unless `await_nodes` is False (FGL waited
     before its embedding round: its rounds go on with the silos still connected)."""
@@ -64,7 +67,8 @@ def run_rounds(
     with recorder.phase("rounds"):
         if await_nodes:
             wait_for_nodes(grid, cfg.min_nodes, cfg.connect_timeout)
-        result = (RoundsAfter(strategy, done) if done else strategy).start(
+        checked = CheckedReplies(strategy, ReplyCheck(grid, data.class_names))
+        result = (RoundsAfter(checked, done) if done else checked).start(
             grid=grid,
             initial_arrays=ArrayRecord(state_dict_float32(model)),
             num_rounds=cfg.num_server_rounds - done,

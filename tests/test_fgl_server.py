@@ -22,6 +22,7 @@ from fgl_core.pretrained import ModelRefError, generator_family, resolve_model_r
 from fgl_server.embedding_round import collect_embeddings, payload_limits, validated_payloads
 from fgl_server.fgl_run import run_fgl
 from fgl_server.ledger import RecordingGrid
+from fgl_server.replies import ReplyCheck
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import (
     GpuTuning,
@@ -507,11 +508,12 @@ def test_chunked_payloads_are_fetched_whole_and_an_oversized_chunk_rejects_its_s
             content["embedding"]["embeds"] = Array(np.concatenate([embeds] * 3))
         return reply
 
-    grid = RecordingGrid(InProcessGrid(contexts, inflate_102s_chunk_2), blood_names)
+    grid = RecordingGrid(InProcessGrid(contexts, inflate_102s_chunk_2))
+    check = ReplyCheck(grid, blood_names)
     request = EmbedRequest.from_config(cfg).to_record()
-    first = collect_embeddings(grid, request, REQUEST_RECORD, 60.0, min_nodes=3).replies
+    first = collect_embeddings(check, request, REQUEST_RECORD, 60.0, min_nodes=3).replies
     limits_ = payload_limits(cfg, engine, blood_names)
-    payloads, rejected = validated_payloads(first, limits_, grid, 60.0)
+    payloads, rejected = validated_payloads(first, limits_, check, 60.0)
     assert sorted(payloads) == ["node 101", "node 103"]
     assert re.search(r"^node 102: chunk 2 holds \d+ bytes; chunks are 52428$", rejected["node 102"])
     fetched = Counter(e.node_id for e in grid.exchanges if e.message_type == "query.embed_chunk")

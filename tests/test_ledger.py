@@ -1,4 +1,5 @@
-"""Replies are matched to the node they answer for, including the SuperLink's own error replies."""
+"""Replies are matched to the node they answer for, including the SuperLink's own error replies;
+what the server accepts of a reply (`fgl_server.replies`) is written back into the ledger."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fgl_core.payload import SILO_RECORD
 from fgl_server import ledger
 from fgl_server.embedding_round import collect_embeddings
 from fgl_server.ledger import RecordingGrid, send_and_poll
+from fgl_server.replies import ReplyCheck, describe_silo
 
 GONE = 202  # the silo that went away
 CLASSES = ["basophil", "eosinophil", "erythroblast", "platelet"]
@@ -49,7 +51,7 @@ class GridWithALostNode(InProcessGrid):
 
 
 def test_a_node_unavailable_reply_is_charged_to_the_node_that_went_away(task_identity):
-    ledger = RecordingGrid(GridWithALostNode([201, GONE, 203]), CLASSES)
+    ledger = RecordingGrid(GridWithALostNode([201, GONE, 203]))
     messages = [
         Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), node, "train")
         for node in (201, GONE, 203)
@@ -65,9 +67,9 @@ def test_a_node_unavailable_reply_is_charged_to_the_node_that_went_away(task_ide
 
 
 def test_the_embedding_round_names_the_node_that_went_away(task_identity):
-    grid = GridWithALostNode([201, GONE, 203])
+    check = ReplyCheck(RecordingGrid(GridWithALostNode([201, GONE, 203])), CLASSES)
     request = ConfigRecord({"mode": "class"})
-    result = collect_embeddings(grid, request, "request", 5, min_nodes=3, node_wait_timeout=5)
+    result = collect_embeddings(check, request, "request", 5, min_nodes=3, node_wait_timeout=5)
     assert sorted(result.replies) == [201, 203]
     assert list(result.failures) == [GONE] and "Node Unavailable" in result.failures[GONE]
 
@@ -93,12 +95,15 @@ def test_a_reply_from_a_silo_with_another_class_list_reaches_the_strategy_as_an_
         203: ConfigRecord({"num-train": 7, DIGESTS_KEY: name_digests(CLASSES[1:])}),
         204: ConfigRecord({"num-train": 8}),  # no digests at all
     }
-    ledger = RecordingGrid(GridWithALostNode([201, 203, 204, 205], silos), CLASSES)
+    ledger = RecordingGrid(GridWithALostNode([201, 203, 204, 205], silos))
     messages = [
         Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), node, "train")
         for node in (201, 203, 204, 205)
     ]
-    replies = {r.metadata.src_node_id: r for r in ledger.send_and_receive(messages, timeout=5)}
+    as_received = list(ledger.send_and_receive(messages, timeout=5))
+    assert not any(r.has_error() for r in as_received)  # the grid only carries them
+    accepted = ReplyCheck(ledger, CLASSES)(messages, as_received)
+    replies = {r.metadata.src_node_id: r for r in accepted}
     assert not replies[201].has_error() and not replies[205].has_error()  # 205: no silo record
     assert replies[203].has_error() and replies[204].has_error()
     assert replies[203].metadata.reply_to_message_id == messages[1].metadata.message_id
@@ -178,9 +183,9 @@ def test_what_a_reply_holds_beyond_the_protocol_is_dropped_before_it_is_recorded
         return ids
 
     grid.push_messages = push_with_extras
-    recording = RecordingGrid(grid, CLASSES)
+    recording = RecordingGrid(grid)
     msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), 201, "train")
-    (reply,) = recording.send_and_receive([msg], timeout=5)
+    (reply,) = ReplyCheck(recording, CLASSES).send_and_accept([msg], timeout=5)
     assert list(reply.content) == ["metrics", SILO_RECORD]
     assert list(reply.content["metrics"]) == ["num-examples"]
     assert "notes" not in reply.content[SILO_RECORD]
@@ -193,8 +198,8 @@ def test_what_a_reply_holds_beyond_the_protocol_is_dropped_before_it_is_recorded
 
 def test_a_silo_record_is_kept_only_as_counts_and_a_histogram_of_the_classes():
     record = ConfigRecord({"num-train": 3, "num-test": -4, "label-histogram": [1, 2]})
-    assert ledger.describe_silo(record, 4) == {"num-train": 3}
-    assert ledger.describe_silo(None, 4) == {}
+    assert describe_silo(record, 4) == {"num-train": 3}
+    assert describe_silo(None, 4) == {}
 
 
 def test_a_message_expires_when_the_server_stops_waiting_for_its_reply(task_identity):
@@ -204,7 +209,7 @@ def test_a_message_expires_when_the_server_stops_waiting_for_its_reply(task_iden
     grid = GridWithALostNode([201, 203])
     honest = grid.push_messages
     grid.push_messages = lambda messages: (pushed.extend(messages), honest(messages))[1]
-    recording = RecordingGrid(grid, CLASSES)
+    recording = RecordingGrid(grid)
 
     def send(timeout: float | None) -> list[float]:
         pushed.clear()
