@@ -33,7 +33,7 @@ from fgl_core.payload import (
 )
 from fgl_core.prompt_templates import class_prompt
 from fgl_server.ledger import RecordingGrid
-from fgl_server.nodes import replying_node, sent_ids, wait_for_nodes
+from fgl_server.nodes import node_name, replying_node, sent_ids, wait_for_nodes
 from fgl_server.replies import ReplyCheck
 from fgl_server.secure_histogram import secure_histogram_sum
 from fgl_server.validation import (
@@ -70,7 +70,7 @@ class Round0:
     """What round 0 gives the run: the accepted payloads by node, what results.json records
     of it (`embedding`), and the round's replies (the secure sum asks their nodes again)."""
 
-    payloads: dict[str, EmbeddingPayload]
+    payloads: dict[int, EmbeddingPayload]  # by node id
     record: dict
     replies: EmbeddingRound
 
@@ -101,7 +101,7 @@ def embedding_round(
         extra=extra,
     )
     payloads, rejected = validated_payloads(round0.replies, limits, check, cfg.embed_timeout)
-    rejected.update({f"node {n}": f"node {n}: {why}" for n, why in round0.failures.items()})
+    rejected.update({n: f"{node_name(n)}: {why}" for n, why in round0.failures.items()})
     record = embedding_record(grid, round0, payloads, rejected)
     if limits.learned_max_distance is not None:
         record["learned-distance-per-node"] = learned_distances(payloads, limits)
@@ -311,22 +311,22 @@ def validated_payloads(
     limits: PayloadLimits,
     check: ReplyCheck | None = None,
     timeout: float = 600.0,
-) -> tuple[dict[str, EmbeddingPayload], dict[str, str]]:
+) -> tuple[dict[int, EmbeddingPayload], dict[int, str]]:
     """Each reply through the boundary, with the rest of its chunks fetched through `check`'s
     grid when it announces more (and may send them; without one such a node is rejected):
     accepted payloads and, by node, why the others were not."""
-    rejected: dict[str, str] = {}
+    rejected: dict[int, str] = {}
 
     def reject(node_id: int, reason: str) -> None:
-        rejected[f"node {node_id}"] = reason
+        rejected[node_id] = reason
         log.warning("rejected %s", reason)
 
     announced = {}
     for node_id, content in replies.items():
         try:
-            info = announced_chunks(f"node {node_id}", content, limits)
+            info = announced_chunks(node_name(node_id), content, limits)
             if info.count > 1 and check is None:
-                raise PayloadRejected(f"node {node_id}: sent chunk 0 of {info.count} alone")
+                raise PayloadRejected(f"{node_name(node_id)}: sent chunk 0 of {info.count} alone")
             announced[node_id] = (info.count, info.digest)
         except PayloadRejected as err:
             reject(node_id, str(err))
@@ -338,11 +338,11 @@ def validated_payloads(
         timeout,
     )
     for node_id, why in failed.items():
-        reject(node_id, f"node {node_id}: {why}")
+        reject(node_id, f"{node_name(node_id)}: {why}")
     payloads = {}
     for node_id, content in pieces.items():
         try:
-            payloads[f"node {node_id}"] = accept_payload(f"node {node_id}", content, limits)
+            payloads[node_id] = accept_payload(node_name(node_id), content, limits)
         except PayloadRejected as err:
             reject(node_id, str(err))
     return payloads, rejected
@@ -409,29 +409,28 @@ CHUNK_OVERHEAD = 4096  # the .npy headers and records around a chunk's rows
 def embedding_record(
     grid: RecordingGrid,
     round0: EmbeddingRound,
-    payloads: dict[str, EmbeddingPayload],
-    rejected: dict[str, str],
+    payloads: dict[int, EmbeddingPayload],
+    rejected: dict[int, str],
 ) -> dict:
     """results.json's `embedding`: who was asked, accepted and rejected (why), and what each
-    node sent (bytes, chunks, embeddings), from the grid's ledger."""
-    received: dict[str, int] = {}
-    chunks: dict[str, int] = {}
+    node sent (bytes, chunks, embeddings), from the grid's ledger; nodes by `node_name`."""
+    received: dict[int, int] = {}
+    chunks: dict[int, int] = {}
     for e in grid.exchanges:
         if e.message_type in (EMBED_MESSAGE_TYPE, CHUNK_MESSAGE_TYPE):
-            node = f"node {e.node_id}"
-            received[node] = received.get(node, 0) + e.bytes_received
-            chunks[node] = chunks.get(node, 0) + (e.message_type == CHUNK_MESSAGE_TYPE)
+            received[e.node_id] = received.get(e.node_id, 0) + e.bytes_received
+            chunks[e.node_id] = chunks.get(e.node_id, 0) + (e.message_type == CHUNK_MESSAGE_TYPE)
     return {
         "nodes-asked": len(round0.asked),
-        "nodes-accepted": sorted(payloads),
-        "rejected": rejected,
-        "bytes-per-node": received,
-        "chunks-per-node": {n: 1 + c for n, c in chunks.items() if n in payloads},
-        "embeddings-per-node": {n: len(p.labels) for n, p in payloads.items()},
+        "nodes-accepted": sorted(node_name(n) for n in payloads),
+        "rejected": {node_name(n): why for n, why in rejected.items()},
+        "bytes-per-node": {node_name(n): b for n, b in received.items()},
+        "chunks-per-node": {node_name(n): 1 + c for n, c in chunks.items() if n in payloads},
+        "embeddings-per-node": {node_name(n): len(p.labels) for n, p in payloads.items()},
     }
 
 
-def learned_distances(payloads: dict[str, EmbeddingPayload], limits: PayloadLimits) -> dict:
+def learned_distances(payloads: dict[int, EmbeddingPayload], limits: PayloadLimits) -> dict:
     """Per accepted node, how far its learned embeddings moved from the server's own encoding of
     their class prompts (relative L2: the largest and the median), the figure the
     `learned-max-distance` bound is set from."""
@@ -443,7 +442,8 @@ def learned_distances(payloads: dict[str, EmbeddingPayload], limits: PayloadLimi
         gaps = np.linalg.norm((got - want).reshape(len(got), -1), axis=1) / np.linalg.norm(
             want.reshape(len(want), -1), axis=1
         )
-        out[node] = {"max": round(float(gaps.max()), 4), "median": round(float(np.median(gaps)), 4)}
+        out[node_name(node)] = {"max": round(float(gaps.max()), 4),
+                                "median": round(float(np.median(gaps)), 4)}  # fmt: skip
     return out
 
 
@@ -454,9 +454,9 @@ def summed_histograms(
     (`fgl_server.secure_histogram`), and what results.json records of it; a sum that does not
     add up gives every class 1 (the plan then needs no histogram), and the log says why."""
     payloads = round0.payloads
-    accepted = [n for n in round0.replies.replies if f"node {n}" in payloads]
+    accepted = [n for n in round0.replies.replies if n in payloads]
     first = len(grid.exchanges)
-    num_train = {n: payloads[f"node {n}"].num_train for n in accepted}
+    num_train = {n: payloads[n].num_train for n in accepted}
     total = secure_histogram_sum(grid, accepted, num_classes, cfg.embed_timeout, num_train)
     secagg = grid.exchanges[first:]
     histogram = total.histogram

@@ -1,4 +1,8 @@
-"""Waiting for SuperNodes to connect, shared by every strategy's first round."""
+"""Nodes: waiting for SuperNodes to connect (shared by every strategy's first round), which
+node a reply answers for, and a node's name where results and logs write it.
+
+A node is its Flower node id, an int, everywhere in the code; it becomes the string "node N"
+only when it is written (`node_name`)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fgl_core.polling import poll_until
+
+
+def node_name(node: int) -> str:
+    """How results.json and the logs name a node."""
+    return f"node {node}"
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

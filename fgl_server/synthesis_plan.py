@@ -28,7 +28,7 @@ class Prompt:
     weight: float
     # sha256 of label, domain and embedding bytes: the manifest's record of what was used
     digest: str
-    sources: list[str] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)  # the nodes that sent it
     domain: int = 0  # whose negative prompt its images get (`domain-prompts`)
     pooled: np.ndarray | None = None  # (P,) float16: SDXL's pooled embedding; None for SD
     class_id: int = -1  # a class-conditional generator's (DiT's) class; -1 for text generators
@@ -61,7 +61,7 @@ def silo_scales(masses: list[int], cap: float) -> list[float]:
 
 
 def merge_payloads(
-    payloads: dict[str, EmbeddingPayload],
+    payloads: dict[int, EmbeddingPayload],
     num_classes: int,
     max_silo_share: float = 1.0,
     secure_histogram: list[int] | None = None,
@@ -95,7 +95,7 @@ def merge_payloads(
             ]
         if scale != 1.0:
             log.warning(
-                "%s claims %.1f%% of all images: scaled to %.1f%%",
+                "node %d claims %.1f%% of all images: scaled to %.1f%%",
                 node,
                 100 * sum(payload.label_histogram) / sum(masses),
                 100 * max_silo_share,

@@ -25,6 +25,7 @@ from fgl_mini.captioner import OTHER_WORDS, STYLE_WORDS, digit_said
 from fgl_mini.corpus import DIGIT_WORDS, FONT_FILES, GlyphCorpus, font_dir
 from fgl_mini.fidelity import digits_judge, judged_as_label, label_fidelity
 from fgl_server.fgl_run import run_fgl
+from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.synthesis import ShardInputs, SynthesisEngine, SynthesisSettings
 from fgl_server.synthetic_store import SyntheticStore
@@ -283,7 +284,7 @@ def run_in_process(tmp_path: Path, name: str, **overrides):
     )
     contexts = {100 + i: silo_context(cfg.to_flower(), 100 + i, i, 5) for i in range(5)}
     recorder = RunRecorder(cfg)
-    run_fgl(InProcessGrid(contexts), cfg, load_dataset(cfg), recorder, CPU)
+    run_fgl(RecordingGrid(InProcessGrid(contexts)), cfg, load_dataset(cfg), recorder, CPU)
     return recorder.results
 
 

@@ -72,11 +72,11 @@ def fgl_config(blood_npz, cache_dir, **overrides) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def payloads(blood_npz, cache_dir) -> dict[str, EmbeddingPayload]:
+def payloads(blood_npz, cache_dir) -> dict[int, EmbeddingPayload]:
     cfg = fgl_config(blood_npz, cache_dir)
     encoder = text_encoder("offline-tiny", cache_dir, "cpu")
     return {
-        f"node {i}": build_payload(
+        i: build_payload(
             EmbedRequest.from_config(cfg),
             load_silo(cfg, {"partition-id": i, "num-partitions": 3}),
             encoder,
@@ -100,7 +100,7 @@ def altered(payload: EmbeddingPayload, **changes) -> EmbeddingPayload:
 
 def test_a_good_payload_passes(engine, payloads):
     for node, payload in payloads.items():
-        validate_payload(node, payload, limits(engine))
+        validate_payload(f"node {node}", payload, limits(engine))
 
 
 @pytest.mark.parametrize(
@@ -127,13 +127,13 @@ def test_a_good_payload_passes(engine, payloads):
     ids=["wrong-width", "wrong-dtype", "nan", "label-out-of-range", "sequence-length", "weights"],
 )
 def test_malformed_payloads_are_rejected_with_their_reason(engine, payloads, change, reason):
-    payload = payloads["node 0"]
+    payload = payloads[0]
     with pytest.raises(PayloadRejected, match=f"^node 0: .*{reason}"):
         validate_payload("node 0", altered(payload, **change(payload)), limits(engine))
 
 
 def test_too_many_rows_and_too_many_bytes_are_rejected(engine, payloads):
-    payload = payloads["node 1"]
+    payload = payloads[1]
     with pytest.raises(PayloadRejected, match="at most 3 are accepted"):
         validate_payload("node 1", payload, limits(engine, max_rows=3))
     with pytest.raises(PayloadRejected, match="at most 1000 are accepted"):
@@ -156,12 +156,12 @@ def test_a_different_encoder_fails_the_probe_check(engine, payloads, tmp_path):
     )
     with torch.no_grad():
         probe, _ = stranger.encode_prompt(["a photo of a cat"], CPU, 1, False)
-    payload = altered(payloads["node 2"], probe=probe[0].to(torch.float16).numpy())
+    payload = altered(payloads[2], probe=probe[0].to(torch.float16).numpy())
     with pytest.raises(PayloadRejected, match="text encoder differs from the generator's"):
         validate_payload("node 2", payload, limits(engine))
     # float16 rounding of the right encoder stays far inside the tolerance
     validate_payload(
-        "node 2", altered(payloads["node 2"], probe=engine.probe.astype(np.float16)), limits(engine)
+        "node 2", altered(payloads[2], probe=engine.probe.astype(np.float16)), limits(engine)
     )
 
 
@@ -170,9 +170,9 @@ def test_class_prompts_must_be_the_tasks_own(engine, payloads, blood_npz, cache_
     class_names = load_dataset(cfg).class_names
     checked = payload_limits(cfg, engine, class_names)
     for node, payload in payloads.items():  # honest silos pass, on the float16 wire
-        validate_payload(node, payload, checked)
+        validate_payload(f"node {node}", payload, checked)
     # a silo passes off another task's prompts under this task's labels
-    payload = payloads["node 1"]
+    payload = payloads[1]
     foreign = [f"{name}, real world images, high resolution" for name in ("cat", "ship", "truck")]
     texts = [foreign[i % 3] for i in range(len(payload.labels))]
     poisoned = altered(payload, embeds=engine.encode(texts).numpy().astype(np.float16))
@@ -197,7 +197,7 @@ def test_a_clip_that_float16_rounds_to_nothing_is_refused_and_so_are_zeros(
         payload_limits(cfg, engine, class_names)
     enough = float(str(refused.value).rsplit(" ", 1)[1])
     payload_limits(cfg.model_copy(update={"embedding_clip": enough}), engine, class_names)
-    payload = payloads["node 1"]
+    payload = payloads[1]
     zeros = altered(payload, embeds=np.zeros_like(payload.embeds))
     with pytest.raises(PayloadRejected, match=r"^node 1: sent \d+ embeddings of zeros only"):
         validate_payload("node 1", zeros, limits(engine))
@@ -218,7 +218,7 @@ def test_instance_prompts_must_begin_as_the_tasks_own(engine, payloads, blood_np
         ]
         embeds = silo.encode(texts).to(torch.float16).numpy()
         histogram = np.bincount(labels, minlength=8).tolist()
-        base = payloads["node 0"]
+        base = payloads[0]
         return altered(
             base,
             embeds=embeds,
@@ -483,7 +483,8 @@ def test_fgl_run_rejects_a_bad_silo_and_completes_with_the_others(
         return reply
 
     recorder = RunRecorder(cfg)
-    model = run_fgl(InProcessGrid(contexts, nan_from_102), cfg, load_dataset(cfg), recorder, CPU)
+    grid = RecordingGrid(InProcessGrid(contexts, nan_from_102))
+    model = run_fgl(grid, cfg, load_dataset(cfg), recorder, CPU)
     recorder.finish(model)
     results = json.loads((tmp_path / "loop" / "results.json").read_text())
     assert sorted(results["embedding"]["nodes-accepted"]) == ["node 101", "node 103"]
@@ -514,13 +515,13 @@ def test_chunked_payloads_are_fetched_whole_and_an_oversized_chunk_rejects_its_s
     first = collect_embeddings(check, request, REQUEST_RECORD, 60.0, min_nodes=3).replies
     limits_ = payload_limits(cfg, engine, blood_names)
     payloads, rejected = validated_payloads(first, limits_, check, 60.0)
-    assert sorted(payloads) == ["node 101", "node 103"]
-    assert re.search(r"^node 102: chunk 2 holds \d+ bytes; chunks are 52428$", rejected["node 102"])
+    assert sorted(payloads) == [101, 103]
+    assert re.search(r"^node 102: chunk 2 holds \d+ bytes; chunks are 52428$", rejected[102])
     fetched = Counter(e.node_id for e in grid.exchanges if e.message_type == "query.embed_chunk")
     for node, payload in payloads.items():
         captioned = sum(min(8, n) for n in payload.label_histogram)
         assert len(payload.labels) == captioned > 2 * rows_per_chunk(engine.width, 52428)
-        assert fetched[int(node.split()[1])] == payload.num_chunks(52428) - 1 >= 2
+        assert fetched[node] == payload.num_chunks(52428) - 1 >= 2
 
 
 # --- a whole run through Flower --------------------------------------------------------------

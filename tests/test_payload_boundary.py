@@ -110,9 +110,9 @@ BREAKS = {  # the replies that stopped a whole run before this boundary existed
 def test_a_hostile_reply_is_rejected_by_name_and_the_others_go_on(name):
     replies = {1: honest().to_records(), 2: BREAKS[name](), 3: honest((0, 4, 0, 1)).to_records()}
     payloads, rejected = validated_payloads(replies, LIMITS)
-    assert sorted(payloads) == ["node 1", "node 3"]
-    assert list(rejected) == ["node 2"] and rejected["node 2"].startswith("node 2: ")
-    assert "unreadable payload" not in rejected["node 2"]  # each is named, not caught blindly
+    assert sorted(payloads) == [1, 3]
+    assert list(rejected) == [2] and rejected[2].startswith("node 2: ")
+    assert "unreadable payload" not in rejected[2]  # each is named, not caught blindly
 
 
 def test_a_header_declaring_2_to_the_40_rows_allocates_nothing():
@@ -133,9 +133,9 @@ def test_bytes_past_the_cap_are_refused_before_decoding():
 
 
 def test_claims_cannot_inflate_the_plan_past_its_configured_size():
-    payloads = {"node 1": honest((MAX_COUNT, 0, 3, 2)), "node 2": honest((MAX_COUNT, 1, 0, 0))}
+    payloads = {1: honest((MAX_COUNT, 0, 3, 2)), 2: honest((MAX_COUNT, 1, 0, 0))}
     for node, payload in payloads.items():
-        accept_payload(node, payload.to_records(), LIMITS)
+        accept_payload(f"node {node}", payload.to_records(), LIMITS)
     prompts, histogram = merge_payloads(payloads, CLASSES)
     assert histogram == [2 * MAX_COUNT, 1, 3, 2]  # exact: no int64 wrap-around
     jobs = plan_images(prompts, histogram, 10, "proportional", run_seed=0)
@@ -219,8 +219,8 @@ def test_whatever_arrives_the_boundary_returns_a_payload_or_a_named_rejection(co
 def test_one_silo_cannot_take_more_than_its_capped_share_of_the_plan():
     from fgl_server.synthesis_plan import silo_scales
 
-    fair = {"node 1": honest((10, 10, 10, 10)), "node 2": honest((10, 10, 10, 10))}
-    greedy = {**fair, "node 3": honest((MAX_COUNT, 0, 0, 0))}
+    fair = {1: honest((10, 10, 10, 10)), 2: honest((10, 10, 10, 10))}
+    greedy = {**fair, 3: honest((MAX_COUNT, 0, 0, 0))}
 
     def class_shares(payloads, cap):
         prompts, histogram = merge_payloads(payloads, CLASSES, max_silo_share=cap)
@@ -258,9 +258,9 @@ def test_weights_rank_a_silos_own_prompts_and_cannot_take_a_class(plan):
     than four captions weighted 1 from a silo with the same counts."""
     counts = (10, 10, 10, 10)
     payloads = {
-        "node 1": captions_payload(counts, 4, 1, seed=1),
-        "node 2": captions_payload(counts, 4, 1, seed=2),
-        "node 3": captions_payload(counts, 1, 10, seed=3),  # weight = its count: the old lever
+        1: captions_payload(counts, 4, 1, seed=1),
+        2: captions_payload(counts, 4, 1, seed=2),
+        3: captions_payload(counts, 1, 10, seed=3),  # weight = its count: the old lever
     }
     prompts, histogram = merge_payloads(payloads, CLASSES, max_silo_share=0.5, plan=plan)
     jobs = plan_images(prompts, histogram, 20, plan, run_seed=0)
@@ -276,9 +276,9 @@ def test_a_huge_claim_takes_at_most_the_default_share_of_a_proportional_plan():
     cap = RunConfig.from_flower({}).max_silo_share
     assert cap == 0.5
     payloads = {
-        "node 1": honest((10, 10, 10, 10)),
-        "node 2": honest((10, 10, 10, 10)),
-        "node 3": honest((MAX_COUNT, 0, 0, 0)),
+        1: honest((10, 10, 10, 10)),
+        2: honest((10, 10, 10, 10)),
+        3: honest((MAX_COUNT, 0, 0, 0)),
     }
     prompts, histogram = merge_payloads(payloads, CLASSES, cap, plan="proportional")
     jobs = plan_images(prompts, histogram, 100, "proportional", run_seed=0)
@@ -396,11 +396,11 @@ def test_no_claim_or_weight_moves_a_silos_pull_in_the_balanced_plan(counts, capt
     weight = min(weight, min(counts) // captions) or 1  # the weights in a class fit its count
     counts = [max(c, captions * weight) for c in counts]
     payloads = {
-        "node 1": captions_payload((10,) * CLASSES, 3, 1, seed=1),
-        "node 2": captions_payload((10,) * CLASSES, 3, 1, seed=2),
-        "node 3": captions_payload(tuple(counts), captions, weight, seed=3),
+        1: captions_payload((10,) * CLASSES, 3, 1, seed=1),
+        2: captions_payload((10,) * CLASSES, 3, 1, seed=2),
+        3: captions_payload(tuple(counts), captions, weight, seed=3),
     }
     prompts, histogram = merge_payloads(payloads, CLASSES, plan="balanced")
     jobs = plan_images(prompts, histogram, 30, "balanced", run_seed=0)
-    liar = sum(prompts[j.prompt].sources == ["node 3"] for j in jobs)
+    liar = sum(prompts[j.prompt].sources == [3] for j in jobs)
     assert abs(liar - len(jobs) / 3) < captions * CLASSES, (liar, len(jobs))

@@ -18,6 +18,7 @@ from fgl_core.config import ConfigError, RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.payload import SECAGG_RECORD, EmbedRequest
 from fgl_server.fgl_run import run_fgl
+from fgl_server.ledger import RecordingGrid
 from fgl_server.results import RunRecorder
 from fgl_server.secure_histogram import secure_histogram_sum, sum_problem
 from fgl_server.synthesis_plan import merge_payloads, plan_images
@@ -135,7 +136,7 @@ def test_the_secure_sum_shares_the_proportional_plan_and_cannot_erase_a_balanced
 ):
     _, _, payload = secure_payload
     histogram = [0, 5, 0, 3, 0, 0, 0, 0, 0, 2]
-    prompts, merged = merge_payloads({"node 1": payload}, 10, secure_histogram=histogram)
+    prompts, merged = merge_payloads({1: payload}, 10, secure_histogram=histogram)
     assert merged == histogram and len(prompts) == 10
     jobs = plan_images(prompts, merged, 10, "proportional", run_seed=0, every_class=True)
     assert np.bincount([j.label for j in jobs], minlength=10).tolist() == [
@@ -241,7 +242,8 @@ def test_a_run_goes_on_past_a_secure_sum_that_does_not_add_up(tmp_path, task_ide
     cfg = RunConfig.from_flower(secure_config(tmp_path))
     contexts = {n: silo_context(cfg.to_flower(), n, n - 1, SILOS) for n in range(1, SILOS + 1)}
     recorder = RunRecorder(cfg)
-    model = run_fgl(InProcessGrid(contexts), cfg, load_dataset(cfg), recorder, torch.device("cpu"))
+    grid = RecordingGrid(InProcessGrid(contexts))
+    model = run_fgl(grid, cfg, load_dataset(cfg), recorder, torch.device("cpu"))
     recorder.finish(model)
     results = json.loads((tmp_path / "secure" / "results.json").read_text())
     assert "weight other than 1" in results["secure-histograms"]["unusable"]
