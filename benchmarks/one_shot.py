@@ -1,0 +1,127 @@
+"""The one-shot step's recipe, on the synthetic set of a kept FGL run: how the global model's test
+accuracy on the real data moves over the epochs of training on synthetic images alone, for
+each recipe (epochs, learning-rate schedule, augmentation, and the average of the weights over
+the later epochs beside the last weights).
+
+Training on a generator's images, the model first learns what the classes share with the real
+images, then what only the synthetic ones have: on BloodMNIST from an adapted `fgl-mini` the last
+epoch fell 0.2 below the best one (benchmarks/results/adaptation-bloodmnist-g1-seeds.json). This
+measures which recipe keeps the last epoch near the best, so that the server, which has no real
+images to pick an epoch with, can use it.
+
+    python -m benchmarks.adaptation --rows lora --rounds 0 --keep KEPT ...   # a run to read
+    python -m benchmarks.one_shot --run KEPT/lora-1 [--recipes cosine-120 ...] [--seeds 0 1]
+    # -> outputs/benchmarks/one_shot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from benchmarks.common import over_seeds, write
+from fgl_core.config import RunConfig
+from fgl_core.datasets import load_dataset
+from fgl_core.models import build_model_for
+from fgl_core.training import TrainSettings, train_model
+from fgl_privacy.report import read_results
+from fgl_server.evaluation import evaluate_on_server
+from fgl_server.synthetic_store import SyntheticStore
+
+# name -> run config keys for the one-shot step; `average-from`: the share of the epochs after
+# which the weights are averaged (each epoch's end weighs the same, as SWA averages)
+RECIPES: dict[str, dict] = {
+    "cosine-120": {"oneshot-epochs": 120, "lr-schedule": "cosine"},
+    "constant-120": {"oneshot-epochs": 120, "lr-schedule": "constant"},
+    "cosine-40": {"oneshot-epochs": 40, "lr-schedule": "cosine"},
+    "cosine-120-crop-flip": {
+        "oneshot-epochs": 120,
+        "lr-schedule": "cosine",
+        "augment": "crop-flip",
+    },
+    "cosine-120-rrc": {
+        "oneshot-epochs": 120,
+        "lr-schedule": "cosine",
+        "augment": "random-resized-crop",
+    },
+    "constant-120-rrc": {
+        "oneshot-epochs": 120,
+        "lr-schedule": "constant",
+        "augment": "random-resized-crop",
+    },
+}
+AVERAGE_FROM = 0.5
+EVAL_EVERY = 5
+
+
+def measure(run: Path, recipe: str, seed: int) -> dict:
+    """One recipe at one model seed: the curve of test and validation accuracy every
+    `EVAL_EVERY` epochs, for the last weights and their average since `AVERAGE_FROM`."""
+    results, cfg = read_results(run)
+    cfg = RunConfig.from_flower({**results["config"], **RECIPES[recipe], "seed": seed})
+    data = load_dataset(cfg)
+    synthetic = SyntheticStore.open(results["synthesis"]["store"]).load()
+    device = torch.device("cpu")
+    model = build_model_for(cfg, data.num_classes, data.image_size)
+    averaged = AveragedModel(model)
+    epochs = cfg.oneshot_epochs
+    start = int(AVERAGE_FROM * epochs)
+    curve: list[dict] = []
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if epoch > start:
+            averaged.update_parameters(model)
+        if epoch % EVAL_EVERY and epoch != epochs:
+            return
+        point = {"epoch": epoch, "train-loss": loss, **evaluate_on_server(model, data, device, cfg)}
+        if epoch > start:
+            mean = copy.deepcopy(averaged.module)  # no BatchNorm in these models: no BN update
+            point |= {
+                f"averaged-{k}": v for k, v in evaluate_on_server(mean, data, device, cfg).items()
+            }
+        curve.append(point)
+        model.train()
+        averaged_test = point.get("averaged-test-accuracy", float("nan"))
+        print(f"{recipe} seed {seed} epoch {epoch}: test {point['test-accuracy']:.3f}, "
+              f"averaged {averaged_test:.3f}", flush=True)  # fmt: skip
+
+    decay = cfg.effective_synthetic_weight_decay
+    settings = TrainSettings.from_config(cfg, epochs=epochs, seed=seed, weight_decay=decay)
+    train_model(model, synthetic, settings, device, desc=recipe, on_epoch=on_epoch)
+    last = curve[-1]
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "config": RECIPES[recipe],
+        "last-test-accuracy": last["test-accuracy"],
+        "averaged-test-accuracy": last.get("averaged-test-accuracy"),
+        "best-test-accuracy": max(p["test-accuracy"] for p in curve),
+        "test-accuracy-at-best-val": max(curve, key=lambda p: p["val-accuracy"])["test-accuracy"],
+        "curve": curve,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a kept FGL run's folder")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--name", default="one_shot")
+    args = parser.parse_args()
+    rows = []
+    for seed in args.seeds:
+        for recipe in args.recipes:
+            rows.append(measure(args.run, recipe, seed))
+            summary = over_seeds(rows, lambda r: r["recipe"],
+                                 ("last-test-accuracy", "averaged-test-accuracy"))  # fmt: skip
+            write(args.name, {"args": {"run": str(args.run), "recipes": args.recipes,
+                                       "seeds": args.seeds, "average-from": AVERAGE_FROM},
+                              "rows": rows, "summary": summary}, echo=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
