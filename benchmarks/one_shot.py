@@ -41,17 +41,17 @@ RECIPES: dict[str, dict] = {
     "cosine-120-crop-flip": {
         "oneshot-epochs": 120,
         "lr-schedule": "cosine",
-        "augment": "crop-flip",
+        "synthetic-augment": "crop-flip",
     },
     "cosine-120-rrc": {
         "oneshot-epochs": 120,
         "lr-schedule": "cosine",
-        "augment": "random-resized-crop",
+        "synthetic-augment": "random-resized-crop",
     },
     "constant-120-rrc": {
         "oneshot-epochs": 120,
         "lr-schedule": "constant",
-        "augment": "random-resized-crop",
+        "synthetic-augment": "random-resized-crop",
     },
 }
 AVERAGE_FROM = 0.5
@@ -89,8 +89,7 @@ def measure(run: Path, recipe: str, seed: int) -> dict:
         print(f"{recipe} seed {seed} epoch {epoch}: test {point['test-accuracy']:.3f}, "
               f"averaged {averaged_test:.3f}", flush=True)  # fmt: skip
 
-    decay = cfg.effective_synthetic_weight_decay
-    settings = TrainSettings.from_config(cfg, epochs=epochs, seed=seed, weight_decay=decay)
+    settings = TrainSettings.on_synthetic(cfg, epochs, seed)
     train_model(model, synthetic, settings, device, desc=recipe, on_epoch=on_epoch)
     last = curve[-1]
     return {

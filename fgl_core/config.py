@@ -167,6 +167,12 @@ class RunConfig(BaseModel):
     """per-batch, on the fly: `none`, `crop` (random crop, reflect padding size/8), `crop-flip`,
     `random-resized-crop` (torchvision's: a box of 8-100 % of the area, aspect 3/4-4/3, resized
     bilinearly, plus a horizontal flip)"""
+    synthetic_augment: Literal["same", "none", "crop", "crop-flip", "random-resized-crop"] = "same"
+    """augmentation when the server trains on the synthetic set (FGL's one-shot step, its
+    fine-tune and the `synthetic-trust` update): `same` = `augment`, or one of its values. A
+    generator's images differ from the silos' in ways the silos' own augmentation need not
+    cover: on BloodMNIST from an adapted `fgl-mini`, `random-resized-crop` kept the one-shot
+    model from learning what only the synthetic images have ([measured](adaptation.md))"""
     crop_size: int = Field(0, ge=0, le=1024)
     """0 = the model sees whole images; N: training crops N px (as `augment` says) and
     evaluation takes the centre N px (the paper: 224 of 256)"""
@@ -692,6 +698,10 @@ class RunConfig(BaseModel):
     @property
     def effective_synthetic_weight_decay(self) -> float:
         return self.weight_decay if self.synthetic_weight_decay < 0 else self.synthetic_weight_decay
+
+    @property
+    def effective_synthetic_augment(self) -> str:
+        return self.augment if self.synthetic_augment == "same" else self.synthetic_augment
 
     def model_input_size(self, image_size: int) -> int:
         """What the model sees: the crop, or the images whole."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fgl_core.config import Settings
+from fgl_core.config import RunConfig, Settings
 from fgl_core.datasets import ImageSet
 from fgl_core.progress import PhaseProgress, Snapshot
 
@@ -69,6 +69,18 @@ class TrainSettings(InputSettings):
     batch_size: int
     lr_schedule: Literal["constant", "cosine"]
     progress_seconds: float  # a progress line every this many seconds of a long training
+
+    @classmethod
+    def on_synthetic(cls, cfg: RunConfig, epochs: int, seed: int) -> TrainSettings:
+        """The server's training on the synthetic set: its own weight decay and augmentation
+        (`synthetic-weight-decay`, `synthetic-augment`)."""
+        return cls.from_config(
+            cfg,
+            epochs=epochs,
+            seed=seed,
+            weight_decay=cfg.effective_synthetic_weight_decay,
+            augment=cfg.effective_synthetic_augment,
+        )
 
 
 @dataclass(frozen=True)

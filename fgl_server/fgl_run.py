@@ -226,12 +226,7 @@ def one_shot(
             log.info("one-shot: the model trained before is reused")
         elif cfg.oneshot_epochs:
             seed = derive_seed(cfg.seed, "one-shot")
-            settings = TrainSettings.from_config(
-                cfg,
-                epochs=cfg.oneshot_epochs,
-                seed=seed,
-                weight_decay=cfg.effective_synthetic_weight_decay,
-            )
+            settings = TrainSettings.on_synthetic(cfg, cfg.oneshot_epochs, seed)
 
             def evaluate_epoch(epoch: int, loss: float) -> None:
                 every = cfg.oneshot_eval_every
@@ -305,9 +300,7 @@ def synthetic_trainer(
     def train(server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         seed = derive_seed(cfg.seed, purpose, server_round)
-        settings = TrainSettings.from_config(
-            cfg, epochs=epochs, seed=seed, weight_decay=cfg.effective_synthetic_weight_decay
-        )
+        settings = TrainSettings.on_synthetic(cfg, epochs, seed)
         with recorder.phase(purpose):
             train_model(model, synthetic, settings, device, desc=f"{purpose} round {server_round}")
         return ArrayRecord(state_dict_float32(model))

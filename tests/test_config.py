@@ -147,6 +147,19 @@ def test_the_paper_preset_fills_in_what_the_run_leaves_and_keeps_what_it_sets():
     plain = RunConfig.from_flower({})
     assert plain.effective_synthetic_weight_decay == plain.weight_decay == 5e-4
     assert RunConfig.from_flower({"weight-decay": 0.001}).effective_synthetic_weight_decay == 0.001
+
+
+def test_the_server_trains_on_synthetic_images_with_their_own_augmentation():
+    from fgl_core.training import TrainSettings
+
+    cfg = RunConfig.from_flower({"synthetic-augment": "random-resized-crop", "weight-decay": 1e-3})
+    on_synthetic = TrainSettings.on_synthetic(cfg, epochs=3, seed=0)
+    assert (on_synthetic.augment, on_synthetic.weight_decay) == ("random-resized-crop", 1e-3)
+    assert TrainSettings.from_config(cfg, epochs=3, seed=0).augment == "crop"  # the silos'
+    same = RunConfig.from_flower({"augment": "none"})  # `same`: the run's augmentation
+    assert TrainSettings.on_synthetic(same, epochs=3, seed=0).augment == "none"
+    with pytest.raises(ConfigError, match="synthetic-augment"):
+        RunConfig.from_flower({"synthetic-augment": "rotate"})
     with pytest.raises(ConfigError, match="crop-size 300 is larger than image-size 256"):
         RunConfig.from_flower({"preset": "paper", "crop-size": 300})
     with pytest.raises(ConfigError, match=r"'preset' = 'authors'"):
