@@ -55,6 +55,21 @@ def test_a_silo_scaling_its_update_by_100_moves_fedavg_and_no_robust_rule(
     assert robust.dtype == np.float32 and arrays["batches"].numpy().dtype == np.int64
 
 
+@pytest.mark.parametrize("aggregation", ["krum", "multi-krum"])
+def test_krum_says_which_silos_it_aggregated_and_leaves_the_liar_out(task_identity, aggregation):
+    cfg = RunConfig.from_flower({"aggregation": aggregation, "aggregation-select": 3, "min-nodes": 5})
+    got = replies()
+    for node, reply in enumerate(got, start=1):  # node 1 scales its update by 100
+        reply.metadata.__dict__["_src_node_id"] = node
+    _, metrics = build_strategy(cfg).aggregate_train(1, got)
+    selected = {n: metrics[f"selected-node-{n}"] for n in range(1, 6)}
+    assert selected[1] == 0.0
+    assert sum(selected.values()) == (1 if aggregation == "krum" else 3)
+    median = RunConfig.from_flower({"aggregation": "median"})  # it aggregates every reply
+    _, metrics = build_strategy(median).aggregate_train(1, got)
+    assert not any(key.startswith("selected-node-") for key in metrics)
+
+
 def test_bulyan_needs_4f_plus_3_silos_and_then_holds(task_identity):
     with pytest.raises(ConfigError, match=r"bulyan.* needs at least 7 silos; min-nodes is 5"):
         RunConfig.from_flower({"aggregation": "bulyan", "min-nodes": 5})
