@@ -171,8 +171,8 @@ class RunConfig(BaseModel):
     """augmentation when the server trains on the synthetic set (FGL's one-shot step, its
     fine-tune and the `synthetic-trust` update): `same` = `augment`, or one of its values. A
     generator's images differ from the silos' in ways the silos' own augmentation need not
-    cover: on BloodMNIST from an adapted `fgl-mini`, `random-resized-crop` kept the one-shot
-    model from learning what only the synthetic images have ([measured](adaptation.md))"""
+    cover (on BloodMNIST from an adapted `fgl-mini`, `random-resized-crop` helped on one seed's
+    images and not on another's: [measured](adaptation.md#the-one-shot-models-recipe))"""
     crop_size: int = Field(0, ge=0, le=1024)
     """0 = the model sees whole images; N: training crops N px (as `augment` says) and
     evaluation takes the centre N px (the paper: 224 of 256)"""
