@@ -57,7 +57,8 @@ def test_a_silo_scaling_its_update_by_100_moves_fedavg_and_no_robust_rule(
 
 @pytest.mark.parametrize("aggregation", ["krum", "multi-krum"])
 def test_krum_says_which_silos_it_aggregated_and_leaves_the_liar_out(task_identity, aggregation):
-    cfg = RunConfig.from_flower({"aggregation": aggregation, "aggregation-select": 3, "min-nodes": 5})
+    keys = {"aggregation": aggregation, "aggregation-select": 3, "min-nodes": 5}
+    cfg = RunConfig.from_flower(keys)
     got = replies()
     for node, reply in enumerate(got, start=1):  # node 1 scales its update by 100
         reply.metadata.__dict__["_src_node_id"] = node
