@@ -41,7 +41,7 @@ from fgl_core.pretrained import resolve_model_ref
 from fgl_server.checkpoint import load_state as load_checkpointed
 from fgl_server.checkpoint import save_state
 from fgl_server.ledger import RecordingGrid
-from fgl_server.nodes import replying_node, sent_ids, wait_for_nodes
+from fgl_server.nodes import node_name, replying_node, sent_ids, wait_for_nodes
 from fgl_server.replies import ReplyCheck
 from fgl_server.results import RunRecorder
 
@@ -85,9 +85,9 @@ def adapt_generator(
     with recorder.phase("adapt"):
         if done < cfg.adaptation_rounds:
             wait_for_nodes(grid, cfg.min_nodes, cfg.connect_timeout)
+        check = ReplyCheck(grid, class_names)
         for server_round in range(done + 1, cfg.adaptation_rounds + 1):
-            state, record = adaptation_round(ReplyCheck(grid, class_names), state, server_round,
-                                             cfg)  # fmt: skip
+            state, record = adaptation_round(check, state, server_round, cfg)
             rounds.append(record)
             tensors = {k: torch.from_numpy(v) for k, v in state.items()}
             save_state(recorder.dir, PHASE, server_round, tensors, recorder.fingerprint)
@@ -136,7 +136,7 @@ def adaptation_round(
             + ")"
         )
     merged = average([a for _, a, _ in accepted], [float(e) for _, _, e in accepted],
-                     [f"node {n}" for n, _, _ in accepted])  # fmt: skip
+                     [node_name(n) for n, _, _ in accepted])  # fmt: skip
     losses = [silos[str(n)].get("adapt-loss", float("nan")) for n, _, _ in accepted]
     log.info("adaptation round %d/%d: %d silos averaged, mean loss %.4f", server_round,
              cfg.adaptation_rounds, len(accepted), float(np.mean(losses)))  # fmt: skip

@@ -57,7 +57,8 @@ class RobustAggregation(Wrapped):
         self.selected = None
         arrays, metrics = self.rule.aggregate_train(server_round, replies)
         if self.selected is not None:
-            metrics = self.with_selection(server_round, replies, metrics or MetricRecord())
+            metrics = self.with_selection(server_round, replies, self.selected,
+                                          metrics or MetricRecord())  # fmt: skip
         if arrays is None:
             return None, metrics
         arrays = ArrayRecord(
@@ -74,17 +75,18 @@ class RobustAggregation(Wrapped):
         self.rule.summary()
 
     def with_selection(
-        self, server_round: int, replies: list[Message], metrics: MetricRecord
+        self, server_round: int, replies: list[Message], selected: set[int], metrics: MetricRecord
     ) -> MetricRecord:
-        """`metrics` with `selected-node-<id>` for each silo that replied; logged."""
-        assert self.selected is not None
+        """`metrics` with `selected-node-<id>` for each silo that replied (`selected`: the ids
+        of the contents the rule kept); logged."""
         chosen = []
         for reply in replies:
             if reply.has_error():
                 continue
-            node = reply.metadata.src_node_id
-            metrics[f"selected-node-{node}"] = float(id(reply.content) in self.selected)
-            chosen += [node] if id(reply.content) in self.selected else []
+            node, kept = reply.metadata.src_node_id, id(reply.content) in selected
+            metrics[f"selected-node-{node}"] = float(kept)
+            if kept:
+                chosen.append(node)
         log(INFO, "%s round %d: aggregated the updates of nodes %s", self.name, server_round,
             sorted(chosen))  # fmt: skip
         return metrics
