@@ -6,11 +6,14 @@ the later epochs beside the last weights).
 Training on a generator's images, the model first learns what the classes share with the real
 images, then what only the synthetic ones have: on BloodMNIST from an adapted `fgl-mini` the last
 epoch fell 0.2 below the best one (benchmarks/results/adaptation-bloodmnist-g1-seeds.json). This
-measures which recipe keeps the last epoch near the best, so that the server, which has no real
-images to pick an epoch with, can use it.
+measures which recipe keeps the last epoch near the best, and what the federated choice of an
+epoch (`oneshot-selection = "federated"`, `fgl_server.selection`) keeps: at each evaluated epoch
+every silo of the run measures the model on its training images, as a silo answers
+`query.select`, and the server's own rule picks among `--candidates` evenly spaced epochs.
 
     python -m benchmarks.adaptation --rows lora --rounds 0 --keep KEPT ...   # a run to read
     python -m benchmarks.one_shot --run KEPT/lora-1 [--recipes cosine-120 ...] [--seeds 0 1]
+        [--candidates 4 8 24]
     # -> outputs/benchmarks/one_shot.json
 """
 
@@ -27,9 +30,10 @@ from benchmarks.common import over_seeds, write
 from fgl_core.config import RunConfig
 from fgl_core.datasets import load_dataset
 from fgl_core.models import build_model_for
-from fgl_core.training import TrainSettings, train_model
-from fgl_privacy.report import read_results
+from fgl_core.training import InputSettings, TrainSettings, evaluate_model, train_model
+from fgl_privacy.report import read_results, run_silos
 from fgl_server.evaluation import evaluate_on_server
+from fgl_server.selection import candidate_epochs, weighted_choice
 from fgl_server.synthetic_store import SyntheticStore
 
 # name -> run config keys for the one-shot step; `average-from`: the share of the epochs after
@@ -58,12 +62,16 @@ AVERAGE_FROM = 0.5
 EVAL_EVERY = 5
 
 
-def measure(run: Path, recipe: str, seed: int) -> dict:
+def measure(run: Path, recipe: str, seed: int, candidates: list[int]) -> dict:
     """One recipe at one model seed: the curve of test and validation accuracy every
-    `EVAL_EVERY` epochs, for the last weights and their average since `AVERAGE_FROM`."""
+    `EVAL_EVERY` epochs, for the last weights and their average since `AVERAGE_FROM`, with each
+    silo's accuracy on its training images; the federated choice among each count of
+    `candidates`."""
     results, cfg = read_results(run)
     cfg = RunConfig.from_flower({**results["config"], **RECIPES[recipe], "seed": seed})
     data = load_dataset(cfg)
+    silos = run_silos(results, cfg)
+    inputs = InputSettings.from_config(cfg)
     synthetic = SyntheticStore.open(results["synthesis"]["store"]).load()
     device = torch.device("cpu")
     model = build_model_for(cfg, data.num_classes, data.image_size)
@@ -78,6 +86,9 @@ def measure(run: Path, recipe: str, seed: int) -> dict:
         if epoch % EVAL_EVERY and epoch != epochs:
             return
         point = {"epoch": epoch, "train-loss": loss, **evaluate_on_server(model, data, device, cfg)}
+        point["silo-train-accuracy"] = [
+            evaluate_model(model, silo.train, device, inputs).accuracy for silo in silos
+        ]
         if epoch > start:
             mean = copy.deepcopy(averaged.module)  # no BatchNorm in these models: no BN update
             point |= {
@@ -92,6 +103,20 @@ def measure(run: Path, recipe: str, seed: int) -> dict:
     settings = TrainSettings.on_synthetic(cfg, epochs, seed)
     train_model(model, synthetic, settings, device, desc=recipe, on_epoch=on_epoch)
     last = curve[-1]
+    by_epoch = {p["epoch"]: p for p in curve}
+    selected = {}
+    for count in candidates:
+        kept = candidate_epochs(epochs, count)
+        silo_ids = range(len(silos))
+        choice = weighted_choice(
+            kept,
+            {i: [by_epoch[e]["silo-train-accuracy"][i] for e in kept] for i in silo_ids},
+            {i: len(silos[i].train) for i in silo_ids},
+            cfg.max_silo_share,
+        )
+        chosen = choice.record["chosen-epoch"]
+        selected[str(count)] = {"chosen-epoch": chosen,
+                                "test-accuracy": by_epoch[chosen]["test-accuracy"]}  # fmt: skip
     return {
         "recipe": recipe,
         "seed": seed,
@@ -100,6 +125,7 @@ def measure(run: Path, recipe: str, seed: int) -> dict:
         "averaged-test-accuracy": last.get("averaged-test-accuracy"),
         "best-test-accuracy": max(p["test-accuracy"] for p in curve),
         "test-accuracy-at-best-val": max(curve, key=lambda p: p["val-accuracy"])["test-accuracy"],
+        "federated-selection": selected,
         "curve": curve,
     }
 
@@ -109,16 +135,20 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a kept FGL run's folder")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--candidates", nargs="+", type=int, default=[4, 8, 24],
+                        help="counts of candidate epochs for the federated choice (each epoch a "
+                        f"multiple of {EVAL_EVERY})")  # fmt: skip
     parser.add_argument("--name", default="one_shot")
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
         for recipe in args.recipes:
-            rows.append(measure(args.run, recipe, seed))
+            rows.append(measure(args.run, recipe, seed, args.candidates))
             summary = over_seeds(rows, lambda r: r["recipe"],
                                  ("last-test-accuracy", "averaged-test-accuracy"))  # fmt: skip
             write(args.name, {"args": {"run": str(args.run), "recipes": args.recipes,
-                                       "seeds": args.seeds, "average-from": AVERAGE_FROM},
+                                       "seeds": args.seeds, "average-from": AVERAGE_FROM,
+                                       "candidates": args.candidates},
                               "rows": rows, "summary": summary}, echo=False)  # fmt: skip
 
 

@@ -60,6 +60,8 @@ from fgl_core.npy import read_npy_header
 EMBED_MESSAGE_TYPE = "query.embed"
 CHUNK_MESSAGE_TYPE = "query.embed_chunk"  # the rest of a payload larger than one chunk
 ADAPT_MESSAGE_TYPE = "query.adapt"  # a round of adapting the generator (fgl_core.adapted_generator)
+SELECT_MESSAGE_TYPE = "query.select"  # the one-shot candidates, for the silos to evaluate
+CANDIDATE_RECORD = "candidate-{}"  # a query.select's k-th candidate model (from 0)
 # with secure-histograms, a silo's label histogram reaches the server only inside a SecAgg+ sum
 # (fgl_client.secure_histogram, fgl_server.secure_histogram), each count at most this
 SECURE_HISTOGRAM_MAX_COUNT = 2**20
@@ -83,6 +85,7 @@ REPLY_RECORDS = {
     "train": frozenset({"arrays", "metrics", SILO_RECORD}),
     "evaluate": frozenset({"metrics", SILO_RECORD}),
     ADAPT_MESSAGE_TYPE: frozenset({"arrays", "metrics", SILO_RECORD}),
+    SELECT_MESSAGE_TYPE: frozenset({"metrics", SILO_RECORD}),
 }
 METRIC_KEYS = frozenset(
     {
@@ -101,6 +104,7 @@ METRIC_KEYS = frozenset(
         "decoder-loss",
         "adapt-seconds",
         "epsilon",
+        "select-accuracy",  # a list: each one-shot candidate's accuracy (fgl_server.selection)
         "norm_bit",  # Flower's adaptiveclipping_mod: whether it clipped (`round-dp`)
     }
 )
