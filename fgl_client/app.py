@@ -44,6 +44,13 @@ def adapt(msg: Message, context: Context) -> Message:
     return run_handler("query.adapt", msg, context)
 
 
+@app.query("select")
+def select(msg: Message, context: Context) -> Message:
+    """After FGL's one-shot step, with `oneshot-selection = "federated"`: each candidate model's
+    accuracy on this silo's training images."""
+    return run_handler("query.select", msg, context)
+
+
 @app.query("embed_chunk")
 def embed_chunk(msg: Message, context: Context) -> Message:
     """Chunk k >= 1 of the payload this silo sent chunk 0 of."""

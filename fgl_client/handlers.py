@@ -22,7 +22,9 @@ from fgl_core.console import configure_logging
 from fgl_core.models import Classifier, build_model, state_dict_float32
 from fgl_core.payload import (
     ADAPTER_RECORD,
+    CANDIDATE_RECORD,
     REQUEST_RECORD,
+    SELECT_MESSAGE_TYPE,
     SILO_RECORD,
     SUMMARY_RECORD,
     ChunkRequest,
@@ -53,7 +55,12 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]
     configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
     silo = open_silo(cfg, context.node_config)
-    state = msg.content["arrays"].to_torch_state_dict()
+    return cfg, silo, _model(cfg, silo, msg.content["arrays"])
+
+
+def _model(cfg: RunConfig, silo: Silo, arrays: ArrayRecord) -> Classifier:
+    """The global model the server sent as `arrays`, for this silo's data."""
+    state = arrays.to_torch_state_dict()
     num_classes = int(state["head.weight"].shape[0])  # the federation's, not only this silo's
     if silo.num_classes > num_classes:
         raise ValueError(
@@ -63,7 +70,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, Silo, Classifier]
     input_size = cfg.model_input_size(silo.image_size)
     model = build_model(cfg.model, num_classes, input_size, projection_dim=cfg.projection_dim)
     model.load_state_dict(state)
-    return cfg, silo, model
+    return model
 
 
 def _silo_record(silo: Silo, cfg: RunConfig) -> ConfigRecord:
@@ -209,8 +216,31 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics, SILO_RECORD: silo_record}), reply_to=msg)
 
 
+def select(msg: Message, context: Context) -> Message:
+    """Each one-shot candidate's accuracy on this silo's training images, which none of them saw
+    (they were trained on synthetic images alone): `fgl_server.selection`."""
+    configure_logging()
+    cfg = RunConfig.from_flower(context.run_config)
+    silo = open_silo(cfg, context.node_config)
+    epochs = list(msg.content["config"]["epochs"])
+    if len(epochs) > cfg.oneshot_candidates:
+        raise ValueError(f"{len(epochs)} one-shot candidates asked for; the run keeps at most "
+                         f"{cfg.oneshot_candidates}")  # fmt: skip
+    device, inputs = pick_device(cfg.device), InputSettings.from_config(cfg)
+    accuracy = []
+    for k, epoch in enumerate(epochs):
+        model = _model(cfg, silo, msg.content[CANDIDATE_RECORD.format(k)])
+        accuracy.append(float(evaluate_model(model, silo.train, device, inputs).accuracy))
+        log.info("%s: the one-shot model of epoch %s: %.4f on %d training images", silo.name,
+                 epoch, accuracy[-1], len(silo.train))  # fmt: skip
+    metrics = MetricRecord({"select-accuracy": accuracy, "num-examples": len(silo.train)})
+    silo_record = ConfigRecord({DIGESTS_KEY: name_digests(silo.class_names)})
+    return Message(content=RecordDict({"metrics": metrics, SILO_RECORD: silo_record}), reply_to=msg)
+
+
 HANDLERS: dict[str, Callable[[Message, Context], Message]] = {
     "query.adapt": adapt,
+    SELECT_MESSAGE_TYPE: select,
     "query.embed": embed,
     "query.embed_chunk": embed_chunk,
     "train": train,

@@ -332,6 +332,15 @@ class RunConfig(BaseModel):
     oneshot_eval_every: int = Field(1, ge=0, le=100_000)
     """FGL: evaluate the one-shot model (val and test) every N epochs and after the last:
     `one-shot-curve` in results.json, and candidates of the `best-test` protocol; 0 = off"""
+    oneshot_selection: Literal["last", "federated"] = "last"
+    """which epoch's one-shot model FGL goes on from: `last`, or `federated`: the server keeps
+    `oneshot-candidates` models evenly spaced over the epochs, every silo evaluates them on its
+    own training images (none of which they saw) and the one with the best accuracy is kept,
+    the silos weighted by their images under `max-silo-share`
+    ([selection](adaptation.md#the-one-shot-models-epoch-chosen-by-the-silos))"""
+    oneshot_candidates: int = Field(8, ge=2, le=64)
+    """with `oneshot-selection = "federated"`: how many models the silos evaluate (each silo
+    receives them all, once)"""
     server_finetune_epochs: int = Field(0, ge=0, le=100_000)
     """epochs on the synthetic set after each aggregation; 0 = off"""
     embed_timeout: float = Field(600.0, gt=0.0)
@@ -484,6 +493,15 @@ class RunConfig(BaseModel):
     def _template_fits_mode(self) -> RunConfig:
         allowed = INSTANCE_FIELDS if self.prompt_mode == "instance" else CLASS_FIELDS
         check_template(self.effective_prompt_template, allowed)
+        return self
+
+    @model_validator(mode="after")
+    def _selection_needs_epochs(self) -> RunConfig:
+        if self.oneshot_selection == "federated" and self.oneshot_epochs == 0:
+            raise ValueError(
+                'oneshot-selection = "federated" chooses among the one-shot epochs; '
+                "oneshot-epochs is 0"
+            )
         return self
 
     @model_validator(mode="after")

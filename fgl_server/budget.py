@@ -91,4 +91,6 @@ def not_covered(cfg: RunConfig) -> list[str]:
         uncovered.append(f"the {cfg.prompt_mode}-level embeddings, sent without noise")
     if cfg.generator_adaptation != "none" and not cfg.adaptation_noise:
         uncovered.append("the adapters, trained without DP-SGD")
+    if cfg.oneshot_selection == "federated":
+        uncovered.append("each silo's accuracy of the one-shot candidates on its training images")
     return uncovered

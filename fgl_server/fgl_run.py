@@ -32,12 +32,15 @@ from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.adaptation import adapt_generator
 from fgl_server.budget import privacy_budget
-from fgl_server.checkpoint import load_checkpoint, save_checkpoint
+from fgl_server.checkpoint import load_checkpoint, save_checkpoint, save_state
+from fgl_server.checkpoint import load_state as load_checkpointed
 from fgl_server.embedding_round import embedding_round, payload_limits, summed_histograms
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.ledger import RecordingGrid
+from fgl_server.replies import ReplyCheck
 from fgl_server.results import RunRecorder
 from fgl_server.rounds import run_rounds
+from fgl_server.selection import candidate_epochs, select_candidate
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.synthesis_pool import check_workers_fit, pool_for
@@ -50,6 +53,7 @@ from fgl_server.synthetic_store import (
 from strategies.build import build_strategy
 
 log = logging.getLogger(__name__)
+CANDIDATES_PHASE = "one-shot-candidates"  # the checkpoint of the candidates the silos choose from
 
 
 def run_fgl(
@@ -69,7 +73,8 @@ def run_fgl(
        Flower's SecAgg+ (`fgl_server.secure_histogram`).
     2. synthesize: the accepted payloads are merged and planned into images, and the store makes
        those it lacks (a rerun reuses every finished shard).
-    3. one-shot: a fresh global model is trained on the synthetic set alone.
+    3. one-shot: a fresh global model is trained on the synthetic set alone (with
+       `oneshot-selection = "federated"`, the silos choose its epoch: `fgl_server.selection`).
     4. rounds: FedAvg on the silos' real data from the one-shot model, the aggregate optionally
        fine-tuned on the synthetic set after each round (`server-finetune-epochs`).
 
@@ -108,7 +113,7 @@ def run_fgl(
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model = one_shot(synthetic, cfg, data, recorder, device)
+    model = one_shot(synthetic, cfg, data, recorder, device, ReplyCheck(grid, data.class_names))
     if cfg.num_server_rounds == 0:
         recorder.log_round(0, recorder.results["one-shot"])
         recorder.set("traffic", grid.to_json())
@@ -215,20 +220,32 @@ def one_shot(
     data: DatasetSplits,
     recorder: RunRecorder,
     device: torch.device,
+    check: ReplyCheck,
 ) -> nn.Module:
-    """Phase 3: a fresh global model trained on the synthetic set alone (or its checkpoint)."""
+    """Phase 3: a fresh global model trained on the synthetic set alone (or its checkpoint);
+    with `oneshot-selection = "federated"`, the epoch the silos choose (`fgl_server.selection`,
+    their replies read through `check`)."""
     model = build_model_for(cfg, data.num_classes, data.image_size)
+    federated = cfg.oneshot_selection == "federated"
+    kept = candidate_epochs(cfg.oneshot_epochs, cfg.oneshot_candidates) if federated else []
+    candidates: dict[int, dict[str, torch.Tensor]] = {}
     curve: list[dict[str, float]] = []  # this attempt's evaluations, the last after the last epoch
     with recorder.phase("one-shot"):
-        if load_checkpoint(
-            recorder.dir, "one-shot", model, recorder.fingerprint, max(1, cfg.oneshot_epochs)
-        ):
+        if federated:
+            candidates = load_candidates(recorder, model, kept, cfg.oneshot_epochs)
+            trained = bool(candidates)
+        else:
+            trained = bool(load_checkpoint(recorder.dir, "one-shot", model, recorder.fingerprint,
+                                           max(1, cfg.oneshot_epochs)))  # fmt: skip
+        if trained:
             log.info("one-shot: the model trained before is reused")
         elif cfg.oneshot_epochs:
             seed = derive_seed(cfg.seed, "one-shot")
             settings = TrainSettings.on_synthetic(cfg, cfg.oneshot_epochs, seed)
 
             def evaluate_epoch(epoch: int, loss: float) -> None:
+                if epoch in kept:
+                    candidates[epoch] = state_dict_float32(model)
                 every = cfg.oneshot_eval_every
                 if every and (epoch % every == 0 or epoch == cfg.oneshot_epochs):
                     metrics = evaluate_on_server(model, data, device, cfg)
@@ -244,10 +261,20 @@ def one_shot(
                 on_epoch=evaluate_epoch,
                 report=recorder.progress,
             )
-            save_checkpoint(
-                recorder.dir, "one-shot", cfg.oneshot_epochs, model, recorder.fingerprint
-            )
-    if curve:  # the last epoch was just evaluated
+            if federated:
+                flat = {f"epoch-{e}/{k}": v for e, state in candidates.items() for k, v in
+                        state.items()}  # fmt: skip
+                save_state(recorder.dir, CANDIDATES_PHASE, cfg.oneshot_epochs, flat,
+                           recorder.fingerprint)  # fmt: skip
+            else:
+                save_checkpoint(
+                    recorder.dir, "one-shot", cfg.oneshot_epochs, model, recorder.fingerprint
+                )
+    if federated:
+        chosen = choose_epoch(check, kept, candidates, cfg, recorder)
+        model.load_state_dict(candidates[chosen])
+        metrics = evaluate_on_server(model, data, device, cfg)
+    elif curve:  # the last epoch was just evaluated
         metrics = {k: v for k, v in curve[-1].items() if k not in ("epoch", "train-loss")}
     else:
         metrics = evaluate_on_server(model, data, device, cfg)
@@ -256,6 +283,39 @@ def one_shot(
         "one-shot: test accuracy %.4f (val %.4f)", metrics["test-accuracy"], metrics["val-accuracy"]
     )
     return model
+
+
+def load_candidates(
+    recorder: RunRecorder, model: nn.Module, kept: list[int], epochs: int
+) -> dict[int, dict[str, torch.Tensor]]:
+    """The one-shot candidates a run that stopped had trained (their checkpoint), or none."""
+    like = model.state_dict()
+    expected = {f"epoch-{e}/{k}": v for e in kept for k, v in like.items()}
+    _, saved = load_checkpointed(recorder.dir, CANDIDATES_PHASE, expected, recorder.fingerprint,
+                                 epochs)  # fmt: skip
+    if saved is None:
+        return {}
+    return {e: {k: saved[f"epoch-{e}/{k}"] for k in like} for e in kept}
+
+
+def choose_epoch(
+    check: ReplyCheck,
+    kept: list[int],
+    candidates: dict[int, dict[str, torch.Tensor]],
+    cfg: RunConfig,
+    recorder: RunRecorder,
+) -> int:
+    """The epoch the silos chose (`fgl_server.selection`), or the one a resumed run had
+    recorded for the same candidates; results.json's `one-shot-selection`."""
+    earlier = recorder.results.get("one-shot-selection")
+    if isinstance(earlier, dict) and earlier.get("epochs") == kept:
+        log.info("one-shot selection: epoch %d, as chosen before", earlier["chosen-epoch"])
+        return int(earlier["chosen-epoch"])
+    with recorder.phase("one-shot-selection"):
+        selection = select_candidate(check, kept, [candidates[e] for e in kept],
+                                     cfg.max_silo_share, cfg.round_timeout)  # fmt: skip
+    recorder.set("one-shot-selection", selection.record)
+    return kept[selection.index]
 
 
 def trusted_set(cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder) -> ImageSet:
