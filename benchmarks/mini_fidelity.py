@@ -42,7 +42,7 @@ def main() -> None:
         engine = SynthesisEngine.load(settings, cache, CPU)
         start = time.perf_counter()
         fidelity = label_fidelity(
-            lambda embeds, seeds, engine=engine: engine.generate(ShardInputs(embeds, seeds)),
+            lambda embeds, seeds, engine=engine: engine.generate(ShardInputs.of(embeds, seeds)),
             encoder,
             judge,
             args.per_class,

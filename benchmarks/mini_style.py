@@ -58,7 +58,7 @@ def main() -> None:
             embeds = encoder.encode(prompts).numpy().astype(np.float16)  # the wire's dtype
             rows = np.repeat(embeds, args.per_digit, axis=0)
             seeds = list(range(len(rows)))  # the same noise for every word: paired images
-            by_word[word] = shape_measures(engine.generate(ShardInputs(rows, seeds)))
+            by_word[word] = shape_measures(engine.generate(ShardInputs.of(rows, seeds)))
         means = {
             w: {k: round(float(np.nanmean(v)), 3) for k, v in m.items()} for w, m in by_word.items()
         }

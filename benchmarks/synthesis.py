@@ -107,7 +107,7 @@ def engine_rate(engine: SynthesisEngine, batch: int, images: int):
     embeds = embeddings(batch, engine.width)
     return timed(
         engine.device,
-        lambda d: engine.generate(ShardInputs(embeds, list(range(d, d + batch)))),
+        lambda d: engine.generate(ShardInputs.of(embeds, list(range(d, d + batch)))),
         batch,
         images,
     )

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import write
+from fgl_core.prompt_rows import PromptRows
 from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
-from fgl_server.synthesis_plan import Prompt, plan_images
+from fgl_server.synthesis_plan import Prompts, plan_images
 from fgl_server.synthesis_pool import RayShardPool
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 
@@ -73,10 +74,8 @@ def main() -> None:
     settings = generator_settings(args.generator, cache)
     engine = SynthesisEngine.load(settings, cache, device)
     texts = [class_prompt(PAPER_TEMPLATE, str(d), "") for d in range(10)]
-    prompts = [
-        Prompt(e.to(torch.float16).cpu().numpy(), label, 1, f"digit-{label}")
-        for label, e in enumerate(engine.encode(texts))
-    ]
+    embeds = engine.encode(texts).to(torch.float16).cpu().numpy()
+    prompts = Prompts.of(PromptRows(embeds, np.arange(len(texts))))
     jobs = plan_images(prompts, [1] * 10, args.per_class, "balanced", run_seed=0)
     manifest = {"labels": [j.label for j in jobs], "seeds": [j.seed for j in jobs]}
     modes = [("one-process", 0)] + [

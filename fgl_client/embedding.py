@@ -27,7 +27,6 @@ from fgl_core.dp import privatize_together
 from fgl_core.payload import (
     CHUNK_RECORD,
     PROBE_PROMPT,
-    ROW_ARRAYS,
     ChunkRequest,
     EmbeddingPayload,
     EmbedRequest,
@@ -40,6 +39,7 @@ from fgl_core.pretrained import (
     generator_family,
     resolve_model_ref,
 )
+from fgl_core.prompt_rows import COLUMNS, PromptRows
 from fgl_core.prompt_templates import INSTANCE_FIELDS, check_template
 from fgl_core.seeds import derive_seed
 
@@ -238,8 +238,8 @@ def keep_for_chunks(payload: EmbeddingPayload, cache_dir: str | Path, node_id: i
     node_dir = Path(cache_dir) / KEPT_PAYLOADS / str(node_id)
     shutil.rmtree(node_dir, ignore_errors=True)
     (node_dir / payload.digest).mkdir(parents=True)
-    for key, _ in ROW_ARRAYS:
-        np.save(node_dir / payload.digest / f"{key}.npy", getattr(payload, key))
+    for name, column in payload.columns().items():
+        np.save(node_dir / payload.digest / f"{name}.npy", column)
 
 
 def kept_chunk(request: ChunkRequest, cache_dir: str | Path, node_id: int) -> RecordDict:
@@ -250,9 +250,9 @@ def kept_chunk(request: ChunkRequest, cache_dir: str | Path, node_id: int) -> Re
             f"this silo keeps no payload {request.digest[:12]} (its chunks were all sent, or a "
             "later embed request replaced it): ask again with query.embed"
         )
-    rows = [
-        np.load(kept / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key, _ in ROW_ARRAYS
-    ]
+    rows = PromptRows(**{
+        name: np.load(kept / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in COLUMNS
+    })  # fmt: skip
     content = chunk_records(rows, request.index, request.chunk_bytes, request.digest)
     (kept / f"served-{request.index}").touch()
     count = int(content[CHUNK_RECORD]["count"])  # type: ignore[arg-type]

@@ -30,22 +30,19 @@ to `query.embed` is chunk 0: the records above with the first rows only, `summar
 whole payload, and a ConfigRecord `chunk` (`index` 0, `count`, `rows`, `payload-digest`). The
 server then asks for chunk k = 1..count-1 by `query.embed_chunk` (ConfigRecord `chunk-request`:
 `index`, `payload-digest`, `chunk-bytes`); each reply holds `embedding` (the rows' `embeds`,
-`labels`, `weights`, `domains`, `pooled` and `class_ids`) and its `chunk` record. Every chunk but
-the last holds exactly `rows_per_chunk(width, chunk-bytes, pooled width)` rows, and the digest
-(SHA-256 of the whole payload's rows) ties the pieces together: the server accepts the
+`labels`, `weights`, `domains`, `pooled` and `class_ids`: the columns of
+`fgl_core.prompt_rows.PromptRows`) and its `chunk` record. Every chunk but the last holds exactly
+`rows_per_chunk(width, chunk-bytes, pooled width)` rows, and the digest (SHA-256 of the whole
+payload's columns by name, `PromptRows.digest`) ties the pieces together: the server accepts the
 reassembled payload only if it matches.
 Prompt texts and captions never leave the silo: no string in the reply carries them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
 import io
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +53,7 @@ from pydantic import ValidationError
 from fgl_core.class_list import DIGESTS_KEY
 from fgl_core.config import RunConfig, Settings, _kebab
 from fgl_core.npy import read_npy_header
+from fgl_core.prompt_rows import COLUMNS, PromptRows
 
 EMBED_MESSAGE_TYPE = "query.embed"
 CHUNK_MESSAGE_TYPE = "query.embed_chunk"  # the rest of a payload larger than one chunk
@@ -180,43 +178,22 @@ class EmbedRequest(Settings):
             raise PayloadError("embed request: " + "; ".join(problems)) from None
 
 
-@dataclass(frozen=True)
-class EmbeddingPayload:
-    embeds: np.ndarray  # (N, 77, D) float16
-    labels: np.ndarray  # (N,) int64
-    weights: np.ndarray  # (N,) int64
-    domains: np.ndarray  # (N,) int64: each prompt's domain in the request's list (0 without)
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingPayload(PromptRows):
+    """A silo's prompts (`PromptRows`: embeds, labels, weights, domains, pooled, class ids),
+    its encoding of the probe prompt, and what it says of its data."""
+
     probe: np.ndarray  # (77, D) float16
     label_histogram: list[int]
     captions_failed: int = 0
     class_name_digests: tuple[str, ...] = ()  # checked by the server's grid (fgl_core.class_list)
-    # (N, P) float16: SDXL's pooled embedding of each prompt (P = 1280); (N, 0) for SD 1.x/2.x
-    pooled: np.ndarray = None  # type: ignore[assignment]
-    # (N,) int64: a class-conditional generator's class id of each prompt; -1 for text ones
-    class_ids: np.ndarray = None  # type: ignore[assignment]
     # the silo's training images (-1: not sent); what its label histogram sums to, checked
     # against the secure sum (its FedAvg replies report the same count as `num-examples`)
     num_train: int = -1
 
-    def __post_init__(self) -> None:  # frozen: the defaults are set once, here
-        if self.pooled is None:
-            object.__setattr__(self, "pooled", np.zeros((len(self.labels), 0), np.float16))
-        if self.class_ids is None:
-            object.__setattr__(self, "class_ids", np.full(len(self.labels), -1, np.int64))
-
-    @property
-    def rows(self) -> tuple[np.ndarray, ...]:
-        """The per-prompt arrays, in `ROW_KEYS` order."""
-        return tuple(getattr(self, key) for key in ROW_KEYS)
-
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.rows, self.probe))
-
-    @functools.cached_property
-    def digest(self) -> str:
-        """SHA-256 of the rows (`ROW_KEYS`, with their shapes): what ties chunks together."""
-        return rows_digest(*self.rows)
+        return sum(a.nbytes for a in (*self.columns().values(), self.probe))
 
     def num_chunks(self, chunk_bytes: int) -> int:
         per_chunk = rows_per_chunk(self.embeds.shape[-1], chunk_bytes, self.pooled.shape[-1])
@@ -225,7 +202,7 @@ class EmbeddingPayload:
     def to_records(self, chunk_bytes: int = 2**62) -> RecordDict:
         """The reply to `query.embed`: the whole payload, or its chunk 0 when it is larger than
         `chunk_bytes` (the rest: `chunk_records`)."""
-        content = chunk_records(self.rows, 0, chunk_bytes, self.digest)
+        content = chunk_records(self, 0, chunk_bytes, self.digest)
         content.array_records[EMBEDDING_RECORD]["probe"] = Array(self.probe)
         content[SUMMARY_RECORD] = MetricRecord(
             {
@@ -255,7 +232,7 @@ class EmbeddingPayload:
                 f"{len(pieces)} arrived"
             )
         head = cls.from_records(pieces[0], max_bytes)
-        parts = [head.rows]
+        parts: list[PromptRows] = [head]
         total = head.nbytes
         for index, piece in enumerate(pieces[1:], start=1):
             info = ChunkInfo.from_content(piece)
@@ -268,32 +245,25 @@ class EmbeddingPayload:
             total += _array_bytes(arrays)
             if total > max_bytes:
                 raise PayloadError(f"chunks 0..{index} hold {total} bytes; at most {max_bytes}")
-            parts.append(tuple(read_npy(arrays, k, t) for k, t in ROW_ARRAYS))  # type: ignore[misc]
-        per_chunk = len(parts[0][1])
-        for index, (embeds, labels, weights, domains, pooled, class_ids) in enumerate(parts):
+            parts.append(PromptRows(**read_columns(arrays)))
+        per_chunk = len(head)
+        for index, part in enumerate(parts):
             last = index == len(parts) - 1
-            if (embeds.shape[1:], pooled.shape[1:]) != (
+            columns = part.columns()
+            if (part.embeds.shape[1:], part.pooled.shape[1:]) != (
                 head.embeds.shape[1:],
                 head.pooled.shape[1:],
             ) or not (
-                len(embeds)
-                == len(labels)
-                == len(weights)
-                == len(domains)
-                == len(pooled)
-                == len(class_ids)
-                and (len(labels) == per_chunk or (last and 0 < len(labels) <= per_chunk))
+                len({len(c) for c in columns.values()}) == 1
+                and (len(part) == per_chunk or (last and 0 < len(part) <= per_chunk))
             ):
+                shapes = ", ".join(f"{name} {c.shape}" for name, c in columns.items())
                 raise PayloadError(
-                    f"chunk {index} holds embeds {embeds.shape}, labels {labels.shape}, "
-                    f"weights {weights.shape}, domains {domains.shape} and class ids "
-                    f"{class_ids.shape}; chunk 0 holds "
-                    f"{per_chunk} rows of "
+                    f"chunk {index} holds {shapes}; chunk 0 holds {per_chunk} rows of "
                     f"{head.embeds.shape[1:]}, and so must every chunk but the last"
                 )
         if first.count > 1:
-            joined = [np.concatenate(column) for column in zip(*parts, strict=True)]
-            head = dataclasses.replace(head, **dict(zip(ROW_KEYS, joined, strict=True)))
+            head = PromptRows.concat(parts)  # type: ignore[assignment]
         if len(head.labels) != first.rows:
             raise PayloadError(f"chunk 0 announces {first.rows} rows; {len(head.labels)} arrived")
         return head
@@ -333,29 +303,13 @@ class EmbeddingPayload:
                 f"{SUMMARY_RECORD}['captions-failed'] should be an integer, got {_describe(failed)}"
             )
         return cls(
-            embeds=read_npy(arrays, "embeds", np.float16),
-            labels=read_npy(arrays, "labels", np.int64),
-            weights=read_npy(arrays, "weights", np.int64),
-            domains=read_npy(arrays, "domains", np.int64),
-            pooled=read_npy(arrays, "pooled", np.float16),
-            class_ids=read_npy(arrays, "class_ids", np.int64),
+            **read_columns(arrays),
             probe=read_npy(arrays, "probe", np.float16),
             label_histogram=[int(c) for c in histogram],
             captions_failed=int(failed),
             class_name_digests=tuple(digests),
             num_train=int(num_train),
         )
-
-
-ROW_ARRAYS = (
-    ("embeds", np.float16),
-    ("labels", np.int64),
-    ("weights", np.int64),
-    ("domains", np.int64),
-    ("pooled", np.float16),
-    ("class_ids", np.int64),
-)
-ROW_KEYS = tuple(key for key, _ in ROW_ARRAYS)
 
 
 def row_bytes(width: int, pooled_width: int = 0) -> int:
@@ -375,30 +329,18 @@ def chunk_count(rows: int, per_chunk: int) -> int:
     return max(1, -(-rows // per_chunk))
 
 
-def rows_digest(*rows: np.ndarray) -> str:
-    """SHA-256 of a payload's row arrays (`ROW_KEYS` order), with their dtypes and shapes."""
-    hasher = hashlib.sha256()
-    for array in rows:
-        hasher.update(f"{array.dtype.str}{array.shape}".encode())
-        hasher.update(np.ascontiguousarray(array).data)
-    return hasher.hexdigest()
-
-
-def chunk_records(
-    rows: Sequence[np.ndarray], index: int, chunk_bytes: int, digest: str
-) -> RecordDict:
-    """Chunk `index` of a payload's rows (`ROW_KEYS` order): its `embedding` arrays and its
+def chunk_records(rows: PromptRows, index: int, chunk_bytes: int, digest: str) -> RecordDict:
+    """Chunk `index` of a payload's rows: its `embedding` arrays (each column by name) and its
     `chunk` record."""
-    embeds, pooled = rows[ROW_KEYS.index("embeds")], rows[ROW_KEYS.index("pooled")]
-    per_chunk = rows_per_chunk(embeds.shape[-1], chunk_bytes, pooled.shape[-1])
-    count = chunk_count(len(embeds), per_chunk)
+    per_chunk = rows_per_chunk(rows.embeds.shape[-1], chunk_bytes, rows.pooled.shape[-1])
+    count = chunk_count(len(rows), per_chunk)
     if not 0 <= index < count:
         raise PayloadError(f"chunk {index} does not exist: the payload has chunks 0..{count - 1}")
     part = slice(index * per_chunk, (index + 1) * per_chunk)
     arrays = ArrayRecord(
-        {key: Array(np.ascontiguousarray(a[part])) for key, a in zip(ROW_KEYS, rows, strict=True)}
+        {name: Array(np.ascontiguousarray(c[part])) for name, c in rows.columns().items()}
     )
-    info = ChunkInfo(index=index, count=count, rows=len(embeds), digest=digest)
+    info = ChunkInfo(index=index, count=count, rows=len(rows), digest=digest)
     return RecordDict({EMBEDDING_RECORD: arrays, CHUNK_RECORD: info.to_record()})
 
 
@@ -439,7 +381,7 @@ class ChunkInfo:
     index: int
     count: int
     rows: int  # in the whole payload
-    digest: str  # rows_digest of the whole payload
+    digest: str  # the whole payload's `PromptRows.digest`
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -536,3 +478,8 @@ def read_npy(record: ArrayRecord, key: str, dtype: type[np.generic]) -> np.ndarr
         raise PayloadError(f"{where} has dtype {found}; the wire format needs {np.dtype(dtype)}")
     flat = np.frombuffer(data, found, count=math.prod(shape), offset=buffer.tell())
     return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def read_columns(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Every `PromptRows` column of an `embedding` record, each of its dtype (`read_npy`)."""
+    return {name: read_npy(arrays, name, dtype) for name, dtype in COLUMNS.items()}

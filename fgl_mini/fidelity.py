@@ -60,7 +60,7 @@ def judged_as_label(judge, images: np.ndarray, labels: np.ndarray) -> list[float
 
 def label_fidelity(draw, encoder, judge, per_class: int, seed: int = 0) -> Fidelity:
     """`draw(embeds, seeds)`: a generator's images, uint8 at 8 px (a SynthesisEngine at
-    train_resolution 8 has it as `lambda e, s: engine.generate(ShardInputs(e, s))`);
+    train_resolution 8 has it as `lambda e, s: engine.generate(ShardInputs.of(e, s))`);
     `encoder`: the silo's text encoder."""
     prompts = [PAPER_TEMPLATE.format(label=c) for c in range(NUM_CLASSES)]
     embeds = encoder.encode(prompts).numpy().astype(np.float16)  # the wire's dtype

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from fgl_core.pretrained import (
     model_digest,
     resolve_model_ref,
 )
+from fgl_core.prompt_rows import PromptRows
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +52,32 @@ SCHEDULERS = {  # config name -> diffusers class name; "default" keeps the model
 }
 
 
-@dataclass(frozen=True)
-class ShardInputs:
-    """What images are made from, one row per image. Only `embeds` and `seeds` are needed
-    everywhere; the other columns are read by the generators that condition on them."""
+@dataclass(frozen=True, kw_only=True)
+class ShardInputs(PromptRows):
+    """What images are made from: the prompt of each image (`PromptRows`; each engine reads the
+    columns it conditions on) and its seed."""
 
-    embeds: np.ndarray  # (n, 77, D) float16; D = 0 for a class-conditional generator
     seeds: list[int]  # each image's own noise
-    domains: np.ndarray | None = None  # (n,) int64: whose negative prompt; None: the first
-    pooled: np.ndarray | None = None  # (n, P) float16: SDXL's pooled embeddings
-    class_ids: np.ndarray | None = None  # (n,) int64: a class-conditional generator's (DiT)
 
     def __post_init__(self) -> None:
-        for column in fields(self):
-            value = getattr(self, column.name)
-            if value is not None and len(value) != len(self):
+        super().__post_init__()
+        for name, column in self.columns().items():
+            if len(column) != len(self.seeds):
                 raise ValueError(
-                    f"ShardInputs: {len(self)} seeds but {len(value)} rows of {column.name}"
+                    f"ShardInputs: {len(self.seeds)} seeds but {len(column)} rows of {name}"
                 )
 
-    def __len__(self) -> int:
-        return len(self.seeds)
+    @classmethod
+    def of(cls, embeds: np.ndarray, seeds: list[int], **columns: np.ndarray) -> ShardInputs:
+        """Images of `embeds` (and any other columns) at `seeds`; the engines read no label."""
+        labels = columns.pop("labels", np.zeros(len(seeds), np.int64))
+        return cls(embeds=embeds, labels=labels, seeds=list(seeds), **columns)
 
-    def part(self, rows: slice) -> ShardInputs:
-        """The same columns, cut to `rows`."""
-        cut = {c.name: getattr(self, c.name) for c in fields(self)}
-        return ShardInputs(**{k: None if v is None else v[rows] for k, v in cut.items()})
+    def take(self, rows: slice | np.ndarray | list[int]) -> ShardInputs:
+        """These images' rows and seeds."""
+        index = rows if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        cut = {name: column[index] for name, column in self.columns().items()}
+        return ShardInputs(**cut, seeds=np.asarray(self.seeds, np.int64)[index].tolist())
 
 
 class SynthesisSettings(Settings):
@@ -303,14 +304,14 @@ class TextEngine(SynthesisEngine):
         seeds, domains, pooled = inputs.seeds, inputs.domains, inputs.pooled
         prompt_embeds = torch.from_numpy(inputs.embeds).to(self.device, self.dtype)
         guided = s.guidance > 1.0
-        which = torch.as_tensor(np.zeros(len(seeds), np.int64) if domains is None else domains)
+        which = torch.as_tensor(domains)
         negative = self.negatives[which.to(self.device)] if guided else None
         extra = {}
         if self.pooled_width:
-            if pooled is None or pooled.shape != (len(seeds), self.pooled_width):
+            if pooled.shape != (len(seeds), self.pooled_width):
                 raise ValueError(
                     f"this SDXL generator needs ({len(seeds)}, {self.pooled_width}) pooled "
-                    f"embeddings, got {None if pooled is None else pooled.shape}"
+                    f"embeddings, got {pooled.shape}"
                 )
             extra["pooled_prompt_embeds"] = torch.from_numpy(pooled).to(self.device, self.dtype)
             if guided:
@@ -378,7 +379,7 @@ class ClassConditionalEngine(SynthesisEngine):
     def generate(self, inputs: ShardInputs) -> np.ndarray:
         """Reads class ids and seeds (the embeddings are (B, 77, 0))."""
         seeds, class_ids = inputs.seeds, inputs.class_ids
-        if class_ids is None or len(class_ids) != len(seeds) or (class_ids < 0).any():
+        if (class_ids < 0).any():
             raise ValueError(
                 f"a class-conditional generator needs a class id >= 0 for each of the "
                 f"{len(seeds)} images, got {class_ids}"

@@ -36,7 +36,7 @@ def make_shard(
     """One shard's images, in batches of `batch_size` cut from its start (the same everywhere)."""
     batches = []
     for b in range(0, len(inputs), batch_size):
-        batches.append(engine.generate(inputs.part(slice(b, b + batch_size))))
+        batches.append(engine.generate(inputs.take(slice(b, b + batch_size))))
         progress(len(batches[-1]))
     return np.concatenate(batches)
 

@@ -33,7 +33,7 @@ from fgl_core.datasets import ImageSet
 from fgl_core.progress import PhaseProgress, Snapshot
 from fgl_core.training import to_device
 from fgl_server.synthesis import ShardInputs, SynthesisEngine
-from fgl_server.synthesis_plan import ImageJob, Prompt
+from fgl_server.synthesis_plan import ImageJob, Prompts
 from fgl_server.synthesis_pool import RayShardPool, make_shard
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class SyntheticStore:
         cls,
         root: str | Path,
         engine: SynthesisEngine,
-        prompts: list[Prompt],
+        prompts: Prompts,
         jobs: list[ImageJob],
         batch_size: int,
         shard_size: int,
@@ -83,7 +83,7 @@ class SyntheticStore:
             "device": engine.device.type,
             "dtype": str(engine.dtype),
             "batch-size": batch_size,  # batch composition can change the last bits on a GPU
-            "prompt-digests": [prompts[job.prompt].digest for job in jobs],
+            "prompt-digests": [prompts.digests[job.prompt] for job in jobs],
             "seeds": [job.seed for job in jobs],
             "labels": [job.label for job in jobs],
         }
@@ -295,7 +295,7 @@ class ShardStream:
 
 def synthesize_into_store(
     engine: SynthesisEngine,
-    prompts: list[Prompt],
+    prompts: Prompts,
     jobs: list[ImageJob],
     store: SyntheticStore,
     batch_size: int,
@@ -314,16 +314,8 @@ def synthesize_into_store(
 
     def inputs(shard: int) -> ShardInputs:
         shard_jobs = jobs[slice(*store.shard_range(shard))]
-        chosen = [prompts[job.prompt] for job in shard_jobs]
-        return ShardInputs(
-            embeds=np.stack([p.embedding for p in chosen]),
-            seeds=[job.seed for job in shard_jobs],
-            domains=np.asarray([p.domain for p in chosen], np.int64),
-            pooled=np.stack(
-                [np.zeros(0, np.float16) if p.pooled is None else p.pooled for p in chosen]
-            ),
-            class_ids=np.asarray([p.class_id for p in chosen], np.int64),  # -1: a text prompt
-        )
+        rows = prompts.rows.take([job.prompt for job in shard_jobs])
+        return ShardInputs(**rows.columns(), seeds=[job.seed for job in shard_jobs])
 
     def made_here(progress: PhaseProgress) -> Iterator[tuple[int, np.ndarray]]:
         for shard in todo:

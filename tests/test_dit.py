@@ -119,7 +119,7 @@ def test_the_server_checks_each_class_id_against_its_own_mapping(engine, payload
 def test_a_dit_payload_travels_in_chunks(engine, payload, blood_npz):
     small = 2 * 32 + 10  # two rows a chunk: no embedding bytes, 32 bytes of integers each
     pieces = [payload.to_records(small)] + [
-        chunk_records(payload.rows, k, small, payload.digest)
+        chunk_records(payload, k, small, payload.digest)
         for k in range(1, payload.num_chunks(small))
     ]
     assert len(pieces) == -(-len(payload.labels) // 2) >= 2
@@ -147,15 +147,15 @@ def test_what_needs_text_is_refused_with_dit(engine, blood_npz, blood_names, cac
 
 def test_images_come_from_the_class_ids(engine):
     empty = np.zeros((3, 77, 0), np.float16)
-    images = engine.generate(ShardInputs(empty, [3, 3, 4], class_ids=np.asarray([0, 0, 0])))
+    images = engine.generate(ShardInputs.of(empty, [3, 3, 4], class_ids=np.asarray([0, 0, 0])))
     assert images.shape == (3, 20, 20, 3) and images.dtype == np.uint8
     assert engine.resolution == 16  # the tiny DiT's native size: 8 px latents
     assert np.array_equal(images[0], images[1])  # same class, same seed
     assert not np.array_equal(images[0], images[2])  # another seed
-    other = engine.generate(ShardInputs(empty[:1], [3], class_ids=np.asarray([207])))
+    other = engine.generate(ShardInputs.of(empty[:1], [3], class_ids=np.asarray([207])))
     assert not np.array_equal(images[0], other[0])  # the class id conditions the image
     with pytest.raises(ValueError, match="needs a class id"):
-        engine.generate(ShardInputs(empty, [3, 3, 4]))
+        engine.generate(ShardInputs.of(empty, [3, 3, 4]))
 
 
 def test_synthesis_compile_compiles_dits_transformer_and_draws_the_same_images(engine, cache_dir):
@@ -163,11 +163,9 @@ def test_synthesis_compile_compiles_dits_transformer_and_draws_the_same_images(e
     compiled = SynthesisEngine.load(settings, cache_dir, CPU)
     assert type(compiled.pipe.transformer).__name__ == "OptimizedModule"
     empty, ids = np.zeros((2, 77, 0), np.float16), np.asarray([0, 5])
-    drawn = compiled.generate(ShardInputs(empty, [3, 4], class_ids=ids)).astype(int)
-    assert (
-        np.abs(drawn - engine.generate(ShardInputs(empty, [3, 4], class_ids=ids)).astype(int)).max()
-        <= 2
-    )
+    drawn = compiled.generate(ShardInputs.of(empty, [3, 4], class_ids=ids)).astype(int)
+    plain = engine.generate(ShardInputs.of(empty, [3, 4], class_ids=ids)).astype(int)
+    assert np.abs(drawn - plain).max() <= 2
 
 
 def test_an_fgl_run_synthesizes_and_trains_with_a_dit_generator(blood_npz, tmp_path):

@@ -140,10 +140,10 @@ def test_each_image_is_denoised_against_its_domains_negative_prompt(cache_dir):
     engine = SynthesisEngine.load(settings, cache_dir, CPU)
     assert engine.negatives.shape[0] == 2
     embeds = np.repeat(engine.encode(["a cat"]).numpy().astype(np.float16), 3, axis=0)
-    images = engine.generate(ShardInputs(embeds, [5, 5, 5], domains=np.array([0, 1, 0])))
+    images = engine.generate(ShardInputs.of(embeds, [5, 5, 5], domains=np.array([0, 1, 0])))
     assert np.array_equal(images[0], images[2])
     assert not np.array_equal(images[0], images[1])
-    first_domain = engine.generate(ShardInputs(embeds[:1], [5]))  # no domains: the first
+    first_domain = engine.generate(ShardInputs.of(embeds[:1], [5]))  # no domains: the first
     assert np.array_equal(first_domain, images[:1])
 
 

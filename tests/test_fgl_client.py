@@ -25,7 +25,6 @@ from fgl_core.offline_models import clip_tokenizer
 from fgl_core.payload import (
     PROBE_PROMPT,
     REQUEST_RECORD,
-    ROW_KEYS,
     ChunkInfo,
     ChunkRequest,
     EmbeddingPayload,
@@ -34,6 +33,7 @@ from fgl_core.payload import (
     rows_per_chunk,
 )
 from fgl_core.pretrained import ModelRefError, load_component, resolve_model_ref
+from fgl_core.prompt_rows import COLUMNS
 from tests.conftest import silo_file
 
 CPU = torch.device("cpu")
@@ -389,7 +389,7 @@ def test_a_payload_larger_than_a_chunk_is_served_chunk_by_chunk_from_the_silos_d
     captioned = [min(10, n) for n in first["silo"]["label-histogram"]]
     assert info.count == -(-info.rows // per_chunk) >= 3 and info.rows == sum(captioned)
     kept = tmp_path / "embed-chunks" / "7" / info.digest
-    assert sorted(p.name for p in kept.iterdir()) == [f"{k}.npy" for k in sorted(ROW_KEYS)]
+    assert sorted(p.name for p in kept.iterdir()) == [f"{k}.npy" for k in sorted(COLUMNS)]
     served = {}
     for index in [info.count - 1, *range(1, info.count - 1)]:  # in any order: the last first
         assert kept.is_dir()

@@ -211,7 +211,7 @@ def test_fgl_mini_draws_the_prompted_digit_and_not_when_prompts_are_shuffled(min
         generator=FGL_MINI, steps=10, guidance=2.0, train_resolution=8
     )
     engine = SynthesisEngine.load(settings, "unused", CPU)
-    draw = lambda embeds, seeds: engine.generate(ShardInputs(embeds, seeds))  # noqa: E731
+    draw = lambda embeds, seeds: engine.generate(ShardInputs.of(embeds, seeds))  # noqa: E731
     fidelity = label_fidelity(draw, mini_encoder, digits_judge(), per_class=10)
     assert fidelity.mean > 0.5, fidelity  # chance is 0.1
     assert fidelity.shuffled_mean < 0.2, fidelity
@@ -235,7 +235,7 @@ def test_training_command_writes_a_pipeline_the_engine_loads(tmp_path, monkeypat
         generator=str(tmp_path / "pipeline"), steps=2, train_resolution=8
     )
     engine = SynthesisEngine.load(settings, "unused", CPU)
-    images = engine.generate(ShardInputs(np.zeros((2, 77, engine.width), np.float16), [0, 1]))
+    images = engine.generate(ShardInputs.of(np.zeros((2, 77, engine.width), np.float16), [0, 1]))
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
 
 

@@ -243,7 +243,7 @@ def test_instance_prompts_must_begin_as_the_tasks_own(engine, payloads, blood_np
 def test_identical_class_prompts_are_synthesized_once_and_planned_per_class(payloads):
     prompts, histogram = merge_payloads(payloads, 8)
     total = sum(len(p.labels) for p in payloads.values())
-    assert len(prompts) == len({p.label for p in prompts}) < total  # one prompt per class
+    assert len(prompts) == len(set(prompts.rows.labels.tolist())) < total  # one per class
     assert histogram == np.sum([p.label_histogram for p in payloads.values()], axis=0).tolist()
     jobs = plan_images(prompts, histogram, 5, "balanced", run_seed=0)
     assert np.bincount([j.label for j in jobs]).tolist() == [5] * 8
@@ -263,23 +263,26 @@ def test_identical_class_prompts_are_synthesized_once_and_planned_per_class(payl
 def test_any_image_can_be_regenerated_alone(engine, payloads):
     prompts, histogram = merge_payloads(payloads, 8)
     jobs = plan_images(prompts, histogram, 1, "balanced", run_seed=3)[:4]
-    embeds = np.stack([prompts[j.prompt].embedding for j in jobs])
-    batch = engine.generate(ShardInputs(embeds, [j.seed for j in jobs]))
-    alone = engine.generate(ShardInputs(embeds[2:3], [jobs[2].seed]))
+    embeds = prompts.rows.take([j.prompt for j in jobs]).embeds
+    batch = engine.generate(ShardInputs.of(embeds, [j.seed for j in jobs]))
+    alone = engine.generate(ShardInputs.of(embeds[2:3], [jobs[2].seed]))
     assert batch.shape == (4, 28, 28, 3) and batch.dtype == np.uint8
     assert np.abs(alone[0].astype(int) - batch[2].astype(int)).max() <= 1
     assert not np.array_equal(batch[0], batch[1])
 
 
 def test_shard_inputs_cut_every_column_alike_and_refuse_ragged_columns():
-    inputs = ShardInputs(
+    inputs = ShardInputs.of(
         np.zeros((5, 77, 4), np.float16), [10, 11, 12, 13, 14], class_ids=np.arange(5)
     )
-    part = inputs.part(slice(3, 8))
+    part = inputs.take(slice(3, 8))
     assert len(part) == 2 and part.seeds == [13, 14] and part.embeds.shape == (2, 77, 4)
-    assert part.class_ids.tolist() == [3, 4] and part.domains is None and part.pooled is None
+    assert part.class_ids.tolist() == [3, 4] and part.domains.tolist() == [0, 0]
+    assert part.pooled.shape == (2, 0)  # the columns a source leaves out take their defaults
+    picked = inputs.take([4, 0])
+    assert picked.seeds == [14, 10] and picked.class_ids.tolist() == [4, 0]
     with pytest.raises(ValueError, match="3 seeds but 2 rows of domains"):
-        ShardInputs(np.zeros((3, 77, 4)), [1, 2, 3], domains=np.zeros(2, np.int64))
+        ShardInputs.of(np.zeros((3, 77, 4)), [1, 2, 3], domains=np.zeros(2, np.int64))
 
 
 def test_few_step_unguided_synthesis_makes_images_of_the_planned_size(cache_dir):
@@ -290,7 +293,7 @@ def test_few_step_unguided_synthesis_makes_images_of_the_planned_size(cache_dir)
     engine = SynthesisEngine.load(settings, cache_dir, CPU)
     calls = []
     engine.pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
-    images = engine.generate(ShardInputs(np.zeros((3, 77, engine.width), np.float16), [1, 2, 3]))
+    images = engine.generate(ShardInputs.of(np.zeros((3, 77, engine.width), np.float16), [1, 2, 3]))
     assert images.shape == (3, 20, 20, 3) and images.dtype == np.uint8
     assert len(calls) == 1 and calls[0][0] == 3  # one step, no unconditional batch beside it
 
@@ -314,13 +317,13 @@ def test_gpu_tuning_switches_layout_and_fused_attention_without_changing_the_pic
     settings = SynthesisSettings.defaults(generator="fgl-mini", steps=4, train_resolution=16)
     engine = SynthesisEngine.load(settings, cache_dir, CPU)
     embeds = engine.encode(["a photo of the digit 3", "7"]).numpy().astype(np.float16)
-    plain = engine.generate(ShardInputs(embeds, [1, 2]))
+    plain = engine.generate(ShardInputs.of(embeds, [1, 2]))
     unet = engine.pipe.unet
     for tuning in (GpuTuning(channels_last=True, fuse_qkv=True), GpuTuning(fuse_qkv=False)):
         apply_tuning(engine.pipe, tuning)
         assert unet.conv_in.weight.is_contiguous() != tuning.channels_last
         assert fused_attention(unet) == fused_attention(engine.pipe.vae) == tuning.fuse_qkv
-        tuned = engine.generate(ShardInputs(embeds, [1, 2]))
+        tuned = engine.generate(ShardInputs.of(embeds, [1, 2]))
         assert np.abs(tuned.astype(int) - plain.astype(int)).max() <= 2
 
 
@@ -337,8 +340,8 @@ def test_synthesis_compile_compiles_the_unet_once_and_draws_the_same_images(engi
     compile_denoiser(compiled.pipe)
     assert compiled.pipe.unet is unet  # compiled once, not wrapped again
     embeds = engine.encode(["a photo of the digit 3", "7"]).numpy().astype(np.float16)
-    drawn = compiled.generate(ShardInputs(embeds, [5, 6])).astype(int)
-    assert np.abs(drawn - engine.generate(ShardInputs(embeds, [5, 6])).astype(int)).max() <= 2
+    drawn = compiled.generate(ShardInputs.of(embeds, [5, 6])).astype(int)
+    assert np.abs(drawn - engine.generate(ShardInputs.of(embeds, [5, 6])).astype(int)).max() <= 2
 
 
 def test_a_store_made_by_other_weights_under_the_same_name_is_not_reused(

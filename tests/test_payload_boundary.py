@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 from fgl_core.payload import (
     EMBEDDING_RECORD,
-    ROW_KEYS,
     SILO_RECORD,
     SUMMARY_RECORD,
     EmbeddingPayload,
     chunk_records,
     rows_per_chunk,
 )
+from fgl_core.prompt_rows import COLUMNS
 from fgl_server.embedding_round import validated_payloads
 from fgl_server.synthesis_plan import merge_payloads, plan_images
 from fgl_server.validation import (
@@ -264,7 +264,7 @@ def test_weights_rank_a_silos_own_prompts_and_cannot_take_a_class(plan):
     }
     prompts, histogram = merge_payloads(payloads, CLASSES, max_silo_share=0.5, plan=plan)
     jobs = plan_images(prompts, histogram, 20, plan, run_seed=0)
-    sources = [prompts[j.prompt].sources for j in jobs]
+    sources = [prompts.sources[j.prompt] for j in jobs]
     got = {node: sum(s == [node] for s in sources) for node in payloads}
     assert sum(got.values()) == len(jobs) == 80
     assert all(abs(n - 80 / 3) <= 4 for n in got.values()), got  # a third each, not 74 of 80
@@ -308,9 +308,8 @@ def many_rows(rows: int = 500) -> EmbeddingPayload:
 
 
 def pieces_of(payload: EmbeddingPayload, chunk_bytes: int = CHUNK_BYTES) -> list[RecordDict]:
-    rows = payload.rows
     return [payload.to_records(chunk_bytes)] + [
-        chunk_records(rows, k, chunk_bytes, payload.digest)
+        chunk_records(payload, k, chunk_bytes, payload.digest)
         for k in range(1, payload.num_chunks(chunk_bytes))
     ]
 
@@ -322,7 +321,7 @@ def test_a_payload_cut_into_chunks_is_reassembled_whole():
     assert announced_chunks("node 1", pieces[0], CHUNKED).count == 13
     assert [len(p["embedding"]["labels"].numpy()) for p in pieces] == [40] * 12 + [20]
     whole = accept_payload("node 1", pieces, CHUNKED)
-    for key in ROW_KEYS:
+    for key in COLUMNS:
         assert np.array_equal(getattr(whole, key), getattr(payload, key)), key
     assert whole.digest == payload.digest and whole.label_histogram == payload.label_histogram
 
@@ -345,7 +344,7 @@ def _altered_rows(pieces: list[RecordDict]) -> list[RecordDict]:
 
 
 def _short_middle(pieces: list[RecordDict]) -> list[RecordDict]:
-    for key in ROW_KEYS:
+    for key in COLUMNS:
         array = pieces[4]["embedding"][key].numpy()
         pieces[4]["embedding"][key] = Array(np.ascontiguousarray(array[:39]))
     return pieces
@@ -402,5 +401,5 @@ def test_no_claim_or_weight_moves_a_silos_pull_in_the_balanced_plan(counts, capt
     }
     prompts, histogram = merge_payloads(payloads, CLASSES, plan="balanced")
     jobs = plan_images(prompts, histogram, 30, "balanced", run_seed=0)
-    liar = sum(prompts[j.prompt].sources == [3] for j in jobs)
+    liar = sum(prompts.sources[j.prompt] == [3] for j in jobs)
     assert abs(liar - len(jobs) / 3) < captions * CLASSES, (liar, len(jobs))

@@ -85,7 +85,7 @@ def test_the_server_checks_the_pooled_embeddings_too(engine, payload, blood_npz,
 def test_an_sdxl_payload_travels_in_chunks_with_its_pooled_rows(engine, payload):
     small = 3 * (77 * 64 + 32) * 2 + 100  # three rows a chunk
     pieces = [payload.to_records(small)] + [
-        chunk_records(payload.rows, k, small, payload.digest)
+        chunk_records(payload, k, small, payload.digest)
         for k in range(1, payload.num_chunks(small))
     ]
     assert len(pieces) == -(-len(payload.labels) // 3) >= 2
@@ -103,14 +103,14 @@ def _limits(engine):
 
 def test_images_come_from_the_embedding_and_its_pooled_embedding(engine, payload):
     embeds, pooled = payload.embeds[:2], payload.pooled[:2]
-    images = engine.generate(ShardInputs(embeds, [3, 3], np.zeros(2, np.int64), pooled))
+    images = engine.generate(ShardInputs.of(embeds, [3, 3], pooled=pooled))
     assert images.shape == (2, 20, 20, 3) and images.dtype == np.uint8
     swapped = engine.generate(
-        ShardInputs(embeds, [3, 3], np.zeros(2, np.int64), pooled[::-1].copy())
+        ShardInputs.of(embeds, [3, 3], pooled=pooled[::-1].copy())
     )
     assert not np.array_equal(images, swapped)  # the pooled embedding conditions the image
-    with pytest.raises(ValueError, match=r"needs \(2, 32\) pooled embeddings, got None"):
-        engine.generate(ShardInputs(embeds, [3, 3]))
+    with pytest.raises(ValueError, match=r"needs \(2, 32\) pooled embeddings, got \(2, 0\)"):
+        engine.generate(ShardInputs.of(embeds, [3, 3]))
 
 
 def test_noise_clips_the_pooled_embedding_with_its_sequence_as_one_release(

@@ -1,5 +1,6 @@
 """Label histograms by Flower's SecAgg+: the server gets their sum and no silo's own."""
 
+import dataclasses
 import io
 import json
 
@@ -117,16 +118,16 @@ def test_a_silo_sends_every_class_and_no_histogram(secure_payload):
         validate_payload("node 1", payload, limits)  # a plain run needs the histogram
     secure = PayloadLimits(**{**limits.__dict__, "secure_histograms": True})
     validate_payload("node 1", payload, secure)
-    leaky = type(payload)(**{**payload.__dict__, "label_histogram": [1] * 10})
+    leaky = dataclasses.replace(payload, label_histogram=[1] * 10)
     with pytest.raises(PayloadRejected, match="sent its label histogram in the clear"):
         validate_payload("node 1", leaky, secure)
-    counted = type(payload)(**{**payload.__dict__, "weights": payload.weights * 7})
+    counted = dataclasses.replace(payload, weights=payload.weights * 7)
     with pytest.raises(PayloadRejected, match="with secure-histograms every weight is 1"):
         validate_payload("node 1", counted, secure)
     # what the secure sum must add up to: the silo says how many images it holds
     assert payload.num_train == len(silo.train)
     for claim in (-1, 0, 2**20 * 10 + 1):
-        silent = type(payload)(**{**payload.__dict__, "num_train": claim})
+        silent = dataclasses.replace(payload, num_train=claim)
         with pytest.raises(PayloadRejected, match=f"says it holds {claim} training images"):
             validate_payload("node 1", silent, secure)
 

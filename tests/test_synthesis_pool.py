@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fgl_core.config import ConfigError, RunConfig
+from fgl_core.prompt_rows import PromptRows
 from fgl_server.synthesis import SynthesisEngine, SynthesisSettings
-from fgl_server.synthesis_plan import Prompt, plan_images
+from fgl_server.synthesis_plan import Prompts, plan_images
 from fgl_server.synthesis_pool import RayShardPool, pool_for
 from fgl_server.synthetic_store import SyntheticStore, synthesize_into_store
 from tests.conftest import recorded_writes
@@ -20,10 +21,7 @@ def setup(tmp_path_factory):
     settings = SynthesisSettings.defaults(generator="offline-tiny", steps=2, train_resolution=16)
     engine = SynthesisEngine.load(settings, cache, torch.device("cpu"))
     embeds = engine.encode(["a photo of a 0", "a photo of a 1", "a photo of a 2"])
-    prompts = [
-        Prompt(e.to(torch.float16).numpy(), label, 1, f"digest-{label}")
-        for label, e in enumerate(embeds)
-    ]
+    prompts = Prompts.of(PromptRows(embeds.to(torch.float16).numpy(), np.arange(3)))
     jobs = plan_images(prompts, [1, 1, 1], 6, "balanced", run_seed=0)  # 18 images, 5 shards
     manifest = {"labels": [j.label for j in jobs], "seeds": [j.seed for j in jobs]}
     yield cache, settings, engine, prompts, jobs, manifest
