@@ -22,6 +22,7 @@ from typing import Any
 from fgl_core.accounting import silo_budget
 from fgl_core.adapters import sample_rate
 from fgl_core.config import RunConfig
+from fgl_server.nodes import node_id, node_name
 from fgl_server.results import SILO_PREFIX
 from strategies.private import COUNT_NOISE_KEY, NOISE_KEY
 
@@ -31,12 +32,12 @@ def privacy_budget(cfg: RunConfig, results: dict[str, Any]) -> dict:
     guarantee covers."""
     adaptation = adaptation_history(cfg, results.get("adaptation"))
     rounds = round_history(results.get("rounds", []))
-    embedded = set(results.get("embedding", {}).get("nodes-accepted", []))
-    nodes = sorted(set(adaptation) | set(rounds) | embedded, key=lambda n: int(n.split()[-1]))
+    embedded = {node_id(n) for n in results.get("embedding", {}).get("nodes-accepted", [])}
+    nodes = sorted(set(adaptation) | set(rounds) | embedded)
     return {
         "accountant": "dp-accounting, privacy loss distributions",
         "silos": {
-            node: silo_budget(
+            node_name(node): silo_budget(
                 cfg.adaptation_delta,
                 cfg.embedding_noise if node in embedded else 0.0,
                 adaptation.get(node, []),
@@ -48,9 +49,9 @@ def privacy_budget(cfg: RunConfig, results: dict[str, Any]) -> dict:
     }
 
 
-def adaptation_history(cfg: RunConfig, adaptation: dict | None) -> dict[str, list]:
-    """Per silo ("node N"), its DP-SGD stretches: (noise multiplier, sample rate, steps)."""
-    history: dict[str, list[tuple[float, float, int]]] = {}
+def adaptation_history(cfg: RunConfig, adaptation: dict | None) -> dict[int, list]:
+    """Per node, its DP-SGD stretches: (noise multiplier, sample rate, steps)."""
+    history: dict[int, list[tuple[float, float, int]]] = {}
     if not adaptation or not cfg.adaptation_noise:
         return history
     parts = 2 if cfg.adapt_decoder else 1
@@ -60,20 +61,20 @@ def adaptation_history(cfg: RunConfig, adaptation: dict | None) -> dict[str, lis
                 continue
             rate = sample_rate(int(silo["num-examples"]), cfg.adaptation_batch_size)
             step = (cfg.adaptation_noise, rate, cfg.adaptation_steps)
-            history.setdefault(f"node {node}", []).extend([step] * parts)
+            history.setdefault(int(node), []).extend([step] * parts)
     return history
 
 
-def round_history(rounds: list[dict]) -> dict[str, list[float]]:
-    """Per silo ("node N"), the Gaussian multiplier of each noised release of the rounds it was
+def round_history(rounds: list[dict]) -> dict[int, list[float]]:
+    """Per node, the Gaussian multiplier of each noised release of the rounds it was
     aggregated in (the adaptive clip's count beside its update's)."""
-    history: dict[str, list[float]] = {}
+    history: dict[int, list[float]] = {}
     prefix = f"{SILO_PREFIX}{NOISE_KEY}"
     for row in rounds:
         count = row.get(f"{SILO_PREFIX}{COUNT_NOISE_KEY}")
         for key, multiplier in row.items():
             if key.startswith(prefix):
-                releases = history.setdefault(f"node {key[len(prefix) :]}", [])
+                releases = history.setdefault(int(key[len(prefix) :]), [])
                 releases.extend([float(multiplier)] + ([float(count)] if count else []))
     return history
 

@@ -422,7 +422,7 @@ def embedding_record(
             chunks[e.node_id] = chunks.get(e.node_id, 0) + (e.message_type == CHUNK_MESSAGE_TYPE)
     return {
         "nodes-asked": len(round0.asked),
-        "nodes-accepted": sorted(node_name(n) for n in payloads),
+        "nodes-accepted": [node_name(n) for n in sorted(payloads)],
         "rejected": {node_name(n): why for n, why in rejected.items()},
         "bytes-per-node": {node_name(n): b for n, b in received.items()},
         "chunks-per-node": {node_name(n): 1 + c for n, c in chunks.items() if n in payloads},

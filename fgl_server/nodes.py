@@ -20,6 +20,11 @@ def node_name(node: int) -> str:
     return f"node {node}"
 
 
+def node_id(name: str) -> int:
+    """The node a name of `node_name`'s names (for a reader of results.json)."""
+    return int(name.removeprefix("node "))
+
+
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     """Block until `count` nodes are connected; return their IDs, or raise after `timeout` s.
 
