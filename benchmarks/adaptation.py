@@ -26,6 +26,7 @@ from pathlib import Path
 from benchmarks.common import DATASETS, OUT, over_seeds, write
 from deploy.inprocess import run_in_process
 from fgl_core.datasets import load_dataset
+from fgl_core.run_results import Evaluation, load_results
 from fgl_privacy.report import _final_model as final_model
 from fgl_privacy.report import _union as union
 from fgl_privacy.report import read_results, replication_section, run_silos
@@ -82,7 +83,8 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
     start = time.perf_counter()
     run_in_process(run_config, num_silos=SILOS)
     wall = time.perf_counter() - start
-    results = json.loads((work / f"{row}-{seed}" / "results.json").read_text())
+    results = load_results(work / f"{row}-{seed}")
+    one_shot = Evaluation.read(results)
     per_node: dict[str, dict] = {}
     for e in results["traffic"]["exchanges"]:
         node = per_node.setdefault(str(e["node-id"]), {"bytes-up": 0, "bytes-down": 0})
@@ -98,7 +100,7 @@ def measure(row: str, seed: int, args: argparse.Namespace, work: Path) -> dict:
         "row": row,
         "seed": seed,
         "config": ROWS[row],
-        "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
+        "one-shot-test-accuracy": one_shot.test_accuracy if one_shot else None,  # FedAvg: none
         "one-shot-best-val-test-accuracy": best_val(results.get("one-shot-curve", [])),
         "after-rounds-test-accuracy": rounds[-1]["test-accuracy"] if args.rounds else None,
         "silos": per_node,

@@ -23,6 +23,7 @@ import numpy as np
 
 from benchmarks.common import OUT, write
 from deploy.inprocess import run_in_process
+from fgl_core.run_results import Evaluation
 from fgl_mini.fidelity import digits_judge, judged_as_label
 from fgl_privacy.report import inversion_rows, read_results, run_silos
 from fgl_server.synthetic_store import SyntheticStore
@@ -115,7 +116,7 @@ def main() -> None:
                         "partition": cell,
                         "seed": seed,
                         "prompt-mode": mode,
-                        "one-shot": results["one-shot"]["test-accuracy"],
+                        "one-shot": Evaluation.of(results).test_accuracy,
                         "final": results["rounds"][-1]["test-accuracy"],
                         "label-fidelity": round(float(fidelity), 4),
                         "bytes-up-per-silo": float(

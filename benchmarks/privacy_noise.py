@@ -11,7 +11,6 @@ per embedding at `--delta`.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from fgl_client.text_encoding import TransformersTextEncoder
 from fgl_core.dp import epsilon_for
 from fgl_core.plotting import headless_pyplot
 from fgl_core.prompt_templates import PAPER_TEMPLATE, class_prompt
+from fgl_core.run_results import Evaluation, load_results
 
 
 def main() -> None:
@@ -57,12 +57,12 @@ def main() -> None:
             },
             num_silos=5,
         )
-        results = json.loads((args.out / "privacy_noise" / name / "results.json").read_text())
+        results = load_results(args.out / "privacy_noise" / name)
         rows.append(
             {
                 "noise-multiplier": multiplier,
                 "epsilon": epsilon_for(args.delta, multiplier) if multiplier else None,
-                "one-shot-test-accuracy": results["one-shot"]["test-accuracy"],
+                "one-shot-test-accuracy": Evaluation.of(results).test_accuracy,
                 "silos-accepted": len(results["embedding"]["nodes-accepted"]),
             }
         )

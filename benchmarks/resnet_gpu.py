@@ -14,7 +14,6 @@ One cell's loop is bound by the host (about 2,500 samples/s on an H100, the GPU 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import DATASETS, OUT, write
 from deploy.inprocess import run_in_process
+from fgl_core.run_results import Summary, load_results
 
 PAPER = {"alpha-0.01": 64.86, "alpha-0.5": 83.14, "iid": 84.2, "centralized": 84.76}
 CELLS = {  # name -> run config; the heterogeneous cells last, so a short run has the others
@@ -36,11 +36,10 @@ def run_cell(run_config: dict, silos: int, out: Path) -> dict:
     """Run one cell; return its accuracies (percent) and wall time."""
     start = time.perf_counter()
     run_in_process(run_config, silos)
-    results = json.loads((out / "resnet_gpu" / run_config["run-name"] / "results.json").read_text())
-    summary = results["summary"]
+    summary = Summary.of(load_results(out / "resnet_gpu" / run_config["run-name"]))
     return {
-        "final-test-accuracy": round(100 * summary["final-test-accuracy"], 2),
-        "test-accuracy-at-best-val": round(100 * summary["test-accuracy-at-best-val"], 2),
+        "final-test-accuracy": round(100 * (summary.final_test_accuracy or 0.0), 2),
+        "test-accuracy-at-best-val": round(100 * (summary.test_accuracy_at_best_val or 0.0), 2),
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -32,6 +32,7 @@ from deploy.inprocess import run_in_process
 from fgl_client.silo import load_silo
 from fgl_core.config import RunConfig
 from fgl_core.datasets import ImageSet, load_dataset
+from fgl_core.run_results import Summary, load_results
 from fgl_core.training import InputSettings, model_outputs
 from fgl_privacy.report import _final_model as final_model
 
@@ -72,8 +73,8 @@ def run(config: dict, work: Path, name: str, attack: str, liars: set[int]) -> di
     run_in_process({**config, "run-name": name}, SILOS, on_reply=on_reply,
                    node_configs=node_configs)  # fmt: skip
     wall = time.perf_counter() - start
-    results = json.loads((work / name / "results.json").read_text())
-    row = {"test-accuracy": results["summary"]["final-test-accuracy"], "wall-seconds": wall}
+    summary = Summary.of(load_results(work / name))
+    row = {"test-accuracy": summary.final_test_accuracy, "wall-seconds": wall}
     if attack == "backdoor":
         row["backdoor-success"] = backdoor_rate(work / name, cfg)
     return row
@@ -96,7 +97,7 @@ def backdoor_rate(run_dir: Path, cfg: RunConfig) -> float | None:
 
 def privacy_epsilon(run_dir: Path) -> float | None:
     """The largest epsilon of a silo for the run (results.json `privacy`)."""
-    silos = json.loads((run_dir / "results.json").read_text()).get("privacy", {}).get("silos", {})
+    silos = load_results(run_dir).get("privacy", {}).get("silos", {})
     values = [s["epsilon"] for s in silos.values() if s.get("epsilon") is not None]
     return max(values) if values else None
 

@@ -17,6 +17,7 @@ import argparse
 
 from benchmarks.common import launch, write
 from deploy.quickstart import RUNS
+from fgl_core.run_results import Evaluation
 
 
 def measure(silos: int, secure: bool, deployed: bool) -> dict:
@@ -40,7 +41,7 @@ def measure(silos: int, secure: bool, deployed: bool) -> dict:
         "secagg-bytes-received": secagg.get("bytes-received", 0),
         "secagg-messages": secagg.get("messages", 0),
         "merged-label-histogram": results["synthesis"]["merged-label-histogram"],
-        "one-shot-test-accuracy": results["one-shot"]["test-accuracy"],
+        "one-shot-test-accuracy": Evaluation.of(results).test_accuracy,
     }
     print(row, flush=True)
     return row

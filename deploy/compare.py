@@ -59,6 +59,7 @@ from fgl_core.config import ConfigError
 from fgl_core.datasets import DatasetError
 from fgl_core.partition import PartitionError
 from fgl_core.plotting import headless_pyplot
+from fgl_core.run_results import Evaluation, Summary, load_results, node_traffic, per_silo_mb
 from fgl_server.results import PROTOCOLS
 
 
@@ -174,7 +175,7 @@ def run_cell(grid: ExperimentGrid, cell: Cell, output: Path) -> dict[str, Any]:
         "run-dir": str(run_dir),
     }
     results_file = run_dir / "results.json"
-    done = results_file.exists() and "finished-at" in json.loads(results_file.read_text())
+    done = results_file.exists() and "finished-at" in load_results(results_file)
     if not done:
         print(f"== {cell.run_name}", flush=True)
         try:
@@ -192,19 +193,19 @@ def run_cell(grid: ExperimentGrid, cell: Cell, output: Path) -> dict[str, Any]:
             return {**row, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
         if code != 0:
             return {**row, "status": "failed", "reason": failure_reason(run_dir)}
-    results = json.loads(results_file.read_text())
-    rounds = results["rounds"]
-    traffic = list(results.get("traffic", {}).get("bytes-per-node", {}).values())
-    silos = max(1, len(traffic))
+    results = load_results(results_file)
+    summary, one_shot = Summary.read(results), Evaluation.read(results)
+    traffic = node_traffic(results).values()
+    up, down = per_silo_mb(results)
     return {
         **row,
         "status": "reused" if done else "done",
-        **{key: results["summary"].get(key) for key in PROTOCOLS.values()},
-        "one-shot-test-accuracy": results.get("one-shot", {}).get("test-accuracy"),
-        "bytes": sum(n["bytes-sent"] + n["bytes-received"] for n in traffic),
-        "mb-up-per-silo": sum(n["bytes-received"] for n in traffic) / silos / 1e6,
-        "mb-down-per-silo": sum(n["bytes-sent"] for n in traffic) / silos / 1e6,
-        "rounds": len(rounds) - 1,
+        **{key: summary.protocol(key) if summary else None for key in PROTOCOLS.values()},
+        "one-shot-test-accuracy": one_shot.test_accuracy if one_shot else None,
+        "bytes": sum(n.bytes_sent + n.bytes_received for n in traffic),
+        "mb-up-per-silo": up,
+        "mb-down-per-silo": down,
+        "rounds": len(results["rounds"]) - 1,
         "reason": "",
     }
 
@@ -331,7 +332,7 @@ def write_plot(grid: ExperimentGrid, rows: list[dict[str, Any]], path: Path) -> 
                 grid.silos[0],
             ) or r["status"] == "failed":
                 continue
-            results = json.loads((Path(r["run-dir"]) / "results.json").read_text())
+            results = load_results(r["run-dir"])
             acc = {row["round"]: row["test-accuracy"] for row in results["rounds"]}
             axes[i][0].plot(list(acc), list(acc.values()), marker="o", label=r["method"])
             per_round: dict[int, int] = {}

@@ -15,12 +15,12 @@ and sends an embedding per image instead of per class (outputs/quickstart-fgl-in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from deploy.launch import PROJECT_ROOT, launch_simulation
+from fgl_core.run_results import Evaluation, load_results, node_traffic
 
 SILOS = 5
 RUNS = {
@@ -30,13 +30,14 @@ RUNS = {
 
 
 def summarize(run_dir: Path, seconds: float) -> dict:
-    results = json.loads((run_dir / "results.json").read_text())
-    per_node = results["traffic"]["bytes-per-node"].values()
+    results = load_results(run_dir)
+    per_node = node_traffic(results).values()
+    one_shot = Evaluation.read(results)
     return {
-        "one-shot": results.get("one-shot", {}).get("test-accuracy"),
+        "one-shot": one_shot.test_accuracy if one_shot else None,
         "final": results["rounds"][-1]["test-accuracy"],
-        "up": sum(n["bytes-received"] for n in per_node),
-        "down": sum(n["bytes-sent"] for n in per_node),
+        "up": sum(n.bytes_received for n in per_node),
+        "down": sum(n.bytes_sent for n in per_node),
         "seconds": seconds,
     }
 

@@ -54,6 +54,7 @@ from fgl_core.dp import epsilon_for, joint_rows, privatize_together
 from fgl_core.models import build_model, build_model_for
 from fgl_core.payload import EmbedRequest
 from fgl_core.plotting import headless_pyplot
+from fgl_core.run_results import ResultsError, load_results
 from fgl_core.training import InputSettings, TrainSettings
 from fgl_privacy.inversion import PromptInverter
 from fgl_privacy.lira import (
@@ -85,10 +86,12 @@ def read_results(run_dir: Path) -> tuple[dict, RunConfig]:
     if not path.is_file():
         raise ReportError(f"{path}: missing (the run has not written its results yet?)")
     try:
-        results = json.loads(path.read_text())
+        results = load_results(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReportError(f"{path}: not readable JSON, truncated or damaged ({err})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+    except ResultsError as err:
+        raise ReportError(str(err)) from None
+    if not isinstance(results.get("config"), dict):
         raise ReportError(f"{path}: holds no run config (a results.json has a 'config' object)")
     try:
         return results, RunConfig.from_flower(results["config"], where=str(path))

@@ -28,6 +28,7 @@ from fgl_core.payload import (
     EmbeddingPayload,
 )
 from fgl_core.plotting import plot_samples
+from fgl_core.run_results import Evaluation
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.adaptation import adapt_generator
@@ -113,9 +114,10 @@ def run_fgl(
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model = one_shot(synthetic, cfg, data, recorder, device, ReplyCheck(grid, data.class_names))
+    model, evaluation = one_shot(synthetic, cfg, data, recorder, device,
+                                 ReplyCheck(grid, data.class_names))  # fmt: skip
     if cfg.num_server_rounds == 0:
-        recorder.log_round(0, recorder.results["one-shot"])
+        recorder.log_round(0, evaluation.to_json())
         recorder.set("traffic", grid.to_json())
         return model
     finetune = (
@@ -221,10 +223,10 @@ def one_shot(
     recorder: RunRecorder,
     device: torch.device,
     check: ReplyCheck,
-) -> nn.Module:
+) -> tuple[nn.Module, Evaluation]:
     """Phase 3: a fresh global model trained on the synthetic set alone (or its checkpoint);
     with `oneshot-selection = "federated"`, the epoch the silos choose (`fgl_server.selection`,
-    their replies read through `check`)."""
+    their replies read through `check`). The model and its central evaluation."""
     model = build_model_for(cfg, data.num_classes, data.image_size)
     federated = cfg.oneshot_selection == "federated"
     kept = candidate_epochs(cfg.oneshot_epochs, cfg.oneshot_candidates) if federated else []
@@ -278,11 +280,11 @@ def one_shot(
         metrics = {k: v for k, v in curve[-1].items() if k not in ("epoch", "train-loss")}
     else:
         metrics = evaluate_on_server(model, data, device, cfg)
-    recorder.set("one-shot", metrics)
-    log.info(
-        "one-shot: test accuracy %.4f (val %.4f)", metrics["test-accuracy"], metrics["val-accuracy"]
-    )
-    return model
+    evaluation = Evaluation.from_json(metrics)
+    recorder.set(Evaluation.KEY, evaluation.to_json())
+    log.info("one-shot: test accuracy %.4f (val %.4f)", evaluation.test_accuracy,
+             evaluation.val_accuracy)  # fmt: skip
+    return model, evaluation
 
 
 def load_candidates(

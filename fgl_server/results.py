@@ -21,6 +21,7 @@ from torch import nn
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.plotting import plot_accuracy
 from fgl_core.progress import Snapshot
+from fgl_core.run_results import RESULTS_VERSION, VERSION_KEY, Summary
 from fgl_server.checkpoint import set_aside
 from fgl_server.tracking import Tracker
 
@@ -53,6 +54,7 @@ class RunRecorder:
         # what a checkpoint must carry to be resumed from (`fgl_server.checkpoint`)
         self.fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         self.results: dict[str, Any] = {
+            VERSION_KEY: RESULTS_VERSION,
             "run-name": name,
             "config": config,
             "config-fingerprint": self.fingerprint,
@@ -142,12 +144,13 @@ class RunRecorder:
         for step, metrics in sorted(per_round.items()):
             self.tracker.scalars("round", step, {f"{prefix}{k}": v for k, v in metrics.items()})
 
-    def summarize(self) -> dict[str, Any]:
+    def summarize(self) -> Summary | None:
         """The test accuracy under each protocol (`PROTOCOLS`), over every evaluated model: the
-        rounds and, for FGL, the one-shot step's epochs. The first model wins a tie."""
+        rounds and, for FGL, the one-shot step's epochs. The first model wins a tie. None before
+        any round."""
         rounds = self.results["rounds"]
         if not rounds:
-            return {}
+            return None
         candidates = [
             (f"one-shot epoch {row['epoch']}", row)
             for row in self.results.get("one-shot-curve", [])
@@ -157,14 +160,14 @@ class RunRecorder:
             return max(candidates, key=lambda c: c[1].get(key, 0.0))  # max keeps the first
 
         by_val, by_test = best("val-accuracy"), best("test-accuracy")
-        summary = {
-            "final-test-accuracy": rounds[-1].get("test-accuracy"),
-            "test-accuracy-at-best-val": by_val[1].get("test-accuracy"),
-            "best-val-at": by_val[0],
-            "best-test-accuracy": by_test[1].get("test-accuracy"),
-            "best-test-at": by_test[0],
-        }
-        self.results["summary"] = summary
+        summary = Summary(
+            final_test_accuracy=rounds[-1].get("test-accuracy"),
+            test_accuracy_at_best_val=by_val[1].get("test-accuracy"),
+            best_val_at=by_val[0],
+            best_test_accuracy=by_test[1].get("test-accuracy"),
+            best_test_at=by_test[0],
+        )
+        self.results[Summary.KEY] = summary.to_json()
         return summary
 
     def write_json(self) -> None:
@@ -180,7 +183,7 @@ class RunRecorder:
         plot_accuracy(self.results["rounds"], self.dir / "accuracy.png", self.results["run-name"])
         log.info("wrote results.json, model.pt and accuracy.png to %s", self.dir)
         self.tracker.scalars("phase-seconds", 0, self.results["phase-seconds"])
-        self.tracker.scalars("summary", 0, self.results["summary"])
+        self.tracker.scalars("summary", 0, self.results.get(Summary.KEY, {}))
         self.tracker.image("synthetic-samples", self.dir / "synthetic_samples.png")
         self.tracker.image("accuracy", self.dir / "accuracy.png")
         self.tracker.close()
@@ -200,6 +203,8 @@ def results_problem(results: object) -> str:
     `RunRecorder` writes it."""
     if not isinstance(results, dict):
         return f"holds a {type(results).__name__}, not a run's results"
+    if results.get(VERSION_KEY, 1) != RESULTS_VERSION:
+        return f"is of results-version {results.get(VERSION_KEY)!r}, not {RESULTS_VERSION}"
     if not isinstance(results.get("config"), dict):
         return "holds no run config"
     rounds = results.get("rounds", [])

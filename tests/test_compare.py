@@ -137,7 +137,7 @@ def test_a_run_reports_each_protocol_over_the_one_shot_epochs_and_the_rounds(tmp
     recorder.log_round(1, {"val-accuracy": 0.70, "test-accuracy": 0.70})
     recorder.log_round(2, {"val-accuracy": 0.65, "test-accuracy": 0.69})
     summary = recorder.summarize()
-    assert summary == {
+    assert summary is not None and summary.to_json() == recorder.results["summary"] == {
         "final-test-accuracy": 0.69,
         "test-accuracy-at-best-val": 0.66,  # epoch 2 and round 1 tie on val: the first wins
         "best-val-at": "one-shot epoch 2",

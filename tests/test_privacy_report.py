@@ -59,7 +59,13 @@ def test_results_without_a_config_or_folder_are_named(tmp_path):
     with pytest.raises(ReportError, match=r"results.json: missing"):
         read_results(tmp_path)
     (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(ReportError, match="holds a list, not a run's results"):
+        read_results(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "digits"}))
     with pytest.raises(ReportError, match="holds no run config"):
+        read_results(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"results-version": 99, "config": {}}))
+    with pytest.raises(ReportError, match="results-version 99; this code reads 1 and before"):
         read_results(tmp_path)
     (tmp_path / "results.json").write_text(json.dumps({"config": {"no-such-key": 1}}))
     with pytest.raises(ReportError, match="unknown key 'no-such-key'"):
