@@ -138,17 +138,23 @@ def test_a_run_killed_in_round_2_resumes_there_and_ends_as_if_never_stopped(tmp_
         assert after["summary"][key] == whole["summary"][key]
 
 
+# a small FGL run of 3 silos on the offline generator (add output-dir and cache-dir)
+TINY_FGL = {
+    "strategy": "fgl",
+    "generator": "offline-tiny",
+    "dataset": "digits",
+    "images-per-class": 4,
+    "steps": 2,
+    "local-epochs": 1,
+    "min-nodes": 3,
+}
+
+
 def test_an_fgl_run_killed_in_its_rounds_reuses_its_images_and_one_shot_model(tmp_path):
     run_config = {
-        "strategy": "fgl",
-        "generator": "offline-tiny",
-        "dataset": "digits",
-        "images-per-class": 4,
-        "steps": 2,
+        **TINY_FGL,
         "oneshot-epochs": 2,
         "num-server-rounds": 2,
-        "local-epochs": 1,
-        "min-nodes": 3,
         "output-dir": str(tmp_path),
         "cache-dir": str(tmp_path / "cache"),
         "run-name": "fgl",

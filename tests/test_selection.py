@@ -14,7 +14,7 @@ from fgl_core.models import build_model
 from fgl_core.payload import SELECT_MESSAGE_TYPE
 from fgl_core.training import InputSettings, evaluate_model
 from fgl_server.selection import candidate_epochs, check_reply, weighted_choice
-from tests.test_inprocess import Crash, crash_in_round
+from tests.test_inprocess import TINY_FGL, Crash, crash_in_round
 
 
 def test_candidates_are_evenly_spaced_and_end_at_the_last_epoch():
@@ -73,17 +73,11 @@ def test_the_config_refuses_a_choice_among_no_epochs():
 @pytest.mark.simulation
 def test_the_silos_choose_the_one_shot_epoch_and_a_rerun_keeps_their_choice(tmp_path):
     run_config = {
-        "strategy": "fgl",
-        "generator": "offline-tiny",
-        "dataset": "digits",
-        "images-per-class": 4,
-        "steps": 2,
+        **TINY_FGL,
         "oneshot-epochs": 4,
         "oneshot-selection": "federated",
         "oneshot-candidates": 2,
         "num-server-rounds": 1,
-        "local-epochs": 1,
-        "min-nodes": 3,
         "output-dir": str(tmp_path),
         "cache-dir": str(tmp_path / "cache"),
         "run-name": "select",
