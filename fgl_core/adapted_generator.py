@@ -19,9 +19,10 @@ cannot render. SD 2.1's autoencoder was trained on web images and renders most d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from fgl_core.adapters import (
     trainable_state,
 )
 from fgl_core.config import RunConfig, Settings
+from fgl_core.progress import PhaseProgress
 from fgl_core.seeds import derive_seed
 
 UNET, DECODER = "unet/", "decoder/"
@@ -268,32 +270,39 @@ def adapt_on_silo(
         if settings.adaptation_null_share
         else None
     )
-    decoder_losses: list[float] = []
-    if private is None:
-        unet_losses = train_adapter(pipe.unet, scaled, conditioning, noise_schedule, steps, batch,
-                                    lr, seed, null)  # fmt: skip
-        if settings.adapt_decoder:
-            decoder_losses = train_decoder(pipe.vae, latents, pixels, steps, batch, lr, seed)
-        return SiloAdaptation(unet_losses, decoder_losses, time.perf_counter() - start)
-    rate = sample_rate(len(images), batch)
     parts = 2 if settings.adapt_decoder else 1
-    history = [(private.noise_multiplier, rate, steps * (server_round - 1))] * parts
-    result = train_adapter_private(pipe.unet, scaled, conditioning, noise_schedule, steps, private,
-                                   batch, lr, seed, history, null)  # fmt: skip
-    history = result.history
-    if settings.adapt_decoder:
-        params = decoder_parameters(pipe.vae)
-        for param in params.values():
-            param.requires_grad_(True)
-        try:
-            decoded = train_private(_Decode(pipe.vae), (latents, pixels), _reconstruction_loss,
-                                    steps, private, batch, lr, history)  # fmt: skip
-        finally:
-            pipe.vae.requires_grad_(False)
-        decoder_losses, history = decoded.losses, decoded.history
-    epsilon = epsilon_after(history, private.delta)
-    return SiloAdaptation(result.losses, decoder_losses, time.perf_counter() - start, epsilon,
-                          private.delta)  # fmt: skip
+    progress = PhaseProgress(f"adaptation round {server_round}", steps * parts, "steps")
+    step = functools.partial(progress.update, 1)
+    try:
+        decoder_losses: list[float] = []
+        if private is None:
+            unet_losses = train_adapter(pipe.unet, scaled, conditioning, noise_schedule, steps,
+                                        batch, lr, seed, null, step)  # fmt: skip
+            if settings.adapt_decoder:
+                decoder_losses = train_decoder(pipe.vae, latents, pixels, steps, batch, lr, seed,
+                                               on_step=step)
+            return SiloAdaptation(unet_losses, decoder_losses, time.perf_counter() - start)
+        rate = sample_rate(len(images), batch)
+        history = [(private.noise_multiplier, rate, steps * (server_round - 1))] * parts
+        result = train_adapter_private(pipe.unet, scaled, conditioning, noise_schedule, steps,
+                                       private, batch, lr, seed, history, null, step)  # fmt: skip
+        history = result.history
+        if settings.adapt_decoder:
+            params = decoder_parameters(pipe.vae)
+            for param in params.values():
+                param.requires_grad_(True)
+            try:
+                decoded = train_private(_Decode(pipe.vae), (latents, pixels),
+                                        _reconstruction_loss, steps, private, batch, lr, history,
+                                        step)  # fmt: skip
+            finally:
+                pipe.vae.requires_grad_(False)
+            decoder_losses, history = decoded.losses, decoded.history
+        epsilon = epsilon_after(history, private.delta)
+        return SiloAdaptation(result.losses, decoder_losses, time.perf_counter() - start, epsilon,
+                              private.delta)  # fmt: skip
+    finally:
+        progress.close()
 
 
 def _reconstruction_loss(decode: torch.nn.Module, latents: torch.Tensor, pixels: torch.Tensor
@@ -310,10 +319,11 @@ def train_decoder(
     lr: float,
     seed: int,
     params: list[torch.nn.Parameter] | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> list[float]:
     """`steps` AdamW steps of the decoder's weights (or of `params`, e.g. a LoRA of it) to
-    render `pixels` from their `latents` (mean squared error); the encoder stays as it was.
-    Each step's loss."""
+    render `pixels` from their `latents` (mean squared error), `on_step` called after each; the
+    encoder stays as it was. Each step's loss."""
     params = list(decoder_parameters(vae).values()) if params is None else params
     for param in params:
         param.requires_grad_(True)
@@ -330,6 +340,8 @@ def train_decoder(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step()
     finally:
         vae.requires_grad_(False)
     return losses

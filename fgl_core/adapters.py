@@ -172,11 +172,12 @@ def train_adapter(
     lr: float = 1e-3,
     seed: int = 0,
     null: NullCondition | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> list[float]:
     """Train the adapter's B factors on a silo's images: `latents` (N, C, h, w) are the images
     through the generator's VAE (scaled), `conditioning` (N, 77, D) each image's prompt
     embedding (some replaced by the empty prompt's with `null`); one flat loop of `steps` AdamW
-    steps on random batches. The loss of each step."""
+    steps on random batches, `on_step` called after each (progress). The loss of each step."""
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
         raise AdapterError("the UNet has no trainable adapter: attach() it first")
@@ -197,6 +198,8 @@ def train_adapter(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step()
     unet.eval()
     return losses
 
@@ -236,6 +239,7 @@ def train_adapter_private(
     seed: int = 0,
     history: Sequence[tuple[float, float, int]] = (),
     null: NullCondition | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> PrivateResult:
     """`train_adapter` under DP-SGD: the same loss and optimizer, with Opacus' per-image clipping
     and noise and Poisson-sampled batches. `history` is what the silo's earlier trainings spent
@@ -258,7 +262,7 @@ def train_adapter_private(
                               scheduler)  # fmt: skip
 
     return train_private(unet, (latents, conditioning), loss, steps, private, batch_size, lr,
-                         history)  # fmt: skip
+                         history, on_step)  # fmt: skip
 
 
 def train_private(
@@ -270,9 +274,11 @@ def train_private(
     batch_size: int,
     lr: float,
     history: Sequence[tuple[float, float, int]] = (),
+    on_step: Callable[[], object] | None = None,
 ) -> PrivateResult:
     """`steps` DP-SGD steps (Opacus) of `module`'s trainable parameters on the examples `tensors`
-    hold (one row per example), `loss(module, *batch)` on each Poisson-sampled batch.
+    hold (one row per example), `loss(module, *batch)` on each Poisson-sampled batch, `on_step`
+    called after each.
 
     The noise and the batches' sampling are drawn from the operating system's entropy, never from
     the run's seed tree (the server knows it: it could draw the same noise and take it back out,
@@ -312,6 +318,8 @@ def train_private(
                     value.backward()
                     optimizer.step()
                     losses.append(float(value.detach()) if len(batch[0]) else float("nan"))
+                    if on_step is not None:
+                        on_step()
                     if len(losses) == steps:
                         break
     finally:

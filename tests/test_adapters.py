@@ -123,10 +123,12 @@ def test_training_on_a_silos_blood_cells_moves_only_b_and_lowers_their_denoising
     unet = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
     before_pairs = lora_pairs(unet)
     before = held_out_loss(unet, latents, conditioning, schedule)
-    losses = train_adapter(unet, latents, conditioning, schedule, steps=40, lr=3e-3, seed=1)
+    counted: list[int] = []  # what a silo's progress lines count
+    losses = train_adapter(unet, latents, conditioning, schedule, steps=40, lr=3e-3, seed=1,
+                           on_step=lambda: counted.append(1))  # fmt: skip
     after = held_out_loss(unet, latents, conditioning, schedule)
     after_pairs = lora_pairs(unet)
-    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert len(losses) == 40 and all(np.isfinite(losses)) and len(counted) == 40
     assert all(torch.equal(before_pairs[k][0], after_pairs[k][0]) for k in before_pairs)  # A
     assert any(after_pairs[k][1].abs().sum() > 0 for k in after_pairs)  # B moved
     print(f"denoising loss on the silo's images: {before:.4f} -> {after:.4f}")
@@ -297,9 +299,11 @@ def test_private_training_clips_each_images_gradient_adds_noise_and_accounts_eve
     assert min(unclipped) > 10 * max(clipped), (unclipped, clipped)
     assert len(first.losses) == 3
     noisy = fresh_unet(mini, AdapterSpec(rank=4, seed=0))
+    counted: list[int] = []
     one = train_adapter_private(noisy, latents, conditioning, schedule, steps=3,
                                 private=PrivateTraining(1.0, clip), batch_size=batch,
-                                seed=1)  # fmt: skip
+                                seed=1, on_step=lambda: counted.append(1))  # fmt: skip
+    assert len(counted) == 3
     quiet_b, noisy_b = trainable_state(quiet), trainable_state(noisy)
     assert any(not np.allclose(quiet_b[k], noisy_b[k]) for k in quiet_b)  # the noise is there
     # a second round adds to the first's spending; the epsilon is the accountant's for all of it
