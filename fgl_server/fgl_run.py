@@ -310,7 +310,9 @@ def choose_epoch(
     """The epoch the silos chose (`fgl_server.selection`), or the one a resumed run had
     recorded for the same candidates; results.json's `one-shot-selection`."""
     earlier = recorder.results.get("one-shot-selection")
-    if isinstance(earlier, dict) and earlier.get("epochs") == kept:
+    if isinstance(earlier, dict) and earlier.get("epochs") == kept and earlier.get(
+        "chosen-epoch"
+    ) in kept:
         log.info("one-shot selection: epoch %d, as chosen before", earlier["chosen-epoch"])
         return int(earlier["chosen-epoch"])
     with recorder.phase("one-shot-selection"):
