@@ -114,7 +114,7 @@ def measure(run: Path, recipe: str, seed: int, candidates: list[int]) -> dict:
             {i: len(silos[i].train) for i in silo_ids},
             cfg.max_silo_share,
         )
-        chosen = choice.record["chosen-epoch"]
+        chosen = choice.record.chosen_epoch
         selected[str(count)] = {"chosen-epoch": chosen,
                                 "test-accuracy": by_epoch[chosen]["test-accuracy"]}  # fmt: skip
     return {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -56,6 +56,8 @@ class Section:
         for f in fields(cls):  # type: ignore[arg-type]
             key = _kebab(f.name)
             if key not in value:
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue  # a key the section may leave out
                 raise ResultsError(f"results.json's {cls.KEY!r} lacks {key!r}")
             kinds = _kinds(hints[f.name])
             item = value[key]
@@ -107,6 +109,25 @@ class Summary(Section):
     def protocol(self, key: str) -> float | None:
         """The accuracy under a protocol by its key in results.json (`PROTOCOLS`' values)."""
         return getattr(self, key.replace("-", "_"))
+
+
+@dataclass(frozen=True)
+class OneShotSelection(Section):
+    """The one-shot epoch the silos chose (`oneshot-selection = "federated"`,
+    `fgl_server.selection`): the candidates' epochs, the weighted accuracy of each, the chosen
+    epoch, each node's weight and what it said (its accuracies and images, or why it was left
+    out), and why the last epoch was kept where no silo's answer could be used."""
+
+    KEY: ClassVar[str] = "one-shot-selection"
+    epochs: list
+    chosen_epoch: int
+    federated_accuracy: list = field(default_factory=list)
+    weights: dict = field(default_factory=dict)
+    silos: dict = field(default_factory=dict)
+    kept_last_because: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in super().to_json().items() if v != "" or k != "kept-last-because"}
 
 
 @dataclass(frozen=True)

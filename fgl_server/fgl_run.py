@@ -28,7 +28,7 @@ from fgl_core.payload import (
     EmbeddingPayload,
 )
 from fgl_core.plotting import plot_samples
-from fgl_core.run_results import Evaluation
+from fgl_core.run_results import Evaluation, OneShotSelection, ResultsError
 from fgl_core.seeds import derive_seed
 from fgl_core.training import TrainSettings, train_model
 from fgl_server.adaptation import adapt_generator
@@ -309,16 +309,18 @@ def choose_epoch(
 ) -> int:
     """The epoch the silos chose (`fgl_server.selection`), or the one a resumed run had
     recorded for the same candidates; results.json's `one-shot-selection`."""
-    earlier = recorder.results.get("one-shot-selection")
-    if isinstance(earlier, dict) and earlier.get("epochs") == kept and earlier.get(
-        "chosen-epoch"
-    ) in kept:
-        log.info("one-shot selection: epoch %d, as chosen before", earlier["chosen-epoch"])
-        return int(earlier["chosen-epoch"])
+    try:
+        earlier = OneShotSelection.read(recorder.results)
+    except ResultsError as err:
+        log.warning("one-shot selection: the choice recorded before is not used (%s)", err)
+        earlier = None
+    if earlier is not None and earlier.epochs == kept and earlier.chosen_epoch in kept:
+        log.info("one-shot selection: epoch %d, as chosen before", earlier.chosen_epoch)
+        return earlier.chosen_epoch
     with recorder.phase("one-shot-selection"):
         selection = select_candidate(check, kept, [candidates[e] for e in kept],
                                      cfg.max_silo_share, cfg.round_timeout)  # fmt: skip
-    recorder.set("one-shot-selection", selection.record)
+    recorder.set(OneShotSelection.KEY, selection.record.to_json())
     return kept[selection.index]
 
 

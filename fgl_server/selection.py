@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fgl_core.payload import CANDIDATE_RECORD, SELECT_MESSAGE_TYPE
+from fgl_core.run_results import OneShotSelection
 from fgl_server.nodes import node_name, replying_node, sent_ids
 from fgl_server.replies import ReplyCheck
 from fgl_server.synthesis_plan import silo_scales
@@ -49,7 +50,7 @@ class Selection:
     """Which candidate the federation chose, and the record results.json keeps of it."""
 
     index: int
-    record: dict
+    record: OneShotSelection
 
 
 def weighted_choice(
@@ -63,19 +64,19 @@ def weighted_choice(
     no silo, the last candidate."""
     nodes = sorted(accuracies)
     if not nodes:
-        return Selection(len(epochs) - 1, {"epochs": list(epochs), "chosen-epoch": epochs[-1]})
+        return Selection(len(epochs) - 1, OneShotSelection(list(epochs), int(epochs[-1])))
     masses = [examples[n] for n in nodes]
     scales = silo_scales(masses, max_silo_share)
     weights = np.array(masses, np.float64) * np.array(scales, np.float64)
     weights /= weights.sum()
     mean = weights @ np.array([accuracies[n] for n in nodes], np.float64)
     index = int(np.argmax(mean))  # the first of equals
-    record = {
-        "epochs": list(epochs),
-        "federated-accuracy": [float(a) for a in mean],
-        "chosen-epoch": int(epochs[index]),
-        "weights": {node_name(n): float(w) for n, w in zip(nodes, weights, strict=True)},
-    }
+    record = OneShotSelection(
+        epochs=list(epochs),
+        chosen_epoch=int(epochs[index]),
+        federated_accuracy=[float(a) for a in mean],
+        weights={node_name(n): float(w) for n, w in zip(nodes, weights, strict=True)},
+    )
     return Selection(index, record)
 
 
@@ -114,15 +115,14 @@ def select_candidate(
         accuracies[node], examples[node] = accuracy, count
         silos[node_name(node)] = {"accuracy": accuracy, "num-examples": count}
     selection = weighted_choice(epochs, accuracies, examples, max_silo_share)
-    record = {**selection.record, "silos": silos}
-    if not accuracies:
-        record["kept-last-because"] = "no silo's evaluation of the candidates could be used"
-        log.warning("one-shot selection: no silo's evaluation could be used; the last epoch "
-                    "(%d) is kept", epochs[-1])  # fmt: skip
+    why = "" if accuracies else "no silo's evaluation of the candidates could be used"
+    record = replace(selection.record, silos=silos, kept_last_because=why)
+    if why:
+        log.warning("one-shot selection: %s; the last epoch (%d) is kept", why, epochs[-1])
     else:
         log.info("one-shot selection: epoch %d of %s chosen by %d silos (mean accuracy %s)",
-                 record["chosen-epoch"], list(epochs), len(accuracies),
-                 [round(a, 4) for a in record["federated-accuracy"]])  # fmt: skip
+                 record.chosen_epoch, list(epochs), len(accuracies),
+                 [round(a, 4) for a in record.federated_accuracy])  # fmt: skip
     return Selection(selection.index, record)
 
 

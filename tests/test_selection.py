@@ -12,6 +12,7 @@ from fgl_client.silo import load_silo
 from fgl_core.config import ConfigError, RunConfig
 from fgl_core.models import build_model
 from fgl_core.payload import SELECT_MESSAGE_TYPE
+from fgl_core.run_results import OneShotSelection
 from fgl_core.training import InputSettings, evaluate_model
 from fgl_server.selection import candidate_epochs, check_reply, weighted_choice
 from tests.test_inprocess import TINY_FGL, Crash, crash_in_round
@@ -29,14 +30,14 @@ def test_a_silo_that_claims_many_images_moves_the_choice_only_by_its_capped_shar
     accuracies = {1: [0.6, 0.0], 2: [0.0, 0.7], 3: [0.0, 0.7]}  # node 1 lies for epoch 10
     examples = {1: 10**9, 2: 100, 3: 100}
     uncapped = weighted_choice(epochs, accuracies, examples, max_silo_share=1.0)
-    assert uncapped.record["chosen-epoch"] == 10
+    assert uncapped.record.chosen_epoch == 10
     capped = weighted_choice(epochs, accuracies, examples, max_silo_share=0.5)
-    assert capped.record["weights"] == {"node 1": 0.5, "node 2": 0.25, "node 3": 0.25}
-    assert capped.record["federated-accuracy"] == pytest.approx([0.3, 0.35])
-    assert (capped.index, capped.record["chosen-epoch"]) == (1, 20)
+    assert capped.record.weights == {"node 1": 0.5, "node 2": 0.25, "node 3": 0.25}
+    assert capped.record.federated_accuracy == pytest.approx([0.3, 0.35])
+    assert (capped.index, capped.record.chosen_epoch) == (1, 20)
     tie = weighted_choice(epochs, {1: [0.5, 0.5]}, {1: 3}, 1.0)
-    assert tie.record["chosen-epoch"] == 10  # the first of equals
-    assert weighted_choice(epochs, {}, {}, 0.5).record["chosen-epoch"] == 20  # no silo: last
+    assert tie.record.chosen_epoch == 10  # the first of equals
+    assert weighted_choice(epochs, {}, {}, 0.5).record.chosen_epoch == 20  # no silo: the last
 
 
 def select_reply(metrics: dict | None, error: str = "") -> Message:
@@ -87,7 +88,8 @@ def test_the_silos_choose_the_one_shot_epoch_and_a_rerun_keeps_their_choice(tmp_
     folder = tmp_path / "select"
     first = json.loads((folder / "results.json").read_text())
     selection = first["one-shot-selection"]
-    assert selection["epochs"] == [2, 4]
+    assert OneShotSelection.of(first).to_json() == selection  # the section as readers read it
+    assert selection["epochs"] == [2, 4] and "kept-last-because" not in selection
     chosen = selection["chosen-epoch"]
     assert chosen == [2, 4][int(np.argmax(selection["federated-accuracy"]))]
     silos = selection["silos"]
