@@ -110,12 +110,14 @@ def run_fgl(
             histogram, summed = summed_histograms(grid, cfg, round0, data.num_classes)
         recorder.set("secure-histograms", summed)
     recorder.set("privacy", privacy_budget(cfg, recorder.results))
-    synthetic = synthesize(engine, payloads, histogram, cfg, data, recorder)
+    synthetic, made = synthesize(engine, payloads, histogram, cfg, data, recorder)
+    recorder.set("synthesis", made)
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model, evaluation = one_shot(synthetic, cfg, data, recorder, device,
                                  ReplyCheck(grid, data.class_names))  # fmt: skip
+    recorder.set(Evaluation.KEY, evaluation.to_json())
     if cfg.num_server_rounds == 0:
         recorder.log_round(0, evaluation.to_json())
         recorder.set("traffic", grid.to_json())
@@ -169,8 +171,9 @@ def synthesize(
     cfg: RunConfig,
     data: DatasetSplits,
     recorder: RunRecorder,
-) -> ImageSet | ShardStream:
-    """Phase 2: deduplicate, plan, make the images the store lacks; the synthetic set."""
+) -> tuple[ImageSet | ShardStream, dict]:
+    """Phase 2: deduplicate, plan, make the images the store lacks; the synthetic set, and what
+    was made (results.json's `synthesis`)."""
     prompts, histogram = merge_payloads(
         payloads, data.num_classes, cfg.max_silo_share, secure_histogram, cfg.synthesis_plan
     )
@@ -185,18 +188,15 @@ def synthesize(
                                       progress_every=cfg.progress_seconds,
                                       report=recorder.progress)  # fmt: skip
     synthetic, labels, samples = training_set(store, cfg, engine.device)
-    recorder.set(
-        "synthesis",
-        {
-            **stats,
-            "prompts": len(prompts),
-            "merged-label-histogram": histogram,
-            "images-per-class": np.bincount(labels, minlength=data.num_classes).tolist(),
-            "store": str(store.dir),
-        },
-    )
     plot_samples(samples, data.class_names, recorder.dir / "synthetic_samples.png")
-    return synthetic
+    made = {
+        **stats,
+        "prompts": len(prompts),
+        "merged-label-histogram": histogram,
+        "images-per-class": np.bincount(labels, minlength=data.num_classes).tolist(),
+        "store": str(store.dir),
+    }
+    return synthetic, made
 
 
 def training_set(
@@ -281,7 +281,6 @@ def one_shot(
     else:
         metrics = evaluate_on_server(model, data, device, cfg)
     evaluation = Evaluation.from_json(metrics)
-    recorder.set(Evaluation.KEY, evaluation.to_json())
     log.info("one-shot: test accuracy %.4f (val %.4f)", evaluation.test_accuracy,
              evaluation.val_accuracy)  # fmt: skip
     return model, evaluation
