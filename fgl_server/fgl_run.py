@@ -115,8 +115,10 @@ def run_fgl(
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model, evaluation = one_shot(synthetic, cfg, data, recorder, device,
-                                 ReplyCheck(grid, data.class_names))  # fmt: skip
+    model, evaluation, selection = one_shot(synthetic, cfg, data, recorder, device,
+                                            ReplyCheck(grid, data.class_names))  # fmt: skip
+    if selection is not None:
+        recorder.set(OneShotSelection.KEY, selection.to_json())
     recorder.set(Evaluation.KEY, evaluation.to_json())
     if cfg.num_server_rounds == 0:
         recorder.log_round(0, evaluation.to_json())
@@ -223,14 +225,15 @@ def one_shot(
     recorder: RunRecorder,
     device: torch.device,
     check: ReplyCheck,
-) -> tuple[nn.Module, Evaluation]:
+) -> tuple[nn.Module, Evaluation, OneShotSelection | None]:
     """Phase 3: a fresh global model trained on the synthetic set alone (or its checkpoint);
     with `oneshot-selection = "federated"`, the epoch the silos choose (`fgl_server.selection`,
-    their replies read through `check`). The model and its central evaluation."""
+    their replies read through `check`). The model, its central evaluation and the choice."""
     model = build_model_for(cfg, data.num_classes, data.image_size)
     federated = cfg.oneshot_selection == "federated"
     kept = candidate_epochs(cfg.oneshot_epochs, cfg.oneshot_candidates) if federated else []
     candidates: dict[int, dict[str, torch.Tensor]] = {}
+    selection: OneShotSelection | None = None
     curve: list[dict[str, float]] = []  # this attempt's evaluations, the last after the last epoch
     with recorder.phase("one-shot"):
         if federated:
@@ -273,8 +276,8 @@ def one_shot(
                     recorder.dir, "one-shot", cfg.oneshot_epochs, model, recorder.fingerprint
                 )
     if federated:
-        chosen = choose_epoch(check, kept, candidates, cfg, recorder)
-        model.load_state_dict(candidates[chosen])
+        selection = choose_epoch(check, kept, candidates, cfg, recorder)
+        model.load_state_dict(candidates[selection.chosen_epoch])
         metrics = evaluate_on_server(model, data, device, cfg)
     elif curve:  # the last epoch was just evaluated
         metrics = {k: v for k, v in curve[-1].items() if k not in ("epoch", "train-loss")}
@@ -283,7 +286,7 @@ def one_shot(
     evaluation = Evaluation.from_json(metrics)
     log.info("one-shot: test accuracy %.4f (val %.4f)", evaluation.test_accuracy,
              evaluation.val_accuracy)  # fmt: skip
-    return model, evaluation
+    return model, evaluation, selection
 
 
 def load_candidates(
@@ -305,9 +308,9 @@ def choose_epoch(
     candidates: dict[int, dict[str, torch.Tensor]],
     cfg: RunConfig,
     recorder: RunRecorder,
-) -> int:
-    """The epoch the silos chose (`fgl_server.selection`), or the one a resumed run had
-    recorded for the same candidates; results.json's `one-shot-selection`."""
+) -> OneShotSelection:
+    """The silos' choice (`fgl_server.selection`), or the one a resumed run had recorded for
+    the same candidates (results.json's `one-shot-selection`)."""
     try:
         earlier = OneShotSelection.read(recorder.results)
     except ResultsError as err:
@@ -315,12 +318,11 @@ def choose_epoch(
         earlier = None
     if earlier is not None and earlier.epochs == kept and earlier.chosen_epoch in kept:
         log.info("one-shot selection: epoch %d, as chosen before", earlier.chosen_epoch)
-        return earlier.chosen_epoch
+        return earlier
     with recorder.phase("one-shot-selection"):
         selection = select_candidate(check, kept, [candidates[e] for e in kept],
                                      cfg.max_silo_share, cfg.round_timeout)  # fmt: skip
-    recorder.set(OneShotSelection.KEY, selection.record.to_json())
-    return kept[selection.index]
+    return selection.record
 
 
 def trusted_set(cfg: RunConfig, data: DatasetSplits, recorder: RunRecorder) -> ImageSet:
