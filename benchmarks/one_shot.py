@@ -6,10 +6,11 @@ the later epochs beside the last weights).
 Training on a generator's images, the model first learns what the classes share with the real
 images, then what only the synthetic ones have: on BloodMNIST from an adapted `fgl-mini` the last
 epoch fell 0.2 below the best one (benchmarks/results/adaptation-bloodmnist-g1-seeds.json). This
-measures which recipe keeps the last epoch near the best, and what the federated choice of an
-epoch (`oneshot-selection = "federated"`, `fgl_server.selection`) keeps: at each evaluated epoch
-every silo of the run measures the model on its training images, as a silo answers
-`query.select`, and the server's own rule picks among `--candidates` evenly spaced epochs.
+measures which recipe keeps the last epoch near the best (and each class's test accuracy), and
+what the federated choice of an epoch (`oneshot-selection = "federated"`, `fgl_server.selection`)
+keeps: at each evaluated epoch every silo of the run measures the model on its training images,
+as a silo answers `query.select`, and the server's own rule picks among `--candidates` evenly
+spaced epochs.
 
     python -m benchmarks.adaptation --rows lora --rounds 0 --keep KEPT ...   # a run to read
     python -m benchmarks.one_shot --run KEPT/lora-1 [--recipes cosine-120 ...] [--seeds 0 1]
@@ -28,9 +29,15 @@ from torch.optim.swa_utils import AveragedModel
 
 from benchmarks.common import over_seeds, write
 from fgl_core.config import RunConfig
-from fgl_core.datasets import load_dataset
+from fgl_core.datasets import ImageSet, load_dataset
 from fgl_core.models import build_model_for
-from fgl_core.training import InputSettings, TrainSettings, evaluate_model, train_model
+from fgl_core.training import (
+    InputSettings,
+    TrainSettings,
+    evaluate_model,
+    model_outputs,
+    train_model,
+)
 from fgl_privacy.report import read_results, run_silos
 from fgl_server.evaluation import evaluate_on_server
 from fgl_server.selection import candidate_epochs, weighted_choice
@@ -62,6 +69,17 @@ AVERAGE_FROM = 0.5
 EVAL_EVERY = 5
 
 
+def per_class(model: torch.nn.Module, images: ImageSet, inputs: InputSettings) -> list[float]:
+    """The model's accuracy on `images` of each class (in label order; NaN where none)."""
+    model.eval()
+    predicted = model_outputs(model, images, torch.device("cpu"), inputs).argmax(1).numpy()
+    return [
+        float((predicted[images.labels == c] == c).mean()) if (images.labels == c).any()
+        else float("nan")
+        for c in range(int(images.labels.max()) + 1)
+    ]  # fmt: skip
+
+
 def measure(run: Path, recipe: str, seed: int, candidates: list[int]) -> dict:
     """One recipe at one model seed: the curve of test and validation accuracy every
     `EVAL_EVERY` epochs, for the last weights and their average since `AVERAGE_FROM`, with each
@@ -89,6 +107,7 @@ def measure(run: Path, recipe: str, seed: int, candidates: list[int]) -> dict:
         point["silo-train-accuracy"] = [
             evaluate_model(model, silo.train, device, inputs).accuracy for silo in silos
         ]
+        point["test-accuracy-per-class"] = per_class(model, data.test, inputs)
         if epoch > start:
             mean = copy.deepcopy(averaged.module)  # no BatchNorm in these models: no BN update
             point |= {
@@ -116,7 +135,9 @@ def measure(run: Path, recipe: str, seed: int, candidates: list[int]) -> dict:
         )
         chosen = choice.record.chosen_epoch
         selected[str(count)] = {"chosen-epoch": chosen,
-                                "test-accuracy": by_epoch[chosen]["test-accuracy"]}  # fmt: skip
+                                "test-accuracy": by_epoch[chosen]["test-accuracy"],
+                                "test-accuracy-per-class":
+                                    by_epoch[chosen]["test-accuracy-per-class"]}  # fmt: skip
     return {
         "recipe": recipe,
         "seed": seed,
