@@ -18,16 +18,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from fgl_core.config import _kebab
+
 RESULTS_VERSION = 1
 VERSION_KEY = "results-version"
 
 
 class ResultsError(ValueError):
     """A results.json, or a section of it, that is not what this code writes."""
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def _kinds(hint: Any) -> tuple[type, ...]:

@@ -267,10 +267,8 @@ def one_shot(
                 report=recorder.progress,
             )
             if federated:
-                flat = {f"epoch-{e}/{k}": v for e, state in candidates.items() for k, v in
-                        state.items()}  # fmt: skip
-                save_state(recorder.dir, CANDIDATES_PHASE, cfg.oneshot_epochs, flat,
-                           recorder.fingerprint)  # fmt: skip
+                save_state(recorder.dir, CANDIDATES_PHASE, cfg.oneshot_epochs,
+                           flat_candidates(candidates), recorder.fingerprint)  # fmt: skip
             else:
                 save_checkpoint(
                     recorder.dir, "one-shot", cfg.oneshot_epochs, model, recorder.fingerprint
@@ -289,12 +287,17 @@ def one_shot(
     return model, evaluation, selection
 
 
+def flat_candidates(candidates: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The candidates as one state dict (`epoch-<e>/<name>`), as their checkpoint holds them."""
+    return {f"epoch-{e}/{k}": v for e, state in candidates.items() for k, v in state.items()}
+
+
 def load_candidates(
     recorder: RunRecorder, model: nn.Module, kept: list[int], epochs: int
 ) -> dict[int, dict[str, torch.Tensor]]:
     """The one-shot candidates a run that stopped had trained (their checkpoint), or none."""
     like = model.state_dict()
-    expected = {f"epoch-{e}/{k}": v for e in kept for k, v in like.items()}
+    expected = flat_candidates({e: like for e in kept})
     _, saved = load_checkpointed(recorder.dir, CANDIDATES_PHASE, expected, recorder.fingerprint,
                                  epochs)  # fmt: skip
     if saved is None:
